@@ -1,0 +1,62 @@
+# dualsync developer tasks. `make` (or `make help`) lists them.
+#
+# Local servers (no Docker needed) are managed by scripts/*.sh; pass
+# SERVERS="postgres mongo" to install/up/down/status to limit them.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+SERVERS ?= all
+STATE_DIR := $(or $(DUALSYNC_STATE_DIR),.local)
+COMPOSE ?= docker compose
+
+.PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state
+
+help: ## Show this help
+	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo\"]"
+	@echo
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+install: ## Install missing local servers (PostgreSQL, Tansu Kafka, SecantusDB Mongo)
+	bash scripts/install.sh $(SERVERS)
+
+up: ## Start local servers (installs what is missing) and write .local/env
+	bash scripts/up.sh $(SERVERS)
+
+down: ## Stop local servers
+	bash scripts/down.sh $(SERVERS)
+
+status: ## Show whether each local server runs, its pid and address
+	@bash scripts/status.sh $(SERVERS) || true
+
+demo: ## Run the end-to-end demo (outbox -> Kafka -> PostgreSQL + MongoDB)
+	bash scripts/demo.sh
+
+test: ## Run the test suite (starts local servers as needed)
+	bash scripts/test.sh
+
+lint: ## Check formatting and clippy warnings
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt: ## Format the Rust code
+	cargo fmt
+
+bench: ## Run the benchmarks
+	bash scripts/bench.sh
+
+compose-up: ## Start the full stack with Docker Compose (needs a Docker engine)
+	$(COMPOSE) up -d --build
+
+compose-down: ## Stop the Docker Compose stack and delete its volumes
+	$(COMPOSE) down -v
+
+clean-state: ## Stop local servers and delete all local state (.local)
+	bash scripts/down.sh all
+	@# up.sh leaves a symlink when the data dir had to live outside the repo.
+	@if [ -L "$(STATE_DIR)/pg" ]; then target="$$(readlink "$(STATE_DIR)/pg")"; \
+		echo "rm -rf $${target%/pg}"; rm -rf "$${target%/pg}"; fi
+	rm -rf "$(STATE_DIR)"

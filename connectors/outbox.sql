@@ -1,0 +1,86 @@
+-- dualsync outbox, version 1. Idempotent: safe to run again (`dualsync outbox migrate` runs it).
+--
+-- Columns follow Debezium's outbox conventions (id, aggregatetype, aggregateid, type, payload),
+-- plus what ordering and operations need. Applications insert the first five (and optionally
+-- traceparent) in the same transaction as their own writes; everything else is filled in here.
+--
+-- Ordering contract (see README "Outbox contract"): the BEFORE INSERT trigger takes a
+-- transaction-scoped advisory lock on (aggregatetype, aggregateid) and only then draws `seq`.
+-- A second transaction writing the same aggregate waits on that lock until the first commits or
+-- aborts, so for one aggregate `seq` order is commit order, whatever the writers locked
+-- themselves. Different aggregates never wait on each other (up to 64-bit hash collisions).
+
+CREATE SCHEMA IF NOT EXISTS dualsync;
+
+CREATE SEQUENCE IF NOT EXISTS dualsync.outbox_seq AS bigint;
+
+CREATE TABLE IF NOT EXISTS dualsync.outbox (
+    seq            bigint      NOT NULL,
+    id             uuid        NOT NULL DEFAULT gen_random_uuid(),
+    aggregatetype  text        NOT NULL CHECK (aggregatetype <> ''),
+    aggregateid    text        NOT NULL CHECK (aggregateid <> ''),
+    type           text        NOT NULL,
+    -- The aggregate's state after the event, as JSON; NULL deletes the aggregate.
+    payload        jsonb,
+    -- W3C trace context of the writer, forwarded as a Kafka header.
+    traceparent    text,
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    txid           xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    -- Set by the relay once Kafka acknowledged the event; purged after the retention.
+    published_at   timestamptz,
+    CONSTRAINT outbox_pkey PRIMARY KEY (seq),
+    CONSTRAINT outbox_id_key UNIQUE (id)
+);
+
+-- The relay's work queue: unpublished rows in seq order.
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON dualsync.outbox (seq) WHERE published_at IS NULL;
+-- The purge of published rows.
+CREATE INDEX IF NOT EXISTS outbox_published_at ON dualsync.outbox (published_at) WHERE published_at IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION dualsync.outbox_assign_seq() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Serialise writers of one aggregate until commit, then number the row: seq follows
+    -- commit order per aggregate. The key space (one bigint) is distinct from the relay's
+    -- leader lock (two ints).
+    PERFORM pg_advisory_xact_lock(hashtextextended(NEW.aggregatetype || '/' || NEW.aggregateid, 0));
+    NEW.seq := nextval('dualsync.outbox_seq');
+    NEW.published_at := NULL;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dualsync.outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Payload-free: PostgreSQL folds identical notifications of one transaction into one.
+    PERFORM pg_notify('dualsync_outbox', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS outbox_assign_seq ON dualsync.outbox;
+CREATE TRIGGER outbox_assign_seq BEFORE INSERT ON dualsync.outbox
+    FOR EACH ROW EXECUTE FUNCTION dualsync.outbox_assign_seq();
+
+DROP TRIGGER IF EXISTS outbox_notify ON dualsync.outbox;
+CREATE TRIGGER outbox_notify AFTER INSERT ON dualsync.outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION dualsync.outbox_notify();
+
+-- Rows must not change once written: an UPDATE of the event columns would publish something
+-- other than what was committed. Only the relay's published_at is writable.
+CREATE OR REPLACE FUNCTION dualsync.outbox_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.seq, NEW.id, NEW.aggregatetype, NEW.aggregateid, NEW.type, NEW.payload, NEW.traceparent)
+       IS DISTINCT FROM
+       (OLD.seq, OLD.id, OLD.aggregatetype, OLD.aggregateid, OLD.type, OLD.payload, OLD.traceparent) THEN
+        RAISE EXCEPTION 'dualsync.outbox rows are immutable (only published_at may change)';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER IF EXISTS outbox_immutable ON dualsync.outbox;
+CREATE TRIGGER outbox_immutable BEFORE UPDATE ON dualsync.outbox
+    FOR EACH ROW EXECUTE FUNCTION dualsync.outbox_immutable();

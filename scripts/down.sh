@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Stop the local servers started by scripts/up.sh. Idempotent.
+#
+#   scripts/down.sh [postgres|kafka|mongo|all]...   (default: all)
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+down_postgres() {
+    local pid bin
+    pg_resolve_dirs
+    if ! pid="$(server_pid postgres)"; then
+        log "postgres: not running"
+        rm -f "$(pid_file postgres)"
+        return 0
+    fi
+    log "postgres: stopping (pid $pid, pg_ctl stop -m fast)"
+    if bin="$(pg_bin_dir)" && [[ -d "$PG_DATA" ]]; then
+        as_pg_user "$bin/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null 2>&1 || true
+    fi
+    if ! wait_for_exit "$pid" 30; then
+        warn "postgres: pg_ctl stop did not finish; signalling pid $pid"
+        stop_pid postgres "$pid" 10
+    fi
+    rm -f "$(pid_file postgres)"
+    log "postgres: stopped"
+}
+
+down_simple() {
+    local server="$1" pid
+    if ! pid="$(server_pid "$server")"; then
+        log "$server: not running"
+        rm -f "$(pid_file "$server")"
+        return 0
+    fi
+    log "$server: stopping (pid $pid)"
+    stop_pid "$server" "$pid" 20
+    rm -f "$(pid_file "$server")"
+    log "$server: stopped"
+}
+
+down_kafka() { down_simple kafka; }
+down_mongo() { down_simple mongo; }
+
+main() {
+    local servers server
+    servers="$(servers_from_args "$@")"
+    for server in $servers; do
+        "down_$server"
+    done
+}
+
+main "$@"

@@ -1,0 +1,413 @@
+# shellcheck shell=bash disable=SC2034 # variables are used by the sourcing scripts
+# Shared helpers for the local-infrastructure scripts (install/up/down/status).
+#
+# Source it:   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# It is safe under `set -euo pipefail` and defines no side effects beyond
+# variables and functions (directories are created by ensure_state_dirs).
+#
+# Environment knobs (all optional):
+#   DUALSYNC_STATE_DIR      data/logs/pids/env   (default: $REPO_ROOT/.local)
+#   DUALSYNC_TOOLS_DIR      downloaded/built tools, shared across clones
+#                           (default: $HOME/.dualsync/tools)
+#   DUALSYNC_PG_PORT        PostgreSQL port      (default: 55432)
+#   DUALSYNC_KAFKA_PORT     Kafka (Tansu) port   (default: 19092)
+#   DUALSYNC_MONGO_PORT     Mongo (SecantusDB)   (default: 27117)
+#   DUALSYNC_KAFKA_STORAGE  memory (default) | sqlite (durable, under $STATE_DIR/kafka)
+#   DUALSYNC_START_TIMEOUT  seconds to wait for a server to answer (default: 60)
+
+if [[ -n "${DUALSYNC_LIB_LOADED:-}" ]]; then
+    return 0
+fi
+DUALSYNC_LIB_LOADED=1
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+STATE_DIR="${DUALSYNC_STATE_DIR:-$REPO_ROOT/.local}"
+TOOLS_DIR="${DUALSYNC_TOOLS_DIR:-${HOME:-/root}/.dualsync/tools}"
+# Relative overrides are taken relative to the current directory.
+[[ "$STATE_DIR" == /* ]] || STATE_DIR="$PWD/$STATE_DIR"
+[[ "$TOOLS_DIR" == /* ]] || TOOLS_DIR="$PWD/$TOOLS_DIR"
+LOG_DIR="$STATE_DIR/logs"
+PID_DIR="$STATE_DIR/pids"
+ENV_FILE="$STATE_DIR/env"
+
+BIND_HOST=127.0.0.1
+PG_PORT="${DUALSYNC_PG_PORT:-55432}"
+KAFKA_PORT="${DUALSYNC_KAFKA_PORT:-19092}"
+MONGO_PORT="${DUALSYNC_MONGO_PORT:-27117}"
+KAFKA_STORAGE="${DUALSYNC_KAFKA_STORAGE:-memory}"
+START_TIMEOUT="${DUALSYNC_START_TIMEOUT:-60}"
+
+TANSU_VERSION=0.6.0
+TANSU_FEATURES=dynostore,libsql
+TANSU_HOME="$TOOLS_DIR/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_HOME/bin/tansu"
+TANSU_BUILD_DIR="${HOME:-/root}/.dualsync/build-tansu"
+
+SECANTUS_VERSION=0.7.0b3
+SECANTUS_HOME="$TOOLS_DIR/secantusdb-$SECANTUS_VERSION"
+SECANTUS_BIN="$SECANTUS_HOME/bin/secantusd-py"
+
+ALL_SERVERS=(postgres kafka mongo)
+
+# Rust tools installed by rustup live here; cargo may not be on PATH in CI.
+if [[ -d "${HOME:-/root}/.cargo/bin" && ":$PATH:" != *":${HOME:-/root}/.cargo/bin:"* ]]; then
+    PATH="${HOME:-/root}/.cargo/bin:$PATH"
+    export PATH
+fi
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+log() { printf '[dualsync %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+warn() { printf '[dualsync %s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+    printf '[dualsync %s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2
+    exit 1
+}
+
+# Print the last lines of a log file to stderr (used on failures).
+log_tail() {
+    local file="$1" lines="${2:-40}"
+    if [[ -r "$file" ]]; then
+        printf -- '----- last %s lines of %s -----\n' "$lines" "$file" >&2
+        tail -n "$lines" "$file" >&2 || true
+        printf -- '----- end of %s -----\n' "$file" >&2
+    else
+        printf -- '(log file %s does not exist or is not readable)\n' "$file" >&2
+    fi
+}
+
+# --------------------------------------------------------------------------
+# Argument handling: [postgres|kafka|mongo|all] ... -> list of servers
+# --------------------------------------------------------------------------
+# Usage: mapfile -t servers < <(parse_servers "$@")
+parse_servers() {
+    if [[ $# -eq 0 ]]; then
+        printf '%s\n' "${ALL_SERVERS[@]}"
+        return 0
+    fi
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            all) printf '%s\n' "${ALL_SERVERS[@]}" ;;
+            postgres | pg) echo postgres ;;
+            kafka | tansu) echo kafka ;;
+            mongo | mongodb | secantus) echo mongo ;;
+            *)
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|all)" >&2
+                return 2
+                ;;
+        esac
+    done | awk '!seen[$0]++'
+}
+
+# Validate the argument list, die with a usage message on error.
+servers_from_args() {
+    local out
+    if ! out="$(parse_servers "$@")"; then
+        die "usage: $(basename "$0") [postgres|kafka|mongo|all]..."
+    fi
+    printf '%s\n' "$out"
+}
+
+# --------------------------------------------------------------------------
+# State directories / pid files
+# --------------------------------------------------------------------------
+ensure_state_dirs() {
+    mkdir -p "$STATE_DIR" "$LOG_DIR" "$PID_DIR"
+}
+
+pid_file() { echo "$PID_DIR/$1.pid"; }
+log_file() { echo "$LOG_DIR/$1.log"; }
+
+server_port() {
+    case "$1" in
+        postgres) echo "$PG_PORT" ;;
+        kafka) echo "$KAFKA_PORT" ;;
+        mongo) echo "$MONGO_PORT" ;;
+        *) die "unknown server $1" ;;
+    esac
+}
+
+# A substring that must appear in /proc/PID/cmdline for the process to be
+# considered ours (guards against PID reuse after a reboot or crash).
+server_cmd_pattern() {
+    case "$1" in
+        postgres) echo postgres ;;
+        kafka) echo tansu ;;
+        mongo) echo secantusd ;;
+    esac
+}
+
+# pid_alive PID PATTERN -> 0 when PID is a live process whose command line
+# contains PATTERN.
+pid_alive() {
+    local pid="$1" pattern="${2:-}"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -n "$pattern" && -r "/proc/$pid/cmdline" ]]; then
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$pattern" || return 1
+    fi
+    # A zombie is not alive.
+    if [[ -r "/proc/$pid/stat" ]]; then
+        local state
+        state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
+        [[ "$state" != Z ]] || return 1
+    fi
+    return 0
+}
+
+# read_pid SERVER -> prints the pid from the pid file (or nothing).
+read_pid() {
+    local f
+    f="$(pid_file "$1")"
+    [[ -r "$f" ]] || return 0
+    head -n1 "$f" 2>/dev/null | tr -dc '0-9' || true
+}
+
+# server_pid SERVER -> prints the pid when the server is running, else
+# returns 1. For postgres, a running postmaster found via postmaster.pid is
+# adopted even if our pid file is missing.
+server_pid() {
+    local server="$1" pid
+    pid="$(read_pid "$server")"
+    if [[ -n "$pid" ]] && pid_alive "$pid" "$(server_cmd_pattern "$server")"; then
+        echo "$pid"
+        return 0
+    fi
+    if [[ "$server" == postgres ]]; then
+        pg_resolve_dirs
+        if [[ -r "$PG_DATA/postmaster.pid" ]]; then
+            pid="$(head -n1 "$PG_DATA/postmaster.pid" | tr -dc '0-9')"
+            if [[ -n "$pid" ]] && pid_alive "$pid" postgres; then
+                if [[ -d "$PID_DIR" ]]; then echo "$pid" >"$(pid_file postgres)"; fi
+                echo "$pid"
+                return 0
+            fi
+        fi
+    fi
+    return 1
+}
+
+# --------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------
+# port_open PORT [HOST] -> 0 when a TCP connect succeeds.
+port_open() {
+    local port="$1" host="${2:-$BIND_HOST}"
+    timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null
+}
+
+# wait_for_port NAME PORT LOGFILE [PID] [DEADLINE_SECONDS]
+# Polls until the port accepts connections. Fails early (with the log tail)
+# when PID dies, and at the deadline with a message naming server and log.
+wait_for_port() {
+    local name="$1" port="$2" logf="$3" pid="${4:-}" timeout="${5:-$START_TIMEOUT}"
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        if port_open "$port"; then
+            return 0
+        fi
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            log_tail "$logf"
+            die "$name (pid $pid) exited before listening on $BIND_HOST:$port; see $logf"
+        fi
+        sleep 0.2
+    done
+    log_tail "$logf"
+    die "$name did not accept connections on $BIND_HOST:$port within ${timeout}s; see $logf"
+}
+
+# kafka_ping HOST PORT -> 0 when the broker answers a Kafka ApiVersions (v0)
+# request with error_code 0: a real protocol round trip, stdlib python only.
+kafka_ping() {
+    local host="$1" port="$2"
+    command -v python3 >/dev/null 2>&1 || { port_open "$port" "$host"; return; }
+    python3 - "$host" "$port" <<'PY'
+import socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+client = b"dualsync-up"
+# request header v1: api_key=18 (ApiVersions), api_version=0, correlation_id, client_id
+body = struct.pack(">hhih", 18, 0, 4242, len(client)) + client
+try:
+    with socket.create_connection((host, port), timeout=3) as s:
+        s.settimeout(3)
+        s.sendall(struct.pack(">i", len(body)) + body)
+        def recv(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = s.recv(n - len(buf))
+                if not chunk:
+                    raise EOFError("connection closed")
+                buf += chunk
+            return buf
+        size = struct.unpack(">i", recv(4))[0]
+        resp = recv(size)
+        corr, err = struct.unpack(">ih", resp[:6])
+        sys.exit(0 if corr == 4242 and err == 0 else 1)
+except Exception:
+    sys.exit(1)
+PY
+}
+
+# wait_until DESCRIPTION DEADLINE_SECONDS COMMAND... -> polls COMMAND until
+# it succeeds; returns 1 (no exit) at the deadline.
+wait_until() {
+    local desc="$1" timeout="$2"
+    shift 2
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    warn "timed out after ${timeout}s waiting for: $desc"
+    return 1
+}
+
+# wait_for_exit PID DEADLINE_SECONDS -> 0 when the process is gone.
+wait_for_exit() {
+    local pid="$1" timeout="$2"
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        pid_alive "$pid" || return 0
+        sleep 0.2
+    done
+    ! pid_alive "$pid"
+}
+
+# Fail clearly when something else already listens on our port.
+ensure_port_free() {
+    local name="$1" port="$2"
+    if port_open "$port"; then
+        local who=""
+        if command -v ss >/dev/null 2>&1; then
+            who="$(ss -ltnpH "sport = :$port" 2>/dev/null | head -n1 || true)"
+        fi
+        die "cannot start $name: $BIND_HOST:$port is already in use by another process${who:+ ($who)}; stop it or set DUALSYNC_$(echo "$name" | tr '[:lower:]' '[:upper:]' | sed 's/POSTGRES/PG/')_PORT"
+    fi
+}
+
+# Start COMMAND in its own session, detached from the terminal, with output
+# appended to LOGFILE; writes the pid to PIDFILE.
+# Usage: spawn_detached LOGFILE PIDFILE WORKDIR COMMAND [ARGS...]
+spawn_detached() {
+    local logf="$1" pidf="$2" workdir="$3"
+    shift 3
+    mkdir -p "$(dirname "$logf")" "$(dirname "$pidf")"
+    printf '\n===== %s starting: %s =====\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >>"$logf"
+    # In a non-interactive shell a background job is not a process-group
+    # leader, so setsid execs in place (no fork) and $! is the server's pid.
+    (
+        cd "$workdir" || exit 1
+        exec setsid nohup "$@" </dev/null >>"$logf" 2>&1
+    ) &
+    echo "$!" >"$pidf"
+}
+
+# Stop a process started by spawn_detached: TERM, wait, KILL as last resort.
+# Usage: stop_pid NAME PID [GRACE_SECONDS]
+stop_pid() {
+    local name="$1" pid="$2" grace="${3:-20}"
+    local target="$pid"
+    # Signal the whole process group when the server leads its own group.
+    if [[ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" == "$pid" ]]; then
+        target="-$pid"
+    fi
+    kill -TERM -- "$target" 2>/dev/null || true
+    if wait_for_exit "$pid" "$grace"; then
+        return 0
+    fi
+    warn "$name (pid $pid) did not exit within ${grace}s after SIGTERM; sending SIGKILL"
+    kill -KILL -- "$target" 2>/dev/null || true
+    wait_for_exit "$pid" 10 || die "$name (pid $pid) survived SIGKILL"
+}
+
+# --------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------
+# Newest installed server binaries: /usr/lib/postgresql/<major>/bin
+pg_bin_dir() {
+    local d best="" best_ver=-1 ver
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x "$d/initdb" ]] || continue
+        ver="$(basename "$(dirname "$d")")"
+        [[ "$ver" =~ ^[0-9]+$ ]] || continue
+        if ((ver > best_ver)); then
+            best_ver="$ver"
+            best="$d"
+        fi
+    done
+    [[ -n "$best" ]] || return 1
+    echo "$best"
+}
+
+# Run a command as the postgres OS user when we are root (initdb/pg_ctl
+# refuse to run as root); as ourselves otherwise.
+as_pg_user() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# Can the user that runs postgres traverse into (and list) DIR?
+pg_user_can_access() {
+    local dir="$1"
+    if [[ "$(id -u)" -eq 0 ]]; then
+        (cd / && runuser -u postgres -- test -x "$dir" -a -r "$dir") 2>/dev/null
+    else
+        test -x "$dir" -a -r "$dir"
+    fi
+}
+
+# Sets PG_BASE (parent of data and socket dir), PG_DATA, PG_SOCKET_DIR.
+# Prefers $STATE_DIR; falls back to /var/tmp/dualsync-pg-<hash> when the
+# postgres user cannot traverse the repository path (e.g. a clone under
+# /root, which is mode 0700).
+pg_resolve_dirs() {
+    [[ -z "${PG_BASE:-}" ]] || return 0
+    mkdir -p "$STATE_DIR"
+    if pg_user_can_access "$STATE_DIR"; then
+        PG_BASE="$STATE_DIR"
+        PG_BASE_FALLBACK=0
+    else
+        local hash
+        hash="$(printf '%s' "$(cd "$STATE_DIR" && pwd -P)" | cksum | awk '{print $1}')"
+        PG_BASE="/var/tmp/dualsync-pg-$hash"
+        PG_BASE_FALLBACK=1
+    fi
+    PG_DATA="$PG_BASE/pg"
+    PG_SOCKET_DIR="$PG_BASE/pg-socket"
+    # Unix socket paths are limited to 107 bytes ("/.s.PGSQL.NNNNN" is 15).
+    if ((${#PG_SOCKET_DIR} > 90)); then
+        PG_SOCKET_DIR="/tmp"
+    fi
+}
+
+pg_url() { echo "postgres://postgres@$BIND_HOST:$PG_PORT/postgres"; }
+kafka_brokers() { echo "$BIND_HOST:$KAFKA_PORT"; }
+mongo_url() { echo "mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"; }
+
+server_address() {
+    case "$1" in
+        postgres) pg_url ;;
+        kafka) kafka_brokers ;;
+        mongo) mongo_url ;;
+    esac
+}
+
+# (Re)write $STATE_DIR/env, sourced by tests and the demo. Exactly three
+# unquoted `export KEY=VALUE` lines, so it is also trivial to parse.
+write_env_file() {
+    ensure_state_dirs
+    local tmp="$ENV_FILE.tmp.$$"
+    {
+        echo "export DUALSYNC_TEST_PG_URL=$(pg_url)"
+        echo "export DUALSYNC_TEST_KAFKA_BROKERS=$(kafka_brokers)"
+        echo "export DUALSYNC_TEST_MONGO_URL=$(mongo_url)"
+    } >"$tmp"
+    mv -f "$tmp" "$ENV_FILE"
+}

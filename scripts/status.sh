@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One line per local server: running/stopped, pid, address.
+#
+#   scripts/status.sh [postgres|kafka|mongo|all]...   (default: all)
+#
+# Exit status: 0 when every listed server runs, 3 otherwise.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+main() {
+    local servers server pid state rc=0 port note
+    servers="$(servers_from_args "$@")"
+    for server in $servers; do
+        port="$(server_port "$server")"
+        note=""
+        if pid="$(server_pid "$server")"; then
+            state=running
+            port_open "$port" || note=" (not accepting connections yet)"
+        else
+            state=stopped
+            pid=-
+            rc=3
+        fi
+        printf '%-9s %-8s pid %-8s %s%s\n' "$server" "$state" "$pid" "$(server_address "$server")" "$note"
+    done
+    return "$rc"
+}
+
+main "$@"

@@ -1,0 +1,192 @@
+//! One partition's share of a batch: decode, dead-letter what cannot be decoded, write the
+//! rest to the sink with retries, dead-letter what the sink refuses for good.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use rdkafka::message::{Message, OwnedMessage};
+
+use super::ApplyContext;
+use crate::codec::DecodeError;
+use crate::config::OnInvalid;
+use crate::dlq::{self, Failure};
+use crate::error::{classify, Disposition, Error};
+use crate::sink::{Sink, SinkRecord};
+
+/// How a partition's share of a batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PartitionResult {
+    /// Every message was written, found stale, or dead-lettered: the offset may move on.
+    Done,
+    /// Shutdown interrupted a retry: nothing may be committed for this share.
+    Abandoned,
+}
+
+fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(ctx.config.apply.retry_initial_ms),
+        max_interval: Duration::from_millis(ctx.config.apply.retry_max_ms),
+        max_elapsed_time: None, // never give up on a transient fault: never skip
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Waits out one backoff step; `false` when shutdown came first.
+async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) -> bool {
+    let delay = policy
+        .next_backoff()
+        .unwrap_or(Duration::from_millis(ctx.config.apply.retry_max_ms));
+    tokio::select! {
+        _ = ctx.cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+fn decode<S: Sink>(ctx: &ApplyContext<S>, m: &OwnedMessage) -> Result<SinkRecord, Error> {
+    let key = m.key().ok_or(DecodeError::NullKey)?;
+    let value = m.payload().ok_or(DecodeError::Empty)?;
+    let event = ctx.schemas.decode(value)?;
+    if key != event.aggregate_id.as_bytes() {
+        return Err(DecodeError::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            aggregate_id: event.aggregate_id,
+        }
+        .into());
+    }
+    Ok(event.into())
+}
+
+pub async fn process<S: Sink>(
+    ctx: &ApplyContext<S>,
+    messages: Vec<OwnedMessage>,
+) -> Result<PartitionResult, Error> {
+    let mut records = Vec::with_capacity(messages.len());
+    let mut origins = Vec::with_capacity(messages.len());
+    for m in &messages {
+        match decode(ctx, m) {
+            Ok(r) => {
+                records.push(r);
+                origins.push(m);
+            }
+            Err(e) => {
+                if !dead_letter(ctx, m, &e, "decode", 1).await? {
+                    return Ok(PartitionResult::Abandoned);
+                }
+            }
+        }
+    }
+    if records.is_empty() {
+        return Ok(PartitionResult::Done);
+    }
+    match write(ctx, &records, &origins).await? {
+        true => Ok(PartitionResult::Done),
+        false => Ok(PartitionResult::Abandoned),
+    }
+}
+
+/// Writes `records` (with their source messages), retrying transient faults; falls back to
+/// one-by-one writes when the batch as a whole is refused, to find and dead-letter the culprit.
+/// Returns `false` when shutdown interrupted it.
+async fn write<S: Sink>(
+    ctx: &ApplyContext<S>,
+    records: &[SinkRecord],
+    origins: &[&OwnedMessage],
+) -> Result<bool, Error> {
+    let mut policy = retry_policy(ctx);
+    let mut attempts = 1u32;
+    loop {
+        match ctx.sink.apply(records).await {
+            Ok(outcome) => {
+                ctx.stats
+                    .applied
+                    .fetch_add(outcome.applied, Ordering::Relaxed);
+                ctx.stats.stale.fetch_add(outcome.stale, Ordering::Relaxed);
+                for (index, error) in &outcome.rejected {
+                    if !dead_letter(ctx, origins[*index], error, "sink", attempts).await? {
+                        return Ok(false);
+                    }
+                }
+                return Ok(true);
+            }
+            Err(e) => match classify(&e) {
+                Disposition::Retry => {
+                    ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, attempts, "sink write failed; retrying with backoff");
+                    if !pause(ctx, &mut policy).await {
+                        return Ok(false);
+                    }
+                    attempts += 1;
+                }
+                Disposition::DeadLetter if records.len() == 1 => {
+                    return dead_letter(ctx, origins[0], &e, "sink", attempts).await;
+                }
+                Disposition::DeadLetter => {
+                    tracing::warn!(error = %e, "batch refused; writing one by one to isolate the bad record");
+                    for (record, origin) in records.iter().zip(origins) {
+                        if !Box::pin(write(
+                            ctx,
+                            std::slice::from_ref(record),
+                            std::slice::from_ref(origin),
+                        ))
+                        .await?
+                        {
+                            return Ok(false);
+                        }
+                    }
+                    return Ok(true);
+                }
+                Disposition::Fatal => return Err(e),
+            },
+        }
+    }
+}
+
+/// Sends `message` to the dead-letter topic (retrying until the broker acknowledges), or stops
+/// the pipeline when the policy is `halt`. Returns `false` when shutdown interrupted it.
+async fn dead_letter<S: Sink>(
+    ctx: &ApplyContext<S>,
+    message: &OwnedMessage,
+    error: &Error,
+    stage: &str,
+    attempts: u32,
+) -> Result<bool, Error> {
+    if ctx.config.apply.on_error == OnInvalid::Halt {
+        return Err(Error::Halted(format!(
+            "{stage} failed for {}[{}]@{}: {error}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )));
+    }
+    let topic = format!("{}{}", message.topic(), ctx.config.apply.dead_letter_suffix);
+    let failure = Failure {
+        error,
+        stage,
+        pipeline: &ctx.config.pipeline.name,
+        group: Some(&ctx.group),
+        attempts,
+    };
+    tracing::warn!(
+        error = %error, class = error.class(), stage, dlq = %topic, offset = message.offset(),
+        "dead-lettering message"
+    );
+    let mut policy = retry_policy(ctx);
+    loop {
+        let letter = dlq::dead_letter_for(message, &topic, &failure);
+        match dlq::send(&ctx.dlq, vec![letter]).await {
+            Ok(()) => {
+                ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+            Err(e) if classify(&e) == Disposition::Retry => {
+                tracing::warn!(error = %e, "dead-letter produce failed; retrying");
+                if !pause(ctx, &mut policy).await {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! What travels on the topics: the outbox event envelope, and its Avro encoding.
+//!
+//! The value of every relay message is an Avro record `<Aggregate>Event` (see
+//! [`avro::envelope_schema_json`]) in Avro single-object encoding: `C3 01`, the 8-byte
+//! CRC-64-AVRO (Rabin) fingerprint of the writer schema, then the datum. So every message names
+//! its schema even without a schema registry.
+
+pub mod avro;
+
+pub use avro::SchemaStore;
+
+/// One outbox row as an event: the unit the relay publishes and apply writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    pub event_id: uuid::Uuid,
+    pub event_type: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// Position of the row in the outbox: increases with commit order per aggregate. The sinks
+    /// keep it with each record and refuse anything not newer.
+    pub version: i64,
+    /// When the row was written, in microseconds since the Unix epoch.
+    pub created_at_micros: i64,
+    /// The aggregate's state after the event; `None` deletes the aggregate (as Debezium's
+    /// outbox router treats an empty payload as a tombstone).
+    pub payload: Option<serde_json::Value>,
+}
+
+impl OutboxEvent {
+    pub fn is_delete(&self) -> bool {
+        self.payload.is_none()
+    }
+}
+
+/// A message value that cannot be turned into an event. Always permanent for that message.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("message has no value")]
+    Empty,
+    #[error("message has no key")]
+    NullKey,
+    #[error("unknown magic byte 0x{0:02x} (expected Avro single-object marker C3 01)")]
+    BadMagic(u8),
+    #[error("value is {0} bytes, shorter than the 10-byte single-object header")]
+    TooShort(usize),
+    #[error("no schema in the schemas folder has fingerprint {0}")]
+    UnknownFingerprint(String),
+    #[error("Avro datum does not match its schema {schema}: {reason}")]
+    Datum { schema: String, reason: String },
+    #[error("{0} bytes left over after the Avro datum")]
+    TrailingBytes(usize),
+    #[error("message key {key:?} differs from the event's aggregate id {aggregate_id:?}")]
+    KeyMismatch { key: String, aggregate_id: String },
+}
+
+impl DecodeError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "decode.empty",
+            DecodeError::NullKey => "decode.null_key",
+            DecodeError::BadMagic(_) => "decode.bad_magic",
+            DecodeError::TooShort(_) => "decode.truncated",
+            DecodeError::UnknownFingerprint(_) => "decode.unknown_schema",
+            DecodeError::Datum { .. } => "decode.schema_violation",
+            DecodeError::TrailingBytes(_) => "decode.trailing_bytes",
+            DecodeError::KeyMismatch { .. } => "decode.key_mismatch",
+        }
+    }
+}
+
+/// An outbox row that cannot be encoded. Permanent for that row.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EncodeError {
+    #[error("no schema for aggregate type {0:?} (expected a file {0}.avsc in the schemas folder)")]
+    NoSchema(String),
+    #[error("payload of aggregate type {aggregate_type:?} does not match its schema at {path}: {reason}")]
+    SchemaViolation {
+        aggregate_type: String,
+        path: String,
+        reason: String,
+    },
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(String),
+}
+
+impl EncodeError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            EncodeError::NoSchema(_) => "encode.no_schema",
+            EncodeError::SchemaViolation { .. } => "encode.schema_violation",
+            EncodeError::NotJson(_) => "encode.not_json",
+        }
+    }
+}

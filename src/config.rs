@@ -1,0 +1,751 @@
+//! Typed pipeline configuration: one TOML file per pipeline (see `connectors/`), overridden by
+//! environment variables, validated as a whole before anything connects.
+//!
+//! Environment overrides: any variable named `DUALSYNC_<PATH>` whose name contains `__` sets the
+//! key at `<PATH>`, with `__` separating nesting levels and the path lower-cased:
+//! `DUALSYNC_SOURCE__URL`, `DUALSYNC_KAFKA__BROKERS`, `DUALSYNC_SINKS__MONGO__URL`. Under
+//! `kafka.properties` a `_` becomes a `.` so librdkafka names can be written as variables:
+//! `DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`. Values that parse as TOML
+//! integers, floats or booleans take that type; everything else is a string.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "DUALSYNC_";
+
+/// A configuration problem, naming the file, the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.display().to_string(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A value that must never be printed: connection strings with passwords, SASL secrets.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The real value, for handing to a client library. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// Shows a URL without its password (`postgres://user:***@host/db`); anything that is not a URL
+/// with credentials is hidden entirely, since it may be a bare secret.
+pub fn redact_url(value: &str) -> String {
+    let Some(scheme_end) = value.find("://") else {
+        return "***".to_string();
+    };
+    let rest = &value[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let redacted_userinfo = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            let tail = &rest[at + 1..];
+            let tail = redact_query_secrets(tail);
+            format!("{}{}@{}", &value[..scheme_end + 3], redacted_userinfo, tail)
+        }
+        None => format!("{}{}", &value[..scheme_end + 3], redact_query_secrets(rest)),
+    }
+}
+
+fn redact_query_secrets(rest: &str) -> String {
+    let Some(q) = rest.find('?') else {
+        return rest.to_string();
+    };
+    let params: Vec<String> = rest[q + 1..]
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{}?{}", &rest[..q], params.join("&"))
+}
+
+/// Keys whose values are secrets wherever they appear (librdkafka properties, URL parameters).
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "credential",
+        "key.pem",
+        "keystore",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub pipeline: PipelineConfig,
+    pub source: Option<SourceConfig>,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub encoding: EncodingConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Where the file was read from, for error messages.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Names the pipeline in logs, metrics, consumer groups and the relay's HA lock.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    PostgresOutbox(OutboxSourceConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSourceConfig {
+    /// libpq-style URL of the primary database holding `dualsync.outbox`.
+    pub url: Secret,
+    /// Rows read and published per batch.
+    #[serde(default = "defaults::relay_batch_size")]
+    pub batch_size: usize,
+    /// After a wake-up, wait this long for more rows before reading, to fill batches.
+    #[serde(default = "defaults::relay_linger_ms")]
+    pub linger_ms: u64,
+    /// Polling fallback when no NOTIFY arrives (missed notifications, notify disabled).
+    #[serde(default = "defaults::poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Published rows are kept this long (for inspection), then purged.
+    #[serde(default = "defaults::retention_secs")]
+    pub retention_secs: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]` bootstrap servers.
+    pub brokers: String,
+    /// Topic per aggregate type; `{aggregatetype}` is replaced (Debezium's outbox router default).
+    #[serde(default = "defaults::topic_template")]
+    pub topic_template: String,
+    /// Partitions of topics the relay creates when they are missing.
+    #[serde(default = "defaults::partitions")]
+    pub partitions: i32,
+    #[serde(default = "defaults::replication_factor")]
+    pub replication_factor: i32,
+    /// Passed to librdkafka unchanged (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret_key(k) { "***" } else { v.as_str() },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_template", &self.topic_template)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    pub fn topic_for(&self, aggregate_type: &str) -> String {
+        self.topic_template
+            .replace("{aggregatetype}", aggregate_type)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodingConfig {
+    /// Folder of `<aggregatetype>.avsc` files.
+    #[serde(default = "defaults::schemas_dir")]
+    pub schemas_dir: PathBuf,
+}
+
+impl Default for EncodingConfig {
+    fn default() -> Self {
+        Self {
+            schemas_dir: defaults::schemas_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnInvalid {
+    /// Send the bad input to the dead-letter topic and go on.
+    DeadLetter,
+    /// Stop the process with an error, leaving the input where it is.
+    Halt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    #[serde(default = "defaults::on_invalid")]
+    pub on_invalid: OnInvalid,
+    /// Topic for outbox rows that cannot be encoded.
+    #[serde(default = "defaults::relay_dlq_topic")]
+    pub dead_letter_topic: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            on_invalid: defaults::on_invalid(),
+            dead_letter_topic: defaults::relay_dlq_topic(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Consumer group; defaults to `dualsync-<pipeline>-<sink>`. `{sink}` is replaced by the
+    /// sink's name, and is required when there are several sinks (each sink needs its own
+    /// group, or each would receive only part of the partitions).
+    pub group_id: Option<String>,
+    /// Topics to consume; empty means a regex over the topic template.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Regex subscription (librdkafka form, must start with `^`).
+    pub topic_regex: Option<String>,
+    #[serde(default = "defaults::apply_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "defaults::apply_linger_ms")]
+    pub linger_ms: u64,
+    #[serde(default = "defaults::on_invalid")]
+    pub on_error: OnInvalid,
+    /// Dead-letter topic = original topic + this suffix.
+    #[serde(default = "defaults::dlq_suffix")]
+    pub dead_letter_suffix: String,
+    #[serde(default = "defaults::retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self {
+            group_id: None,
+            topics: Vec::new(),
+            topic_regex: None,
+            batch_size: defaults::apply_batch_size(),
+            linger_ms: defaults::apply_linger_ms(),
+            on_error: defaults::on_invalid(),
+            dead_letter_suffix: defaults::dlq_suffix(),
+            retry_initial_ms: defaults::retry_initial_ms(),
+            retry_max_ms: defaults::retry_max_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Postgres(PostgresSinkConfig),
+    Mongodb(MongoSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    pub url: Secret,
+    /// Schema holding one document table per aggregate type (created if missing).
+    #[serde(default = "defaults::pg_schema")]
+    pub schema: String,
+    #[serde(default = "defaults::tombstone_retention_secs")]
+    pub tombstone_retention_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSinkConfig {
+    pub url: Secret,
+    pub database: String,
+    #[serde(default = "defaults::tombstone_retention_secs")]
+    pub tombstone_retention_secs: u64,
+}
+
+mod defaults {
+    use super::OnInvalid;
+    use std::path::PathBuf;
+    pub fn relay_batch_size() -> usize {
+        1000
+    }
+    pub fn relay_linger_ms() -> u64 {
+        2
+    }
+    pub fn poll_interval_ms() -> u64 {
+        1000
+    }
+    pub fn retention_secs() -> u64 {
+        3600
+    }
+    pub fn topic_template() -> String {
+        "outbox.event.{aggregatetype}".into()
+    }
+    pub fn partitions() -> i32 {
+        3
+    }
+    pub fn replication_factor() -> i32 {
+        1
+    }
+    pub fn schemas_dir() -> PathBuf {
+        PathBuf::from("schemas")
+    }
+    pub fn on_invalid() -> OnInvalid {
+        OnInvalid::DeadLetter
+    }
+    pub fn relay_dlq_topic() -> String {
+        "dualsync.relay.dlq".into()
+    }
+    pub fn apply_batch_size() -> usize {
+        500
+    }
+    pub fn apply_linger_ms() -> u64 {
+        10
+    }
+    pub fn dlq_suffix() -> String {
+        ".dlq".into()
+    }
+    pub fn retry_initial_ms() -> u64 {
+        100
+    }
+    pub fn retry_max_ms() -> u64 {
+        10_000
+    }
+    pub fn pg_schema() -> String {
+        "public".into()
+    }
+    pub fn tombstone_retention_secs() -> u64 {
+        7 * 24 * 3600
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `DUALSYNC_*__*` overrides from `env`, and validates the result.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        Self::from_toml(path, &text, env)
+    }
+
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::new(path, "(syntax)", e.to_string()))?;
+        for (name, value) in env {
+            apply_env_override(&mut doc, &name, &value)
+                .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
+        }
+        let mut config: Config = Config::deserialize(toml::Value::Table(doc))
+            .map_err(|e| ConfigError::new(path, "(structure)", e.to_string().trim().to_string()))?;
+        config.path = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| Err(ConfigError::new(&self.path, key, problem));
+        if self.pipeline.name.trim().is_empty() {
+            return err("pipeline.name", "must not be empty");
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return err("kafka.brokers", "must list at least one host:port");
+        }
+        if !self.kafka.topic_template.contains("{aggregatetype}") {
+            return err(
+                "kafka.topic_template",
+                "must contain {aggregatetype} so each aggregate type gets its own topic",
+            );
+        }
+        if self.kafka.partitions < 1 {
+            return err("kafka.partitions", "must be at least 1");
+        }
+        if self.kafka.replication_factor < 1 {
+            return err("kafka.replication_factor", "must be at least 1");
+        }
+        for reserved in ["bootstrap.servers", "group.id", "enable.auto.offset.store"] {
+            if self.kafka.properties.contains_key(reserved) {
+                return err(
+                    &format!("kafka.properties.\"{reserved}\""),
+                    "is set by dualsync itself (use kafka.brokers / apply.group_id)",
+                );
+            }
+        }
+        if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {
+            if s.batch_size == 0 || s.batch_size > 100_000 {
+                return err("source.batch_size", "must be between 1 and 100000");
+            }
+            if s.poll_interval_ms == 0 {
+                return err("source.poll_interval_ms", "must be above 0");
+            }
+            check_url(
+                &self.path,
+                "source.url",
+                s.url.expose(),
+                &["postgres", "postgresql"],
+            )?;
+        }
+        if self.apply.batch_size == 0 || self.apply.batch_size > 100_000 {
+            return err("apply.batch_size", "must be between 1 and 100000");
+        }
+        if self.apply.retry_initial_ms == 0 || self.apply.retry_max_ms < self.apply.retry_initial_ms
+        {
+            return err(
+                "apply.retry_max_ms",
+                "must be at least apply.retry_initial_ms, which must be above 0",
+            );
+        }
+        if let Some(g) = &self.apply.group_id {
+            if self.sinks.len() > 1 && !g.contains("{sink}") {
+                return err(
+                    "apply.group_id",
+                    "must contain {sink} when several sinks are configured: sinks sharing one group would each receive only part of the partitions",
+                );
+            }
+        }
+        if self.apply.dead_letter_suffix.is_empty() {
+            return err("apply.dead_letter_suffix", "must not be empty");
+        }
+        if let Some(re) = &self.apply.topic_regex {
+            if !re.starts_with('^') {
+                return err(
+                    "apply.topic_regex",
+                    "must start with ^ (librdkafka regex form)",
+                );
+            }
+        }
+        for (name, sink) in &self.sinks {
+            match sink {
+                SinkConfig::Postgres(p) => {
+                    check_url(
+                        &self.path,
+                        &format!("sinks.{name}.url"),
+                        p.url.expose(),
+                        &["postgres", "postgresql"],
+                    )?;
+                    if !is_identifier(&p.schema) {
+                        return err(
+                            &format!("sinks.{name}.schema"),
+                            "must be a plain identifier",
+                        );
+                    }
+                }
+                SinkConfig::Mongodb(m) => {
+                    check_url(
+                        &self.path,
+                        &format!("sinks.{name}.url"),
+                        m.url.expose(),
+                        &["mongodb", "mongodb+srv"],
+                    )?;
+                    if m.database.is_empty() || m.database.contains(['/', '.', ' ', '$']) {
+                        return err(
+                            &format!("sinks.{name}.database"),
+                            "is not a valid database name",
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn outbox_source(&self) -> Result<&OutboxSourceConfig, ConfigError> {
+        match &self.source {
+            Some(SourceConfig::PostgresOutbox(s)) => Ok(s),
+            None => Err(ConfigError::new(
+                &self.path,
+                "source",
+                "missing: the relay needs a [source] table",
+            )),
+        }
+    }
+
+    /// The sink to apply into: the named one, or the only one when there is exactly one.
+    pub fn sink(&self, name: Option<&str>) -> Result<(String, &SinkConfig), ConfigError> {
+        match name {
+            Some(n) => self
+                .sinks
+                .get(n)
+                .map(|s| (n.to_string(), s))
+                .ok_or_else(|| ConfigError::new(&self.path, format!("sinks.{n}"), "no such sink")),
+            None if self.sinks.len() == 1 => {
+                let (n, s) = self.sinks.iter().next().expect("one sink");
+                Ok((n.clone(), s))
+            }
+            None => Err(ConfigError::new(
+                &self.path,
+                "sinks",
+                format!(
+                    "{} sinks are configured; choose one with --sink ({})",
+                    self.sinks.len(),
+                    self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    pub fn group_id(&self, sink_name: &str) -> String {
+        match &self.apply.group_id {
+            Some(g) => g.replace("{sink}", sink_name),
+            None => format!("dualsync-{}-{}", self.pipeline.name, sink_name),
+        }
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let scheme = url.split("://").next().unwrap_or("");
+    if !url.contains("://") || !schemes.contains(&scheme) {
+        return Err(ConfigError::new(
+            path,
+            key,
+            format!(
+                "must be a URL starting with {}:// (got {})",
+                schemes.join(":// or "),
+                redact_url(url)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn apply_env_override(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), String> {
+    let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
+    if !path.contains("__") {
+        return Ok(());
+    }
+    let mut parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err("empty path segment".into());
+    }
+    let is_property = parts.len() == 3 && parts[0] == "kafka" && parts[1] == "properties";
+    if is_property {
+        parts[2] = parts[2].replace('_', ".");
+    }
+    let (last, parents) = parts.split_last().expect("non-empty");
+    let mut table = doc;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a table in the file"))?;
+    }
+    let parsed = match table.get(last.as_str()) {
+        _ if is_property => toml::Value::String(value.to_string()),
+        // A list in the file is overridden by a comma-separated variable.
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            value
+                .split(',')
+                .map(|v| toml::Value::String(v.trim().to_string()))
+                .collect(),
+        ),
+        _ => parse_env_value(value),
+    };
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = value.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        if value.contains('.') {
+            return toml::Value::Float(f);
+        }
+    }
+    toml::Value::String(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[pipeline]
+name = "p"
+[source]
+kind = "postgres_outbox"
+url = "postgres://app:hunter2@db:5432/app"
+[kafka]
+brokers = "k:9092"
+[sinks.pg]
+kind = "postgres"
+url = "postgres://app:hunter2@replica/app"
+"#;
+
+    fn parse(text: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+        let env = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml(Path::new("conf.toml"), text, env)
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(MINIMAL, vec![]).unwrap();
+        assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");
+        assert_eq!(c.group_id("pg"), "dualsync-p-pg");
+        assert_eq!(c.sink(None).unwrap().0, "pg");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() {
+        let e = parse(
+            &MINIMAL.replace("brokers =", "brokerz = \"x\"\nbrokers ="),
+            vec![],
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("conf.toml:"), "{msg}");
+        assert!(msg.contains("brokerz"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_properties_take_dots() {
+        let c = parse(
+            MINIMAL,
+            vec![
+                ("DUALSYNC_KAFKA__BROKERS", "other:9092"),
+                ("DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD", "123"),
+                ("DUALSYNC_APPLY__BATCH_SIZE", "7"),
+                ("DUALSYNC_TEST_PG_URL", "ignored: no double underscore"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "other:9092");
+        assert_eq!(c.kafka.properties["sasl.password"], "123");
+        assert_eq!(c.apply.batch_size, 7);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse(MINIMAL, vec![("DUALSYNC_SINKS__PG__URL", "mysql://x")]).unwrap_err();
+        assert_eq!(e.key, "sinks.pg.url");
+        let e = parse(
+            &MINIMAL.replace(
+                "brokers = \"k:9092\"",
+                "brokers = \"k:9092\"\ntopic_template = \"fixed\"",
+            ),
+            vec![],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "kafka.topic_template");
+        let two_sinks =
+            format!("{MINIMAL}\n[sinks.other]\nkind = \"postgres\"\nurl = \"postgres://h/db\"\n");
+        let e = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "shared")]).unwrap_err();
+        assert_eq!(e.key, "apply.group_id");
+        let c = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "g-{sink}")]).unwrap();
+        assert_eq!(c.group_id("other"), "g-other");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = parse(MINIMAL, vec![]).unwrap();
+        let c = Config {
+            kafka: KafkaConfig {
+                properties: [("sasl.password".to_string(), "hunter2".to_string())].into(),
+                ..c.kafka
+            },
+            ..c
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db:5432/app"), "{shown}");
+        assert_eq!(
+            redact_url("mongodb://u:p@h/?tls=true&password=x"),
+            "mongodb://u:***@h/?tls=true&password=***"
+        );
+        assert_eq!(redact_url("plain-secret"), "***");
+        let e = parse(
+            MINIMAL,
+            vec![("DUALSYNC_SOURCE__URL", "mysql://u:hunter2@x")],
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}

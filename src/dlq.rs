@@ -1,0 +1,102 @@
+//! Dead-letter topics: where events go that can never be applied, with enough context to fix
+//! and replay them. Header names follow Kafka Connect's `__connect.errors.*` in spirit.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+
+use crate::error::Error;
+use crate::publish::{Outgoing, Publisher};
+
+/// Header names on dead-lettered messages (documented in the README).
+pub mod headers {
+    pub const TOPIC: &str = "__dualsync.errors.topic";
+    pub const PARTITION: &str = "__dualsync.errors.partition";
+    pub const OFFSET: &str = "__dualsync.errors.offset";
+    /// Stable error class, e.g. `decode.bad_magic`, `sink.rejected`, `encode.schema_violation`.
+    pub const CLASS: &str = "__dualsync.errors.class";
+    pub const MESSAGE: &str = "__dualsync.errors.message";
+    /// Where it failed: `decode`, `sink`, `relay.encode`.
+    pub const STAGE: &str = "__dualsync.errors.stage";
+    pub const GROUP: &str = "__dualsync.errors.group";
+    pub const PIPELINE: &str = "__dualsync.errors.pipeline";
+    pub const ATTEMPTS: &str = "__dualsync.errors.attempts";
+    /// Milliseconds since the epoch when it was dead-lettered.
+    pub const TIMESTAMP: &str = "__dualsync.errors.timestamp";
+    /// Relay only: the outbox row's seq and id.
+    pub const ROW_SEQ: &str = "__dualsync.errors.row.seq";
+    pub const ROW_ID: &str = "__dualsync.errors.row.id";
+}
+
+/// Context of one failure.
+pub struct Failure<'a> {
+    pub error: &'a Error,
+    pub stage: &'a str,
+    pub pipeline: &'a str,
+    pub group: Option<&'a str>,
+    pub attempts: u32,
+}
+
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+/// The error headers, appended to `base` (the original message's headers, kept as they were).
+pub fn error_headers(base: OwnedHeaders, failure: &Failure<'_>) -> OwnedHeaders {
+    let mut h = base;
+    let mut add = |key: &str, value: String| {
+        h = std::mem::take(&mut h).insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    };
+    add(headers::CLASS, failure.error.class().to_string());
+    add(headers::MESSAGE, failure.error.to_string());
+    add(headers::STAGE, failure.stage.to_string());
+    add(headers::PIPELINE, failure.pipeline.to_string());
+    if let Some(g) = failure.group {
+        add(headers::GROUP, g.to_string());
+    }
+    add(headers::ATTEMPTS, failure.attempts.to_string());
+    add(headers::TIMESTAMP, now_millis().to_string());
+    h
+}
+
+/// Builds the dead letter for a consumed message: original key, value and headers, plus the
+/// error headers and the message's origin.
+pub fn dead_letter_for(message: &OwnedMessage, dlq_topic: &str, failure: &Failure<'_>) -> Outgoing {
+    let mut base = OwnedHeaders::new();
+    if let Some(h) = message.headers() {
+        for header in h.iter() {
+            base = base.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    let origin = [
+        (headers::TOPIC, message.topic().to_string()),
+        (headers::PARTITION, message.partition().to_string()),
+        (headers::OFFSET, message.offset().to_string()),
+    ];
+    for (key, value) in &origin {
+        base = base.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    Outgoing {
+        topic: dlq_topic.to_string(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: error_headers(base, failure),
+    }
+}
+
+/// Sends dead letters and waits for the broker's acknowledgement.
+pub async fn send(publisher: &Publisher, letters: Vec<Outgoing>) -> Result<(), Error> {
+    publisher.publish_all(letters).await
+}

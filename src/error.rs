@@ -1,0 +1,219 @@
+//! Every error dualsync can meet, and the one place that decides what to do with it.
+//!
+//! The pipeline never branches on error strings: it calls [`classify`] and acts on the
+//! [`Disposition`]. The retried set is deliberately narrow (connection and availability
+//! problems, serialization conflicts): retrying anything else would stall a partition forever.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::codec::{DecodeError, EncodeError};
+use crate::config::ConfigError;
+
+/// What the pipeline does with a failed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Transient: back off and try the same step again; never skip.
+    Retry,
+    /// Permanent for this one event: send it to the dead-letter topic and move on.
+    DeadLetter,
+    /// Nothing sensible can continue (bad credentials, missing permissions, bad config).
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot decode event: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot encode outbox row: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("mongodb: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The sink refused this one record for a reason that retrying cannot change.
+    #[error("sink rejected the record: {0}")]
+    Rejected(String),
+    /// A setup problem found while running (e.g. the outbox table is missing).
+    #[error("{0}")]
+    Setup(String),
+    /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
+    #[error("halted by policy: {0}")]
+    Halted(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Short stable name of the error class, used in dead-letter headers and metrics labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Decode(e) => e.class(),
+            Error::Encode(e) => e.class(),
+            Error::Postgres(_) => "postgres",
+            Error::Mongo(_) => "mongodb",
+            Error::Kafka(_) => "kafka",
+            Error::Rejected(_) => "sink.rejected",
+            Error::Setup(_) => "setup",
+            Error::Halted(_) => "halted",
+        }
+    }
+}
+
+/// The single classification of errors into retry / dead-letter / fatal.
+pub fn classify(err: &Error) -> Disposition {
+    match err {
+        Error::Config(_) | Error::Setup(_) | Error::Halted(_) => Disposition::Fatal,
+        Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
+        Error::Postgres(e) => classify_postgres(e),
+        Error::Mongo(e) => classify_mongo(e),
+        Error::Kafka(e) => classify_kafka(e),
+    }
+}
+
+fn classify_postgres(e: &tokio_postgres::Error) -> Disposition {
+    let Some(db) = e.as_db_error() else {
+        // No SQLSTATE: the connection broke, timed out, or was closed.
+        return Disposition::Retry;
+    };
+    let code = db.code().code();
+    match &code[..2] {
+        // connection exception, transaction rollback (serialization failure, deadlock),
+        // insufficient resources, operator intervention (shutdown, cancel), system error.
+        "08" | "40" | "53" | "57" | "58" => Disposition::Retry,
+        // data exception (bad value for the column type), integrity constraint violation,
+        // program limit exceeded (row or value too large): that event can never be written.
+        "22" | "23" | "54" => Disposition::DeadLetter,
+        // 25006 read-only transaction: a replica was promoted or we hit a standby.
+        _ if code == "25006" => Disposition::Retry,
+        // Authorization, missing objects, syntax: a deployment problem, not an event problem.
+        _ => Disposition::Fatal,
+    }
+}
+
+/// MongoDB server codes that mean "try again later".
+const MONGO_TRANSIENT_CODES: &[i32] = &[
+    6,     // HostUnreachable
+    7,     // HostNotFound
+    50,    // MaxTimeMSExpired
+    89,    // NetworkTimeout
+    91,    // ShutdownInProgress
+    189,   // PrimarySteppedDown
+    262,   // ExceededTimeLimit
+    9001,  // SocketException
+    10107, // NotWritablePrimary
+    11600, // InterruptedAtShutdown
+    11602, // InterruptedDueToReplStateChange
+    13435, // NotPrimaryNoSecondaryOk
+    13436, // NotPrimaryOrSecondary
+    112,   // WriteConflict
+];
+
+/// MongoDB server codes that reject one document for good.
+const MONGO_PERMANENT_CODES: &[i32] = &[
+    2,     // BadValue
+    4,     // NoSuchKey
+    9,     // FailedToParse
+    14,    // TypeMismatch
+    52,    // DollarPrefixedFieldName
+    56,    // EmptyFieldName
+    57,    // DottedFieldName
+    66,    // ImmutableField
+    121,   // DocumentValidationFailure
+    10334, // BSONObjectTooLarge
+    17419, // document exceeds maximum size
+    17420, // document exceeds maximum size (update)
+    11000, // DuplicateKey on a unique secondary index
+];
+
+fn classify_mongo(e: &mongodb::error::Error) -> Disposition {
+    use mongodb::error::ErrorKind;
+    if e.contains_label("RetryableWriteError")
+        || e.contains_label("TransientTransactionError")
+        || e.contains_label("NetworkError")
+    {
+        return Disposition::Retry;
+    }
+    let code = match &*e.kind {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::DnsResolve { .. } => return Disposition::Retry,
+        ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => {
+            return Disposition::DeadLetter
+        }
+        ErrorKind::Authentication { .. } => return Disposition::Fatal,
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    };
+    match code {
+        Some(c) if MONGO_TRANSIENT_CODES.contains(&c) => Disposition::Retry,
+        Some(c) if MONGO_PERMANENT_CODES.contains(&c) => Disposition::DeadLetter,
+        _ => Disposition::Fatal,
+    }
+}
+
+fn classify_kafka(e: &KafkaError) -> Disposition {
+    let Some(code) = e.rdkafka_error_code() else {
+        return match e {
+            KafkaError::Canceled => Disposition::Retry,
+            _ => Disposition::Fatal,
+        };
+    };
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage => {
+            Disposition::DeadLetter
+        }
+        C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::Authentication
+        | C::InvalidConfig
+        | C::Fatal => Disposition::Fatal,
+        // Everything else librdkafka reports (transport failure, all brokers down, leader
+        // elections, timeouts, full queues, unknown partition while a topic is created) clears
+        // by itself: keep trying.
+        _ => Disposition::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_and_encode_errors_dead_letter() {
+        let e = Error::Decode(DecodeError::Empty);
+        assert_eq!(classify(&e), Disposition::DeadLetter);
+        assert_eq!(e.class(), "decode.empty");
+    }
+
+    #[test]
+    fn kafka_transport_failures_retry_and_auth_failures_stop() {
+        let transient = Error::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::BrokerTransportFailure,
+        ));
+        assert_eq!(classify(&transient), Disposition::Retry);
+        let auth = Error::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ));
+        assert_eq!(classify(&auth), Disposition::Fatal);
+        let big = Error::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert_eq!(classify(&big), Disposition::DeadLetter);
+    }
+
+    #[test]
+    fn setup_problems_are_fatal() {
+        assert_eq!(classify(&Error::Setup("x".into())), Disposition::Fatal);
+    }
+}

@@ -1,0 +1,156 @@
+//! Publishing to Kafka: an idempotent producer (`acks=all`, Java-compatible murmur2
+//! partitioning so a key lands where Java clients would put it), topic creation, and batch
+//! publication that returns only when every message of the batch is acknowledged.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::Mutex;
+
+use crate::config::KafkaConfig;
+use crate::error::Error;
+
+/// Header names of every relay message: the contract with downstream consumers.
+pub mod headers {
+    pub const EVENT_ID: &str = "dualsync.event_id";
+    pub const EVENT_TYPE: &str = "dualsync.event_type";
+    pub const AGGREGATE_TYPE: &str = "dualsync.aggregate_type";
+    pub const AGGREGATE_ID: &str = "dualsync.aggregate_id";
+    pub const VERSION: &str = "dualsync.version";
+    /// Microseconds since the epoch, decimal text.
+    pub const CREATED_AT: &str = "dualsync.created_at";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// Base librdkafka settings shared by producers and consumers, with the user's properties on
+/// top (they win, except for the few dualsync must own).
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers);
+    c.set("client.id", "dualsync");
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// One message to publish.
+pub struct Outgoing {
+    pub topic: String,
+    /// `None` keeps a null key (dead letters of null-key messages stay null-keyed).
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: OwnedHeaders,
+}
+
+pub struct Publisher {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    kafka: KafkaConfig,
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
+        let mut producer_config = client_config(kafka);
+        for (k, v) in [
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("partitioner", "murmur2_random"),
+            ("linger.ms", "5"),
+            // Never give up on a message: a broker outage blocks the relay (which is what must
+            // happen) instead of failing a message and reordering its key on the retry.
+            ("message.timeout.ms", "0"),
+            ("queue.buffering.max.messages", "100000"),
+        ] {
+            if !kafka.properties.contains_key(k) {
+                producer_config.set(k, v);
+            }
+        }
+        Ok(Self {
+            producer: producer_config.create()?,
+            admin: client_config(kafka).create()?,
+            kafka: kafka.clone(),
+            known_topics: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Creates `topic` with the configured partitions unless it exists.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
+        if self.known_topics.lock().await.contains(topic) {
+            return Ok(());
+        }
+        let new_topic = NewTopic::new(
+            topic,
+            self.kafka.partitions,
+            TopicReplication::Fixed(self.kafka.replication_factor),
+        );
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = self.admin.create_topics([&new_topic], &options).await?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(Error::Kafka(KafkaError::AdminOp(code))).inspect_err(|_| {
+                        tracing::warn!(topic = name, ?code, "cannot create topic")
+                    });
+                }
+            }
+        }
+        self.known_topics.lock().await.insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Sends every message (in order) and waits until all are acknowledged. A full producer
+    /// queue is backpressure: the send waits for earlier deliveries instead of buffering more.
+    pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<(), Error> {
+        for m in &messages {
+            self.ensure_topic(&m.topic).await?;
+        }
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&m.topic)
+                .payload(&m.value)
+                .headers(m.headers.clone());
+            if let Some(key) = &m.key {
+                record = record.key(key);
+            }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        let results = try_join_all(deliveries)
+            .await
+            .map_err(|_| Error::Kafka(KafkaError::Canceled))?;
+        for r in results {
+            r.map_err(|(e, _)| Error::Kafka(e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for everything in flight (used on shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        Ok(self.producer.flush(timeout)?)
+    }
+}

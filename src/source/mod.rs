@@ -1,0 +1,28 @@
+//! Sources of change events on the primary side.
+
+pub mod outbox;
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+
+/// A primary-side change feed.
+///
+/// Delivery contract: at-least-once and in order per aggregate. Events returned by
+/// [`Source::next_batch`] stay pending until [`Source::ack`] confirms that Kafka acknowledged
+/// them; after a crash or a leader change everything not acked is returned again, in the same
+/// order. A source never skips a committed change.
+pub trait Source: Send {
+    type Event: Send;
+
+    /// The next batch in publication order; waits (until `cancel`) while there is none.
+    fn next_batch(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<Self::Event>, Error>> + Send;
+
+    /// Marks events as published. Only call after Kafka acknowledged every one of them.
+    fn ack(&mut self, events: &[Self::Event]) -> impl Future<Output = Result<(), Error>> + Send;
+}

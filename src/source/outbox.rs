@@ -1,0 +1,243 @@
+//! The PostgreSQL outbox source.
+//!
+//! Why this cannot skip or reorder (the two classic polling-outbox bugs):
+//! - No cursor. The relay reads *unpublished* rows (`published_at IS NULL`) in `seq` order and
+//!   marks them published after Kafka acknowledged them. A row whose transaction commits late,
+//!   after higher-numbered rows were published, is simply still unpublished when it becomes
+//!   visible: it is read on the next pass. Nothing is compared against "the last id seen".
+//! - Per-aggregate commit order. The outbox's insert trigger (connectors/outbox.sql) takes a
+//!   transaction-scoped advisory lock on the aggregate before drawing `seq`, so a later writer
+//!   of the same aggregate draws its `seq` only after the earlier one committed. Hence, for one
+//!   aggregate, higher `seq` means later commit, and a snapshot that sees a row also sees every
+//!   lower-`seq` row of that aggregate: reading in `seq` order publishes each aggregate's
+//!   events in commit order. (A transaction id would order by start of writing, and a plain
+//!   sequence default by insert time; neither is commit order.)
+//! - One active relay. The leader holds a session-level advisory lock on the same connection it
+//!   reads and marks with, so if that connection dies the lock is gone and so is its ability to
+//!   mark rows; a standby polling for the lock takes over and re-reads everything unmarked.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::Source;
+use crate::config::OutboxSourceConfig;
+use crate::error::Error;
+
+/// The outbox DDL, applied by `dualsync outbox migrate` and by tests.
+pub const OUTBOX_DDL: &str = include_str!("../../connectors/outbox.sql");
+/// Channel the outbox trigger notifies.
+pub const NOTIFY_CHANNEL: &str = "dualsync_outbox";
+/// First key of the relay's leader lock (the second is derived from the pipeline name).
+const LEADER_LOCK_CLASS: i32 = 0x6473_796e; // "dsyn"
+
+/// One committed outbox row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub id: uuid::Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// The payload as JSON text; `None` is a delete.
+    pub payload: Option<String>,
+    pub traceparent: Option<String>,
+    pub created_at_micros: i64,
+}
+
+/// The leader's session: holds the lock, reads, marks.
+pub struct OutboxSource {
+    client: Client,
+    wakeups: mpsc::Receiver<()>,
+    connection_task: tokio::task::JoinHandle<()>,
+    config: OutboxSourceConfig,
+}
+
+impl Drop for OutboxSource {
+    fn drop(&mut self) {
+        // Dropping the connection releases the leader lock at once.
+        self.connection_task.abort();
+    }
+}
+
+/// Applies the outbox DDL (idempotent).
+pub async fn migrate(client: &Client) -> Result<(), Error> {
+    client.batch_execute(OUTBOX_DDL).await?;
+    Ok(())
+}
+
+/// FNV-1a of the pipeline name: stable across builds, so relays of different versions agree.
+fn leader_lock_key(pipeline: &str) -> i32 {
+    let hash = pipeline.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash as i32
+}
+
+impl OutboxSource {
+    /// Connects and waits until this process holds the pipeline's leader lock (standby until
+    /// then). Returns `Ok(None)` when cancelled while waiting.
+    pub async fn acquire_leadership(
+        config: &OutboxSourceConfig,
+        pipeline: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self>, Error> {
+        let (client, mut connection) = crate::pg::connect_raw(config.url.expose()).await?;
+        let (wake_tx, wakeups) = mpsc::channel(1);
+        let connection_task = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        // A full channel already holds a wake-up: notifications coalesce.
+                        let _ = wake_tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox connection lost");
+                        break;
+                    }
+                }
+            }
+        });
+        let source = Self {
+            client,
+            wakeups,
+            connection_task,
+            config: config.clone(),
+        };
+        source.check_outbox().await?;
+        let key = leader_lock_key(pipeline);
+        let mut announced = false;
+        loop {
+            let row = source
+                .client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&LEADER_LOCK_CLASS, &key],
+                )
+                .await?;
+            if row.get::<_, bool>(0) {
+                tracing::info!(pipeline, "relay is the active leader");
+                source
+                    .client
+                    .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                    .await?;
+                return Ok(Some(source));
+            }
+            if !announced {
+                tracing::info!(pipeline, "another relay is active; waiting as standby");
+                announced = true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn check_outbox(&self) -> Result<(), Error> {
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass('dualsync.outbox') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !exists {
+            return Err(Error::Setup(
+                "table dualsync.outbox does not exist in the source database: run `dualsync outbox migrate --config <file>` (or apply connectors/outbox.sql)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn read(&self) -> Result<Vec<OutboxRow>, Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT seq, id, aggregatetype, aggregateid, type, payload::text, traceparent,
+                        (extract(epoch FROM created_at) * 1000000)::int8
+                 FROM dualsync.outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+                &[&(self.config.batch_size as i64)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OutboxRow {
+                seq: r.get(0),
+                id: r.get(1),
+                aggregate_type: r.get(2),
+                aggregate_id: r.get(3),
+                event_type: r.get(4),
+                payload: r.get(5),
+                traceparent: r.get(6),
+                created_at_micros: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Deletes rows published longer ago than the retention; returns how many.
+    pub async fn purge_published(&self) -> Result<u64, Error> {
+        Ok(self
+            .client
+            .execute(
+                "DELETE FROM dualsync.outbox WHERE seq IN (
+                    SELECT seq FROM dualsync.outbox
+                    WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                &[&(self.config.retention_secs as f64)],
+            )
+            .await?)
+    }
+
+    /// Rows still waiting to be published (a gauge for operators).
+    pub async fn backlog(&self) -> Result<i64, Error> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT count(*) FROM dualsync.outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+}
+
+impl Source for OutboxSource {
+    type Event = OutboxRow;
+
+    async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Vec<OutboxRow>, Error> {
+        loop {
+            let rows = self.read().await?;
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+            let poll = Duration::from_millis(self.config.poll_interval_ms);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(Vec::new()),
+                woke = self.wakeups.recv() => {
+                    if woke.is_none() {
+                        continue; // connection ended: the next read reports it
+                    }
+                    // Let the rest of a burst commit so batches fill up.
+                    if self.config.linger_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
+                    }
+                }
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    async fn ack(&mut self, rows: &[OutboxRow]) -> Result<(), Error> {
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        self.client
+            .execute(
+                "UPDATE dualsync.outbox SET published_at = now() WHERE seq = ANY($1)",
+                &[&seqs],
+            )
+            .await?;
+        Ok(())
+    }
+}

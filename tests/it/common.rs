@@ -1,0 +1,267 @@
+//! Shared test plumbing: server addresses, unique names, pipelines run in-process.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use dualsync::apply::{self, ApplyStats};
+use dualsync::codec::SchemaStore;
+use dualsync::config::{Config, SinkConfig};
+use dualsync::error::Error;
+use dualsync::relay::{self, RelayStats};
+use dualsync::sink::mongo::MongoSink;
+use dualsync::sink::postgres::PostgresSink;
+
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+pub struct Servers {
+    pub pg: String,
+    pub kafka: String,
+    pub mongo: String,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with `make test` (it starts the servers and sets it), or `make up && source .local/env`")
+    })
+}
+
+pub fn servers() -> Servers {
+    // Logs are captured per test and shown when it fails.
+    dualsync::telemetry::init_for_tests();
+    Servers {
+        pg: var("DUALSYNC_TEST_PG_URL"),
+        kafka: var("DUALSYNC_TEST_KAFKA_BROKERS"),
+        mongo: var("DUALSYNC_TEST_MONGO_URL"),
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
+    )
+}
+
+/// Creates a fresh database and returns its URL.
+pub async fn create_database(servers: &Servers) -> String {
+    let name = unique("t");
+    let admin = dualsync::pg::connect(&servers.pg)
+        .await
+        .expect("connect to test PostgreSQL");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (base, _) = servers.pg.rsplit_once('/').expect("URL with a database");
+    format!("{base}/{name}")
+}
+
+pub fn schemas_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .display()
+        .to_string()
+}
+
+/// A pipeline with unique topics: source `source_url`, a PostgreSQL sink `postgres` and a
+/// MongoDB sink `mongo`.
+pub fn pipeline(
+    servers: &Servers,
+    source_url: &str,
+    sink_pg_url: &str,
+    mongo_db: &str,
+    extra: &str,
+) -> Config {
+    let prefix = unique("t");
+    let text = format!(
+        r#"
+[pipeline]
+name = "{prefix}"
+[source]
+kind = "postgres_outbox"
+url = "{source_url}"
+batch_size = 200
+poll_interval_ms = 200
+[kafka]
+brokers = "{kafka}"
+topic_template = "{prefix}.{{aggregatetype}}"
+partitions = 3
+[encoding]
+schemas_dir = "{schemas}"
+[relay]
+dead_letter_topic = "{prefix}.relay.dlq"
+[apply]
+batch_size = 100
+linger_ms = 5
+retry_initial_ms = 50
+retry_max_ms = 1000
+[sinks.postgres]
+kind = "postgres"
+url = "{sink_pg_url}"
+schema = "replica"
+[sinks.mongo]
+kind = "mongodb"
+url = "{mongo}"
+database = "{mongo_db}"
+{extra}
+"#,
+        kafka = servers.kafka,
+        schemas = schemas_dir(),
+        mongo = servers.mongo,
+    );
+    Config::from_toml(Path::new("test.toml"), &text, Vec::new()).expect("test config is valid")
+}
+
+pub fn schemas() -> Arc<SchemaStore> {
+    Arc::new(SchemaStore::load_dir(Path::new(&schemas_dir())).unwrap())
+}
+
+pub fn spawn_relay(
+    config: &Config,
+    cancel: &CancellationToken,
+) -> (JoinHandle<Result<(), Error>>, Arc<RelayStats>) {
+    let stats = Arc::new(RelayStats::default());
+    let (config, s, c) = (config.clone(), stats.clone(), cancel.clone());
+    (
+        tokio::spawn(async move { relay::run(&config, schemas(), s, c).await }),
+        stats,
+    )
+}
+
+pub fn spawn_apply(
+    config: &Config,
+    sink_name: &str,
+    cancel: &CancellationToken,
+) -> (JoinHandle<Result<(), Error>>, Arc<ApplyStats>) {
+    let stats = Arc::new(ApplyStats::default());
+    let (config, s, c, name) = (
+        config.clone(),
+        stats.clone(),
+        cancel.clone(),
+        sink_name.to_string(),
+    );
+    let handle = tokio::spawn(async move {
+        match config.sinks[&name].clone() {
+            SinkConfig::Postgres(p) => {
+                let sink = Arc::new(PostgresSink::connect(&p).await?);
+                apply::run(&config, &name, sink, schemas(), s, c).await
+            }
+            SinkConfig::Mongodb(m) => {
+                let sink = Arc::new(MongoSink::connect(&m).await?);
+                apply::run(&config, &name, sink, schemas(), s, c).await
+            }
+        }
+    });
+    (handle, stats)
+}
+
+/// Polls `probe` every 100 ms until it is true; panics with `what` after [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        dualsync::demo::wait_until(DEADLINE, probe).await,
+        "timed out waiting for: {what}"
+    );
+}
+
+/// Reads every message of `topic` from the beginning until `expected` arrived (or deadline).
+pub async fn read_topic(brokers: &str, topic: &str, expected: usize) -> Vec<OwnedMessage> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let end = std::time::Instant::now() + DEADLINE;
+        let partitions = loop {
+            if let Ok(meta) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                let n = meta
+                    .topics()
+                    .first()
+                    .map(|t| t.partitions().len())
+                    .unwrap_or(0);
+                if n > 0 {
+                    break n as i32;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "topic {topic} never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        while out.len() < expected && std::time::Instant::now() < end {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+            }
+        }
+        out.sort_by_key(|m| (m.partition(), m.offset()));
+        out
+    })
+    .await
+    .unwrap()
+}
+
+pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The primary's current state of the sample shop, keyed by (aggregate type, id), in the same
+/// JSON form as the events.
+pub async fn primary_state(
+    client: &tokio_postgres::Client,
+) -> BTreeMap<(String, String), serde_json::Value> {
+    let rows = client
+        .query(
+            "SELECT 'customers', id, jsonb_build_object('id', id, 'name', name, 'email', email, 'order_count', order_count) FROM shop.customers
+             UNION ALL
+             SELECT 'orders', id, jsonb_build_object('id', id, 'customer_id', customer_id, 'status', status,
+                 'total_cents', total_cents, 'lines', lines, 'note', note) FROM shop.orders",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect()
+}
+
+/// Every key the outbox ever mentioned.
+pub async fn outbox_keys(client: &tokio_postgres::Client) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT DISTINCT aggregatetype, aggregateid FROM dualsync.outbox ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}

@@ -1,0 +1,186 @@
+//! Poison messages land in the dead-letter topic with their context, and the partition keeps
+//! flowing; bad outbox rows land in the relay's dead-letter topic.
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use dualsync::codec::OutboxEvent;
+use dualsync::config::SinkConfig;
+use dualsync::dlq::headers as dlq;
+use dualsync::sink::postgres::PostgresSink;
+use dualsync::sink::Sink;
+
+use crate::common::*;
+
+/// (expected error class, key, value) of one poison message.
+type Poison<'a> = (&'a str, Option<&'a [u8]>, Vec<u8>);
+
+fn event(id: &str, version: i64) -> OutboxEvent {
+    OutboxEvent {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "CustomerUpserted".into(),
+        aggregate_type: "customers".into(),
+        aggregate_id: id.into(),
+        version,
+        created_at_micros: 0,
+        payload: Some(json!({"id": id, "name": "n", "email": "e", "order_count": 1})),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_and_the_partition_keeps_flowing() {
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
+    let topic = config.kafka.topic_for("customers");
+    let schemas = schemas();
+    let good = schemas.encode(&event("c1", 1)).unwrap();
+    let mut unknown_schema = good.clone();
+    unknown_schema[2..10].copy_from_slice(&[0xAB; 8]);
+    let mut violation = good[..10].to_vec();
+    violation.extend_from_slice(&[0x02, 0x41]); // a string of length 1, then nothing
+    let poison: Vec<Poison> = vec![
+        ("decode.bad_magic", Some(b"c1"), b"not avro at all".to_vec()),
+        (
+            "decode.bad_magic",
+            Some(b"c1"),
+            vec![0x00, 0, 0, 0, 1, 2, 3],
+        ), // Confluent framing, no registry
+        ("decode.truncated", Some(b"c1"), vec![0xC3, 0x01, 1, 2]),
+        ("decode.unknown_schema", Some(b"c1"), unknown_schema),
+        ("decode.schema_violation", Some(b"c1"), violation),
+        ("decode.null_key", None, good.clone()),
+        ("decode.key_mismatch", Some(b"other"), good.clone()),
+    ];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let publisher = dualsync::publish::Publisher::new(&config.kafka).unwrap();
+    publisher.ensure_topic(&topic).await.unwrap();
+    for (_, key, value) in &poison {
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic)
+            .payload(value)
+            .partition(0)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "origin",
+                value: Some("test"),
+            }));
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let after = schemas.encode(&event("c1", 2)).unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("c1")
+                .payload(&after)
+                .partition(0),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let (apply, stats) = spawn_apply(&config, "postgres", &cancel);
+    let SinkConfig::Postgres(p) = &config.sinks["postgres"] else {
+        unreachable!()
+    };
+    let sink = PostgresSink::connect(p).await.unwrap();
+    eventually("the good event after the poison is applied", || async {
+        sink.get("customers", "c1").await.unwrap().map(|(v, _)| v) == Some(2)
+    })
+    .await;
+
+    let mut letters = read_topic(&servers.kafka, &format!("{topic}.dlq"), poison.len()).await;
+    assert_eq!(letters.len(), poison.len());
+    letters.sort_by_key(|l| header(l, dlq::OFFSET).and_then(|o| o.parse::<i64>().ok()));
+    for (letter, (class, key, value)) in letters.iter().zip(&poison) {
+        assert_eq!(header(letter, dlq::CLASS).as_deref(), Some(*class));
+        assert_eq!(letter.key(), *key, "original key kept");
+        assert_eq!(
+            letter.payload(),
+            Some(value.as_slice()),
+            "original value kept"
+        );
+        assert_eq!(
+            header(letter, "origin").as_deref(),
+            Some("test"),
+            "original headers kept"
+        );
+        assert_eq!(header(letter, dlq::TOPIC).as_deref(), Some(topic.as_str()));
+        assert_eq!(header(letter, dlq::PARTITION).as_deref(), Some("0"));
+        assert!(header(letter, dlq::OFFSET).is_some());
+        assert_eq!(header(letter, dlq::STAGE).as_deref(), Some("decode"));
+        assert_eq!(
+            header(letter, dlq::GROUP),
+            Some(config.group_id("postgres"))
+        );
+        assert!(header(letter, dlq::MESSAGE).is_some_and(|m| !m.is_empty()));
+        assert!(header(letter, dlq::TIMESTAMP).is_some());
+    }
+    assert_eq!(stats.snapshot()[3], poison.len() as u64);
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_outbox_rows_go_to_the_relay_dead_letter_topic() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    source
+        .batch_execute(
+            r#"INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload) VALUES
+               ('customers', 'c1', 'CustomerUpserted', '{"id":"c1","name":"x"}'),
+               ('nothing_like_it', 'z1', 'Odd', '{}'),
+               ('customers', 'c2', 'CustomerUpserted', '{"id":"c2","name":"y","email":"e","order_count":1}')"#,
+        )
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, stats) = spawn_relay(&config, &cancel);
+    let mut letters = read_topic(&servers.kafka, &config.relay.dead_letter_topic, 2).await;
+    assert_eq!(letters.len(), 2);
+    letters.sort_by_key(|l| header(l, dlq::ROW_SEQ).and_then(|s| s.parse::<i64>().ok()));
+    assert_eq!(
+        header(&letters[0], dlq::CLASS).as_deref(),
+        Some("encode.schema_violation")
+    );
+    assert!(header(&letters[0], dlq::MESSAGE)
+        .unwrap()
+        .contains("$.email"));
+    assert_eq!(
+        header(&letters[1], dlq::CLASS).as_deref(),
+        Some("encode.no_schema")
+    );
+    let raw: serde_json::Value = serde_json::from_slice(letters[0].payload().unwrap()).unwrap();
+    assert_eq!(raw["aggregateid"], "c1");
+    let good = read_topic(&servers.kafka, &config.kafka.topic_for("customers"), 1).await;
+    assert_eq!(good.len(), 1);
+    assert_eq!(good[0].key(), Some(&b"c2"[..]));
+    eventually("all three rows are marked published", || async {
+        dualsync::demo::outbox_counts(&source).await.unwrap().1 == 0
+    })
+    .await;
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}

@@ -1,0 +1,8 @@
+//! Integration tests against the real servers started by `make up` (PostgreSQL, the Tansu
+//! Kafka broker, the SecantusDB MongoDB server). One binary for all of them, to link once.
+
+mod common;
+mod dead_letters;
+mod end_to_end;
+mod outbox_order;
+mod sinks;
