@@ -267,6 +267,10 @@ pub struct ApplyConfig {
     /// sink's name, and is required when there are several sinks (each sink needs its own
     /// group, or each would receive only part of the partitions).
     pub group_id: Option<String>,
+    /// Static group membership (`group.instance.id`): a stable name per apply process (e.g. a
+    /// StatefulSet pod name). A restarted process gets its partitions back at once instead of
+    /// after the session timeout; `{sink}` is replaced by the sink's name.
+    pub instance_id: Option<String>,
     /// Topics to consume; empty means a regex over the topic template.
     #[serde(default)]
     pub topics: Vec<String>,
@@ -291,6 +295,7 @@ impl Default for ApplyConfig {
     fn default() -> Self {
         Self {
             group_id: None,
+            instance_id: None,
             topics: Vec::new(),
             topic_regex: None,
             batch_size: defaults::apply_batch_size(),
@@ -437,11 +442,16 @@ impl Config {
         if self.kafka.replication_factor < 1 {
             return err("kafka.replication_factor", "must be at least 1");
         }
-        for reserved in ["bootstrap.servers", "group.id", "enable.auto.offset.store"] {
+        for reserved in [
+            "bootstrap.servers",
+            "group.id",
+            "group.instance.id",
+            "enable.auto.offset.store",
+        ] {
             if self.kafka.properties.contains_key(reserved) {
                 return err(
                     &format!("kafka.properties.\"{reserved}\""),
-                    "is set by dualsync itself (use kafka.brokers / apply.group_id)",
+                    "is set by dualsync itself (use kafka.brokers / apply.group_id / apply.instance_id)",
                 );
             }
         }

@@ -110,12 +110,18 @@ pub async fn run<S: Sink>(
     consumer_config
         .set("group.id", &group)
         .set("enable.auto.offset.store", "false");
+    if let Some(instance) = &config.apply.instance_id {
+        consumer_config.set("group.instance.id", instance.replace("{sink}", sink_name));
+    }
     for (k, v) in [
         ("enable.auto.commit", "true"),
         ("auto.commit.interval.ms", "1000"),
         ("auto.offset.reset", "earliest"),
         ("enable.partition.eof", "false"),
         ("topic.metadata.refresh.interval.ms", "5000"),
+        // A killed member's partitions move on after this long (librdkafka's default is 45 s).
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "3000"),
     ] {
         if !config.kafka.properties.contains_key(k) {
             consumer_config.set(k, v);

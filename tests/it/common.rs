@@ -80,8 +80,20 @@ pub fn pipeline(
     mongo_db: &str,
     extra: &str,
 ) -> Config {
+    let text = pipeline_toml(servers, source_url, sink_pg_url, mongo_db, extra);
+    Config::from_toml(Path::new("test.toml"), &text, Vec::new()).expect("test config is valid")
+}
+
+/// The TOML text of [`pipeline`], for running the real binary on it.
+pub fn pipeline_toml(
+    servers: &Servers,
+    source_url: &str,
+    sink_pg_url: &str,
+    mongo_db: &str,
+    extra: &str,
+) -> String {
     let prefix = unique("t");
-    let text = format!(
+    format!(
         r#"
 [pipeline]
 name = "{prefix}"
@@ -116,8 +128,7 @@ database = "{mongo_db}"
         kafka = servers.kafka,
         schemas = schemas_dir(),
         mongo = servers.mongo,
-    );
-    Config::from_toml(Path::new("test.toml"), &text, Vec::new()).expect("test config is valid")
+    )
 }
 
 pub fn schemas() -> Arc<SchemaStore> {
@@ -175,7 +186,8 @@ where
     );
 }
 
-/// Reads every message of `topic` from the beginning until `expected` arrived (or deadline).
+/// Reads `topic` from the beginning until at least `expected` messages arrived and everything
+/// in the topic at that moment was read (or the deadline passed).
 pub async fn read_topic(brokers: &str, topic: &str, expected: usize) -> Vec<OwnedMessage> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
@@ -211,9 +223,22 @@ pub async fn read_topic(brokers: &str, topic: &str, expected: usize) -> Vec<Owne
         }
         consumer.assign(&tpl).unwrap();
         let mut out = Vec::new();
-        while out.len() < expected && std::time::Instant::now() < end {
+        let in_topic = |c: &BaseConsumer| -> usize {
+            (0..partitions)
+                .map(|p| {
+                    c.fetch_watermarks(&topic, p, Duration::from_secs(5))
+                        .map(|(l, h)| (h - l) as usize)
+                        .unwrap_or(0)
+                })
+                .sum()
+        };
+        while std::time::Instant::now() < end {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                 out.push(m.detach());
+            }
+            // Done once `expected` arrived and nothing more is in the topic right now.
+            if out.len() >= expected && out.len() >= in_topic(&consumer) {
+                break;
             }
         }
         out.sort_by_key(|m| (m.partition(), m.offset()));

@@ -5,4 +5,5 @@ mod common;
 mod dead_letters;
 mod end_to_end;
 mod outbox_order;
+mod processes;
 mod sinks;

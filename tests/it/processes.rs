@@ -1,0 +1,213 @@
+//! The real binary as separate processes: relay fail-over after `kill -9`, and clean exit on
+//! SIGTERM.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+
+use dualsync::config::Config;
+use dualsync::publish::headers;
+
+use crate::common::*;
+
+fn write_config(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("dualsync")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(args: &[&str], log: &str) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_dualsync"))
+        .args(args)
+        .env("RUST_LOG", "info,dualsync=debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start dualsync")
+}
+
+/// Waits for the process to exit (deadline-bounded) and returns its exit status.
+fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < end,
+            "process {} did not exit in time",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn unpublished(client: &tokio_postgres::Client) -> i64 {
+    dualsync::demo::outbox_counts(client).await.unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standby_relay_takes_over_after_kill_9_without_loss_or_reordering() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let text = pipeline_toml(&servers, &source_url, &source_url, &unique("t"), "");
+    let config = Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new()).unwrap();
+    let path = write_config(&text);
+    let path = path.to_str().unwrap();
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+
+    let mut active = spawn(&["relay", "--config", path], "relay-a.log");
+    // A is active once it publishes something.
+    dualsync::demo::generate(&source_url, 3, 30, 20, 1, 1)
+        .await
+        .unwrap();
+    eventually("relay A publishes", || async {
+        unpublished(&source).await == 0
+    })
+    .await;
+    let mut standby = spawn(&["relay", "--config", path], "relay-b.log");
+
+    // Writers keep committing while A is killed mid-stream.
+    let url = source_url.clone();
+    let writers = tokio::spawn(async move {
+        dualsync::demo::generate(&url, 3, 30, 1500, 3, 2)
+            .await
+            .unwrap()
+    });
+    eventually("some of the new load is published", || async {
+        dualsync::demo::outbox_counts(&source).await.unwrap().0 > 400
+    })
+    .await;
+    active.kill().unwrap(); // SIGKILL
+    active.wait().unwrap();
+    writers.await.unwrap();
+    eventually("the standby publishes everything", || async {
+        unpublished(&source).await == 0
+    })
+    .await;
+
+    // Every row arrived, and per key the first occurrences of versions are increasing.
+    let seqs: Vec<i64> = source
+        .query("SELECT seq FROM dualsync.outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut messages = Vec::new();
+    for t in ["customers", "orders"] {
+        let rows: i64 = source
+            .query_one(
+                "SELECT count(*) FROM dualsync.outbox WHERE aggregatetype = $1",
+                &[&t],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        messages
+            .extend(read_topic(&servers.kafka, &config.kafka.topic_for(t), rows as usize).await);
+    }
+    let seen: HashSet<i64> = messages
+        .iter()
+        .map(|m| header(m, headers::VERSION).unwrap().parse().unwrap())
+        .collect();
+    let missing: Vec<_> = seqs.iter().filter(|s| !seen.contains(s)).collect();
+    assert!(missing.is_empty(), "rows never published: {missing:?}");
+    let mut per_key: BTreeMap<Vec<u8>, (HashSet<i64>, i64)> = BTreeMap::new();
+    for m in &messages {
+        let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();
+        let (seen, last) = per_key
+            .entry(m.key().unwrap().to_vec())
+            .or_insert((HashSet::new(), i64::MIN));
+        if seen.insert(version) {
+            assert!(
+                version > *last,
+                "key {:?}: version {version} first seen after {last}",
+                m.key()
+            );
+            *last = version;
+        }
+    }
+
+    // SIGTERM: the standby-turned-leader drains and exits 0.
+    sigterm(&standby);
+    let status = wait_exit(&mut standby, Duration::from_secs(30));
+    assert!(status.success(), "relay exit status on SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_restart() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    // Static membership: Tansu 0.6 never expires a member killed with `kill -9`, so without it
+    // the restarted process would wait for partitions forever (real Kafka expires the session
+    // after session.timeout.ms).
+    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), "")
+        .replace("[apply]\n", "[apply]\ninstance_id = \"apply-{sink}-0\"\n");
+    assert!(text.contains("instance_id"));
+    let path = write_config(&text);
+    let path = path.to_str().unwrap();
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+
+    let mut relay = spawn(&["relay", "--config", path], "relay-c.log");
+    let mut apply = spawn(
+        &["apply", "--config", path, "--sink", "postgres"],
+        "apply-a.log",
+    );
+    dualsync::demo::generate(&source_url, 4, 40, 1500, 2, 3)
+        .await
+        .unwrap();
+    // Kill apply while it is working through the backlog, then restart it.
+    let sink = dualsync::pg::connect(&sink_url).await.unwrap();
+    eventually("apply has written something", || async {
+        sink.query_one("SELECT to_regclass('replica.orders') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0)
+    })
+    .await;
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    let mut apply = spawn(
+        &["apply", "--config", path, "--sink", "postgres"],
+        "apply-b.log",
+    );
+
+    let primary = primary_state(&source).await;
+    eventually("the restarted apply converges to the primary", || async {
+        let rows = sink
+            .query(
+                "SELECT 'orders', id, doc FROM replica.orders WHERE NOT deleted
+                 UNION ALL SELECT 'customers', id, doc FROM replica.customers WHERE NOT deleted",
+                &[],
+            )
+            .await;
+        let Ok(rows) = rows else { return false };
+        let state: BTreeMap<(String, String), serde_json::Value> = rows
+            .into_iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        state == primary
+    })
+    .await;
+
+    for child in [&mut apply, &mut relay] {
+        sigterm(child);
+        let status = wait_exit(child, Duration::from_secs(30));
+        assert!(status.success(), "exit status on SIGTERM: {status}");
+    }
+}
