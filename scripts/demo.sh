@@ -2,6 +2,7 @@
 # `make demo`: installs and starts the local servers, runs the relay and two apply processes
 # (PostgreSQL and MongoDB sinks) on sample traffic, and prints what arrived where.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 

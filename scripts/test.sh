@@ -2,6 +2,7 @@
 # `make test`: installs and starts what the tests need (PostgreSQL, Tansu, SecantusDB), then
 # runs every test (unit, property and integration) against those real servers.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 

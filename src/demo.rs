@@ -161,6 +161,19 @@ pub async fn generate(
     writers: usize,
     seed: u64,
 ) -> Result<u64, Error> {
+    generate_at_rate(url, customers, orders, changes, writers, seed, None).await
+}
+
+/// As [`generate`], but at most `rate` order changes per second in total when given.
+pub async fn generate_at_rate(
+    url: &str,
+    customers: usize,
+    orders: usize,
+    changes: usize,
+    writers: usize,
+    seed: u64,
+    rate: Option<f64>,
+) -> Result<u64, Error> {
     let mut client = crate::pg::connect(url).await?;
     for c in 0..customers {
         upsert_customer(&mut client, &format!("c{c}"), &format!("Customer {c}")).await?;
@@ -172,10 +185,19 @@ pub async fn generate(
         tasks.push(tokio::spawn(async move {
             let mut client = crate::pg::connect(&url).await?;
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64));
+            let mut pace = rate.filter(|r| *r > 0.0).map(|r| {
+                let mut i =
+                    tokio::time::interval(Duration::from_secs_f64(writers.max(1) as f64 / r));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
             // Each writer owns the orders ≡ w (mod writers), so two writers never race to create
             // the same order; they do contend on customers.
             let per_writer = orders.div_ceil(writers.max(1)).max(1);
             for _ in 0..share {
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
                 let o = rng.gen_range(0..per_writer) * writers.max(1) + w;
                 let c = o % customers.max(1);
                 change_order(&mut client, &mut rng, &format!("o{o}"), &format!("c{c}")).await?;

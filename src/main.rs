@@ -88,6 +88,9 @@ enum DemoCommand {
         writers: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Order changes per second in total (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Print counts in the primary, the topics and every sink; with --wait, first wait (up to
     /// that many seconds) until every sink matches the primary.
@@ -264,12 +267,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             changes,
             writers,
             seed,
+            rate,
         }) => {
             let config = load_config(&arg)?;
             let url = config.outbox_source()?.url.expose().to_string();
             let started = std::time::Instant::now();
-            let n =
-                dualsync::demo::generate(&url, customers, orders, changes, writers, seed).await?;
+            let n = dualsync::demo::generate_at_rate(
+                &url, customers, orders, changes, writers, seed, rate,
+            )
+            .await?;
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "committed {n} transactions in {secs:.1}s ({:.0}/s)",

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +41,8 @@ pub struct ApplyStats {
     pub stale: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub retries: AtomicU64,
+    /// Partitions this process holds right now.
+    pub assigned_partitions: AtomicU64,
 }
 
 impl ApplyStats {
@@ -62,6 +67,40 @@ pub struct ApplyContext<S: Sink> {
     pub stats: Arc<ApplyStats>,
     pub cancel: CancellationToken,
 }
+
+/// Logs every rebalance and keeps the assignment size in the stats. Rebalance callbacks run
+/// inside `recv`, i.e. between batches, so a revoke never interrupts a write; messages of a
+/// revoked partition still in hand are written (idempotently) and their offsets are not stored.
+pub struct RebalanceLogger {
+    stats: Arc<ApplyStats>,
+}
+
+impl ClientContext for RebalanceLogger {}
+
+impl ConsumerContext for RebalanceLogger {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!(count = partitions.len(), ?partitions, "partitions assigned");
+                self.stats
+                    .assigned_partitions
+                    .store(partitions.len() as u64, Ordering::Relaxed);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(count = tpl.count(), "partitions revoked");
+                self.stats.assigned_partitions.store(0, Ordering::Relaxed);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<RebalanceLogger>;
 
 /// Topics to subscribe to: the configured list, the configured regex, or a regex built from
 /// the topic template.
@@ -127,7 +166,9 @@ pub async fn run<S: Sink>(
             consumer_config.set(k, v);
         }
     }
-    let consumer: StreamConsumer = consumer_config.create()?;
+    let consumer: GroupConsumer = consumer_config.create_with_context(RebalanceLogger {
+        stats: stats.clone(),
+    })?;
     let topics = subscription(config);
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
@@ -194,7 +235,7 @@ fn tombstone_retention(config: &Config, sink_name: &str) -> Duration {
 /// errors go through [`classify`]: transient ones (a subscribed topic not created yet, a
 /// broker down) are logged and waited out, never fatal.
 async fn next_batch<S: Sink>(
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     ctx: &ApplyContext<S>,
 ) -> Result<Vec<OwnedMessage>, Error> {
     let mut batch = Vec::new();
@@ -243,7 +284,7 @@ fn consumer_error(e: Error) -> Result<(), Error> {
 /// Writes one batch, partition by partition (concurrently), then stores the offsets of the
 /// partitions that were fully handled.
 async fn process_batch<S: Sink>(
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     ctx: &Arc<ApplyContext<S>>,
     batch: Vec<OwnedMessage>,
 ) -> Result<(), Error> {

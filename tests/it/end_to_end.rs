@@ -111,3 +111,57 @@ async fn outbox_to_both_sinks_and_replay_changes_nothing() {
     apply_pg.await.unwrap().unwrap();
     apply_mongo.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_apply_consumers_share_the_partitions_and_converge() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), "");
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&config, &cancel);
+    // Create the topics (first events) before the consumers subscribe.
+    dualsync::demo::generate(&source_url, 4, 40, 20, 1, 5)
+        .await
+        .unwrap();
+    eventually("first events published", || async {
+        dualsync::demo::outbox_counts(&source).await.unwrap().1 == 0
+    })
+    .await;
+
+    let (first, first_stats) = spawn_apply(&config, "postgres", &cancel);
+    let (second, second_stats) = spawn_apply(&config, "postgres", &cancel);
+    for stats in [&first_stats, &second_stats] {
+        let stats = Arc::clone(stats);
+        eventually("both consumers hold partitions", || {
+            let stats = stats.clone();
+            async move { stats.assigned_partitions.load(Ordering::Relaxed) > 0 }
+        })
+        .await;
+    }
+    dualsync::demo::generate(&source_url, 4, 40, 600, 3, 6)
+        .await
+        .unwrap();
+
+    let SinkConfig::Postgres(pg_config) = &config.sinks["postgres"] else {
+        unreachable!()
+    };
+    let sink = PostgresSink::connect(pg_config).await.unwrap();
+    let primary = primary_state(&source).await;
+    let keys = outbox_keys(&source).await;
+    eventually("the sink matches the primary", || async {
+        matches_primary(&sink_state(&sink, &keys).await, &primary)
+    })
+    .await;
+    let (a, b) = (first_stats.snapshot()[0], second_stats.snapshot()[0]);
+    assert!(
+        a > 0 && b > 0,
+        "both consumers did work: {a} and {b} events"
+    );
+    cancel.cancel();
+    for h in [relay, first, second] {
+        h.await.unwrap().unwrap();
+    }
+}

@@ -63,7 +63,7 @@ async fn late_commits_are_not_skipped_and_each_aggregate_keeps_commit_order() {
     eventually("T2 waits on the aggregate's lock", || async {
         setup
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 &[],
             )
             .await

@@ -108,16 +108,26 @@ async fn standby_relay_takes_over_after_kill_9_without_loss_or_reordering() {
         .collect();
     let mut messages = Vec::new();
     for t in ["customers", "orders"] {
-        let rows: i64 = source
-            .query_one(
-                "SELECT count(*) FROM dualsync.outbox WHERE aggregatetype = $1",
+        let want: HashSet<i64> = source
+            .query(
+                "SELECT seq FROM dualsync.outbox WHERE aggregatetype = $1",
                 &[&t],
             )
             .await
             .unwrap()
-            .get(0);
-        messages
-            .extend(read_topic(&servers.kafka, &config.kafka.topic_for(t), rows as usize).await);
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        messages.extend(
+            read_topic_until(&servers.kafka, &config.kafka.topic_for(t), move |read| {
+                let got: HashSet<i64> = read
+                    .iter()
+                    .filter_map(|m| header(m, headers::VERSION)?.parse().ok())
+                    .collect();
+                want.is_subset(&got)
+            })
+            .await,
+        );
     }
     let seen: HashSet<i64> = messages
         .iter()

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# `make bench`: measures the pipeline on the local servers with the release build and writes
+# bench/results.json plus a Markdown summary (bench/summary.md) for BENCHMARKS.md.
+#
+# Phases, each on its own fresh topics and tables:
+#   1. relay drain: BENCH_CHANGES order changes (plus their customer events) are committed with
+#      the relay stopped, then the relay publishes the backlog: relay events/s.
+#   2. apply drain, per sink: the published backlog is applied by one apply process into the
+#      PostgreSQL sink, then into the MongoDB sink: apply events/s per sink.
+#   3. latency: everything running, BENCH_RATE order changes/s for BENCH_LATENCY_CHANGES
+#      changes: commit→publish (outbox created_at → published_at) and commit→applied
+#      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles.
+# Timing is taken from the databases' own clocks; nothing here asserts a number.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+
+CHANGES="${BENCH_CHANGES:-50000}"
+RATE="${BENCH_RATE:-500}"
+LATENCY_CHANGES="${BENCH_LATENCY_CHANGES:-15000}"
+OUT_DIR="$REPO_ROOT/bench"
+mkdir -p "$OUT_DIR" "$LOG_DIR"
+
+bash scripts/up.sh all
+log "building dualsync (release)"
+cargo build --release --locked --quiet
+BIN="$REPO_ROOT/target/release/dualsync"
+CONFIG=connectors/demo.toml
+PSQL=(psql -X -q -At -v ON_ERROR_STOP=1 -h "$BIND_HOST" -p "$PG_PORT" -U postgres)
+
+now() { date +%s.%N; }
+rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f", n / (b - a) }'; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+PIDS=()
+stop_all() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+}
+trap stop_all EXIT
+
+# One pipeline per phase: fresh database (sink tables live in its `replica` schema so
+# latencies can be joined in SQL), topics and groups.
+new_pipeline() {
+    local name
+    name="bench_$1_$(date +%s)"
+    "${PSQL[@]}" -d postgres -c "CREATE DATABASE $name"
+    export DUALSYNC_PIPELINE__NAME="$name"
+    export DUALSYNC_KAFKA__TOPIC_TEMPLATE="$name.{aggregatetype}"
+    export DUALSYNC_RELAY__DEAD_LETTER_TOPIC="$name.relay-dlq"
+    export DUALSYNC_SOURCE__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$name"
+    export DUALSYNC_KAFKA__BROKERS="$BIND_HOST:$KAFKA_PORT"
+    export DUALSYNC_SINKS__POSTGRES__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$name"
+    export DUALSYNC_SINKS__MONGO__URL="mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"
+    export DUALSYNC_SINKS__MONGO__DATABASE="$name"
+    DB="$name"
+    "$BIN" demo setup --config "$CONFIG" >/dev/null
+}
+sql() { "${PSQL[@]}" -d "$DB" -c "$1"; }
+wait_sql() { # wait_sql QUERY: until it returns t (deadline 30 min)
+    local end=$((SECONDS + 1800))
+    until [[ "$(sql "$1")" == t ]]; do
+        ((SECONDS < end)) || die "bench: timed out waiting for: $1"
+        sleep 0.2
+    done
+}
+peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ---- 1 + 2: backlog drains ---------------------------------------------------------------
+new_pipeline drain
+log "phase 1: committing $CHANGES order changes with the relay stopped"
+"$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes "$CHANGES" --writers 4 | tee "$LOG_DIR/bench-load.txt"
+EVENTS=$(sql "SELECT count(*) FROM dualsync.outbox")
+t0=$(now)
+"$BIN" relay --config "$CONFIG" >"$LOG_DIR/bench-relay.log" 2>&1 & RELAY=$!; PIDS+=("$RELAY")
+wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
+t1=$(now)
+RELAY_RSS=$(peak_rss_kb "$RELAY")
+RELAY_EPS=$(rate "$EVENTS" "$t0" "$t1")
+log "relay: $EVENTS events in $(secs "$t0" "$t1")s"
+
+LIVE_EXPECTED=$(sql "SELECT (SELECT count(*) FROM shop.orders) + (SELECT count(*) FROM shop.customers)")
+declare -A APPLY_EPS APPLY_RSS
+for sink in postgres mongo; do
+    t0=$(now)
+    "$BIN" apply --config "$CONFIG" --sink "$sink" >"$LOG_DIR/bench-apply-$sink.log" 2>&1 & APPLY=$!; PIDS+=("$APPLY")
+    if [[ "$sink" == postgres ]]; then
+        wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND to_regclass('replica.customers') IS NOT NULL"
+        wait_sql "SELECT (SELECT count(*) FROM replica.orders WHERE NOT deleted) + (SELECT count(*) FROM replica.customers WHERE NOT deleted) = $LIVE_EXPECTED
+                  AND (SELECT coalesce(max(version), 0) FROM replica.orders) = (SELECT max(seq) FROM dualsync.outbox WHERE aggregatetype = 'orders')"
+    else
+        "$BIN" demo report --config "$CONFIG" --wait 1800 >/dev/null
+    fi
+    t1=$(now)
+    APPLY_RSS[$sink]=$(peak_rss_kb "$APPLY")
+    APPLY_EPS[$sink]=$(rate "$EVENTS" "$t0" "$t1")
+    log "apply $sink: $EVENTS events in $(secs "$t0" "$t1")s"
+    kill -TERM "$APPLY"; wait "$APPLY" || true
+done
+stop_all
+
+# ---- 3: latency at a fixed rate ----------------------------------------------------------
+new_pipeline latency
+"$BIN" relay --config "$CONFIG" >"$LOG_DIR/bench-relay-latency.log" 2>&1 & PIDS+=($!)
+"$BIN" apply --config "$CONFIG" --sink postgres >"$LOG_DIR/bench-apply-latency.log" 2>&1 & PIDS+=($!)
+log "phase 3: $LATENCY_CHANGES order changes at $RATE/s"
+"$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes "$LATENCY_CHANGES" --writers 4 --rate "$RATE" >/dev/null
+wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
+wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND (SELECT coalesce(max(version), 0) FROM replica.orders) = (SELECT max(seq) FROM dualsync.outbox WHERE aggregatetype = 'orders')"
+PUB=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1)
+           FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms FROM dualsync.outbox) l")
+APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || count(*)
+           FROM (SELECT extract(epoch FROM r.updated_at - o.created_at) * 1000 AS ms
+                 FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version) l")
+stop_all
+read -r PUB_P50 PUB_P99 PUB_MAX <<<"$PUB"
+read -r APP_P50 APP_P99 APP_MAX APP_N <<<"$APP"
+
+DATE="$(date -u +%Y-%m-%d)"
+RSS_PG="${APPLY_RSS[postgres]}"
+RSS_MONGO="${APPLY_RSS[mongo]}"
+CPU="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+cat >"$OUT_DIR/results.json" <<JSON
+{
+  "date": "$DATE",
+  "machine": "$CPU, $(uname -m)",
+  "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "tansu": "$TANSU_VERSION", "secantusdb": "$SECANTUS_VERSION"},
+  "drain": {"events": $EVENTS, "relay_events_per_s": $RELAY_EPS, "apply_postgres_events_per_s": ${APPLY_EPS[postgres]}, "apply_mongo_events_per_s": ${APPLY_EPS[mongo]}},
+  "peak_rss_kib": {"relay": $RELAY_RSS, "apply_postgres": ${APPLY_RSS[postgres]}, "apply_mongo": ${APPLY_RSS[mongo]}},
+  "latency": {"rate_changes_per_s": $RATE, "changes": $LATENCY_CHANGES,
+              "commit_to_published_ms": {"p50": $PUB_P50, "p99": $PUB_P99, "max": $PUB_MAX},
+              "commit_to_applied_postgres_ms": {"p50": $APP_P50, "p99": $APP_P99, "max": $APP_MAX, "samples": $APP_N}}
+}
+JSON
+cat >"$OUT_DIR/summary.md" <<MD
+| measurement ($DATE, $CPU) | result |
+| --- | --- |
+| relay, backlog of $EVENTS events | $RELAY_EPS events/s |
+| apply → PostgreSQL, same backlog | ${APPLY_EPS[postgres]} events/s |
+| apply → MongoDB (SecantusDB), same backlog | ${APPLY_EPS[mongo]} events/s |
+| commit → published at $RATE changes/s (p50 / p99 / max) | $PUB_P50 / $PUB_P99 / $PUB_MAX ms |
+| commit → applied in PostgreSQL (p50 / p99 / max, $APP_N samples) | $APP_P50 / $APP_P99 / $APP_MAX ms |
+| peak RSS relay / apply-postgres / apply-mongo | $((RELAY_RSS / 1024)) / $((RSS_PG / 1024)) / $((RSS_MONGO / 1024)) MiB |
+MD
+cat "$OUT_DIR/summary.md"
+log "results in bench/results.json and bench/summary.md"
