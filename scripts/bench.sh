@@ -9,7 +9,8 @@
 #      PostgreSQL sink, then into the MongoDB sink: apply events/s per sink.
 #   3. latency: everything running, BENCH_RATE order changes/s for BENCH_LATENCY_CHANGES
 #      changes: commit→publish (outbox created_at → published_at) and commit→applied
-#      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles.
+#      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles,
+#      after a warm-up load so topic creation and the first rebalance are not counted.
 # Timing is taken from the databases' own clocks; nothing here asserts a number.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -46,14 +47,7 @@ new_pipeline() {
     local name
     name="bench_$1_$(date +%s)"
     "${PSQL[@]}" -d postgres -c "CREATE DATABASE $name"
-    export DUALSYNC_PIPELINE__NAME="$name"
-    export DUALSYNC_KAFKA__TOPIC_TEMPLATE="$name.{aggregatetype}"
-    export DUALSYNC_RELAY__DEAD_LETTER_TOPIC="$name.relay-dlq"
-    export DUALSYNC_SOURCE__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$name"
-    export DUALSYNC_KAFKA__BROKERS="$BIND_HOST:$KAFKA_PORT"
-    export DUALSYNC_SINKS__POSTGRES__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$name"
-    export DUALSYNC_SINKS__MONGO__URL="mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"
-    export DUALSYNC_SINKS__MONGO__DATABASE="$name"
+    export_pipeline_env "$name" "$name" "$name" "$name"
     DB="$name"
     "$BIN" demo setup --config "$CONFIG" >/dev/null
 }
@@ -104,15 +98,19 @@ stop_all
 new_pipeline latency
 "$BIN" relay --config "$CONFIG" >"$LOG_DIR/bench-relay-latency.log" 2>&1 & PIDS+=($!)
 "$BIN" apply --config "$CONFIG" --sink postgres >"$LOG_DIR/bench-apply-latency.log" 2>&1 & PIDS+=($!)
+# Warm-up: topics created, partitions assigned, sink tables created; only later events count.
+"$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes 100 --writers 1 --seed 7 >/dev/null
+wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND (SELECT coalesce(max(version), 0) FROM replica.orders) = (SELECT max(seq) FROM dualsync.outbox WHERE aggregatetype = 'orders')"
+WARM=$(sql "SELECT max(seq) FROM dualsync.outbox")
 log "phase 3: $LATENCY_CHANGES order changes at $RATE/s"
 "$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes "$LATENCY_CHANGES" --writers 4 --rate "$RATE" >/dev/null
 wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
 wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND (SELECT coalesce(max(version), 0) FROM replica.orders) = (SELECT max(seq) FROM dualsync.outbox WHERE aggregatetype = 'orders')"
 PUB=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1)
-           FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms FROM dualsync.outbox) l")
+           FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms FROM dualsync.outbox WHERE seq > $WARM) l")
 APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || count(*)
            FROM (SELECT extract(epoch FROM r.updated_at - o.created_at) * 1000 AS ms
-                 FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version) l")
+                 FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version WHERE o.seq > $WARM) l")
 stop_all
 read -r PUB_P50 PUB_P99 PUB_MAX <<<"$PUB"
 read -r APP_P50 APP_P99 APP_MAX APP_N <<<"$APP"

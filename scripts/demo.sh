@@ -19,14 +19,7 @@ PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h "$BIND_HOST" -p "$PG_PORT" -U postgres -d
 "${PSQL[@]}" -c "DROP DATABASE IF EXISTS dualsync_demo WITH (FORCE)" \
     -c "DROP DATABASE IF EXISTS dualsync_demo_replica WITH (FORCE)" \
     -c "CREATE DATABASE dualsync_demo" -c "CREATE DATABASE dualsync_demo_replica"
-export DUALSYNC_PIPELINE__NAME="shop-$RUN"
-export DUALSYNC_KAFKA__TOPIC_TEMPLATE="demo-$RUN.{aggregatetype}"
-export DUALSYNC_RELAY__DEAD_LETTER_TOPIC="demo-$RUN.relay-dlq"
-export DUALSYNC_SOURCE__URL="postgres://postgres@$BIND_HOST:$PG_PORT/dualsync_demo"
-export DUALSYNC_KAFKA__BROKERS="$BIND_HOST:$KAFKA_PORT"
-export DUALSYNC_SINKS__POSTGRES__URL="postgres://postgres@$BIND_HOST:$PG_PORT/dualsync_demo_replica"
-export DUALSYNC_SINKS__MONGO__URL="mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"
-export DUALSYNC_SINKS__MONGO__DATABASE="demo_replica_$RUN"
+export_pipeline_env "shop-$RUN" dualsync_demo dualsync_demo_replica "demo_replica_$RUN"
 
 "$BIN" demo setup --config "$CONFIG"
 

@@ -161,6 +161,11 @@ pub async fn run<S: Sink>(
         // A killed member's partitions move on after this long (librdkafka's default is 45 s).
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "3000"),
+        // Some brokers (Tansu 0.6) hold every empty fetch for the full wait even when data
+        // arrives meanwhile, so the wait bounds end-to-end latency: 500 ms by default gave a
+        // p50 commit→applied of 400 ms, 20 ms gives 65 ms (see BENCHMARKS.md). An idle
+        // consumer pays 50 small fetches a second for it.
+        ("fetch.wait.max.ms", "20"),
     ] {
         if !config.kafka.properties.contains_key(k) {
             consumer_config.set(k, v);
