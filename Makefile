@@ -9,10 +9,13 @@ SHELL := bash
 MAKEFLAGS += --no-print-directory
 
 SERVERS ?= all
+# Pipeline file for the dlq-* targets (connectors/demo.toml points at the local servers).
+CONFIG ?= connectors/demo.toml
+DUALSYNC := cargo run --quiet --locked --
 STATE_DIR := $(or $(DUALSYNC_STATE_DIR),.local)
 COMPOSE ?= docker compose
 
-.PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state
+.PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state dlq-list dlq-show dlq-replay
 
 help: ## Show this help
 	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo\"]"
@@ -47,6 +50,16 @@ fmt: ## Format the Rust code
 
 bench: ## Run the benchmarks
 	bash scripts/bench.sh
+
+dlq-list: ## List dead-letter topics with counts by error class (CONFIG=...)
+	$(DUALSYNC) dlq list --config $(CONFIG)
+
+dlq-show: ## Show dead letters (TOPIC=..., ARGS="--class decode --key o1 --limit 20")
+	$(DUALSYNC) dlq show --config $(CONFIG) $(if $(TOPIC),--topic $(TOPIC)) $(ARGS)
+
+dlq-replay: ## Dry run of a replay; add CONFIRM=1 to send (TOPIC=... required, ARGS=filters)
+	@test -n "$(TOPIC)" || { echo "usage: make dlq-replay TOPIC=<dead-letter topic> [ARGS=...] [CONFIRM=1]"; exit 2; }
+	$(DUALSYNC) dlq replay --config $(CONFIG) --topic $(TOPIC) $(if $(CONFIRM),,--dry-run) $(ARGS)
 
 compose-up: ## Start the full stack with Docker Compose (needs a Docker engine)
 	$(COMPOSE) up -d --build

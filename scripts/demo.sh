@@ -35,7 +35,7 @@ trap 'stop_all || true' EXIT
 mkdir -p "$LOG_DIR"
 "$BIN" relay --config "$CONFIG" >"$LOG_DIR/demo-relay.log" 2>&1 & PIDS+=($!)
 "$BIN" apply --config "$CONFIG" --sink postgres >"$LOG_DIR/demo-apply-postgres.log" 2>&1 & PIDS+=($!)
-"$BIN" apply --config "$CONFIG" --sink mongo >"$LOG_DIR/demo-apply-mongo.log" 2>&1 & PIDS+=($!)
+"$BIN" apply --config "$CONFIG" --sink mongo --http-port 9466 >"$LOG_DIR/demo-apply-mongo.log" 2>&1 & PIDS+=($!)
 log "relay and apply running (logs in $LOG_DIR/demo-*.log); generating $CHANGES order changes"
 
 "$BIN" demo load --config "$CONFIG" --changes "$CHANGES"

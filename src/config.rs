@@ -132,6 +132,8 @@ pub struct Config {
     pub apply: ApplyConfig,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Where the file was read from, for error messages.
     #[serde(skip)]
     pub path: PathBuf,
@@ -304,6 +306,47 @@ impl Default for ApplyConfig {
             dead_letter_suffix: defaults::dlq_suffix(),
             retry_initial_ms: defaults::retry_initial_ms(),
             retry_max_ms: defaults::retry_max_ms(),
+        }
+    }
+}
+
+/// The operations endpoint of each process (see [`crate::http`]) and the thresholds behind the
+/// warnings of its `/status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Interface to bind; keep 127.0.0.1 unless a scraper elsewhere needs it.
+    pub host: String,
+    /// Ports of the relay and apply processes (0 = any free port, logged at start-up);
+    /// `--http-port` overrides them per process.
+    pub relay_port: u16,
+    pub apply_port: u16,
+    /// Environment variable holding the bearer token for `POST /pause` and `/resume`
+    /// (unset = those routes are disabled).
+    pub token_env: String,
+    /// A retry episode longer than this makes `/readyz` fail.
+    pub stuck_after_secs: u64,
+    pub warn_consumer_lag: i64,
+    pub warn_outbox_backlog: i64,
+    pub warn_oldest_unpublished_secs: u64,
+    /// Dead-lettered ÷ handled events above which `/status` warns.
+    pub warn_failure_rate: f64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            relay_port: 9464,
+            apply_port: 9465,
+            token_env: "DUALSYNC_HTTP_TOKEN".into(),
+            stuck_after_secs: 60,
+            warn_consumer_lag: 10_000,
+            warn_outbox_backlog: 10_000,
+            warn_oldest_unpublished_secs: 60,
+            warn_failure_rate: 0.01,
         }
     }
 }
@@ -486,6 +529,12 @@ impl Config {
                     "must contain {sink} when several sinks are configured: sinks sharing one group would each receive only part of the partitions",
                 );
             }
+        }
+        if self.http.host.parse::<std::net::IpAddr>().is_err() {
+            return err("http.host", "must be an IP address, e.g. 127.0.0.1");
+        }
+        if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
+            return err("http.warn_failure_rate", "must be between 0 and 1");
         }
         if self.apply.dead_letter_suffix.is_empty() {
             return err("apply.dead_letter_suffix", "must not be empty");

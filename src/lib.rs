@@ -10,6 +10,8 @@ pub mod config;
 pub mod demo;
 pub mod dlq;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod pg;
 pub mod publish;
 pub mod relay;

@@ -11,15 +11,18 @@ use backoff::backoff::Backoff;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use dualsync::apply::{self, ApplyStats};
+use dualsync::apply;
 use dualsync::codec::SchemaStore;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::error::{classify, Disposition, Error};
-use dualsync::relay::{self, RelayStats};
+use dualsync::http::Control;
+use dualsync::metrics::Metrics;
+use dualsync::relay;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
 
+mod dlq_cmd;
 mod report;
 
 #[derive(Parser)]
@@ -42,10 +45,23 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+#[derive(clap::Args, Clone)]
+struct HttpArg {
+    /// Port of the /healthz /readyz /metrics /status endpoint (default: http.relay_port or
+    /// http.apply_port; 0 = any free port).
+    #[arg(long)]
+    http_port: Option<u16>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Publish outbox rows to Kafka (one active relay per pipeline; others wait as standby).
-    Relay(ConfigArg),
+    Relay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        http: HttpArg,
+    },
     /// Consume the pipeline's topics and apply them to a sink.
     Apply {
         #[command(flatten)]
@@ -53,6 +69,8 @@ enum Command {
         /// Which [sinks.NAME] to write to (needed when the file has several).
         #[arg(long)]
         sink: Option<String>,
+        #[command(flatten)]
+        http: HttpArg,
     },
     /// Outbox table management.
     #[command(subcommand)]
@@ -62,6 +80,55 @@ enum Command {
     /// The sample shop: create it, put load on it, report what arrived where.
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// Dead-letter topics: list them, show their messages, replay them after a fix.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead-letter topics with message counts by error class and oldest/newest time.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages with their error headers and payload (decoded where possible).
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One dead-letter topic (default: all of the pipeline's).
+        #[arg(long)]
+        topic: Option<String>,
+        #[command(flatten)]
+        filter: dlq_cmd::FilterArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their original topic (relay rows: encoded again). Each is
+    /// recorded, and a second replay of the same message is refused unless --force.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dead-letter topic to replay from.
+        #[arg(long)]
+        topic: String,
+        #[command(flatten)]
+        filter: dlq_cmd::FilterArgs,
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        /// Say what would be sent, send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also send messages replayed before or that would fail again.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -191,19 +258,84 @@ where
     }
 }
 
+/// Starts the process's HTTP endpoint unless disabled; returns the shared metrics and control.
+async fn start_http(
+    config: &dualsync::config::Config,
+    role: &'static str,
+    port: u16,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(Arc<Metrics>, Control)> {
+    let metrics = Arc::new(Metrics::new(&config.pipeline.name, role));
+    let control = Control::default();
+    if config.http.enabled {
+        dualsync::http::serve(
+            &config.http,
+            port,
+            role,
+            &config.pipeline.name,
+            metrics.clone(),
+            control.clone(),
+            cancel.clone(),
+        )
+        .await?;
+    }
+    Ok((metrics, control))
+}
+
+/// Everything `apply` needs once the sink is connected.
+struct ApplyRun<'a> {
+    config: &'a dualsync::config::Config,
+    sink_name: &'a str,
+    schemas: Arc<SchemaStore>,
+    metrics: Arc<Metrics>,
+    control: Control,
+    cancel: CancellationToken,
+}
+
+impl ApplyRun<'_> {
+    /// Connects the sink (waiting out transient failures) and runs the consumer group on it.
+    async fn run<S, F, Fut>(self, what: &str, connect: F) -> anyhow::Result<()>
+    where
+        S: dualsync::sink::Sink,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<S, Error>>,
+    {
+        let Some(sink) = connect_sink(what, &self.cancel, connect).await? else {
+            return Ok(());
+        };
+        apply::run(
+            self.config,
+            self.sink_name,
+            Arc::new(sink),
+            self.schemas,
+            self.metrics,
+            self.control,
+            self.cancel,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Relay(arg) => {
+        Command::Relay { config: arg, http } => {
             let config = load_config(&arg)?;
             let schemas = load_schemas(&config)?;
             let span = tracing::info_span!("relay", pipeline = %config.pipeline.name);
             let _guard = span.enter();
             let cancel = shutdown_token();
-            relay::run(&config, schemas, Arc::new(RelayStats::default()), cancel).await?;
+            let port = http.http_port.unwrap_or(config.http.relay_port);
+            let (metrics, control) = start_http(&config, "relay", port, &cancel).await?;
+            relay::run(&config, schemas, metrics, control, cancel).await?;
             tracing::info!("relay stopped");
             Ok(())
         }
-        Command::Apply { config: arg, sink } => {
+        Command::Apply {
+            config: arg,
+            sink,
+            http,
+        } => {
             let config = load_config(&arg)?;
             let schemas = load_schemas(&config)?;
             let (sink_name, sink_config) = config.sink(sink.as_deref())?;
@@ -211,24 +343,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tracing::info_span!("apply", pipeline = %config.pipeline.name, sink = %sink_name);
             let _guard = span.enter();
             let cancel = shutdown_token();
-            let stats = Arc::new(ApplyStats::default());
+            let port = http.http_port.unwrap_or(config.http.apply_port);
+            let (metrics, control) = start_http(&config, "apply", port, &cancel).await?;
+            let run = ApplyRun {
+                config: &config,
+                sink_name: &sink_name,
+                schemas,
+                metrics,
+                control,
+                cancel,
+            };
             match sink_config.clone() {
                 SinkConfig::Postgres(p) => {
-                    let Some(s) =
-                        connect_sink("postgres sink", &cancel, || PostgresSink::connect(&p))
-                            .await?
-                    else {
-                        return Ok(());
-                    };
-                    apply::run(&config, &sink_name, Arc::new(s), schemas, stats, cancel).await?;
+                    run.run("postgres sink", || PostgresSink::connect(&p))
+                        .await?
                 }
                 SinkConfig::Mongodb(m) => {
-                    let Some(s) =
-                        connect_sink("mongodb sink", &cancel, || MongoSink::connect(&m)).await?
-                    else {
-                        return Ok(());
-                    };
-                    apply::run(&config, &sink_name, Arc::new(s), schemas, stats, cancel).await?;
+                    run.run("mongodb sink", || MongoSink::connect(&m)).await?
                 }
             }
             tracing::info!("apply stopped");
@@ -282,6 +413,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 n as f64 / secs
             );
             Ok(())
+        }
+        Command::Dlq(DlqCommand::List { config: arg, json }) => {
+            dlq_cmd::list(&load_config(&arg)?, json).await
+        }
+        Command::Dlq(DlqCommand::Show {
+            config: arg,
+            topic,
+            filter,
+            limit,
+            json,
+        }) => {
+            let config = load_config(&arg)?;
+            let schemas = load_schemas(&config)?;
+            dlq_cmd::show(&config, &schemas, topic.as_deref(), &filter, limit, json).await
+        }
+        Command::Dlq(DlqCommand::Replay {
+            config: arg,
+            topic,
+            filter,
+            limit,
+            dry_run,
+            force,
+            json,
+        }) => {
+            let config = load_config(&arg)?;
+            let schemas = load_schemas(&config)?;
+            dlq_cmd::replay(
+                &config, &schemas, &topic, &filter, limit, dry_run, force, json,
+            )
+            .await
         }
         Command::Demo(DemoCommand::Report { config: arg, wait }) => {
             let config = load_config(&arg)?;

@@ -3,19 +3,22 @@
 //! publication that returns only when every message of the batch is acknowledged.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use tokio::sync::Mutex;
 
 use crate::config::KafkaConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// Header names of every relay message: the contract with downstream consumers.
 pub mod headers {
@@ -41,6 +44,41 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// librdkafka client context that feeds broker reachability into the process's readiness
+/// (from the periodic statistics and the all-brokers-down error).
+#[derive(Clone, Default)]
+pub struct KafkaHealth {
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// How often librdkafka reports statistics (broker state, consumer lag) to the contexts.
+pub const STATISTICS_INTERVAL_MS: &str = "5000";
+
+impl ClientContext for KafkaHealth {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(m) = &self.metrics {
+            m.health.set_broker_up(brokers_up(&statistics));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(m) = &self.metrics {
+            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+                m.health.set_broker_up(false);
+            }
+        }
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+/// Whether at least one real (not bootstrap-only) broker connection is up.
+pub fn brokers_up(statistics: &Statistics) -> bool {
+    statistics
+        .brokers
+        .values()
+        .any(|b| b.nodeid >= 0 && b.state == "UP")
+}
+
 /// One message to publish.
 pub struct Outgoing {
     pub topic: String,
@@ -51,7 +89,7 @@ pub struct Outgoing {
 }
 
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaHealth>,
     admin: AdminClient<DefaultClientContext>,
     kafka: KafkaConfig,
     known_topics: Mutex<HashSet<String>>,
@@ -59,6 +97,11 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
+        Self::with_health(kafka, KafkaHealth::default())
+    }
+
+    /// A publisher whose broker reachability is reported to `health.metrics`.
+    pub fn with_health(kafka: &KafkaConfig, health: KafkaHealth) -> Result<Self, Error> {
         let mut producer_config = client_config(kafka);
         for (k, v) in [
             ("enable.idempotence", "true"),
@@ -69,20 +112,21 @@ impl Publisher {
             // happen) instead of failing a message and reordering its key on the retry.
             ("message.timeout.ms", "0"),
             ("queue.buffering.max.messages", "100000"),
+            ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
         ] {
             if !kafka.properties.contains_key(k) {
                 producer_config.set(k, v);
             }
         }
         Ok(Self {
-            producer: producer_config.create()?,
+            producer: producer_config.create_with_context(health)?,
             admin: client_config(kafka).create()?,
             kafka: kafka.clone(),
             known_topics: Mutex::new(HashSet::new()),
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<KafkaHealth> {
         &self.producer
     }
 

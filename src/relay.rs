@@ -5,7 +5,7 @@
 //! wait for Kafka's acknowledgements, and only then mark the rows published. A crash between
 //! publish and mark republishes the batch (at-least-once; apply's version guard absorbs it).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,27 +18,43 @@ use crate::codec::{OutboxEvent, SchemaStore};
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, Disposition, Error};
-use crate::publish::{headers, Outgoing, Publisher};
+use crate::http::Control;
+use crate::metrics::{stage, Metrics};
+use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
 use crate::source::outbox::{OutboxRow, OutboxSource};
 use crate::source::Source;
 
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub published: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub batches: AtomicU64,
+/// How often the leader samples the outbox backlog for the metrics.
+const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Everything the leader loop needs besides the source.
+struct Leader<'a> {
+    config: &'a Config,
+    source_config: &'a OutboxSourceConfig,
+    publisher: &'a Publisher,
+    schemas: &'a SchemaStore,
+    metrics: &'a Metrics,
+    control: &'a Control,
+    cancel: &'a CancellationToken,
 }
 
 /// Runs the relay until `cancel`: standby until it holds the leader lock, then publishes.
 /// Transient failures (lost connections, broker outages) are retried forever with backoff.
+/// While `control` is paused the leader keeps its lock but reads nothing.
 pub async fn run(
     config: &Config,
     schemas: Arc<SchemaStore>,
-    stats: Arc<RelayStats>,
+    metrics: Arc<Metrics>,
+    control: Control,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let source_config = config.outbox_source()?.clone();
-    let publisher = Publisher::new(&config.kafka)?;
+    let publisher = Publisher::with_health(
+        &config.kafka,
+        KafkaHealth {
+            metrics: Some(metrics.clone()),
+        },
+    )?;
     let mut policy = ExponentialBackoff {
         max_elapsed_time: None,
         max_interval: Duration::from_secs(10),
@@ -46,26 +62,38 @@ pub async fn run(
     };
     let result = loop {
         let attempt = async {
-            let Some(source) =
-                OutboxSource::acquire_leadership(&source_config, &config.pipeline.name, &cancel)
-                    .await?
+            let Some(source) = OutboxSource::acquire_leadership(
+                &source_config,
+                &config.pipeline.name,
+                &metrics.health,
+                &cancel,
+            )
+            .await?
             else {
                 return Ok(());
             };
-            lead(
+            metrics.relay_leader.set(1);
+            let leader = Leader {
                 config,
-                &source_config,
-                source,
-                &publisher,
-                &schemas,
-                &stats,
-                &cancel,
-            )
-            .await
+                source_config: &source_config,
+                publisher: &publisher,
+                schemas: &schemas,
+                metrics: &metrics,
+                control: &control,
+                cancel: &cancel,
+            };
+            leader.lead(source).await
         };
-        match attempt.await {
+        let outcome = attempt.await;
+        metrics.relay_leader.set(0);
+        match outcome {
             Ok(()) => break Ok(()),
             Err(e) if classify(&e) == Disposition::Retry => {
+                metrics.retries.with_label_values(&[stage::RELAY]).inc();
+                metrics.health.retrying();
+                if matches!(e, Error::Postgres(_)) {
+                    metrics.health.set_database_up(false);
+                }
                 let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(error = %e, retry_in = ?delay, "relay lost its connection; reconnecting");
                 tokio::select! {
@@ -84,67 +112,88 @@ pub async fn run(
     result
 }
 
-async fn lead(
-    config: &Config,
-    source_config: &OutboxSourceConfig,
-    mut source: OutboxSource,
-    publisher: &Publisher,
-    schemas: &SchemaStore,
-    stats: &RelayStats,
-    cancel: &CancellationToken,
-) -> Result<(), Error> {
-    let mut last_purge = Instant::now();
-    loop {
-        let rows = source.next_batch(cancel).await?;
-        if rows.is_empty() {
-            if cancel.is_cancelled() {
-                return Ok(());
+impl Leader<'_> {
+    async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
+        let (config, metrics, cancel) = (self.config, self.metrics, self.cancel);
+        let mut last_purge = Instant::now();
+        let mut last_sample: Option<Instant> = None;
+        loop {
+            if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
+                last_sample = Some(Instant::now());
+                let (rows, oldest) = source.backlog().await?;
+                metrics.outbox_backlog.set(rows);
+                metrics.outbox_oldest_age.set(oldest);
             }
-            continue;
-        }
-        let mut messages = Vec::with_capacity(rows.len());
-        let mut dead = 0u64;
-        for row in &rows {
-            match to_message(config, schemas, row) {
-                Ok(m) => messages.push(m),
-                Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
-                    return Err(Error::Halted(format!(
-                        "outbox row seq={} id={} ({} {}): {e}",
-                        row.seq, row.id, row.aggregate_type, row.aggregate_id
-                    )));
+            if self.control.is_paused() {
+                tracing::info!("paused: the outbox is not read until resumed");
+                self.control.wait_resumed(cancel).await;
+                tracing::info!("resumed");
+            }
+            let rows = source.next_batch(cancel).await?;
+            if rows.is_empty() {
+                if cancel.is_cancelled() {
+                    return Ok(());
                 }
-                Err(e) => {
-                    tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
-                        topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
-                    messages.push(dead_letter(config, row, &e));
-                    dead += 1;
+                continue;
+            }
+            metrics.outbox_rows_read.inc_by(rows.len() as u64);
+            metrics
+                .batch_size
+                .with_label_values(&[stage::RELAY])
+                .observe(rows.len() as f64);
+            let mut messages = Vec::with_capacity(rows.len());
+            let mut dead = Vec::new();
+            for row in &rows {
+                match to_message(config, self.schemas, row) {
+                    Ok(m) => messages.push(m),
+                    Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
+                        return Err(Error::Halted(format!(
+                            "outbox row seq={} id={} ({} {}): {e}",
+                            row.seq, row.id, row.aggregate_type, row.aggregate_id
+                        )));
+                    }
+                    Err(e) => {
+                        tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
+                            topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
+                        dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
+                        messages.push(dead_letter(config, row, &e));
+                    }
                 }
             }
-        }
-        let count = messages.len() as u64;
-        // A cancelled publish leaves the rows unmarked: they are published again next time.
-        tokio::select! {
-            r = publisher.publish_all(messages) => r?,
-            _ = cancel.cancelled() => return Ok(()),
-        }
-        source.ack(&rows).await?;
-        stats.published.fetch_add(count - dead, Ordering::Relaxed);
-        stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            rows = rows.len(),
-            last_seq = rows.last().map(|r| r.seq),
-            "batch published"
-        );
-        if last_purge.elapsed() > Duration::from_secs(60) {
-            last_purge = Instant::now();
-            let purged = source.purge_published().await?;
-            if purged > 0 {
-                tracing::info!(
-                    purged,
-                    retention_secs = source_config.retention_secs,
-                    "purged published outbox rows"
-                );
+            let mut per_topic: HashMap<String, u64> = HashMap::new();
+            for m in &messages {
+                *per_topic.entry(m.topic.clone()).or_default() += 1;
+            }
+            // A cancelled publish leaves the rows unmarked: they are published again next time.
+            tokio::select! {
+                r = self.publisher.publish_all(messages) => r?,
+                _ = cancel.cancelled() => return Ok(()),
+            }
+            source.ack(&rows).await?;
+            metrics.health.recovered();
+            metrics.health.set_database_up(true);
+            per_topic.remove(&config.relay.dead_letter_topic);
+            for (topic, n) in per_topic {
+                metrics.published.with_label_values(&[&topic]).inc_by(n);
+            }
+            for (topic, class) in dead {
+                metrics.count_dead_letter(stage::RELAY, &topic, class);
+            }
+            tracing::debug!(
+                rows = rows.len(),
+                last_seq = rows.last().map(|r| r.seq),
+                "batch published"
+            );
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = Instant::now();
+                let purged = source.purge_published().await?;
+                if purged > 0 {
+                    tracing::info!(
+                        purged,
+                        retention_secs = self.source_config.retention_secs,
+                        "purged published outbox rows"
+                    );
+                }
             }
         }
     }
@@ -169,7 +218,12 @@ fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
     })
 }
 
-fn to_message(config: &Config, schemas: &SchemaStore, row: &OutboxRow) -> Result<Outgoing, Error> {
+/// The Kafka message for an outbox row (also used to replay a relay dead letter after a fix).
+pub fn to_message(
+    config: &Config,
+    schemas: &SchemaStore,
+    row: &OutboxRow,
+) -> Result<Outgoing, Error> {
     let event = to_event(row)?;
     let value = schemas.encode(&event)?;
     let version = row.seq.to_string();
@@ -239,4 +293,39 @@ fn dead_letter(config: &Config, row: &OutboxRow, error: &Error) -> Outgoing {
         value: raw.to_string().into_bytes(),
         headers: dlq::error_headers(base, &failure),
     }
+}
+
+/// Reads back the raw row of a relay dead letter (the JSON written by [`dead_letter`]).
+pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, String> {
+    let raw: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("not a relay dead letter: {e}"))?;
+    let text = |key: &str| {
+        raw.get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("relay dead letter lacks `{key}`"))
+    };
+    let int = |key: &str| {
+        raw.get(key)
+            .and_then(|v| v.as_i64())
+            .ok_or_else(|| format!("relay dead letter lacks `{key}`"))
+    };
+    Ok(OutboxRow {
+        seq: int("seq")?,
+        id: text("id")?
+            .parse()
+            .map_err(|e| format!("relay dead letter has a bad `id`: {e}"))?,
+        aggregate_type: text("aggregatetype")?,
+        aggregate_id: text("aggregateid")?,
+        event_type: text("type")?,
+        payload: raw
+            .get("payload")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        traceparent: raw
+            .get("traceparent")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        created_at_micros: int("created_at_micros")?,
+    })
 }

@@ -11,7 +11,6 @@
 mod partition;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,8 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionListElem;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,34 +29,12 @@ use tracing::Instrument;
 use crate::codec::SchemaStore;
 use crate::config::Config;
 use crate::error::{classify, Disposition, Error};
-use crate::publish::{client_config, Publisher};
+use crate::http::Control;
+use crate::metrics::{stage, Metrics};
+use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_MS};
 use crate::sink::Sink;
 
 pub use partition::PartitionResult;
-
-/// Running totals, shared with whoever reports on the process.
-#[derive(Debug, Default)]
-pub struct ApplyStats {
-    pub consumed: AtomicU64,
-    pub applied: AtomicU64,
-    pub stale: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub retries: AtomicU64,
-    /// Partitions this process holds right now.
-    pub assigned_partitions: AtomicU64,
-}
-
-impl ApplyStats {
-    pub fn snapshot(&self) -> [u64; 5] {
-        [
-            self.consumed.load(Ordering::Relaxed),
-            self.applied.load(Ordering::Relaxed),
-            self.stale.load(Ordering::Relaxed),
-            self.dead_lettered.load(Ordering::Relaxed),
-            self.retries.load(Ordering::Relaxed),
-        ]
-    }
-}
 
 /// Everything a partition worker needs, shared by all of them.
 pub struct ApplyContext<S: Sink> {
@@ -64,20 +43,33 @@ pub struct ApplyContext<S: Sink> {
     pub dlq: Publisher,
     pub config: Config,
     pub group: String,
-    pub stats: Arc<ApplyStats>,
+    pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
 }
 
-/// Logs every rebalance and keeps the assignment size in the stats. Rebalance callbacks run
-/// inside `recv`, i.e. between batches, so a revoke never interrupts a write; messages of a
-/// revoked partition still in hand are written (idempotently) and their offsets are not stored.
-pub struct RebalanceLogger {
-    stats: Arc<ApplyStats>,
+/// The consumer's librdkafka context: logs every rebalance, keeps the assignment size in the
+/// metrics, and reports broker reachability. Rebalance
+/// callbacks run inside `recv`, i.e. between batches, so a revoke never interrupts a write;
+/// messages of a revoked partition still in hand are written (idempotently) and their offsets
+/// are not stored.
+pub struct ConsumerEvents {
+    health: KafkaHealth,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for RebalanceLogger {}
+impl ClientContext for ConsumerEvents {
+    fn stats(&self, statistics: Statistics) {
+        self.metrics
+            .health
+            .set_broker_up(crate::publish::brokers_up(&statistics));
+    }
 
-impl ConsumerContext for RebalanceLogger {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.health.error(error, reason);
+    }
+}
+
+impl ConsumerContext for ConsumerEvents {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -87,20 +79,20 @@ impl ConsumerContext for RebalanceLogger {
                     .map(|e| format!("{}[{}]", e.topic(), e.partition()))
                     .collect();
                 tracing::info!(count = partitions.len(), ?partitions, "partitions assigned");
-                self.stats
+                self.metrics
                     .assigned_partitions
-                    .store(partitions.len() as u64, Ordering::Relaxed);
+                    .set(partitions.len() as i64);
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), "partitions revoked");
-                self.stats.assigned_partitions.store(0, Ordering::Relaxed);
+                self.metrics.assigned_partitions.set(0);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
     }
 }
 
-type GroupConsumer = StreamConsumer<RebalanceLogger>;
+type GroupConsumer = StreamConsumer<ConsumerEvents>;
 
 /// Topics to subscribe to: the configured list, the configured regex, or a regex built from
 /// the topic template.
@@ -136,12 +128,15 @@ fn regex_escape(s: &str) -> String {
 }
 
 /// Runs the consumer group until `cancel`; commits the stored offsets before returning.
+/// While `control` is paused, the assigned partitions are paused (the process stays in the
+/// group, so a pause never triggers a rebalance).
 pub async fn run<S: Sink>(
     config: &Config,
     sink_name: &str,
     sink: Arc<S>,
     schemas: Arc<SchemaStore>,
-    stats: Arc<ApplyStats>,
+    metrics: Arc<Metrics>,
+    control: Control,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let group = config.group_id(sink_name);
@@ -166,14 +161,20 @@ pub async fn run<S: Sink>(
         // p50 commit→applied of 400 ms, 20 ms gives 65 ms (see BENCHMARKS.md). An idle
         // consumer pays 50 small fetches a second for it.
         ("fetch.wait.max.ms", "20"),
+        ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
     ] {
         if !config.kafka.properties.contains_key(k) {
             consumer_config.set(k, v);
         }
     }
-    let consumer: GroupConsumer = consumer_config.create_with_context(RebalanceLogger {
-        stats: stats.clone(),
-    })?;
+    let health = KafkaHealth {
+        metrics: Some(metrics.clone()),
+    };
+    let consumer: Arc<GroupConsumer> =
+        Arc::new(consumer_config.create_with_context(ConsumerEvents {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        })?);
     let topics = subscription(config);
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
@@ -182,16 +183,28 @@ pub async fn run<S: Sink>(
     let ctx = Arc::new(ApplyContext {
         sink,
         schemas,
-        dlq: Publisher::new(&config.kafka)?,
+        dlq: Publisher::with_health(&config.kafka, health)?,
         config: config.clone(),
         group,
-        stats,
+        metrics,
         cancel: cancel.clone(),
     });
+    ctx.metrics.health.set_started();
+    let lag_sampler = tokio::spawn(sample_consumer_lag(
+        consumer.clone(),
+        ctx.metrics.clone(),
+        cancel.clone(),
+    ));
     let tombstone_retention = tombstone_retention(config, sink_name);
     let mut last_purge = Instant::now();
+    let mut pending = Vec::new();
     let result = loop {
-        let batch = match next_batch(&consumer, &ctx).await {
+        if control.is_paused() {
+            if let Err(e) = wait_while_paused(&consumer, &ctx, &control, &mut pending).await {
+                break Err(e);
+            }
+        }
+        let batch = match next_batch(&consumer, &ctx, &control, &mut pending).await {
             Ok(b) => b,
             Err(e) => break Err(e),
         };
@@ -199,11 +212,8 @@ pub async fn run<S: Sink>(
             if cancel.is_cancelled() {
                 break Ok(());
             }
-            continue;
+            continue; // paused, or nothing yet
         }
-        ctx.stats
-            .consumed
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let Err(e) = process_batch(&consumer, &ctx, batch).await {
             break Err(e);
         }
@@ -219,6 +229,7 @@ pub async fn run<S: Sink>(
             }
         }
     };
+    lag_sampler.abort();
     // Whatever happened, hand the group the positions of everything that was fully handled.
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!("final offsets committed"),
@@ -236,17 +247,61 @@ fn tombstone_retention(config: &Config, sink_name: &str) -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Up to `batch_size` messages, waiting at most `linger_ms` after the first one. Consumer
-/// errors go through [`classify`]: transient ones (a subscribed topic not created yet, a
-/// broker down) are logged and waited out, never fatal.
+/// Pauses the assigned partitions until `control` is resumed (or shutdown), still polling so
+/// the group membership and rebalances are served. Messages fetched before the pause took
+/// effect are kept in `pending`, never dropped.
+async fn wait_while_paused<S: Sink>(
+    consumer: &GroupConsumer,
+    ctx: &ApplyContext<S>,
+    control: &Control,
+    pending: &mut Vec<OwnedMessage>,
+) -> Result<(), Error> {
+    tracing::info!("paused: consumption stopped until resumed");
+    let mut paused = control.subscribe();
+    loop {
+        // Again each round: a rebalance while paused hands out unpaused partitions.
+        if let Ok(assignment) = consumer.assignment() {
+            let _ = consumer.pause(&assignment);
+        }
+        if !*paused.borrow_and_update() || ctx.cancel.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => {}
+            _ = paused.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            m = consumer.recv() => match m {
+                Ok(m) => pending.push(m.detach()),
+                Err(e) => consumer_error(e.into())?,
+            },
+        }
+    }
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = consumer.resume(&assignment);
+    }
+    tracing::info!("resumed");
+    Ok(())
+}
+
+/// Up to `batch_size` messages (those left `pending` first), waiting at most `linger_ms` after
+/// the first one. Consumer errors go through [`classify`]: transient ones (a subscribed topic
+/// not created yet, a broker down) are logged and waited out, never fatal.
 async fn next_batch<S: Sink>(
     consumer: &GroupConsumer,
     ctx: &ApplyContext<S>,
+    control: &Control,
+    pending: &mut Vec<OwnedMessage>,
 ) -> Result<Vec<OwnedMessage>, Error> {
+    if !pending.is_empty() {
+        return Ok(std::mem::take(pending));
+    }
     let mut batch = Vec::new();
+    let mut paused = control.subscribe();
     loop {
         let received = tokio::select! {
             _ = ctx.cancel.cancelled() => return Ok(batch),
+            // A pause while idle takes effect at once; a batch in hand is finished first.
+            _ = paused.wait_for(|p| *p) => return Ok(batch),
             m = consumer.recv() => m,
         };
         match received {
@@ -272,6 +327,63 @@ async fn next_batch<S: Sink>(
         }
     }
     Ok(batch)
+}
+
+/// How often the consumer lag gauges are refreshed.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps `dualsync_consumer_lag_messages` per assigned partition: the partition's high
+/// watermark (asked of the broker) minus this consumer's position (or the group's committed
+/// offset before the first message). Asked of the broker rather than taken from librdkafka's
+/// statistics, which stop updating while a partition is paused — exactly when lag matters.
+async fn sample_consumer_lag(
+    consumer: Arc<GroupConsumer>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
+        }
+        let consumer = consumer.clone();
+        let lags = tokio::task::spawn_blocking(move || partition_lags(&consumer))
+            .await
+            .unwrap_or_default();
+        metrics.consumer_lag.reset();
+        for (topic, partition, lag) in lags {
+            metrics
+                .consumer_lag
+                .with_label_values(&[&topic, &partition.to_string()])
+                .set(lag);
+        }
+    }
+}
+
+/// (topic, partition, lag) of every assigned partition whose watermarks could be fetched.
+fn partition_lags(consumer: &GroupConsumer) -> Vec<(String, i32, i64)> {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let (Ok(positions), Ok(assignment)) = (consumer.position(), consumer.assignment()) else {
+        return Vec::new();
+    };
+    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok();
+    let offset_of = |list: Option<&TopicPartitionList>, t: &str, p: i32| {
+        list.and_then(|l| l.find_partition(t, p))
+            .and_then(|e: TopicPartitionListElem<'_>| e.offset().to_raw())
+            .filter(|o| *o >= 0)
+    };
+    let mut out = Vec::new();
+    for e in positions.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) else {
+            continue;
+        };
+        let position = offset_of(Some(&positions), topic, partition)
+            .or_else(|| offset_of(committed.as_ref(), topic, partition))
+            .unwrap_or(low);
+        out.push((topic.to_string(), partition, (high - position).max(0)));
+    }
+    out
 }
 
 /// A consumer-level error: fatal ones end the stage, the rest are logged (librdkafka keeps
@@ -307,6 +419,14 @@ async fn process_batch<S: Sink>(
             let ctx = ctx.clone();
             async move {
                 let last = messages.last().map(|m| m.offset()).unwrap_or(-1);
+                ctx.metrics
+                    .consumed
+                    .with_label_values(&[&topic])
+                    .inc_by(messages.len() as u64);
+                ctx.metrics
+                    .batch_size
+                    .with_label_values(&[stage::APPLY])
+                    .observe(messages.len() as f64);
                 let result = partition::process(&ctx, messages).await;
                 (topic, partition, last, result)
             }

@@ -1,7 +1,7 @@
 //! One partition's share of a batch: decode, dead-letter what cannot be decoded, write the
 //! rest to the sink with retries, dead-letter what the sink refuses for good.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
@@ -13,6 +13,7 @@ use crate::codec::DecodeError;
 use crate::config::OnInvalid;
 use crate::dlq::{self, Failure};
 use crate::error::{classify, Disposition, Error};
+use crate::metrics::stage;
 use crate::sink::{Sink, SinkRecord};
 
 /// How a partition's share of a batch ended.
@@ -44,7 +45,8 @@ async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) 
     }
 }
 
-fn decode<S: Sink>(ctx: &ApplyContext<S>, m: &OwnedMessage) -> Result<SinkRecord, Error> {
+/// Decodes one message into the record to write and the event's creation time (micros).
+fn decode<S: Sink>(ctx: &ApplyContext<S>, m: &OwnedMessage) -> Result<(SinkRecord, i64), Error> {
     let key = m.key().ok_or(DecodeError::NullKey)?;
     let value = m.payload().ok_or(DecodeError::Empty)?;
     let event = ctx.schemas.decode(value)?;
@@ -55,7 +57,8 @@ fn decode<S: Sink>(ctx: &ApplyContext<S>, m: &OwnedMessage) -> Result<SinkRecord
         }
         .into());
     }
-    Ok(event.into())
+    let created_at = event.created_at_micros;
+    Ok((event.into(), created_at))
 }
 
 pub async fn process<S: Sink>(
@@ -64,11 +67,13 @@ pub async fn process<S: Sink>(
 ) -> Result<PartitionResult, Error> {
     let mut records = Vec::with_capacity(messages.len());
     let mut origins = Vec::with_capacity(messages.len());
+    let mut created = Vec::with_capacity(messages.len());
     for m in &messages {
         match decode(ctx, m) {
-            Ok(r) => {
+            Ok((r, created_at)) => {
                 records.push(r);
                 origins.push(m);
+                created.push(created_at);
             }
             Err(e) => {
                 if !dead_letter(ctx, m, &e, "decode", 1).await? {
@@ -80,10 +85,15 @@ pub async fn process<S: Sink>(
     if records.is_empty() {
         return Ok(PartitionResult::Done);
     }
-    match write(ctx, &records, &origins).await? {
-        true => Ok(PartitionResult::Done),
-        false => Ok(PartitionResult::Abandoned),
+    if !write(ctx, &records, &origins).await? {
+        return Ok(PartitionResult::Abandoned);
     }
+    let now = crate::dlq::now_millis() as f64 / 1000.0;
+    for micros in created {
+        let lag = now - micros as f64 / 1_000_000.0;
+        ctx.metrics.end_to_end_lag.observe(lag.max(0.0));
+    }
+    Ok(PartitionResult::Done)
 }
 
 /// Writes `records` (with their source messages), retrying transient faults; falls back to
@@ -96,13 +106,20 @@ async fn write<S: Sink>(
 ) -> Result<bool, Error> {
     let mut policy = retry_policy(ctx);
     let mut attempts = 1u32;
+    let topic = origins.first().map(|m| m.topic()).unwrap_or_default();
+    let retrying = RetryEpisode::new(ctx);
     loop {
         match ctx.sink.apply(records).await {
             Ok(outcome) => {
-                ctx.stats
-                    .applied
-                    .fetch_add(outcome.applied, Ordering::Relaxed);
-                ctx.stats.stale.fetch_add(outcome.stale, Ordering::Relaxed);
+                retrying.end();
+                let count = |outcome: &str, n: u64| {
+                    ctx.metrics
+                        .applied
+                        .with_label_values(&[topic, outcome])
+                        .inc_by(n)
+                };
+                count("written", outcome.applied);
+                count("stale", outcome.stale);
                 for (index, error) in &outcome.rejected {
                     if !dead_letter(ctx, origins[*index], error, "sink", attempts).await? {
                         return Ok(false);
@@ -112,7 +129,7 @@ async fn write<S: Sink>(
             }
             Err(e) => match classify(&e) {
                 Disposition::Retry => {
-                    ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    retrying.begin();
                     tracing::warn!(error = %e, attempts, "sink write failed; retrying with backoff");
                     if !pause(ctx, &mut policy).await {
                         return Ok(false);
@@ -140,6 +157,43 @@ async fn write<S: Sink>(
                 Disposition::Fatal => return Err(e),
             },
         }
+    }
+}
+
+/// Keeps the retry metrics and readiness in step with one write's retry loop: counted once per
+/// retry, "in progress" while backing off, and the episode ends with the write (whatever way).
+struct RetryEpisode<'a, S: Sink> {
+    ctx: &'a ApplyContext<S>,
+    active: AtomicBool,
+}
+
+impl<'a, S: Sink> RetryEpisode<'a, S> {
+    fn new(ctx: &'a ApplyContext<S>) -> Self {
+        Self {
+            ctx,
+            active: AtomicBool::new(false),
+        }
+    }
+    fn begin(&self) {
+        let m = &self.ctx.metrics;
+        m.retries.with_label_values(&[stage::APPLY]).inc();
+        m.health.retrying();
+        if !self.active.swap(true, Ordering::Relaxed) {
+            m.retries_in_progress.inc();
+        }
+    }
+    fn end(&self) {
+        if self.active.swap(false, Ordering::Relaxed) {
+            let m = &self.ctx.metrics;
+            m.retries_in_progress.dec();
+            m.health.recovered();
+        }
+    }
+}
+
+impl<S: Sink> Drop for RetryEpisode<'_, S> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -177,7 +231,8 @@ async fn dead_letter<S: Sink>(
         let letter = dlq::dead_letter_for(message, &topic, &failure);
         match dlq::send(&ctx.dlq, vec![letter]).await {
             Ok(()) => {
-                ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics
+                    .count_dead_letter(stage::APPLY, message.topic(), error.class());
                 return Ok(true);
             }
             Err(e) if classify(&e) == Disposition::Retry => {

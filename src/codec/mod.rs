@@ -10,7 +10,7 @@ pub mod avro;
 pub use avro::SchemaStore;
 
 /// One outbox row as an event: the unit the relay publishes and apply writes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutboxEvent {
     pub event_id: uuid::Uuid,
     pub event_type: String,

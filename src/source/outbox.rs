@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::Source;
 use crate::config::OutboxSourceConfig;
 use crate::error::Error;
+use crate::metrics::Health;
 
 /// The outbox DDL, applied by `dualsync outbox migrate` and by tests.
 pub const OUTBOX_DDL: &str = include_str!("../../connectors/outbox.sql");
@@ -83,6 +84,7 @@ impl OutboxSource {
     pub async fn acquire_leadership(
         config: &OutboxSourceConfig,
         pipeline: &str,
+        health: &Health,
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, Error> {
         let (client, mut connection) = crate::pg::connect_raw(config.url.expose()).await?;
@@ -110,6 +112,10 @@ impl OutboxSource {
             config: config.clone(),
         };
         source.check_outbox().await?;
+        // Connected: a standby is as healthy as the leader.
+        health.set_database_up(true);
+        health.recovered();
+        health.set_started();
         let key = leader_lock_key(pipeline);
         let mut announced = false;
         loop {
@@ -192,15 +198,18 @@ impl OutboxSource {
     }
 
     /// Rows still waiting to be published (a gauge for operators).
-    pub async fn backlog(&self) -> Result<i64, Error> {
-        Ok(self
+    /// Unpublished rows and the age in seconds of the oldest one (0 when none).
+    pub async fn backlog(&self) -> Result<(i64, f64), Error> {
+        let row = self
             .client
             .query_one(
-                "SELECT count(*) FROM dualsync.outbox WHERE published_at IS NULL",
+                "SELECT count(*),
+                        coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
+                 FROM dualsync.outbox WHERE published_at IS NULL",
                 &[],
             )
-            .await?
-            .get(0))
+            .await?;
+        Ok((row.get(0), row.get(1)))
     }
 }
 

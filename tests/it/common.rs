@@ -11,11 +11,13 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use dualsync::apply::{self, ApplyStats};
+use dualsync::apply;
 use dualsync::codec::SchemaStore;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::error::Error;
-use dualsync::relay::{self, RelayStats};
+use dualsync::http::Control;
+use dualsync::metrics::Metrics;
+use dualsync::relay;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 
@@ -110,6 +112,9 @@ partitions = 3
 schemas_dir = "{schemas}"
 [relay]
 dead_letter_topic = "{prefix}.relay.dlq"
+[http]
+relay_port = 0
+apply_port = 0
 [apply]
 batch_size = 100
 linger_ms = 5
@@ -135,15 +140,26 @@ pub fn schemas() -> Arc<SchemaStore> {
     Arc::new(SchemaStore::load_dir(Path::new(&schemas_dir())).unwrap())
 }
 
+fn test_metrics(config: &Config, role: &str) -> Arc<Metrics> {
+    Arc::new(Metrics::new(&config.pipeline.name, role))
+}
+
+/// The schemas of `config` (its `encoding.schemas_dir`).
+fn config_schemas(config: &Config) -> Arc<SchemaStore> {
+    Arc::new(SchemaStore::load_dir(&config.encoding.schemas_dir).unwrap())
+}
+
 pub fn spawn_relay(
     config: &Config,
     cancel: &CancellationToken,
-) -> (JoinHandle<Result<(), Error>>, Arc<RelayStats>) {
-    let stats = Arc::new(RelayStats::default());
-    let (config, s, c) = (config.clone(), stats.clone(), cancel.clone());
+) -> (JoinHandle<Result<(), Error>>, Arc<Metrics>) {
+    let metrics = test_metrics(config, "relay");
+    let (config, m, c) = (config.clone(), metrics.clone(), cancel.clone());
     (
-        tokio::spawn(async move { relay::run(&config, schemas(), s, c).await }),
-        stats,
+        tokio::spawn(async move {
+            relay::run(&config, config_schemas(&config), m, Control::default(), c).await
+        }),
+        metrics,
     )
 }
 
@@ -151,11 +167,21 @@ pub fn spawn_apply(
     config: &Config,
     sink_name: &str,
     cancel: &CancellationToken,
-) -> (JoinHandle<Result<(), Error>>, Arc<ApplyStats>) {
-    let stats = Arc::new(ApplyStats::default());
-    let (config, s, c, name) = (
+) -> (JoinHandle<Result<(), Error>>, Arc<Metrics>) {
+    spawn_apply_controlled(config, sink_name, cancel, Control::default())
+}
+
+/// [`spawn_apply`] with a pause/resume control the test holds.
+pub fn spawn_apply_controlled(
+    config: &Config,
+    sink_name: &str,
+    cancel: &CancellationToken,
+    control: Control,
+) -> (JoinHandle<Result<(), Error>>, Arc<Metrics>) {
+    let metrics = test_metrics(config, "apply");
+    let (config, m, c, name) = (
         config.clone(),
-        stats.clone(),
+        metrics.clone(),
         cancel.clone(),
         sink_name.to_string(),
     );
@@ -163,15 +189,15 @@ pub fn spawn_apply(
         match config.sinks[&name].clone() {
             SinkConfig::Postgres(p) => {
                 let sink = Arc::new(PostgresSink::connect(&p).await?);
-                apply::run(&config, &name, sink, schemas(), s, c).await
+                apply::run(&config, &name, sink, config_schemas(&config), m, control, c).await
             }
-            SinkConfig::Mongodb(m) => {
-                let sink = Arc::new(MongoSink::connect(&m).await?);
-                apply::run(&config, &name, sink, schemas(), s, c).await
+            SinkConfig::Mongodb(m2) => {
+                let sink = Arc::new(MongoSink::connect(&m2).await?);
+                apply::run(&config, &name, sink, config_schemas(&config), m, control, c).await
             }
         }
     });
-    (handle, stats)
+    (handle, metrics)
 }
 
 /// Polls `probe` every 100 ms until it is true; panics with `what` after [`DEADLINE`].

@@ -3,7 +3,9 @@
 
 mod common;
 mod dead_letters;
+mod dlq_tools;
 mod end_to_end;
+mod operations;
 mod outbox_order;
 mod processes;
 mod sinks;

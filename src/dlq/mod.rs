@@ -1,5 +1,10 @@
 //! Dead-letter topics: where events go that can never be applied, with enough context to fix
 //! and replay them. Header names follow Kafka Connect's `__connect.errors.*` in spirit.
+//! [`inspect`] reads them back (`dualsync dlq list|show`), [`replay`] sends them back after a
+//! fix (`dualsync dlq replay`).
+
+pub mod inspect;
+pub mod replay;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +31,13 @@ pub mod headers {
     /// Relay only: the outbox row's seq and id.
     pub const ROW_SEQ: &str = "__dualsync.errors.row.seq";
     pub const ROW_ID: &str = "__dualsync.errors.row.id";
+    /// Prefix shared by every error header (dropped when a message is replayed).
+    pub const ERROR_PREFIX: &str = "__dualsync.errors.";
+    /// On replayed messages: when (millis since the epoch) and from where.
+    pub const REPLAY_TIME: &str = "__dualsync.replay.timestamp";
+    pub const REPLAY_DLQ_TOPIC: &str = "__dualsync.replay.dlq.topic";
+    pub const REPLAY_DLQ_PARTITION: &str = "__dualsync.replay.dlq.partition";
+    pub const REPLAY_DLQ_OFFSET: &str = "__dualsync.replay.dlq.offset";
 }
 
 /// Context of one failure.

@@ -1,0 +1,210 @@
+//! Sending dead letters back after the cause was fixed.
+//!
+//! An apply dead letter goes back to its original topic as it was (key, value, original
+//! headers), a relay dead letter (an outbox row that could not be encoded) is encoded again
+//! with the current schemas and published to its aggregate's topic. Either way the version it
+//! carries is the original one, so apply's version guard decides: a replay can never overwrite
+//! anything newer. Each replayed message carries `__dualsync.replay.*` headers naming the dead
+//! letter it came from, and every replay is recorded in `<dead-letter topic>.replayed` (key
+//! `partition:offset`), so a second replay of the same message is refused unless forced.
+//! Messages that would fail again the same way (they still do not decode or encode with the
+//! current schemas) are not sent unless forced.
+
+use std::collections::HashMap;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use serde::Serialize;
+
+use super::headers;
+use super::inspect::{self, DeadLetter};
+use crate::codec::{DecodeError, SchemaStore};
+use crate::config::Config;
+use crate::error::Error;
+use crate::publish::{Outgoing, Publisher};
+
+/// Where the replays of `dlq_topic` are recorded.
+pub fn replay_log_topic(dlq_topic: &str) -> String {
+    format!("{dlq_topic}.replayed")
+}
+
+/// What replay does (or, with `--dry-run`, would do) with one dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Decision {
+    Replay { target: String },
+    AlreadyReplayed { at_ms: i64, target: String },
+    StillFails { error: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// False for a dry run or a skipped message.
+    pub sent: bool,
+}
+
+/// Previous replays of a dead-letter topic: (partition, offset) → (when, target topic).
+type ReplayLog = HashMap<(i32, i64), (i64, String)>;
+
+fn previous_replays(config: &Config, dlq_topic: &str) -> Result<ReplayLog, Error> {
+    let log = replay_log_topic(dlq_topic);
+    if !inspect::topic_exists(config, &log)? {
+        return Ok(HashMap::new());
+    }
+    let mut done = HashMap::new();
+    for entry in inspect::read_topic(config, &log)? {
+        let Ok(record) = serde_json::from_slice::<serde_json::Value>(&entry.value) else {
+            continue;
+        };
+        let (Some(p), Some(o)) = (record["partition"].as_i64(), record["offset"].as_i64()) else {
+            continue;
+        };
+        done.insert(
+            (p as i32, o),
+            (
+                record["replayed_at_ms"].as_i64().unwrap_or(0),
+                record["target"].as_str().unwrap_or_default().to_string(),
+            ),
+        );
+    }
+    Ok(done)
+}
+
+/// The message to send for `letter`, or why it would fail again.
+fn rebuild(
+    config: &Config,
+    schemas: &SchemaStore,
+    letter: &DeadLetter,
+) -> Result<Outgoing, String> {
+    let from_relay = letter.topic == config.relay.dead_letter_topic
+        || letter.header(headers::STAGE) == Some("relay.encode");
+    let mut outgoing = if from_relay {
+        let row = crate::relay::row_from_dead_letter(&letter.value)?;
+        crate::relay::to_message(config, schemas, &row).map_err(|e| e.to_string())?
+    } else {
+        let target = letter.header(headers::TOPIC).ok_or_else(|| {
+            format!(
+                "no {} header: cannot tell where it came from",
+                headers::TOPIC
+            )
+        })?;
+        let event = schemas.decode(&letter.value).map_err(|e| e.to_string())?;
+        if letter.key.as_deref() != Some(event.aggregate_id.as_bytes()) {
+            return Err(DecodeError::KeyMismatch {
+                key: letter.key_text().unwrap_or_default(),
+                aggregate_id: event.aggregate_id,
+            }
+            .to_string());
+        }
+        let mut h = OwnedHeaders::new();
+        for (key, value) in letter.raw_headers() {
+            if !key.starts_with(headers::ERROR_PREFIX) {
+                h = h.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                });
+            }
+        }
+        Outgoing {
+            topic: target.to_string(),
+            key: letter.key.clone(),
+            value: letter.value.clone(),
+            headers: h,
+        }
+    };
+    let now = super::now_millis().to_string();
+    let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
+    for (key, value) in [
+        (headers::REPLAY_TIME, now.as_str()),
+        (headers::REPLAY_DLQ_TOPIC, letter.topic.as_str()),
+        (headers::REPLAY_DLQ_PARTITION, partition.as_str()),
+        (headers::REPLAY_DLQ_OFFSET, offset.as_str()),
+    ] {
+        outgoing.headers = std::mem::take(&mut outgoing.headers).insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    Ok(outgoing)
+}
+
+/// Replays `letters` (all from `dlq_topic`), or only says what it would do when `dry_run`.
+/// `force` sends messages that were replayed before or that still fail to decode/encode.
+pub async fn replay(
+    config: &Config,
+    schemas: &SchemaStore,
+    dlq_topic: &str,
+    letters: Vec<DeadLetter>,
+    dry_run: bool,
+    force: bool,
+) -> Result<Vec<Outcome>, Error> {
+    let done = {
+        let (config, topic) = (config.clone(), dlq_topic.to_string());
+        tokio::task::spawn_blocking(move || previous_replays(&config, &topic))
+            .await
+            .map_err(|e| Error::Setup(format!("replay log reader failed: {e}")))??
+    };
+    let mut outcomes = Vec::new();
+    let mut to_send = Vec::new();
+    let mut log_entries = Vec::new();
+    for letter in letters {
+        let rebuilt = rebuild(config, schemas, &letter);
+        let decision = match (&rebuilt, done.get(&(letter.partition, letter.offset))) {
+            (_, Some((at_ms, target))) if !force => Decision::AlreadyReplayed {
+                at_ms: *at_ms,
+                target: target.clone(),
+            },
+            (Err(error), _) if !force => Decision::StillFails {
+                error: error.clone(),
+            },
+            (Ok(m), _) => Decision::Replay {
+                target: m.topic.clone(),
+            },
+            (Err(error), _) => {
+                // Forced, but there is nothing to send: a relay row that cannot be read back.
+                Decision::StillFails {
+                    error: error.clone(),
+                }
+            }
+        };
+        let send = matches!(decision, Decision::Replay { .. }) && !dry_run;
+        if send {
+            let message = rebuilt.expect("a replay decision has a message");
+            log_entries.push(Outgoing {
+                topic: replay_log_topic(dlq_topic),
+                key: Some(format!("{}:{}", letter.partition, letter.offset).into_bytes()),
+                value: serde_json::json!({
+                    "partition": letter.partition,
+                    "offset": letter.offset,
+                    "replayed_at_ms": super::now_millis(),
+                    "target": message.topic,
+                })
+                .to_string()
+                .into_bytes(),
+                headers: OwnedHeaders::new(),
+            });
+            to_send.push(message);
+        }
+        outcomes.push(Outcome {
+            topic: letter.topic.clone(),
+            partition: letter.partition,
+            offset: letter.offset,
+            key: letter.key_text(),
+            decision,
+            sent: send,
+        });
+    }
+    if !to_send.is_empty() {
+        let publisher = Publisher::new(&config.kafka)?;
+        // Messages first: a crash in between can only lose the log entry (a later replay
+        // would then be allowed again, and the version guard makes it harmless).
+        publisher.publish_all(to_send).await?;
+        publisher.publish_all(log_entries).await?;
+    }
+    Ok(outcomes)
+}

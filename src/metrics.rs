@@ -1,0 +1,337 @@
+//! Every metric a relay or apply process exports, in one place: names are constants here and
+//! nowhere else, so dashboards and alerts have one list to follow (the README's operations
+//! section shows an excerpt). Each process owns one [`Metrics`] (its own registry, so tests
+//! can run several pipelines in one process without mixing their numbers).
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// Metric names (Prometheus convention: `_total` for counters, base units in the name).
+pub mod names {
+    pub const OUTBOX_ROWS_READ: &str = "dualsync_outbox_rows_read_total";
+    pub const EVENTS_PUBLISHED: &str = "dualsync_events_published_total";
+    pub const OUTBOX_BACKLOG: &str = "dualsync_outbox_backlog_rows";
+    pub const OUTBOX_OLDEST_AGE: &str = "dualsync_outbox_oldest_unpublished_age_seconds";
+    pub const RELAY_LEADER: &str = "dualsync_relay_leader";
+    pub const EVENTS_CONSUMED: &str = "dualsync_events_consumed_total";
+    /// `outcome` = `written` (changed the sink) or `stale` (version guard: no change).
+    pub const EVENTS_APPLIED: &str = "dualsync_events_applied_total";
+    pub const EVENTS_DEAD_LETTERED: &str = "dualsync_events_dead_lettered_total";
+    pub const RETRIES: &str = "dualsync_retries_total";
+    pub const RETRIES_IN_PROGRESS: &str = "dualsync_retries_in_progress";
+    pub const BATCH_SIZE: &str = "dualsync_batch_size";
+    pub const END_TO_END_LAG: &str = "dualsync_end_to_end_lag_seconds";
+    pub const CONSUMER_LAG: &str = "dualsync_consumer_lag_messages";
+    pub const ASSIGNED_PARTITIONS: &str = "dualsync_assigned_partitions";
+    pub const PAUSED: &str = "dualsync_paused";
+    pub const UP: &str = "dualsync_up";
+}
+
+/// Which pipeline stage counted something (the `stage` label).
+pub mod stage {
+    pub const RELAY: &str = "relay";
+    pub const APPLY: &str = "apply";
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub outbox_rows_read: IntCounter,
+    pub published: IntCounterVec,
+    pub outbox_backlog: IntGauge,
+    pub outbox_oldest_age: Gauge,
+    pub relay_leader: IntGauge,
+    pub consumed: IntCounterVec,
+    pub applied: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub retries_in_progress: IntGauge,
+    pub batch_size: HistogramVec,
+    pub end_to_end_lag: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
+    pub paused: IntGauge,
+    pub health: Health,
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique constants");
+    c
+}
+
+impl Metrics {
+    /// A fresh registry; `pipeline` and `role` become constant labels on every series.
+    pub fn new(pipeline: &str, role: &str) -> Self {
+        let labels = [
+            ("pipeline".to_string(), pipeline.to_string()),
+            ("role".to_string(), role.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let registry = Registry::new_custom(None, Some(labels)).expect("constant labels are valid");
+        let r = &registry;
+        let counter = |name: &str, help: &str| {
+            register(r, IntCounter::new(name, help).expect("valid metric"))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge =
+            |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("valid metric"));
+        let up = gauge(names::UP, "1 while the process runs");
+        up.set(1);
+        Self {
+            outbox_rows_read: counter(names::OUTBOX_ROWS_READ, "Outbox rows read by the relay"),
+            published: counter_vec(
+                names::EVENTS_PUBLISHED,
+                "Events acknowledged by Kafka",
+                &["topic"],
+            ),
+            outbox_backlog: gauge(
+                names::OUTBOX_BACKLOG,
+                "Committed outbox rows not published yet",
+            ),
+            outbox_oldest_age: register(
+                r,
+                Gauge::new(
+                    names::OUTBOX_OLDEST_AGE,
+                    "Age of the oldest unpublished outbox row (0 when none)",
+                )
+                .expect("valid metric"),
+            ),
+            relay_leader: gauge(
+                names::RELAY_LEADER,
+                "1 while this relay holds the leader lock",
+            ),
+            consumed: counter_vec(names::EVENTS_CONSUMED, "Messages consumed", &["topic"]),
+            applied: counter_vec(
+                names::EVENTS_APPLIED,
+                "Events handled by the sink: written, or stale (version guard, no change)",
+                &["topic", "outcome"],
+            ),
+            dead_lettered: counter_vec(
+                names::EVENTS_DEAD_LETTERED,
+                "Events sent to a dead-letter topic",
+                &["stage", "topic", "class"],
+            ),
+            retries: counter_vec(
+                names::RETRIES,
+                "Transient failures retried with backoff",
+                &["stage"],
+            ),
+            retries_in_progress: gauge(
+                names::RETRIES_IN_PROGRESS,
+                "Workers currently backing off after a transient failure",
+            ),
+            batch_size: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(names::BATCH_SIZE, "Events per batch").buckets(vec![
+                        1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                    ]),
+                    &["stage"],
+                )
+                .expect("valid metric"),
+            ),
+            end_to_end_lag: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        names::END_TO_END_LAG,
+                        "Outbox commit (row creation) to applied in the sink",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                        300.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            consumer_lag: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        names::CONSUMER_LAG,
+                        "Messages between the partition end and this group's position",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
+            assigned_partitions: gauge(
+                names::ASSIGNED_PARTITIONS,
+                "Partitions assigned to this consumer",
+            ),
+            paused: gauge(names::PAUSED, "1 while paused through the HTTP API"),
+            health: Health::default(),
+            registry,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        out
+    }
+
+    pub fn count_dead_letter(&self, stage: &str, topic: &str, class: &str) {
+        self.dead_lettered
+            .with_label_values(&[stage, topic, class])
+            .inc();
+    }
+}
+
+/// Sum of every series of a counter vector (for tests and `/status`).
+pub fn total(vec: &IntCounterVec) -> u64 {
+    vec.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// Sum of the series of `vec` whose label `name` equals `value`.
+pub fn total_where(vec: &IntCounterVec, name: &str, value: &str) -> u64 {
+    vec.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == name && l.value() == value)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// What `/readyz` reports on. Stages set these as they connect, fail and recover.
+#[derive(Default)]
+pub struct Health {
+    /// Set once the stage connected to its database(s) and subscribed or took its role.
+    started: AtomicBool,
+    database_down: AtomicBool,
+    broker_down: AtomicBool,
+    /// Since when (process-relative millis + 1; 0 = not retrying) the stage has been retrying.
+    retrying_since_ms: AtomicI64,
+    origin: OnceInstant,
+}
+
+/// An `Instant` fixed at first use, so times can be kept in atomics as offsets.
+#[derive(Default)]
+struct OnceInstant(Mutex<Option<Instant>>);
+
+impl OnceInstant {
+    fn elapsed_ms(&self) -> i64 {
+        let mut guard = self.0.lock().expect("instant lock");
+        guard.get_or_insert_with(Instant::now).elapsed().as_millis() as i64
+    }
+}
+
+/// Why a process is not ready; empty when it is.
+pub type NotReady = Vec<String>;
+
+impl Health {
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
+    }
+    pub fn set_database_up(&self, up: bool) {
+        self.database_down.store(!up, Ordering::Relaxed);
+    }
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_down.store(!up, Ordering::Relaxed);
+    }
+    /// Marks the start of a retry episode (only the first call of an episode counts).
+    pub fn retrying(&self) {
+        let now = self.origin.elapsed_ms() + 1;
+        let _ =
+            self.retrying_since_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    pub fn recovered(&self) {
+        self.retrying_since_ms.store(0, Ordering::Relaxed);
+    }
+    /// How long the current retry episode has lasted, if one is running.
+    pub fn retrying_for(&self) -> Option<Duration> {
+        match self.retrying_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(
+                (self.origin.elapsed_ms() + 1 - since).max(0) as u64,
+            )),
+        }
+    }
+    /// The reasons the process is not ready (empty = ready). A retry episode longer than
+    /// `stuck_after` counts as stuck.
+    pub fn not_ready(&self, stuck_after: Duration) -> NotReady {
+        let mut reasons = Vec::new();
+        if !self.started.load(Ordering::Relaxed) {
+            reasons.push("starting: not connected to its database and broker yet".to_string());
+        }
+        if self.database_down.load(Ordering::Relaxed) {
+            reasons.push("database unreachable".to_string());
+        }
+        if self.broker_down.load(Ordering::Relaxed) {
+            reasons.push("all Kafka brokers unreachable".to_string());
+        }
+        if let Some(d) = self.retrying_for().filter(|d| *d >= stuck_after) {
+            reasons.push(format!("retrying a transient failure for {}s", d.as_secs()));
+        }
+        reasons
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_across_labels() {
+        let m = Metrics::new("p", "apply");
+        m.applied.with_label_values(&["a", "written"]).inc_by(3);
+        m.applied.with_label_values(&["b", "stale"]).inc_by(2);
+        assert_eq!(total(&m.applied), 5);
+        assert_eq!(total_where(&m.applied, "outcome", "stale"), 2);
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(names::EVENTS_APPLIED) && l.contains(r#"outcome="stale""#))
+            .unwrap_or_else(|| panic!("no stale series in {text}"));
+        assert!(
+            line.contains(r#"pipeline="p""#) && line.ends_with(" 2"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn readiness_reports_each_reason() {
+        let h = Health::default();
+        assert_eq!(h.not_ready(Duration::ZERO).len(), 1);
+        h.set_started();
+        assert!(h.not_ready(Duration::from_secs(30)).is_empty());
+        h.retrying();
+        assert!(
+            h.not_ready(Duration::from_secs(30)).is_empty(),
+            "not stuck yet"
+        );
+        assert_eq!(h.not_ready(Duration::ZERO).len(), 1, "stuck at once with 0");
+        h.recovered();
+        h.set_broker_up(false);
+        assert_eq!(
+            h.not_ready(Duration::ZERO),
+            vec!["all Kafka brokers unreachable"]
+        );
+    }
+}
