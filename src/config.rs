@@ -134,6 +134,10 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Per aggregate type: where the primary keeps its current state (for `verify` and
+    /// `snapshot`).
+    #[serde(default)]
+    pub reconcile: BTreeMap<String, ReconcileConfig>,
     /// Where the file was read from, for error messages.
     #[serde(skip)]
     pub path: PathBuf,
@@ -310,6 +314,21 @@ impl Default for ApplyConfig {
     }
 }
 
+/// Where an aggregate type's current state lives in the primary: `SELECT <key>::text,
+/// <doc> FROM <table> t`. `doc` must produce the same JSON the application writes as the
+/// outbox payload (the default `to_jsonb(t)` fits payloads that are the whole row).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// `schema.table` (or `table`) holding one row per aggregate.
+    pub table: String,
+    #[serde(default = "defaults::reconcile_key")]
+    pub key: String,
+    /// SQL expression over the row alias `t` giving the payload JSON.
+    #[serde(default = "defaults::reconcile_doc")]
+    pub doc: String,
+}
+
 /// The operations endpoint of each process (see [`crate::http`]) and the thresholds behind the
 /// warnings of its `/status`.
 #[derive(Debug, Clone, Deserialize)]
@@ -429,6 +448,12 @@ mod defaults {
     pub fn pg_schema() -> String {
         "public".into()
     }
+    pub fn reconcile_key() -> String {
+        "id".into()
+    }
+    pub fn reconcile_doc() -> String {
+        "to_jsonb(t)".into()
+    }
     pub fn tombstone_retention_secs() -> u64 {
         7 * 24 * 3600
     }
@@ -527,6 +552,21 @@ impl Config {
                 return err(
                     "apply.group_id",
                     "must contain {sink} when several sinks are configured: sinks sharing one group would each receive only part of the partitions",
+                );
+            }
+        }
+        for (aggregate, r) in &self.reconcile {
+            let qualified = r.table.split('.').collect::<Vec<_>>();
+            if qualified.len() > 2 || !qualified.iter().all(|p| is_identifier(p)) {
+                return err(
+                    &format!("reconcile.{aggregate}.table"),
+                    "must be `table` or `schema.table` (plain identifiers)",
+                );
+            }
+            if !is_identifier(&r.key) {
+                return err(
+                    &format!("reconcile.{aggregate}.key"),
+                    "must be a plain column name",
                 );
             }
         }

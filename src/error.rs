@@ -28,8 +28,10 @@ pub enum Error {
     Decode(#[from] DecodeError),
     #[error("cannot encode outbox row: {0}")]
     Encode(#[from] EncodeError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// Not a `#[source]`: the message already carries the causes, and error reports that walk
+    /// sources (anyhow's `{:#}`) would print them twice.
+    #[error("postgres: {}", with_causes(.0))]
+    Postgres(tokio_postgres::Error),
     #[error("mongodb: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error("kafka: {0}")]
@@ -46,6 +48,28 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Postgres(e)
+    }
+}
+
+/// The error and its causes, `: `-joined: tokio-postgres alone says "error connecting to
+/// server" and keeps the why ("Connection refused") in its source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
 
 impl Error {
     /// Short stable name of the error class, used in dead-letter headers and metrics labels.

@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod publish;
+pub mod reconcile;
 pub mod relay;
 pub mod sink;
 pub mod source;

@@ -23,6 +23,7 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
 
 mod dlq_cmd;
+mod reconcile_cmd;
 mod report;
 
 #[derive(Parser)]
@@ -83,6 +84,39 @@ enum Command {
     /// Dead-letter topics: list them, show their messages, replay them after a fix.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Compare the primary with a sink, key by key; exits 1 when they differ. With --repair,
+    /// re-emit the primary's current state of every mismatched key through the pipeline.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        sink: Option<String>,
+        /// Aggregate types (or their tables) to check; default all [reconcile.*] sections.
+        #[arg(long = "aggregate")]
+        aggregates: Vec<String>,
+        #[arg(long)]
+        repair: bool,
+        /// Mismatches to print per aggregate type.
+        #[arg(long, default_value_t = 50)]
+        show: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Emit the current rows of primary tables as events (backfill), resumable.
+    Snapshot {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Aggregate type or table name (a [reconcile.*] section); default all.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// Start from the beginning even if an earlier snapshot was interrupted.
+        #[arg(long)]
+        restart: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -413,6 +447,33 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 n as f64 / secs
             );
             Ok(())
+        }
+        Command::Verify {
+            config: arg,
+            sink,
+            aggregates,
+            repair,
+            show,
+            json,
+        } => {
+            let config = load_config(&arg)?;
+            let consistent =
+                reconcile_cmd::verify(&config, sink.as_deref(), &aggregates, repair, show, json)
+                    .await?;
+            if !consistent {
+                anyhow::bail!("the sink differs from the primary (see above; --repair fixes it through the pipeline)");
+            }
+            Ok(())
+        }
+        Command::Snapshot {
+            config: arg,
+            tables,
+            batch_size,
+            restart,
+            json,
+        } => {
+            let config = load_config(&arg)?;
+            reconcile_cmd::snapshot(&config, &tables, batch_size.max(1), restart, json).await
         }
         Command::Dlq(DlqCommand::List { config: arg, json }) => {
             dlq_cmd::list(&load_config(&arg)?, json).await

@@ -35,6 +35,9 @@ impl From<OutboxEvent> for SinkRecord {
     }
 }
 
+/// A record as a sink holds it: key, version, document (`None` = tombstone).
+pub type StoredRecord = (String, i64, Option<serde_json::Value>);
+
 /// What a batch write did.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
@@ -66,6 +69,16 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         older_than: Duration,
     ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// Up to `limit` records of `namespace` whose keys sort after `after`, in key order:
+    /// `(key, version, document or None for a tombstone)`. Used by `verify` to find every
+    /// record, including those the primary no longer has.
+    fn scan(
+        &self,
+        namespace: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, Error>> + Send;
 
     /// Current state of `key` (for tests and `verify`): `(version, document or None if deleted)`.
     fn get(

@@ -15,7 +15,9 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::{Client, Database};
 use tokio::sync::Mutex;
 
-use super::{newest_per_key, ApplyOutcome, Sink, SinkRecord};
+use futures::TryStreamExt;
+
+use super::{newest_per_key, ApplyOutcome, Sink, SinkRecord, StoredRecord};
 use crate::config::MongoSinkConfig;
 use crate::error::Error;
 
@@ -174,19 +176,48 @@ impl Sink for MongoSink {
             .collection::<Document>(namespace)
             .find_one(doc! {"_id": key})
             .await?;
-        let Some(mut d) = found else { return Ok(None) };
-        let meta = d
-            .remove(META_FIELD)
-            .and_then(|m| m.as_document().cloned())
-            .unwrap_or_default();
-        let version = meta.get_i64("version").unwrap_or(i64::MIN);
-        if meta.get_bool("deleted").unwrap_or(false) {
-            return Ok(Some((version, None)));
-        }
-        d.remove("_id");
-        let json = Bson::Document(d).into_relaxed_extjson();
-        Ok(Some((version, Some(json))))
+        Ok(found.map(stored).map(|(_, version, doc)| (version, doc)))
     }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let filter = match after {
+            Some(a) => doc! {"_id": {"$gt": a}},
+            None => doc! {},
+        };
+        let cursor = self
+            .db
+            .collection::<Document>(namespace)
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(limit as i64)
+            .await?;
+        let documents: Vec<Document> = cursor.try_collect().await?;
+        Ok(documents.into_iter().map(stored).collect())
+    }
+}
+
+/// A stored document as (key, version, document without `_id` and metadata, or `None` for a
+/// tombstone).
+fn stored(mut d: Document) -> StoredRecord {
+    let meta = d
+        .remove(META_FIELD)
+        .and_then(|m| m.as_document().cloned())
+        .unwrap_or_default();
+    let version = meta.get_i64("version").unwrap_or(i64::MIN);
+    let key = match d.remove("_id") {
+        Some(Bson::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    if meta.get_bool("deleted").unwrap_or(false) {
+        return (key, version, None);
+    }
+    (key, version, Some(Bson::Document(d).into_relaxed_extjson()))
 }
 
 /// A per-document write error from the server, as an [`Error`] the classifier understands.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{newest_per_key, quote_ident, ApplyOutcome, Sink, SinkRecord};
+use super::{newest_per_key, quote_ident, ApplyOutcome, Sink, SinkRecord, StoredRecord};
 use crate::config::PostgresSinkConfig;
 use crate::error::Error;
 
@@ -140,6 +140,28 @@ impl Sink for PostgresSink {
         Ok(purged)
     }
 
+    async fn scan(
+        &self,
+        namespace: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let client = self.client().await?;
+        let table = self.table(namespace);
+        if !table_exists(&client, &table).await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT id, version, CASE WHEN deleted THEN NULL ELSE doc END FROM {table}
+             WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2"
+        );
+        let rows = client.query(&sql, &[&after, &(limit as i64)]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     async fn get(
         &self,
         namespace: &str,
@@ -148,11 +170,7 @@ impl Sink for PostgresSink {
         let client = self.client().await?;
         let table = self.table(namespace);
         // Ask before querying, so polling a table that does not exist yet logs no errors.
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-            .await?
-            .get(0);
-        if !exists {
+        if !table_exists(&client, &table).await? {
             return Ok(None);
         }
         let sql = format!(
@@ -161,4 +179,11 @@ impl Sink for PostgresSink {
         let row = client.query_opt(&sql, &[&key]).await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
+}
+
+async fn table_exists(client: &Client, table: &str) -> Result<bool, Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
 }

@@ -8,4 +8,5 @@ mod end_to_end;
 mod operations;
 mod outbox_order;
 mod processes;
+mod reconcile;
 mod sinks;

@@ -173,10 +173,11 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
     let source = dualsync::pg::connect(&source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();
 
-    let mut relay = spawn(&["relay", "--config", path], "relay-c.log");
+    let relay_log = format!("{}.log", unique("relay-c"));
+    let mut relay = spawn(&["relay", "--config", path], &relay_log);
     let mut apply = spawn(
         &["apply", "--config", path, "--sink", "postgres"],
-        "apply-a.log",
+        &format!("{}.log", unique("apply-a")),
     );
     dualsync::demo::generate(&source_url, 4, 40, 1500, 2, 3)
         .await
@@ -192,9 +193,10 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
     .await;
     apply.kill().unwrap();
     apply.wait().unwrap();
+    let apply_log = format!("{}.log", unique("apply-b"));
     let mut apply = spawn(
         &["apply", "--config", path, "--sink", "postgres"],
-        "apply-b.log",
+        &apply_log,
     );
 
     let primary = primary_state(&source).await;
@@ -215,9 +217,126 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
     })
     .await;
 
-    for child in [&mut apply, &mut relay] {
+    for (child, log) in [(&mut apply, &apply_log), (&mut relay, &relay_log)] {
         sigterm(child);
         let status = wait_exit(child, Duration::from_secs(30));
-        assert!(status.success(), "exit status on SIGTERM: {status}");
+        let text = std::fs::read_to_string(std::env::temp_dir().join(log)).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        assert!(
+            status.success(),
+            "exit status on SIGTERM: {status}; {log} ends with:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// Waits (deadline-bounded) until the log file `name` contains `needle`.
+fn wait_for_log(name: &str, needle: &str) -> String {
+    let path = std::env::temp_dir().join(name);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < end,
+            "{name} never logged {needle:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn secrets_never_reach_logs_or_errors_and_json_logs_parse() {
+    let servers = servers();
+    let secrets = [
+        "Pg-S3cret-1",
+        "Sink-S3cret-2",
+        "Mongo-S3cret-3",
+        "Kafka-S3cret-4",
+    ];
+    // Every server unreachable (port 9: nothing listens), so each process logs connection
+    // errors, the place where a URL would leak.
+    let text = format!(
+        r#"
+[pipeline]
+name = "{name}"
+[source]
+kind = "postgres_outbox"
+url = "postgres://dualsync:{pg}@127.0.0.1:9/primary"
+[kafka]
+brokers = "{kafka}"
+[kafka.properties]
+"sasl.password" = "{kafka_secret}"
+[http]
+relay_port = 0
+apply_port = 0
+[sinks.pg]
+kind = "postgres"
+url = "postgres://writer:{sink}@127.0.0.1:9/replica"
+[sinks.mongo]
+kind = "mongodb"
+url = "mongodb://writer:{mongo}@127.0.0.1:9/?serverSelectionTimeoutMS=300"
+database = "replica"
+"#,
+        name = unique("t"),
+        pg = secrets[0],
+        sink = secrets[1],
+        mongo = secrets[2],
+        kafka_secret = secrets[3],
+        kafka = servers.kafka,
+    );
+    let config = write_config(&text.replace(
+        "[sinks.mongo]",
+        "[apply]\ngroup_id = \"g-{sink}\"\n[sinks.mongo]",
+    ));
+    let path = config.to_str().unwrap();
+    let runs = [
+        (vec!["relay", "-c", path], "relay lost its connection"),
+        (
+            vec!["apply", "-c", path, "--sink", "pg"],
+            "postgres sink unavailable",
+        ),
+        (
+            vec!["apply", "-c", path, "--sink", "mongo"],
+            "mongodb sink unavailable",
+        ),
+    ];
+    let mut logs = Vec::new();
+    for (i, (args, needle)) in runs.iter().enumerate() {
+        let name = format!("{}.log", unique(&format!("secrets{i}")));
+        let mut full = vec!["--log-format", "json"];
+        full.extend(args.iter().copied());
+        let mut child = spawn(&full, &name);
+        logs.push(wait_for_log(&name, needle));
+        sigterm(&child);
+        assert!(wait_exit(&mut child, DEADLINE).success());
+    }
+    // A configuration error quotes the key, never the value.
+    let bad = write_config(&text.replace("postgres://dualsync:", "mysql://dualsync:"));
+    let out = Command::new(env!("CARGO_BIN_EXE_dualsync"))
+        .args(["relay", "-c", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("source.url"), "{stderr}");
+    logs.push(stderr);
+
+    for log in &logs {
+        for secret in secrets {
+            assert!(!log.contains(secret), "{secret} leaked:\n{log}");
+        }
+    }
+    for log in &logs[..3] {
+        for line in log.lines() {
+            let parsed: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            assert!(
+                parsed["level"].is_string() && parsed["fields"].is_object(),
+                "{line}"
+            );
+        }
     }
 }

@@ -1,0 +1,189 @@
+//! `dualsync verify` and `dualsync snapshot`: progress bars on stderr, results on stdout.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dualsync::config::{Config, ReconcileConfig, SinkConfig};
+use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
+use dualsync::sink::mongo::MongoSink;
+use dualsync::sink::postgres::PostgresSink;
+use dualsync::sink::Sink;
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} ({per_sec}, {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// The aggregates to work on: the named ones (each must have a `[reconcile.X]`), or all.
+fn aggregates<'a>(
+    config: &'a Config,
+    only: &[String],
+) -> anyhow::Result<Vec<(&'a String, &'a ReconcileConfig)>> {
+    if config.reconcile.is_empty() {
+        anyhow::bail!(
+            "{}: no [reconcile.<aggregatetype>] sections: verify and snapshot need to know which primary table holds each aggregate type",
+            config.path.display()
+        );
+    }
+    if only.is_empty() {
+        return Ok(config.reconcile.iter().collect());
+    }
+    only.iter()
+        .map(|name| {
+            config
+                .reconcile
+                .get_key_value(name)
+                .or_else(|| config.reconcile.iter().find(|(_, r)| r.table == *name))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: no [reconcile.{name}] section (and no section with table = \"{name}\")",
+                        config.path.display()
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Runs verify (and the repair) on every selected aggregate; `Ok(false)` when mismatches
+/// remain unrepaired.
+pub async fn verify(
+    config: &Config,
+    sink_name: Option<&str>,
+    only: &[String],
+    repair: bool,
+    show: usize,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let (sink_name, sink_config) = config.sink(sink_name)?;
+    match sink_config.clone() {
+        SinkConfig::Postgres(p) => {
+            let sink = PostgresSink::connect(&p).await?;
+            verify_with(config, &sink, &sink_name, only, repair, show, json).await
+        }
+        SinkConfig::Mongodb(m) => {
+            let sink = MongoSink::connect(&m).await?;
+            verify_with(config, &sink, &sink_name, only, repair, show, json).await
+        }
+    }
+}
+
+async fn verify_with<S: Sink>(
+    config: &Config,
+    sink: &S,
+    sink_name: &str,
+    only: &[String],
+    repair: bool,
+    show: usize,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let mut source = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
+    let mut reports: Vec<VerifyReport> = Vec::new();
+    let mut repaired = 0;
+    for (aggregate, rc) in aggregates(config, only)? {
+        let total = reconcile::primary_count(&source, rc).await?;
+        let progress = bar(total, &format!("{aggregate} vs {sink_name}"));
+        let report = reconcile::verify(&source, sink, aggregate, rc, &|n| progress.inc(n)).await?;
+        progress.finish_and_clear();
+        if repair && !report.mismatches.is_empty() {
+            let mut keys: Vec<String> = report.mismatches.iter().map(|m| m.key.clone()).collect();
+            keys.sort();
+            repaired +=
+                reconcile::emit_current_state(&mut source, aggregate, rc, &keys, REPAIR_EVENT_TYPE)
+                    .await?;
+        }
+        reports.push(report);
+    }
+    let mismatches: usize = reports.iter().map(|r| r.mismatches.len()).sum();
+    if json {
+        let doc =
+            serde_json::json!({ "sink": sink_name, "aggregates": reports, "repaired": repaired });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for r in &reports {
+            for m in r.mismatches.iter().take(show) {
+                println!(
+                    "{:<10} {}/{}  sink version {}  newest outbox seq {}",
+                    format!("{:?}", m.kind).to_lowercase(),
+                    m.aggregate,
+                    m.key,
+                    m.sink_version.map_or("-".into(), |v| v.to_string()),
+                    m.newest_outbox_seq.map_or("-".into(), |v| v.to_string()),
+                );
+            }
+            if r.mismatches.len() > show {
+                println!("... and {} more (--show N)", r.mismatches.len() - show);
+            }
+            let kinds: Vec<String> = [
+                MismatchKind::Missing,
+                MismatchKind::Stale,
+                MismatchKind::Extra,
+                MismatchKind::Different,
+            ]
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {}",
+                    r.by_kind.get(k).copied().unwrap_or(0),
+                    format!("{k:?}").to_lowercase()
+                )
+            })
+            .collect();
+            println!(
+                "{}: primary {} rows, sink {} live + {} tombstones, {} matching; {}",
+                r.aggregate,
+                r.primary_rows,
+                r.sink_live,
+                r.sink_tombstones,
+                r.matching,
+                kinds.join(", ")
+            );
+        }
+        if repair {
+            println!("repair: {repaired} outbox events written with the primary's current state; the pipeline applies them (run verify again to confirm)");
+        }
+    }
+    Ok(mismatches == 0 || repair)
+}
+
+pub async fn snapshot(
+    config: &Config,
+    only: &[String],
+    batch: usize,
+    restart: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut source = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
+    let mut reports = Vec::new();
+    for (aggregate, rc) in aggregates(config, only)? {
+        let total = reconcile::primary_count(&source, rc).await?;
+        let progress = bar(total, &format!("snapshot {aggregate}"));
+        let report = reconcile::snapshot(&mut source, aggregate, rc, batch, restart, &|n| {
+            progress.inc(n)
+        })
+        .await?;
+        progress.finish_and_clear();
+        if !json {
+            println!(
+                "{}: {} rows emitted as {} events{}",
+                report.aggregate,
+                report.rows_emitted,
+                reconcile::SNAPSHOT_EVENT_TYPE,
+                if report.resumed {
+                    " (resumed an interrupted snapshot)"
+                } else {
+                    ""
+                }
+            );
+        }
+        reports.push(report);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(())
+}
