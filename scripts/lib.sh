@@ -421,7 +421,7 @@ export_pipeline_env() {
     local name="$1" source_db="$2" replica_db="$3" mongo_db="$4"
     export DUALSYNC_PIPELINE__NAME="$name"
     export DUALSYNC_KAFKA__TOPIC_TEMPLATE="$name.{aggregatetype}"
-    export DUALSYNC_RELAY__DEAD_LETTER_TOPIC="$name.relay-dlq"
+    export DUALSYNC_RELAY__DEAD_LETTER_TOPIC="$name.relay.dlq"
     export DUALSYNC_SOURCE__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$source_db"
     export DUALSYNC_KAFKA__BROKERS="$BIND_HOST:$KAFKA_PORT"
     export DUALSYNC_SINKS__POSTGRES__URL="postgres://postgres@$BIND_HOST:$PG_PORT/$replica_db"

@@ -220,6 +220,19 @@ impl KafkaConfig {
         self.topic_template
             .replace("{aggregatetype}", aggregate_type)
     }
+
+    /// Whether `topic` looks like an event topic of this template (`{aggregatetype}` standing
+    /// for a name without dots): what apply's default subscription matches.
+    pub fn is_event_topic(&self, topic: &str) -> bool {
+        let (prefix, suffix) = self
+            .topic_template
+            .split_once("{aggregatetype}")
+            .unwrap_or((&self.topic_template, ""));
+        topic.len() > prefix.len() + suffix.len()
+            && topic.starts_with(prefix)
+            && topic.ends_with(suffix)
+            && !topic[prefix.len()..topic.len() - suffix.len()].contains('.')
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -579,6 +592,26 @@ impl Config {
         if self.apply.dead_letter_suffix.is_empty() {
             return err("apply.dead_letter_suffix", "must not be empty");
         }
+        // With the default subscription, apply would consume its own dead letters as events.
+        if self.apply.topics.is_empty() && self.apply.topic_regex.is_none() {
+            if self.kafka.is_event_topic(&self.relay.dead_letter_topic) {
+                return err(
+                    "relay.dead_letter_topic",
+                    "looks like an event topic of kafka.topic_template, so apply would consume dead letters as events: pick a name outside the template (e.g. with a dot where {aggregatetype} is)",
+                );
+            }
+            let sample = format!(
+                "{}{}",
+                self.kafka.topic_for("x"),
+                self.apply.dead_letter_suffix
+            );
+            if self.kafka.is_event_topic(&sample) {
+                return err(
+                    "apply.dead_letter_suffix",
+                    "makes dead-letter topics look like event topics of kafka.topic_template (apply would consume them): start it with a dot, e.g. \".dlq\"",
+                );
+            }
+        }
         if let Some(re) = &self.apply.topic_regex {
             if !re.starts_with('^') {
                 return err(
@@ -799,6 +832,21 @@ url = "postgres://app:hunter2@replica/app"
         assert_eq!(c.kafka.brokers, "other:9092");
         assert_eq!(c.kafka.properties["sasl.password"], "123");
         assert_eq!(c.apply.batch_size, 7);
+    }
+
+    #[test]
+    fn dead_letter_topics_must_not_look_like_event_topics() {
+        let base = "[pipeline]\nname = \"p\"\n[kafka]\nbrokers = \"b:1\"\ntopic_template = \"shop.{aggregatetype}\"\n";
+        let load = |extra: &str| {
+            Config::from_toml(Path::new("p.toml"), &format!("{base}{extra}"), Vec::new())
+        };
+        let e = load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n").unwrap_err();
+        assert_eq!(e.key, "relay.dead_letter_topic");
+        let e = load("[apply]\ndead_letter_suffix = \"-dlq\"\n").unwrap_err();
+        assert_eq!(e.key, "apply.dead_letter_suffix");
+        load("[relay]\ndead_letter_topic = \"shop.relay.dlq\"\n").unwrap();
+        // An explicit topic list has no such risk.
+        load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n[apply]\ntopics = [\"shop.orders\"]\n").unwrap();
     }
 
     #[test]
