@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: measures the pipeline on the local servers with the release build and writes
-# bench/results.json plus a Markdown summary (bench/summary.md) for BENCHMARKS.md.
+# bench/results.json, a Markdown summary (bench/summary.md) for BENCHMARKS.md and a chart
+# (bench/chart.svg).
 #
 # Phases, each on its own fresh topics and tables:
 #   1. relay drain: BENCH_CHANGES order changes (plus their customer events) are committed with
@@ -141,5 +142,8 @@ cat >"$OUT_DIR/summary.md" <<MD
 | commit → applied in PostgreSQL (p50 / p99 / max, $APP_N samples) | $APP_P50 / $APP_P99 / $APP_MAX ms |
 | peak RSS relay / apply-postgres / apply-mongo | $((RELAY_RSS / 1024)) / $((RSS_PG / 1024)) / $((RSS_MONGO / 1024)) MiB |
 MD
+if command -v python3 >/dev/null; then
+    python3 scripts/bench_chart.py "$OUT_DIR/results.json" "$OUT_DIR/chart.svg"
+fi
 cat "$OUT_DIR/summary.md"
-log "results in bench/results.json and bench/summary.md"
+log "results in bench/results.json, bench/summary.md and bench/chart.svg"

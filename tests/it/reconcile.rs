@@ -39,6 +39,8 @@ async fn verify_all(
 /// A pipeline with reconcile sections, relay and PostgreSQL apply running.
 struct Running {
     config: Config,
+    /// The same pipeline as a file, for running the binary on it.
+    config_file: std::path::PathBuf,
     source_url: String,
     source: tokio_postgres::Client,
     sink: PostgresSink,
@@ -50,7 +52,10 @@ async fn start() -> Running {
     let servers = servers();
     let source_url = create_database(&servers).await;
     let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
+    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
+    let config = Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap();
+    let config_file = std::env::temp_dir().join(format!("{}.toml", unique("reconcile")));
+    std::fs::write(&config_file, &text).unwrap();
     let source = dualsync::pg::connect(&source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();
     let cancel = CancellationToken::new();
@@ -62,6 +67,7 @@ async fn start() -> Running {
     let sink = PostgresSink::connect(pg).await.unwrap();
     Running {
         config,
+        config_file,
         source_url,
         source,
         sink,
@@ -77,6 +83,22 @@ impl Running {
             t.await.unwrap().unwrap();
         }
     }
+}
+
+/// `dualsync verify --json` on the running pipeline's file: (exit status, report).
+fn verify_cli(run: &Running) -> (std::process::ExitStatus, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualsync"))
+        .args(["verify", "--sink", "postgres", "--json", "-c"])
+        .arg(&run.config_file)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status, report)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -123,6 +145,17 @@ async fn verify_classifies_drift_and_repair_converges_through_the_pipeline() {
     .map(|((a, k), kind)| ((a.to_string(), k.to_string()), kind))
     .collect();
     assert_eq!(found, expected);
+    // The command line says the same, exits 1, and prints JSON for scripts.
+    let (status, report) = verify_cli(&run);
+    assert_eq!(status.code(), Some(1));
+    let kinds: Vec<String> = report["aggregates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| a["mismatches"].as_array().unwrap().clone())
+        .map(|m| m["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds.len(), 4, "{report}");
 
     // Repair: outbox events with the primary's state, while the pipeline runs.
     for (aggregate, rc) in &run.config.reconcile {
@@ -143,6 +176,7 @@ async fn verify_classifies_drift_and_repair_converges_through_the_pipeline() {
             .is_empty()
     })
     .await;
+    assert!(verify_cli(&run).0.success());
     let extra = dualsync::sink::Sink::get(&run.sink, "orders", "o-extra")
         .await
         .unwrap();

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Draws bench/results.json as an SVG (stdlib only): throughput per stage and latency
+percentiles. Usage: bench_chart.py RESULTS.json OUT.svg"""
+import json
+import sys
+from html import escape
+
+
+def bars(x0, y0, width, height, title, unit, items):
+    """A horizontal bar panel; items = [(label, value)]."""
+    out = [f'<text x="{x0}" y="{y0 - 10}" font-size="15" font-weight="bold">{escape(title)}</text>']
+    top = max(v for _, v in items) or 1
+    row = height / len(items)
+    label_w = 230
+    for i, (label, value) in enumerate(items):
+        y = y0 + i * row
+        w = (width - label_w - 120) * value / top
+        out.append(f'<text x="{x0}" y="{y + row * 0.6}" font-size="13">{escape(label)}</text>')
+        out.append(f'<rect x="{x0 + label_w}" y="{y + row * 0.15}" width="{w:.1f}" '
+                   f'height="{row * 0.6:.1f}" fill="#3b7dd8"/>')
+        out.append(f'<text x="{x0 + label_w + w + 6:.1f}" y="{y + row * 0.6}" font-size="13">'
+                   f'{value:,.1f} {escape(unit)}</text>')
+    return out
+
+
+def main():
+    results = json.load(open(sys.argv[1]))
+    drain, lat = results["drain"], results["latency"]
+    pub, app = lat["commit_to_published_ms"], lat["commit_to_applied_postgres_ms"]
+    width = 820
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="560" '
+           'font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="20" y="28" font-size="17">dualsync benchmark, {escape(results["date"])}, '
+           f'{escape(results["machine"])}</text>']
+    svg += bars(20, 75, width, 150, f'Throughput draining {drain["events"]:,} events', "events/s", [
+        ("relay (outbox → Kafka)", drain["relay_events_per_s"]),
+        ("apply → PostgreSQL", drain["apply_postgres_events_per_s"]),
+        ("apply → MongoDB (SecantusDB)", drain["apply_mongo_events_per_s"]),
+    ])
+    svg += bars(20, 285, width, 250,
+                f'Latency at {lat["rate_changes_per_s"]} order changes/s', "ms", [
+        ("commit → published p50", pub["p50"]),
+        ("commit → published p99", pub["p99"]),
+        ("commit → published max", pub["max"]),
+        ("commit → applied (PG) p50", app["p50"]),
+        ("commit → applied (PG) p99", app["p99"]),
+        ("commit → applied (PG) max", app["max"]),
+    ])
+    svg.append("</svg>")
+    open(sys.argv[2], "w").write("\n".join(svg) + "\n")
+
+
+if __name__ == "__main__":
+    main()
