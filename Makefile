@@ -15,7 +15,7 @@ DUALSYNC := cargo run --quiet --locked --
 STATE_DIR := $(or $(DUALSYNC_STATE_DIR),.local)
 COMPOSE ?= docker compose
 
-.PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state dlq-list dlq-show dlq-replay
+.PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state dlq-list dlq-show dlq-replay chaos
 
 help: ## Show this help
 	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo\"]"
@@ -50,6 +50,9 @@ fmt: ## Format the Rust code
 
 bench: ## Run the benchmarks
 	bash scripts/bench.sh
+
+chaos: ## Fault-injection schedules (CHAOS_RUNS=20 CHAOS_FAULTS=12); report in docs/chaos-report.md
+	bash scripts/chaos.sh
 
 dlq-list: ## List dead-letter topics with counts by error class (CONFIG=...)
 	$(DUALSYNC) dlq list --config $(CONFIG)

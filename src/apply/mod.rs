@@ -21,7 +21,6 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
-use rdkafka::topic_partition_list::TopicPartitionListElem;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -333,8 +332,7 @@ async fn next_batch<S: Sink>(
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps `dualsync_consumer_lag_messages` per assigned partition: the partition's high
-/// watermark (asked of the broker) minus this consumer's position (or the group's committed
-/// offset before the first message). Asked of the broker rather than taken from librdkafka's
+/// watermark (asked of the broker) minus this consumer's position. Asked of the broker rather than taken from librdkafka's
 /// statistics, which stop updating while a partition is paused — exactly when lag matters.
 async fn sample_consumer_lag(
     consumer: Arc<GroupConsumer>,
@@ -360,28 +358,24 @@ async fn sample_consumer_lag(
     }
 }
 
-/// (topic, partition, lag) of every assigned partition whose watermarks could be fetched.
+/// (topic, partition, lag) of every assigned partition whose position is known (a message
+/// was consumed since the assignment) and whose watermarks could be fetched. Only local state
+/// and the partition leaders are asked; never the group coordinator, so sampling cannot get in
+/// the way of a rebalance.
 fn partition_lags(consumer: &GroupConsumer) -> Vec<(String, i32, i64)> {
     const TIMEOUT: Duration = Duration::from_secs(2);
-    let (Ok(positions), Ok(assignment)) = (consumer.position(), consumer.assignment()) else {
+    let Ok(positions) = consumer.position() else {
         return Vec::new();
-    };
-    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok();
-    let offset_of = |list: Option<&TopicPartitionList>, t: &str, p: i32| {
-        list.and_then(|l| l.find_partition(t, p))
-            .and_then(|e: TopicPartitionListElem<'_>| e.offset().to_raw())
-            .filter(|o| *o >= 0)
     };
     let mut out = Vec::new();
     for e in positions.elements() {
-        let (topic, partition) = (e.topic(), e.partition());
-        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) else {
+        let Some(position) = e.offset().to_raw().filter(|o| *o >= 0) else {
             continue;
         };
-        let position = offset_of(Some(&positions), topic, partition)
-            .or_else(|| offset_of(committed.as_ref(), topic, partition))
-            .unwrap_or(low);
-        out.push((topic.to_string(), partition, (high - position).max(0)));
+        let (topic, partition) = (e.topic(), e.partition());
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) {
+            out.push((topic.to_string(), partition, (high - position).max(0)));
+        }
     }
     out
 }

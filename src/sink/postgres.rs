@@ -35,7 +35,8 @@ impl PostgresSink {
                 "CREATE SCHEMA IF NOT EXISTS {}",
                 quote_ident(&sink.schema)
             ))
-            .await?;
+            .await
+            .or_else(ignore_concurrent_create)?;
         Ok(sink)
     }
 
@@ -71,11 +72,7 @@ impl PostgresSink {
                     updated_at timestamptz NOT NULL DEFAULT now())"
             ))
             .await
-            .or_else(|e| match e.code() {
-                // Two workers creating the same table at once: the loser sees a unique violation.
-                Some(c) if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => Ok(()),
-                _ => Err(e),
-            })?;
+            .or_else(ignore_concurrent_create)?;
         self.known_tables.lock().await.insert(namespace.to_string());
         Ok(())
     }
@@ -186,4 +183,14 @@ async fn table_exists(client: &Client, table: &str) -> Result<bool, Error> {
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
         .await?
         .get(0))
+}
+
+/// `CREATE … IF NOT EXISTS` is not safe against a concurrent creator: the loser of the race
+/// (two apply processes starting together, or a worker and `verify`) sees a unique violation
+/// on the catalog, which means the object exists — exactly what was asked for.
+fn ignore_concurrent_create(e: tokio_postgres::Error) -> Result<(), tokio_postgres::Error> {
+    match e.code() {
+        Some(c) if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => Ok(()),
+        _ => Err(e),
+    }
 }

@@ -1,6 +1,7 @@
 //! Integration tests against the real servers started by `make up` (PostgreSQL, the Tansu
 //! Kafka broker, the SecantusDB MongoDB server). One binary for all of them, to link once.
 
+mod chaos;
 mod common;
 mod dead_letters;
 mod dlq_tools;

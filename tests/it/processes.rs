@@ -199,6 +199,9 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
         &apply_log,
     );
 
+    // The restarted process must really take over (static membership gives it the same
+    // partitions back), not just find the work already done.
+    wait_for_log(&apply_log, "partitions assigned");
     let primary = primary_state(&source).await;
     eventually("the restarted apply converges to the primary", || async {
         let rows = sink
