@@ -17,7 +17,8 @@ mkdir -p "$REPO_ROOT/docs" "$LOG_DIR"
 bash scripts/up.sh all
 # shellcheck source=/dev/null
 . "$ENV_FILE"
-export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL
+export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL \
+    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD
 log "building the test binary"
 cargo test --locked --test it --no-run --quiet
 

@@ -399,8 +399,9 @@ server_address() {
     esac
 }
 
-# (Re)write $STATE_DIR/env, sourced by tests and the demo. Exactly three
-# unquoted `export KEY=VALUE` lines, so it is also trivial to parse.
+# (Re)write $STATE_DIR/env, sourced by tests and the demo: unquoted
+# `export KEY=VALUE` lines, so it is also trivial to parse. The server URLs,
+# plus the server programs for tests that run a private server of their own.
 write_env_file() {
     ensure_state_dirs
     local tmp="$ENV_FILE.tmp.$$"
@@ -408,6 +409,8 @@ write_env_file() {
         echo "export DUALSYNC_TEST_PG_URL=$(pg_url)"
         echo "export DUALSYNC_TEST_KAFKA_BROKERS=$(kafka_brokers)"
         echo "export DUALSYNC_TEST_MONGO_URL=$(mongo_url)"
+        echo "export DUALSYNC_TEST_PG_BIN=$(pg_bin_dir || true)"
+        echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }

@@ -9,7 +9,8 @@ cd "$REPO_ROOT"
 bash scripts/up.sh all
 # shellcheck source=/dev/null
 . "$ENV_FILE"
-export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL
+export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL \
+    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD
 
 log "building tests"
 cargo test --all-targets --no-run --locked

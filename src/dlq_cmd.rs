@@ -1,6 +1,6 @@
 //! `dualsync dlq list|show|replay`: readable tables by default, `--json` for scripts.
 
-use dualsync::codec::SchemaStore;
+use dualsync::codec::EventCodec;
 use dualsync::config::Config;
 use dualsync::dlq::headers;
 use dualsync::dlq::inspect::{self, DeadLetter, Filter};
@@ -104,7 +104,7 @@ pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
 
 pub async fn show(
     config: &Config,
-    schemas: &SchemaStore,
+    codec: &EventCodec,
     topic: Option<&str>,
     filter: &FilterArgs,
     limit: usize,
@@ -120,16 +120,14 @@ pub async fn show(
         }
     }
     if json {
-        let docs: Vec<serde_json::Value> = shown
-            .iter()
-            .map(|m| {
-                let mut doc = serde_json::to_value(m).expect("dead letters serialize");
-                doc["key"] = m.key_text().into();
-                doc["class"] = m.class().into();
-                doc["payload"] = inspect::decode_payload(schemas, &m.value);
-                doc
-            })
-            .collect();
+        let mut docs = Vec::with_capacity(shown.len());
+        for m in &shown {
+            let mut doc = serde_json::to_value(m).expect("dead letters serialize");
+            doc["key"] = m.key_text().into();
+            doc["class"] = m.class().into();
+            doc["payload"] = inspect::decode_payload(codec, &m.value).await;
+            docs.push(doc);
+        }
         println!("{}", serde_json::to_string_pretty(&docs)?);
         return Ok(());
     }
@@ -169,7 +167,10 @@ pub async fn show(
         if !other.is_empty() {
             println!("  headers: {}", other.join(", "));
         }
-        println!("  payload: {}", inspect::decode_payload(schemas, &m.value));
+        println!(
+            "  payload: {}",
+            inspect::decode_payload(codec, &m.value).await
+        );
     }
     Ok(())
 }
@@ -177,7 +178,7 @@ pub async fn show(
 #[allow(clippy::too_many_arguments)]
 pub async fn replay(
     config: &Config,
-    schemas: &SchemaStore,
+    codec: &EventCodec,
     topic: &str,
     filter: &FilterArgs,
     limit: usize,
@@ -192,7 +193,7 @@ pub async fn replay(
         .filter(|m| filter.matches(m))
         .take(limit)
         .collect();
-    let outcomes = replay::replay(config, schemas, topic, selected, dry_run, force).await?;
+    let outcomes = replay::replay(config, codec, topic, selected, dry_run, force).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
         return Ok(());

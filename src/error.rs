@@ -6,6 +6,7 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+use crate::codec::registry::RegistryError;
 use crate::codec::{DecodeError, EncodeError};
 use crate::config::ConfigError;
 
@@ -36,6 +37,8 @@ pub enum Error {
     Mongo(#[from] mongodb::error::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
@@ -72,6 +75,12 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 }
 
 impl Error {
+    /// The broker (or the client's own limit) refused a message for its size: sending the
+    /// same bytes again can never succeed.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, Error::Kafka(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge))
+    }
+
     /// Short stable name of the error class, used in dead-letter headers and metrics labels.
     pub fn class(&self) -> &'static str {
         match self {
@@ -81,6 +90,7 @@ impl Error {
             Error::Postgres(_) => "postgres",
             Error::Mongo(_) => "mongodb",
             Error::Kafka(_) => "kafka",
+            Error::Registry(_) => "registry",
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
             Error::Halted(_) => "halted",
@@ -96,6 +106,10 @@ pub fn classify(err: &Error) -> Disposition {
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
         Error::Kafka(e) => classify_kafka(e),
+        // Never dead-letter on a registry failure: an unknown id is a DecodeError; anything
+        // else (auth, a URL that is not a registry, a rejected schema) holds for every event.
+        Error::Registry(e) if e.is_transient() => Disposition::Retry,
+        Error::Registry(_) => Disposition::Fatal,
     }
 }
 

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use dualsync::apply;
-use dualsync::codec::SchemaStore;
+use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::{Config, SinkConfig};
 use dualsync::error::{classify, Disposition, Error};
 use dualsync::http::Control;
@@ -25,6 +25,7 @@ use dualsync::telemetry::{self, LogFormat};
 mod dlq_cmd;
 mod reconcile_cmd;
 mod report;
+mod schema_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -76,8 +77,9 @@ enum Command {
     /// Outbox table management.
     #[command(subcommand)]
     Outbox(OutboxCommand),
-    /// Show the schemas in the schemas folder with their fingerprints.
-    Schemas(ConfigArg),
+    /// The Avro schemas in the schemas folder, and their state in the schema registry.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// The sample shop: create it, put load on it, report what arrived where.
     #[command(subcommand)]
     Demo(DemoCommand),
@@ -160,6 +162,21 @@ enum DlqCommand {
         /// Also send messages replayed before or that would fail again.
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Each aggregate type with its fingerprint, topic and registry subject.
+    List(ConfigArg),
+    /// Ask the registry whether each local schema may be registered under its subject (the
+    /// subject's compatibility level decides); exits 1 when any is incompatible. Run it before
+    /// deploying a schema change.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
         #[arg(long)]
         json: bool,
     },
@@ -407,15 +424,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("dualsync.outbox is up to date");
             Ok(())
         }
-        Command::Schemas(arg) => {
+        Command::Schema(SchemaCommand::List(arg)) => {
             let config = load_config(&arg)?;
-            let schemas = load_schemas(&config)?;
-            let mut types: Vec<&str> = schemas.aggregate_types().collect();
-            types.sort_unstable();
-            for t in types {
-                let s = schemas.for_type(t).expect("listed");
-                let fp: String = s.fingerprint.iter().map(|b| format!("{b:02x}")).collect();
-                println!("{t}\t{fp}\t{}", config.kafka.topic_for(t));
+            schema_cmd::list(&config, &*load_schemas(&config)?);
+            Ok(())
+        }
+        Command::Schema(SchemaCommand::Check { config: arg, json }) => {
+            let config = load_config(&arg)?;
+            if !schema_cmd::check(&config, load_schemas(&config)?, json).await? {
+                anyhow::bail!("some schemas are incompatible with the registry (see above)");
             }
             Ok(())
         }
@@ -487,8 +504,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             json,
         }) => {
             let config = load_config(&arg)?;
-            let schemas = load_schemas(&config)?;
-            dlq_cmd::show(&config, &schemas, topic.as_deref(), &filter, limit, json).await
+            let codec = EventCodec::for_reading(&config, load_schemas(&config)?)?;
+            dlq_cmd::show(&config, &codec, topic.as_deref(), &filter, limit, json).await
         }
         Command::Dlq(DlqCommand::Replay {
             config: arg,
@@ -500,9 +517,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             json,
         }) => {
             let config = load_config(&arg)?;
-            let schemas = load_schemas(&config)?;
+            let cancel = shutdown_token();
+            // Relay dead letters are encoded again, so the schemas must be registered first.
+            let Some(codec) =
+                EventCodec::for_publishing(&config, load_schemas(&config)?, &cancel).await?
+            else {
+                return Ok(());
+            };
             dlq_cmd::replay(
-                &config, &schemas, &topic, &filter, limit, dry_run, force, json,
+                &config, &codec, &topic, &filter, limit, dry_run, force, json,
             )
             .await
         }

@@ -14,7 +14,7 @@ use backoff::ExponentialBackoff;
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{OutboxEvent, SchemaStore};
+use crate::codec::{EventCodec, OutboxEvent, SchemaStore};
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, Disposition, Error};
@@ -32,7 +32,7 @@ struct Leader<'a> {
     config: &'a Config,
     source_config: &'a OutboxSourceConfig,
     publisher: &'a Publisher,
-    schemas: &'a SchemaStore,
+    codec: &'a EventCodec,
     metrics: &'a Metrics,
     control: &'a Control,
     cancel: &'a CancellationToken,
@@ -49,6 +49,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let source_config = config.outbox_source()?.clone();
+    let Some(codec) = EventCodec::for_publishing(config, schemas, &cancel).await? else {
+        return Ok(());
+    };
     let publisher = Publisher::with_health(
         &config.kafka,
         KafkaHealth {
@@ -77,7 +80,7 @@ pub async fn run(
                 config,
                 source_config: &source_config,
                 publisher: &publisher,
-                schemas: &schemas,
+                codec: &codec,
                 metrics: &metrics,
                 control: &control,
                 cancel: &cancel,
@@ -144,7 +147,7 @@ impl Leader<'_> {
             let mut messages = Vec::with_capacity(rows.len());
             let mut dead = Vec::new();
             for row in &rows {
-                match to_message(config, self.schemas, row) {
+                match to_message(config, self.codec, row) {
                     Ok(m) => messages.push(m),
                     Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
                         return Err(Error::Halted(format!(
@@ -219,13 +222,9 @@ fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
 }
 
 /// The Kafka message for an outbox row (also used to replay a relay dead letter after a fix).
-pub fn to_message(
-    config: &Config,
-    schemas: &SchemaStore,
-    row: &OutboxRow,
-) -> Result<Outgoing, Error> {
+pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Result<Outgoing, Error> {
     let event = to_event(row)?;
-    let value = schemas.encode(&event)?;
+    let value = codec.encode(&event)?;
     let version = row.seq.to_string();
     let created = row.created_at_micros.to_string();
     let id = row.id.to_string();

@@ -25,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::codec::SchemaStore;
+use crate::codec::{EventCodec, SchemaStore};
 use crate::config::Config;
 use crate::error::{classify, Disposition, Error};
 use crate::http::Control;
@@ -38,7 +38,7 @@ pub use partition::PartitionResult;
 /// Everything a partition worker needs, shared by all of them.
 pub struct ApplyContext<S: Sink> {
     pub sink: Arc<S>,
-    pub schemas: Arc<SchemaStore>,
+    pub codec: EventCodec,
     pub dlq: Publisher,
     pub config: Config,
     pub group: String,
@@ -138,6 +138,7 @@ pub async fn run<S: Sink>(
     control: Control,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
+    let codec = EventCodec::for_reading(config, schemas)?;
     let group = config.group_id(sink_name);
     let mut consumer_config = client_config(&config.kafka);
     consumer_config
@@ -181,7 +182,7 @@ pub async fn run<S: Sink>(
 
     let ctx = Arc::new(ApplyContext {
         sink,
-        schemas,
+        codec,
         dlq: Publisher::with_health(&config.kafka, health)?,
         config: config.clone(),
         group,

@@ -46,10 +46,13 @@ async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) 
 }
 
 /// Decodes one message into the record to write and the event's creation time (micros).
-fn decode<S: Sink>(ctx: &ApplyContext<S>, m: &OwnedMessage) -> Result<(SinkRecord, i64), Error> {
+async fn decode<S: Sink>(
+    ctx: &ApplyContext<S>,
+    m: &OwnedMessage,
+) -> Result<(SinkRecord, i64), Error> {
     let key = m.key().ok_or(DecodeError::NullKey)?;
     let value = m.payload().ok_or(DecodeError::Empty)?;
-    let event = ctx.schemas.decode(value)?;
+    let event = ctx.codec.decode(value).await?;
     if key != event.aggregate_id.as_bytes() {
         return Err(DecodeError::KeyMismatch {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -69,15 +72,32 @@ pub async fn process<S: Sink>(
     let mut origins = Vec::with_capacity(messages.len());
     let mut created = Vec::with_capacity(messages.len());
     for m in &messages {
-        match decode(ctx, m) {
-            Ok((r, created_at)) => {
-                records.push(r);
-                origins.push(m);
-                created.push(created_at);
-            }
-            Err(e) => {
-                if !dead_letter(ctx, m, &e, "decode", 1).await? {
-                    return Ok(PartitionResult::Abandoned);
+        let mut policy = retry_policy(ctx);
+        let retrying = RetryEpisode::new(ctx);
+        let mut attempts = 1u32;
+        loop {
+            match decode(ctx, m).await {
+                Ok((r, created_at)) => {
+                    records.push(r);
+                    origins.push(m);
+                    created.push(created_at);
+                    break;
+                }
+                // The schema registry could not answer: wait for it, never skip the message.
+                Err(e) if classify(&e) == Disposition::Retry => {
+                    retrying.begin();
+                    tracing::warn!(error = %e, attempts, "cannot decode yet; retrying with backoff");
+                    if !pause(ctx, &mut policy).await {
+                        return Ok(PartitionResult::Abandoned);
+                    }
+                    attempts += 1;
+                }
+                Err(e) if classify(&e) == Disposition::Fatal => return Err(e),
+                Err(e) => {
+                    if !dead_letter(ctx, m, &e, "decode", attempts).await? {
+                        return Ok(PartitionResult::Abandoned);
+                    }
+                    break;
                 }
             }
         }
@@ -227,8 +247,12 @@ async fn dead_letter<S: Sink>(
         "dead-lettering message"
     );
     let mut policy = retry_policy(ctx);
+    let mut omit_value = false;
     loop {
-        let letter = dlq::dead_letter_for(message, &topic, &failure);
+        let mut letter = dlq::dead_letter_for(message, &topic, &failure);
+        if omit_value {
+            letter = dlq::without_value(letter);
+        }
         match dlq::send(&ctx.dlq, vec![letter]).await {
             Ok(()) => {
                 ctx.metrics
@@ -240,6 +264,13 @@ async fn dead_letter<S: Sink>(
                 if !pause(ctx, &mut policy).await {
                     return Ok(false);
                 }
+            }
+            Err(e) if e.is_too_large() && !omit_value => {
+                tracing::error!(
+                    error = %e, bytes = message.payload().map_or(0, <[u8]>::len), offset = message.offset(),
+                    "dead letter too large for the broker: sending it without its value (the original stays in its topic)"
+                );
+                omit_value = true;
             }
             Err(e) => return Err(e),
         }

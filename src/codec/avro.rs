@@ -29,8 +29,13 @@ pub struct EventSchema {
     pub payload: Schema,
     /// CRC-64-AVRO of the envelope's canonical form, in the byte order it is written.
     pub fingerprint: [u8; 8],
-    /// Envelope schema as JSON text (what a schema registry would hold).
+    /// Envelope schema in Parsing Canonical Form (what the fingerprint is taken of).
     pub envelope_json: String,
+    /// Envelope schema as full JSON text, defaults and docs kept: what is registered in a
+    /// schema registry, whose compatibility checks need the defaults.
+    pub registry_json: String,
+    /// Full name of the envelope record, e.g. `dualsync.example.OrderEvent`.
+    pub envelope_name: String,
 }
 
 /// Every event schema known to this process, by aggregate type and by fingerprint.
@@ -94,8 +99,27 @@ impl SchemaStore {
         self.by_type.keys().map(String::as_str)
     }
 
-    /// Encodes an event; `payload` is validated strictly against the aggregate's schema.
+    /// The schema whose envelope record has the full name `name`.
+    pub fn for_envelope_name(&self, name: &str) -> Option<&Arc<EventSchema>> {
+        self.by_type.values().find(|s| s.envelope_name == name)
+    }
+
+    /// Encodes an event in single-object encoding; `payload` is validated strictly against the
+    /// aggregate's schema.
     pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
+        let (schema, datum) = self.encode_datum(event)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+        out.extend_from_slice(&schema.fingerprint);
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// The bare Avro datum of an event (no framing) and the schema it was written with.
+    pub fn encode_datum(
+        &self,
+        event: &OutboxEvent,
+    ) -> Result<(Arc<EventSchema>, Vec<u8>), EncodeError> {
         let schema = self
             .for_type(&event.aggregate_type)
             .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))?;
@@ -140,30 +164,13 @@ impl SchemaStore {
         ]);
         let datum = apache_avro::to_avro_datum(&schema.envelope, record)
             .map_err(|e| violation("$".into(), e.to_string()))?;
-        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
-        out.extend_from_slice(&schema.fingerprint);
-        out.extend_from_slice(&datum);
-        Ok(out)
+        Ok((schema.clone(), datum))
     }
 
     /// Decodes a single-object-encoded event written with any schema in this store.
     pub fn decode(&self, bytes: &[u8]) -> Result<OutboxEvent, DecodeError> {
-        let (schema, mut datum) = self.split_header(bytes)?;
-        let value =
-            apache_avro::from_avro_datum(&schema.envelope, &mut datum, None).map_err(|e| {
-                DecodeError::Datum {
-                    schema: schema.aggregate_type.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        if !datum.is_empty() {
-            return Err(DecodeError::TrailingBytes(datum.len()));
-        }
-        envelope_from_value(value).map_err(|reason| DecodeError::Datum {
-            schema: schema.aggregate_type.clone(),
-            reason,
-        })
+        let (schema, datum) = self.split_header(bytes)?;
+        decode_datum(&schema.aggregate_type, &schema.envelope, None, datum)
     }
 
     fn split_header<'a>(
@@ -188,6 +195,29 @@ impl SchemaStore {
             .ok_or_else(|| DecodeError::UnknownFingerprint(hex(&fingerprint)))?;
         Ok((schema, &bytes[HEADER_LEN..]))
     }
+}
+
+/// Decodes one envelope datum written with `writer`, resolved against `reader` when given (so a
+/// compatible newer or older writer schema still reads); `schema_label` names it in errors.
+pub fn decode_datum(
+    schema_label: &str,
+    writer: &Schema,
+    reader: Option<&Schema>,
+    mut datum: &[u8],
+) -> Result<OutboxEvent, DecodeError> {
+    let value = apache_avro::from_avro_datum(writer, &mut datum, reader).map_err(|e| {
+        DecodeError::Datum {
+            schema: schema_label.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    if !datum.is_empty() {
+        return Err(DecodeError::TrailingBytes(datum.len()));
+    }
+    envelope_from_value(value).map_err(|reason| DecodeError::Datum {
+        schema: schema_label.to_string(),
+        reason,
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -231,9 +261,15 @@ fn build_event_schema(aggregate_type: &str, payload_json: &str) -> Result<EventS
         .map_err(|e| format!("cannot build the event envelope around it: {e}"))?;
     let fp = envelope.fingerprint::<Rabin>();
     let fingerprint: [u8; 8] = fp.bytes[..8].try_into().map_err(|_| "fingerprint size")?;
+    let envelope_name = match &envelope {
+        Schema::Record(r) => r.name.fullname(None),
+        _ => return Err("the envelope is not a record".into()),
+    };
     Ok(EventSchema {
         aggregate_type: aggregate_type.to_string(),
         envelope_json: envelope.canonical_form(),
+        registry_json: envelope_value.to_string(),
+        envelope_name,
         envelope,
         payload,
         fingerprint,

@@ -1,13 +1,18 @@
 //! What travels on the topics: the outbox event envelope, and its Avro encoding.
 //!
 //! The value of every relay message is an Avro record `<Aggregate>Event` (see
-//! [`avro::envelope_schema_json`]) in Avro single-object encoding: `C3 01`, the 8-byte
-//! CRC-64-AVRO (Rabin) fingerprint of the writer schema, then the datum. So every message names
-//! its schema even without a schema registry.
+//! [`avro::envelope_schema_json`]), framed so that it names its writer schema:
+//! - with a schema registry, the Confluent wire format: `00`, the 4-byte big-endian schema id,
+//!   then the datum ([`wire`], [`registry`]);
+//! - without one, Avro single-object encoding: `C3 01`, the 8-byte CRC-64-AVRO (Rabin)
+//!   fingerprint of the writer schema, then the datum ([`avro`]).
 
 pub mod avro;
+pub mod registry;
+pub mod wire;
 
 pub use avro::SchemaStore;
+pub use wire::EventCodec;
 
 /// One outbox row as an event: the unit the relay publishes and apply writes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -39,12 +44,18 @@ pub enum DecodeError {
     Empty,
     #[error("message has no key")]
     NullKey,
-    #[error("unknown magic byte 0x{0:02x} (expected Avro single-object marker C3 01)")]
+    #[error("unknown magic byte 0x{0:02x} (expected 00, the Confluent wire format, or C3 01, Avro single-object encoding)")]
     BadMagic(u8),
-    #[error("value is {0} bytes, shorter than the 10-byte single-object header")]
+    #[error("value is {0} bytes, shorter than its framing header (5 bytes Confluent, 10 bytes single-object)")]
     TooShort(usize),
     #[error("no schema in the schemas folder has fingerprint {0}")]
     UnknownFingerprint(String),
+    #[error("the schema registry has no schema with id {0}")]
+    UnknownSchemaId(u32),
+    #[error("value is in the Confluent wire format (schema id {0}) but no [schema_registry] is configured to resolve it")]
+    NoRegistry(u32),
+    #[error("schema id {id} from the registry cannot be used: {reason}")]
+    WriterSchema { id: u32, reason: String },
     #[error("Avro datum does not match its schema {schema}: {reason}")]
     Datum { schema: String, reason: String },
     #[error("{0} bytes left over after the Avro datum")]
@@ -60,7 +71,11 @@ impl DecodeError {
             DecodeError::NullKey => "decode.null_key",
             DecodeError::BadMagic(_) => "decode.bad_magic",
             DecodeError::TooShort(_) => "decode.truncated",
-            DecodeError::UnknownFingerprint(_) => "decode.unknown_schema",
+            DecodeError::UnknownFingerprint(_) | DecodeError::UnknownSchemaId(_) => {
+                "decode.unknown_schema"
+            }
+            DecodeError::NoRegistry(_) => "decode.no_registry",
+            DecodeError::WriterSchema { .. } => "decode.bad_writer_schema",
             DecodeError::Datum { .. } => "decode.schema_violation",
             DecodeError::TrailingBytes(_) => "decode.trailing_bytes",
             DecodeError::KeyMismatch { .. } => "decode.key_mismatch",

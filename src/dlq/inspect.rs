@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use super::headers;
-use crate::codec::SchemaStore;
+use crate::codec::EventCodec;
 use crate::config::Config;
 use crate::error::Error;
 use crate::publish::client_config;
@@ -258,10 +258,11 @@ pub fn summarize(topic: &str, messages: &[DeadLetter]) -> TopicSummary {
     }
 }
 
-/// The payload for humans and scripts: the decoded event for Avro (current schemas), the
-/// JSON itself for relay dead letters, else the bytes in base64.
-pub fn decode_payload(schemas: &SchemaStore, value: &[u8]) -> serde_json::Value {
-    if let Ok(event) = schemas.decode(value) {
+/// The payload for humans and scripts: the decoded event for Avro (current schemas, and the
+/// registry's for Confluent frames), the JSON itself for relay dead letters, else the bytes in
+/// base64.
+pub async fn decode_payload(codec: &EventCodec, value: &[u8]) -> serde_json::Value {
+    if let Ok(event) = codec.decode(value).await {
         return serde_json::json!({ "avro_event": event });
     }
     if let Ok(json) = serde_json::from_slice::<serde_json::Value>(value) {

@@ -28,6 +28,9 @@ pub mod headers {
     pub const ATTEMPTS: &str = "__dualsync.errors.attempts";
     /// Milliseconds since the epoch when it was dead-lettered.
     pub const TIMESTAMP: &str = "__dualsync.errors.timestamp";
+    /// Set (to the original value's size in bytes) when the value was too large for the
+    /// dead-letter topic and was left out: the original stays at topic/partition/offset.
+    pub const VALUE_OMITTED: &str = "__dualsync.errors.value.omitted.bytes";
     /// Relay only: the outbox row's seq and id.
     pub const ROW_SEQ: &str = "__dualsync.errors.row.seq";
     pub const ROW_ID: &str = "__dualsync.errors.row.id";
@@ -105,6 +108,21 @@ pub fn dead_letter_for(message: &OwnedMessage, dlq_topic: &str, failure: &Failur
         key: message.key().map(<[u8]>::to_vec),
         value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers: error_headers(base, failure),
+    }
+}
+
+/// The same dead letter without its value, for when the broker refused it as too large: the
+/// context headers still arrive, and the original stays readable where it came from (until
+/// that topic's retention).
+pub fn without_value(letter: Outgoing) -> Outgoing {
+    let size = letter.value.len().to_string();
+    Outgoing {
+        value: Vec::new(),
+        headers: letter.headers.insert(Header {
+            key: headers::VALUE_OMITTED,
+            value: Some(size.as_bytes()),
+        }),
+        ..letter
     }
 }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::headers;
 use super::inspect::{self, DeadLetter};
-use crate::codec::{DecodeError, SchemaStore};
+use crate::codec::{DecodeError, EventCodec};
 use crate::config::Config;
 use crate::error::Error;
 use crate::publish::{Outgoing, Publisher};
@@ -76,16 +76,24 @@ fn previous_replays(config: &Config, dlq_topic: &str) -> Result<ReplayLog, Error
 }
 
 /// The message to send for `letter`, or why it would fail again.
-fn rebuild(
+async fn rebuild(
     config: &Config,
-    schemas: &SchemaStore,
+    codec: &EventCodec,
     letter: &DeadLetter,
 ) -> Result<Outgoing, String> {
+    if let Some(size) = letter.header(headers::VALUE_OMITTED) {
+        return Err(format!(
+            "its value ({size} bytes) was too large for the dead-letter topic and is not in it; the original is at {}[{}]@{}",
+            letter.header(headers::TOPIC).unwrap_or("?"),
+            letter.header(headers::PARTITION).unwrap_or("?"),
+            letter.header(headers::OFFSET).unwrap_or("?"),
+        ));
+    }
     let from_relay = letter.topic == config.relay.dead_letter_topic
         || letter.header(headers::STAGE) == Some("relay.encode");
     let mut outgoing = if from_relay {
         let row = crate::relay::row_from_dead_letter(&letter.value)?;
-        crate::relay::to_message(config, schemas, &row).map_err(|e| e.to_string())?
+        crate::relay::to_message(config, codec, &row).map_err(|e| e.to_string())?
     } else {
         let target = letter.header(headers::TOPIC).ok_or_else(|| {
             format!(
@@ -93,7 +101,10 @@ fn rebuild(
                 headers::TOPIC
             )
         })?;
-        let event = schemas.decode(&letter.value).map_err(|e| e.to_string())?;
+        let event = codec
+            .decode(&letter.value)
+            .await
+            .map_err(|e| e.to_string())?;
         if letter.key.as_deref() != Some(event.aggregate_id.as_bytes()) {
             return Err(DecodeError::KeyMismatch {
                 key: letter.key_text().unwrap_or_default(),
@@ -137,7 +148,7 @@ fn rebuild(
 /// `force` sends messages that were replayed before or that still fail to decode/encode.
 pub async fn replay(
     config: &Config,
-    schemas: &SchemaStore,
+    codec: &EventCodec,
     dlq_topic: &str,
     letters: Vec<DeadLetter>,
     dry_run: bool,
@@ -153,7 +164,7 @@ pub async fn replay(
     let mut to_send = Vec::new();
     let mut log_entries = Vec::new();
     for letter in letters {
-        let rebuilt = rebuild(config, schemas, &letter);
+        let rebuilt = rebuild(config, codec, &letter).await;
         let decision = match (&rebuilt, done.get(&(letter.partition, letter.offset))) {
             (_, Some((at_ms, target))) if !force => Decision::AlreadyReplayed {
                 at_ms: *at_ms,

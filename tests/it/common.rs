@@ -312,3 +312,40 @@ pub async fn outbox_keys(client: &tokio_postgres::Client) -> Vec<(String, String
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// A `customers` event with `payload` (`None` = delete).
+pub fn customer_event(
+    id: &str,
+    version: i64,
+    payload: Option<serde_json::Value>,
+) -> dualsync::codec::OutboxEvent {
+    dualsync::codec::OutboxEvent {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "CustomerUpserted".into(),
+        aggregate_type: "customers".into(),
+        aggregate_id: id.into(),
+        version,
+        created_at_micros: 0,
+        payload,
+    }
+}
+
+/// Produces `messages` (key, value) to partition 0 of `topic`, in order, each acknowledged.
+pub async fn produce_in_order(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    messages: &[(&str, &[u8])],
+) {
+    for (key, value) in messages {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(topic)
+                    .key(*key)
+                    .payload(*value)
+                    .partition(0),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+}

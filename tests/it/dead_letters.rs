@@ -21,15 +21,11 @@ use crate::common::*;
 type Poison<'a> = (&'a str, Option<&'a [u8]>, Vec<u8>);
 
 fn event(id: &str, version: i64) -> OutboxEvent {
-    OutboxEvent {
-        event_id: uuid::Uuid::new_v4(),
-        event_type: "CustomerUpserted".into(),
-        aggregate_type: "customers".into(),
-        aggregate_id: id.into(),
+    customer_event(
+        id,
         version,
-        created_at_micros: 0,
-        payload: Some(json!({"id": id, "name": "n", "email": "e", "order_count": 1})),
-    }
+        Some(json!({"id": id, "name": "n", "email": "e", "order_count": 1})),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -47,10 +43,10 @@ async fn poison_messages_are_dead_lettered_and_the_partition_keeps_flowing() {
     let poison: Vec<Poison> = vec![
         ("decode.bad_magic", Some(b"c1"), b"not avro at all".to_vec()),
         (
-            "decode.bad_magic",
+            "decode.no_registry",
             Some(b"c1"),
             vec![0x00, 0, 0, 0, 1, 2, 3],
-        ), // Confluent framing, no registry
+        ), // Confluent framing, no registry configured
         ("decode.truncated", Some(b"c1"), vec![0xC3, 0x01, 1, 2]),
         ("decode.unknown_schema", Some(b"c1"), unknown_schema),
         ("decode.schema_violation", Some(b"c1"), violation),
@@ -180,4 +176,93 @@ async fn bad_outbox_rows_go_to_the_relay_dead_letter_topic() {
     assert_eq!(total(&stats.published), 1);
     cancel.cancel();
     relay.await.unwrap().unwrap();
+}
+
+/// A document over MongoDB's 16 MiB limit: the sink refuses it, its dead letter is too large
+/// for the broker's default limit too, so it goes without its value (saying where the original
+/// is), and the partition keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() {
+    let servers = servers();
+    let config = pipeline(
+        &servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        &unique("t"),
+        "",
+    );
+    let topic = config.kafka.topic_for("customers");
+    let schemas = schemas();
+    let mut big = event("big", 1);
+    big.payload.as_mut().unwrap()["name"] = json!("x".repeat(17 << 20));
+    let big_value = schemas.encode(&big).unwrap();
+    let after = schemas.encode(&event("c2", 1)).unwrap();
+    dualsync::publish::Publisher::new(&config.kafka)
+        .unwrap()
+        .ensure_topic(&topic)
+        .await
+        .unwrap();
+    // The upstream producer allows big messages (as a topic holding 17 MiB events must).
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .set("message.max.bytes", "67108864")
+        .create()
+        .unwrap();
+    produce_in_order(&producer, &topic, &[("big", &big_value), ("c2", &after)]).await;
+
+    let cancel = CancellationToken::new();
+    let (apply, stats) = spawn_apply(&config, "mongo", &cancel);
+    let SinkConfig::Mongodb(m) = &config.sinks["mongo"] else {
+        unreachable!()
+    };
+    let sink = dualsync::sink::mongo::MongoSink::connect(m).await.unwrap();
+    eventually("the event after the oversize one is applied", || async {
+        sink.get("customers", "c2").await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(sink.get("customers", "big").await.unwrap(), None);
+
+    let dlq_topic = format!("{topic}.dlq");
+    let letters = read_topic(&servers.kafka, &dlq_topic, 1).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "exactly the oversize event is dead-lettered"
+    );
+    let letter = &letters[0];
+    assert_eq!(letter.key(), Some(&b"big"[..]));
+    assert_eq!(header(letter, dlq::STAGE).as_deref(), Some("sink"));
+    // Refused by the server (code 17420, document larger than 16 MiB), not by dualsync.
+    assert_eq!(header(letter, dlq::CLASS).as_deref(), Some("mongodb"));
+    assert_eq!(
+        header(letter, dlq::VALUE_OMITTED),
+        Some(big_value.len().to_string()),
+        "the letter says how big the left-out value was"
+    );
+    assert_eq!(letter.payload().unwrap_or_default(), b"");
+    assert_eq!(header(letter, dlq::TOPIC), Some(topic.clone()));
+    assert_eq!(header(letter, dlq::OFFSET).as_deref(), Some("0"));
+    assert_eq!(total(&stats.dead_lettered), 1);
+
+    // Replay cannot send what the letter does not hold, and says where the original is.
+    let codec = dualsync::codec::EventCodec::new(schemas.clone(), None);
+    let read = {
+        let (config, dlq_topic) = (config.clone(), dlq_topic.clone());
+        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let outcomes = dualsync::dlq::replay::replay(&config, &codec, &dlq_topic, read, false, true)
+        .await
+        .unwrap();
+    assert!(!outcomes[0].sent);
+    match &outcomes[0].decision {
+        dualsync::dlq::replay::Decision::StillFails { error } => {
+            assert!(error.contains(&format!("{topic}[0]@0")), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
 }

@@ -3,11 +3,12 @@
 //! dry run sends nothing, the replay is applied exactly once, and a second replay is refused.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
-use dualsync::codec::SchemaStore;
+use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::SinkConfig;
 use dualsync::dlq::headers;
 use dualsync::dlq::inspect::{self, Filter};
@@ -121,8 +122,8 @@ async fn poison_is_listed_shown_fixed_and_replayed_exactly_once() {
         ..Filter::default()
     }
     .matches(&letters[0]));
-    let old_schemas = SchemaStore::load_dir(&schemas_dir).unwrap();
-    let shown = inspect::decode_payload(&old_schemas, &letters[0].value);
+    let old_schemas = EventCodec::new(Arc::new(SchemaStore::load_dir(&schemas_dir).unwrap()), None);
+    let shown = inspect::decode_payload(&old_schemas, &letters[0].value).await;
     assert_eq!(shown["json"]["aggregateid"], "c2", "{shown}");
     assert!(letters[0]
         .header(headers::MESSAGE)
@@ -143,7 +144,7 @@ async fn poison_is_listed_shown_fixed_and_replayed_exactly_once() {
     first_apply_cancel.cancel();
     first_apply.await.unwrap().unwrap();
     let (apply, apply_metrics) = spawn_apply(&config, "postgres", &cancel);
-    let fixed = SchemaStore::load_dir(&schemas_dir).unwrap();
+    let fixed = EventCodec::new(Arc::new(SchemaStore::load_dir(&schemas_dir).unwrap()), None);
     let customers_topic = config.kafka.topic_for("customers");
 
     let dry = replay::replay(&config, &fixed, &dlq, letters.clone(), true, false)

@@ -126,6 +126,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub encoding: EncodingConfig,
+    /// A schema registry; without one, values use Avro single-object encoding.
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
     #[serde(default)]
     pub relay: RelayConfig,
     #[serde(default)]
@@ -249,6 +252,28 @@ impl Default for EncodingConfig {
             schemas_dir: defaults::schemas_dir(),
         }
     }
+}
+
+/// A registry speaking the Confluent Schema Registry REST API (Confluent, Redpanda, Karapace).
+/// When set, the relay writes the Confluent wire format (`00` + 4-byte schema id) under
+/// TopicNameStrategy subjects (`<topic>-value`); apply reads both framings either way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8081`; no credentials in it (see `username`).
+    pub url: String,
+    /// HTTP basic-auth user (Confluent Cloud: the API key).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Environment variable holding the basic-auth password, so it never sits in the file.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `true`: the relay registers each aggregate's schema at start. `false`: it only looks
+    /// them up and refuses to start when one is missing (schemas registered by a deploy step).
+    #[serde(default = "defaults::auto_register")]
+    pub auto_register: bool,
+    #[serde(default = "defaults::registry_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -467,6 +492,12 @@ mod defaults {
     pub fn reconcile_doc() -> String {
         "to_jsonb(t)".into()
     }
+    pub fn auto_register() -> bool {
+        true
+    }
+    pub fn registry_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn tombstone_retention_secs() -> u64 {
         7 * 24 * 3600
     }
@@ -500,159 +531,6 @@ impl Config {
         config.path = path.to_path_buf();
         config.validate()?;
         Ok(config)
-    }
-
-    /// Cross-field checks that serde cannot express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |key: &str, problem: &str| Err(ConfigError::new(&self.path, key, problem));
-        if self.pipeline.name.trim().is_empty() {
-            return err("pipeline.name", "must not be empty");
-        }
-        if self.kafka.brokers.trim().is_empty() {
-            return err("kafka.brokers", "must list at least one host:port");
-        }
-        if !self.kafka.topic_template.contains("{aggregatetype}") {
-            return err(
-                "kafka.topic_template",
-                "must contain {aggregatetype} so each aggregate type gets its own topic",
-            );
-        }
-        if self.kafka.partitions < 1 {
-            return err("kafka.partitions", "must be at least 1");
-        }
-        if self.kafka.replication_factor < 1 {
-            return err("kafka.replication_factor", "must be at least 1");
-        }
-        for reserved in [
-            "bootstrap.servers",
-            "group.id",
-            "group.instance.id",
-            "enable.auto.offset.store",
-        ] {
-            if self.kafka.properties.contains_key(reserved) {
-                return err(
-                    &format!("kafka.properties.\"{reserved}\""),
-                    "is set by dualsync itself (use kafka.brokers / apply.group_id / apply.instance_id)",
-                );
-            }
-        }
-        if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {
-            if s.batch_size == 0 || s.batch_size > 100_000 {
-                return err("source.batch_size", "must be between 1 and 100000");
-            }
-            if s.poll_interval_ms == 0 {
-                return err("source.poll_interval_ms", "must be above 0");
-            }
-            check_url(
-                &self.path,
-                "source.url",
-                s.url.expose(),
-                &["postgres", "postgresql"],
-            )?;
-        }
-        if self.apply.batch_size == 0 || self.apply.batch_size > 100_000 {
-            return err("apply.batch_size", "must be between 1 and 100000");
-        }
-        if self.apply.retry_initial_ms == 0 || self.apply.retry_max_ms < self.apply.retry_initial_ms
-        {
-            return err(
-                "apply.retry_max_ms",
-                "must be at least apply.retry_initial_ms, which must be above 0",
-            );
-        }
-        if let Some(g) = &self.apply.group_id {
-            if self.sinks.len() > 1 && !g.contains("{sink}") {
-                return err(
-                    "apply.group_id",
-                    "must contain {sink} when several sinks are configured: sinks sharing one group would each receive only part of the partitions",
-                );
-            }
-        }
-        for (aggregate, r) in &self.reconcile {
-            let qualified = r.table.split('.').collect::<Vec<_>>();
-            if qualified.len() > 2 || !qualified.iter().all(|p| is_identifier(p)) {
-                return err(
-                    &format!("reconcile.{aggregate}.table"),
-                    "must be `table` or `schema.table` (plain identifiers)",
-                );
-            }
-            if !is_identifier(&r.key) {
-                return err(
-                    &format!("reconcile.{aggregate}.key"),
-                    "must be a plain column name",
-                );
-            }
-        }
-        if self.http.host.parse::<std::net::IpAddr>().is_err() {
-            return err("http.host", "must be an IP address, e.g. 127.0.0.1");
-        }
-        if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
-            return err("http.warn_failure_rate", "must be between 0 and 1");
-        }
-        if self.apply.dead_letter_suffix.is_empty() {
-            return err("apply.dead_letter_suffix", "must not be empty");
-        }
-        // With the default subscription, apply would consume its own dead letters as events.
-        if self.apply.topics.is_empty() && self.apply.topic_regex.is_none() {
-            if self.kafka.is_event_topic(&self.relay.dead_letter_topic) {
-                return err(
-                    "relay.dead_letter_topic",
-                    "looks like an event topic of kafka.topic_template, so apply would consume dead letters as events: pick a name outside the template (e.g. with a dot where {aggregatetype} is)",
-                );
-            }
-            let sample = format!(
-                "{}{}",
-                self.kafka.topic_for("x"),
-                self.apply.dead_letter_suffix
-            );
-            if self.kafka.is_event_topic(&sample) {
-                return err(
-                    "apply.dead_letter_suffix",
-                    "makes dead-letter topics look like event topics of kafka.topic_template (apply would consume them): start it with a dot, e.g. \".dlq\"",
-                );
-            }
-        }
-        if let Some(re) = &self.apply.topic_regex {
-            if !re.starts_with('^') {
-                return err(
-                    "apply.topic_regex",
-                    "must start with ^ (librdkafka regex form)",
-                );
-            }
-        }
-        for (name, sink) in &self.sinks {
-            match sink {
-                SinkConfig::Postgres(p) => {
-                    check_url(
-                        &self.path,
-                        &format!("sinks.{name}.url"),
-                        p.url.expose(),
-                        &["postgres", "postgresql"],
-                    )?;
-                    if !is_identifier(&p.schema) {
-                        return err(
-                            &format!("sinks.{name}.schema"),
-                            "must be a plain identifier",
-                        );
-                    }
-                }
-                SinkConfig::Mongodb(m) => {
-                    check_url(
-                        &self.path,
-                        &format!("sinks.{name}.url"),
-                        m.url.expose(),
-                        &["mongodb", "mongodb+srv"],
-                    )?;
-                    if m.database.is_empty() || m.database.contains(['/', '.', ' ', '$']) {
-                        return err(
-                            &format!("sinks.{name}.database"),
-                            "is not a valid database name",
-                        );
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     pub fn outbox_source(&self) -> Result<&OutboxSourceConfig, ConfigError> {
@@ -696,28 +574,6 @@ impl Config {
             None => format!("dualsync-{}-{}", self.pipeline.name, sink_name),
         }
     }
-}
-
-fn is_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-}
-
-fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    let scheme = url.split("://").next().unwrap_or("");
-    if !url.contains("://") || !schemes.contains(&scheme) {
-        return Err(ConfigError::new(
-            path,
-            key,
-            format!(
-                "must be a URL starting with {}:// (got {})",
-                schemes.join(":// or "),
-                redact_url(url)
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn apply_env_override(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), String> {
@@ -775,124 +631,7 @@ fn parse_env_value(value: &str) -> toml::Value {
     toml::Value::String(value.to_string())
 }
 
+mod validate;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-[pipeline]
-name = "p"
-[source]
-kind = "postgres_outbox"
-url = "postgres://app:hunter2@db:5432/app"
-[kafka]
-brokers = "k:9092"
-[sinks.pg]
-kind = "postgres"
-url = "postgres://app:hunter2@replica/app"
-"#;
-
-    fn parse(text: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
-        let env = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        Config::from_toml(Path::new("conf.toml"), text, env)
-    }
-
-    #[test]
-    fn defaults_fill_in() {
-        let c = parse(MINIMAL, vec![]).unwrap();
-        assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");
-        assert_eq!(c.group_id("pg"), "dualsync-p-pg");
-        assert_eq!(c.sink(None).unwrap().0, "pg");
-    }
-
-    #[test]
-    fn unknown_keys_are_named_with_the_file() {
-        let e = parse(
-            &MINIMAL.replace("brokers =", "brokerz = \"x\"\nbrokers ="),
-            vec![],
-        )
-        .unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.starts_with("conf.toml:"), "{msg}");
-        assert!(msg.contains("brokerz"), "{msg}");
-    }
-
-    #[test]
-    fn env_overrides_win_and_properties_take_dots() {
-        let c = parse(
-            MINIMAL,
-            vec![
-                ("DUALSYNC_KAFKA__BROKERS", "other:9092"),
-                ("DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD", "123"),
-                ("DUALSYNC_APPLY__BATCH_SIZE", "7"),
-                ("DUALSYNC_TEST_PG_URL", "ignored: no double underscore"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(c.kafka.brokers, "other:9092");
-        assert_eq!(c.kafka.properties["sasl.password"], "123");
-        assert_eq!(c.apply.batch_size, 7);
-    }
-
-    #[test]
-    fn dead_letter_topics_must_not_look_like_event_topics() {
-        let base = "[pipeline]\nname = \"p\"\n[kafka]\nbrokers = \"b:1\"\ntopic_template = \"shop.{aggregatetype}\"\n";
-        let load = |extra: &str| {
-            Config::from_toml(Path::new("p.toml"), &format!("{base}{extra}"), Vec::new())
-        };
-        let e = load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n").unwrap_err();
-        assert_eq!(e.key, "relay.dead_letter_topic");
-        let e = load("[apply]\ndead_letter_suffix = \"-dlq\"\n").unwrap_err();
-        assert_eq!(e.key, "apply.dead_letter_suffix");
-        load("[relay]\ndead_letter_topic = \"shop.relay.dlq\"\n").unwrap();
-        // An explicit topic list has no such risk.
-        load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n[apply]\ntopics = [\"shop.orders\"]\n").unwrap();
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let e = parse(MINIMAL, vec![("DUALSYNC_SINKS__PG__URL", "mysql://x")]).unwrap_err();
-        assert_eq!(e.key, "sinks.pg.url");
-        let e = parse(
-            &MINIMAL.replace(
-                "brokers = \"k:9092\"",
-                "brokers = \"k:9092\"\ntopic_template = \"fixed\"",
-            ),
-            vec![],
-        )
-        .unwrap_err();
-        assert_eq!(e.key, "kafka.topic_template");
-        let two_sinks =
-            format!("{MINIMAL}\n[sinks.other]\nkind = \"postgres\"\nurl = \"postgres://h/db\"\n");
-        let e = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "shared")]).unwrap_err();
-        assert_eq!(e.key, "apply.group_id");
-        let c = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "g-{sink}")]).unwrap();
-        assert_eq!(c.group_id("other"), "g-other");
-    }
-
-    #[test]
-    fn secrets_never_print() {
-        let c = parse(MINIMAL, vec![]).unwrap();
-        let c = Config {
-            kafka: KafkaConfig {
-                properties: [("sasl.password".to_string(), "hunter2".to_string())].into(),
-                ..c.kafka
-            },
-            ..c
-        };
-        let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("postgres://app:***@db:5432/app"), "{shown}");
-        assert_eq!(
-            redact_url("mongodb://u:p@h/?tls=true&password=x"),
-            "mongodb://u:***@h/?tls=true&password=***"
-        );
-        assert_eq!(redact_url("plain-secret"), "***");
-        let e = parse(
-            MINIMAL,
-            vec![("DUALSYNC_SOURCE__URL", "mysql://u:hunter2@x")],
-        )
-        .unwrap_err();
-        assert!(!e.to_string().contains("hunter2"), "{e}");
-    }
-}
+mod tests;

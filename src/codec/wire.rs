@@ -1,0 +1,279 @@
+//! How event values are framed on the topics, and the schema-registry state behind it.
+//!
+//! Writing: with `[schema_registry]`, the relay registers (or, with `auto_register = false`,
+//! only looks up) each aggregate's envelope under the TopicNameStrategy subject
+//! `<topic>-value` once at start, then frames every value as `00` + the 4-byte big-endian id +
+//! the datum, as Confluent's serializers do, so any Confluent-compatible consumer reads it.
+//! Without a registry it writes Avro single-object encoding.
+//!
+//! Reading: both framings, always. A Confluent frame's writer schema is fetched by id (once,
+//! then cached: ids are immutable) and resolved against the local schema of the same record
+//! name when there is one, so a compatible evolution on the writing side keeps decoding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apache_avro::Schema;
+use backoff::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+
+use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
+use super::registry::RegistryClient;
+use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
+use crate::config::Config;
+use crate::error::{classify, Disposition, Error};
+
+/// First byte of the Confluent wire format.
+pub const CONFLUENT_MAGIC: u8 = 0;
+const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// A writer schema fetched from the registry, with the local reader it resolves against.
+struct WriterSchema {
+    label: String,
+    writer: Schema,
+    /// `None` when the writer is the local schema itself (no resolution needed) or unknown
+    /// locally (decoded as written).
+    reader: Option<Arc<EventSchema>>,
+}
+
+pub struct EventCodec {
+    store: Arc<SchemaStore>,
+    registry: Option<RegistryClient>,
+    /// Registry id of each aggregate type's envelope; `Some` once prepared for publishing with
+    /// a registry, and then every value is written in the Confluent wire format.
+    publish_ids: Option<HashMap<String, u32>>,
+    writers: Mutex<HashMap<u32, Arc<WriterSchema>>>,
+}
+
+impl EventCodec {
+    /// A codec over the local schemas, resolving Confluent frames through `registry` if given.
+    pub fn new(store: Arc<SchemaStore>, registry: Option<RegistryClient>) -> Self {
+        Self {
+            store,
+            registry,
+            publish_ids: None,
+            writers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A reading codec for `config` (apply, dead-letter tools).
+    pub fn for_reading(config: &Config, store: Arc<SchemaStore>) -> Result<Self, Error> {
+        let registry = match &config.schema_registry {
+            Some(r) => Some(RegistryClient::new(r).map_err(Error::Setup)?),
+            None => None,
+        };
+        Ok(Self::new(store, registry))
+    }
+
+    /// A writing codec for `config` (relay): with a registry, registers or looks up every local
+    /// schema first, waiting out an unreachable registry. `None` when cancelled meanwhile.
+    pub async fn for_publishing(
+        config: &Config,
+        store: Arc<SchemaStore>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self>, Error> {
+        let mut codec = Self::for_reading(config, store)?;
+        if codec.registry.is_none() {
+            return Ok(Some(codec));
+        }
+        let mut policy = backoff::ExponentialBackoff {
+            max_elapsed_time: None,
+            max_interval: Duration::from_secs(10),
+            ..Default::default()
+        };
+        loop {
+            match codec.register_all(config).await {
+                Ok(()) => return Ok(Some(codec)),
+                Err(e) if classify(&e) == Disposition::Retry => {
+                    let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, retry_in = ?delay, "schema registry unavailable; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The TopicNameStrategy subject of an aggregate type's values.
+    pub fn subject(config: &Config, aggregate_type: &str) -> String {
+        format!("{}-value", config.kafka.topic_for(aggregate_type))
+    }
+
+    pub fn store(&self) -> &SchemaStore {
+        &self.store
+    }
+
+    pub fn registry(&self) -> Option<&RegistryClient> {
+        self.registry.as_ref()
+    }
+
+    async fn register_all(&mut self, config: &Config) -> Result<(), Error> {
+        let registry = self.registry.as_ref().expect("checked by the caller");
+        let auto_register = config
+            .schema_registry
+            .as_ref()
+            .is_none_or(|r| r.auto_register);
+        let mut types: Vec<&str> = self.store.aggregate_types().collect();
+        types.sort_unstable();
+        let mut ids = HashMap::new();
+        for aggregate_type in types {
+            let schema = self.store.for_type(aggregate_type).expect("listed");
+            let subject = Self::subject(config, aggregate_type);
+            let id = if auto_register {
+                registry.register(&subject, &schema.registry_json).await?
+            } else {
+                registry
+                    .lookup(&subject, &schema.registry_json)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Setup(format!(
+                            "the schema of aggregate type {aggregate_type:?} is not registered under subject {subject:?} at {} (schema_registry.auto_register = false): register it, or check it with `dualsync schema check`",
+                            registry.base_url()
+                        ))
+                    })?
+            };
+            tracing::info!(aggregate_type, subject, id, "schema registered");
+            ids.insert(aggregate_type.to_string(), id);
+        }
+        self.publish_ids = Some(ids);
+        Ok(())
+    }
+
+    /// Encodes an event; the payload is validated strictly against the aggregate's schema.
+    pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
+        let Some(ids) = &self.publish_ids else {
+            return self.store.encode(event);
+        };
+        let id = ids
+            .get(&event.aggregate_type)
+            .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))?;
+        let (_, datum) = self.store.encode_datum(event)?;
+        let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+        out.push(CONFLUENT_MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// Decodes a value in either framing. Errors are [`Error::Decode`] (permanent for this
+    /// message) or [`Error::Registry`] (the registry could not answer: retry or stop).
+    pub async fn decode(&self, bytes: &[u8]) -> Result<OutboxEvent, Error> {
+        match bytes.first() {
+            None => Err(DecodeError::Empty.into()),
+            Some(&CONFLUENT_MAGIC) => self.decode_confluent(bytes).await,
+            Some(&b) if b == SINGLE_OBJECT_MAGIC[0] => Ok(self.store.decode(bytes)?),
+            Some(&b) => Err(DecodeError::BadMagic(b).into()),
+        }
+    }
+
+    async fn decode_confluent(&self, bytes: &[u8]) -> Result<OutboxEvent, Error> {
+        if bytes.len() < CONFLUENT_HEADER_LEN {
+            return Err(DecodeError::TooShort(bytes.len()).into());
+        }
+        let id = u32::from_be_bytes(bytes[1..CONFLUENT_HEADER_LEN].try_into().expect("4 bytes"));
+        let writer = self.writer(id).await?;
+        let reader = writer.reader.as_ref().map(|r| &r.envelope);
+        Ok(decode_datum(
+            &writer.label,
+            &writer.writer,
+            reader,
+            &bytes[CONFLUENT_HEADER_LEN..],
+        )?)
+    }
+
+    async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, Error> {
+        if let Some(w) = self.writers.lock().expect("not poisoned").get(&id) {
+            return Ok(w.clone());
+        }
+        let registry = self.registry.as_ref().ok_or(DecodeError::NoRegistry(id))?;
+        let registered = registry
+            .schema_by_id(id)
+            .await?
+            .ok_or(DecodeError::UnknownSchemaId(id))?;
+        let unusable = |reason: String| DecodeError::WriterSchema { id, reason };
+        if registered.schema_type != "AVRO" {
+            return Err(unusable(format!("it is {}, not Avro", registered.schema_type)).into());
+        }
+        let writer = Schema::parse_str(&registered.schema).map_err(|e| unusable(e.to_string()))?;
+        let Schema::Record(record) = &writer else {
+            return Err(unusable("its top-level type is not a record".into()).into());
+        };
+        let name = record.name.fullname(None);
+        let local = self.store.for_envelope_name(&name).cloned();
+        let writer = Arc::new(WriterSchema {
+            label: local
+                .as_ref()
+                .map(|l| l.aggregate_type.clone())
+                .unwrap_or_else(|| name.clone()),
+            reader: local.filter(|l| l.envelope_json != writer.canonical_form()),
+            writer,
+        });
+        self.writers
+            .lock()
+            .expect("not poisoned")
+            .insert(id, writer.clone());
+        Ok(writer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> EventCodec {
+        let mut store = SchemaStore::default();
+        store
+            .add(
+                "orders",
+                r#"{"type":"record","name":"Order","fields":[{"name":"id","type":"string"}]}"#,
+            )
+            .unwrap();
+        EventCodec::new(Arc::new(store), None)
+    }
+
+    fn decode_error(result: Result<OutboxEvent, Error>) -> DecodeError {
+        match result {
+            Err(Error::Decode(e)) => e,
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn confluent_frames_need_a_registry_and_a_full_header() {
+        let c = codec();
+        assert_eq!(
+            decode_error(c.decode(&[0, 0, 0, 0, 7, 1]).await),
+            DecodeError::NoRegistry(7)
+        );
+        assert_eq!(
+            decode_error(c.decode(&[0, 0, 1]).await),
+            DecodeError::TooShort(3)
+        );
+        assert_eq!(
+            decode_error(c.decode(&[0x7B, 1, 2]).await),
+            DecodeError::BadMagic(0x7B)
+        );
+        assert_eq!(decode_error(c.decode(&[]).await), DecodeError::Empty);
+    }
+
+    #[tokio::test]
+    async fn without_a_registry_values_are_single_object_encoded() {
+        let c = codec();
+        let event = OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            event_type: "Created".into(),
+            aggregate_type: "orders".into(),
+            aggregate_id: "o-1".into(),
+            version: 3,
+            created_at_micros: 0,
+            payload: Some(serde_json::json!({"id": "o-1"})),
+        };
+        let bytes = c.encode(&event).unwrap();
+        assert_eq!(bytes[..2], SINGLE_OBJECT_MAGIC);
+        assert_eq!(c.decode(&bytes).await.unwrap(), event);
+    }
+}

@@ -1,0 +1,156 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[pipeline]
+name = "p"
+[source]
+kind = "postgres_outbox"
+url = "postgres://app:hunter2@db:5432/app"
+[kafka]
+brokers = "k:9092"
+[sinks.pg]
+kind = "postgres"
+url = "postgres://app:hunter2@replica/app"
+"#;
+
+fn parse(text: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+    let env = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Config::from_toml(Path::new("conf.toml"), text, env)
+}
+
+#[test]
+fn defaults_fill_in() {
+    let c = parse(MINIMAL, vec![]).unwrap();
+    assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");
+    assert_eq!(c.group_id("pg"), "dualsync-p-pg");
+    assert_eq!(c.sink(None).unwrap().0, "pg");
+}
+
+#[test]
+fn unknown_keys_are_named_with_the_file() {
+    let e = parse(
+        &MINIMAL.replace("brokers =", "brokerz = \"x\"\nbrokers ="),
+        vec![],
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("conf.toml:"), "{msg}");
+    assert!(msg.contains("brokerz"), "{msg}");
+}
+
+#[test]
+fn env_overrides_win_and_properties_take_dots() {
+    let c = parse(
+        MINIMAL,
+        vec![
+            ("DUALSYNC_KAFKA__BROKERS", "other:9092"),
+            ("DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD", "123"),
+            ("DUALSYNC_APPLY__BATCH_SIZE", "7"),
+            ("DUALSYNC_TEST_PG_URL", "ignored: no double underscore"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.kafka.brokers, "other:9092");
+    assert_eq!(c.kafka.properties["sasl.password"], "123");
+    assert_eq!(c.apply.batch_size, 7);
+}
+
+#[test]
+fn dead_letter_topics_must_not_look_like_event_topics() {
+    let base = "[pipeline]\nname = \"p\"\n[kafka]\nbrokers = \"b:1\"\ntopic_template = \"shop.{aggregatetype}\"\n";
+    let load =
+        |extra: &str| Config::from_toml(Path::new("p.toml"), &format!("{base}{extra}"), Vec::new());
+    let e = load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n").unwrap_err();
+    assert_eq!(e.key, "relay.dead_letter_topic");
+    let e = load("[apply]\ndead_letter_suffix = \"-dlq\"\n").unwrap_err();
+    assert_eq!(e.key, "apply.dead_letter_suffix");
+    load("[relay]\ndead_letter_topic = \"shop.relay.dlq\"\n").unwrap();
+    // An explicit topic list has no such risk.
+    load("[relay]\ndead_letter_topic = \"shop.relay-dlq\"\n[apply]\ntopics = [\"shop.orders\"]\n")
+        .unwrap();
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let e = parse(MINIMAL, vec![("DUALSYNC_SINKS__PG__URL", "mysql://x")]).unwrap_err();
+    assert_eq!(e.key, "sinks.pg.url");
+    let e = parse(
+        &MINIMAL.replace(
+            "brokers = \"k:9092\"",
+            "brokers = \"k:9092\"\ntopic_template = \"fixed\"",
+        ),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "kafka.topic_template");
+    let two_sinks =
+        format!("{MINIMAL}\n[sinks.other]\nkind = \"postgres\"\nurl = \"postgres://h/db\"\n");
+    let e = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "shared")]).unwrap_err();
+    assert_eq!(e.key, "apply.group_id");
+    let c = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "g-{sink}")]).unwrap();
+    assert_eq!(c.group_id("other"), "g-other");
+}
+
+#[test]
+fn secrets_never_print() {
+    let c = parse(MINIMAL, vec![]).unwrap();
+    let c = Config {
+        kafka: KafkaConfig {
+            properties: [("sasl.password".to_string(), "hunter2".to_string())].into(),
+            ..c.kafka
+        },
+        ..c
+    };
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("postgres://app:***@db:5432/app"), "{shown}");
+    assert_eq!(
+        redact_url("mongodb://u:p@h/?tls=true&password=x"),
+        "mongodb://u:***@h/?tls=true&password=***"
+    );
+    assert_eq!(redact_url("plain-secret"), "***");
+    let e = parse(
+        MINIMAL,
+        vec![("DUALSYNC_SOURCE__URL", "mysql://u:hunter2@x")],
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn registry_settings_are_checked() {
+    let with = |section: &str| parse(&format!("{MINIMAL}\n[schema_registry]\n{section}"), vec![]);
+    let c = with("url = \"http://localhost:8081\"").unwrap();
+    let r = c.schema_registry.as_ref().unwrap();
+    assert!(r.auto_register, "auto_register defaults to on");
+    assert!(r.timeout_ms > 0);
+    with("url = \"https://reg:8081\"\nusername = \"u\"\npassword_env = \"REG_PW\"").unwrap();
+
+    let key = |section: &str| with(section).unwrap_err().key;
+    assert_eq!(key("url = \"ftp://reg\""), "schema_registry.url");
+    assert_eq!(key("url = \"reg:8081\""), "schema_registry.url");
+    let e = with("url = \"http://u:hunter2@reg:8081\"").unwrap_err();
+    assert_eq!(e.key, "schema_registry.url");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(
+        key("url = \"http://reg\"\nusername = \"u\""),
+        "schema_registry.password_env"
+    );
+    assert_eq!(
+        key("url = \"http://reg\"\npassword_env = \"P\""),
+        "schema_registry.password_env"
+    );
+    assert_eq!(
+        key("url = \"http://reg\"\ntimeout_ms = 0"),
+        "schema_registry.timeout_ms"
+    );
+    let e = with("url = \"http://reg\"\npassword = \"x\"").unwrap_err();
+    assert!(e.to_string().contains("password"), "unknown key named: {e}");
+    // The compose file switches the registry on with a variable alone.
+    let c = parse(
+        MINIMAL,
+        vec![("DUALSYNC_SCHEMA_REGISTRY__URL", "http://redpanda:8081")],
+    )
+    .unwrap();
+    assert_eq!(c.schema_registry.unwrap().url, "http://redpanda:8081");
+}

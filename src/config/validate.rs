@@ -1,0 +1,218 @@
+//! Cross-field checks run on every load, so a bad config stops start-up naming its key.
+
+use std::path::Path;
+
+use super::{redact_url, Config, ConfigError, SchemaRegistryConfig, SinkConfig, SourceConfig};
+
+impl Config {
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| Err(ConfigError::new(&self.path, key, problem));
+        if self.pipeline.name.trim().is_empty() {
+            return err("pipeline.name", "must not be empty");
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return err("kafka.brokers", "must list at least one host:port");
+        }
+        if !self.kafka.topic_template.contains("{aggregatetype}") {
+            return err(
+                "kafka.topic_template",
+                "must contain {aggregatetype} so each aggregate type gets its own topic",
+            );
+        }
+        if self.kafka.partitions < 1 {
+            return err("kafka.partitions", "must be at least 1");
+        }
+        if self.kafka.replication_factor < 1 {
+            return err("kafka.replication_factor", "must be at least 1");
+        }
+        for reserved in [
+            "bootstrap.servers",
+            "group.id",
+            "group.instance.id",
+            "enable.auto.offset.store",
+        ] {
+            if self.kafka.properties.contains_key(reserved) {
+                return err(
+                    &format!("kafka.properties.\"{reserved}\""),
+                    "is set by dualsync itself (use kafka.brokers / apply.group_id / apply.instance_id)",
+                );
+            }
+        }
+        if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {
+            if s.batch_size == 0 || s.batch_size > 100_000 {
+                return err("source.batch_size", "must be between 1 and 100000");
+            }
+            if s.poll_interval_ms == 0 {
+                return err("source.poll_interval_ms", "must be above 0");
+            }
+            check_url(
+                &self.path,
+                "source.url",
+                s.url.expose(),
+                &["postgres", "postgresql"],
+            )?;
+        }
+        if self.apply.batch_size == 0 || self.apply.batch_size > 100_000 {
+            return err("apply.batch_size", "must be between 1 and 100000");
+        }
+        if self.apply.retry_initial_ms == 0 || self.apply.retry_max_ms < self.apply.retry_initial_ms
+        {
+            return err(
+                "apply.retry_max_ms",
+                "must be at least apply.retry_initial_ms, which must be above 0",
+            );
+        }
+        if let Some(g) = &self.apply.group_id {
+            if self.sinks.len() > 1 && !g.contains("{sink}") {
+                return err(
+                    "apply.group_id",
+                    "must contain {sink} when several sinks are configured: sinks sharing one group would each receive only part of the partitions",
+                );
+            }
+        }
+        for (aggregate, r) in &self.reconcile {
+            let qualified = r.table.split('.').collect::<Vec<_>>();
+            if qualified.len() > 2 || !qualified.iter().all(|p| is_identifier(p)) {
+                return err(
+                    &format!("reconcile.{aggregate}.table"),
+                    "must be `table` or `schema.table` (plain identifiers)",
+                );
+            }
+            if !is_identifier(&r.key) {
+                return err(
+                    &format!("reconcile.{aggregate}.key"),
+                    "must be a plain column name",
+                );
+            }
+        }
+        if let Some(r) = &self.schema_registry {
+            self.validate_registry(r)?;
+        }
+        if self.http.host.parse::<std::net::IpAddr>().is_err() {
+            return err("http.host", "must be an IP address, e.g. 127.0.0.1");
+        }
+        if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
+            return err("http.warn_failure_rate", "must be between 0 and 1");
+        }
+        if self.apply.dead_letter_suffix.is_empty() {
+            return err("apply.dead_letter_suffix", "must not be empty");
+        }
+        // With the default subscription, apply would consume its own dead letters as events.
+        if self.apply.topics.is_empty() && self.apply.topic_regex.is_none() {
+            if self.kafka.is_event_topic(&self.relay.dead_letter_topic) {
+                return err(
+                    "relay.dead_letter_topic",
+                    "looks like an event topic of kafka.topic_template, so apply would consume dead letters as events: pick a name outside the template (e.g. with a dot where {aggregatetype} is)",
+                );
+            }
+            let sample = format!(
+                "{}{}",
+                self.kafka.topic_for("x"),
+                self.apply.dead_letter_suffix
+            );
+            if self.kafka.is_event_topic(&sample) {
+                return err(
+                    "apply.dead_letter_suffix",
+                    "makes dead-letter topics look like event topics of kafka.topic_template (apply would consume them): start it with a dot, e.g. \".dlq\"",
+                );
+            }
+        }
+        if let Some(re) = &self.apply.topic_regex {
+            if !re.starts_with('^') {
+                return err(
+                    "apply.topic_regex",
+                    "must start with ^ (librdkafka regex form)",
+                );
+            }
+        }
+        for (name, sink) in &self.sinks {
+            match sink {
+                SinkConfig::Postgres(p) => {
+                    check_url(
+                        &self.path,
+                        &format!("sinks.{name}.url"),
+                        p.url.expose(),
+                        &["postgres", "postgresql"],
+                    )?;
+                    if !is_identifier(&p.schema) {
+                        return err(
+                            &format!("sinks.{name}.schema"),
+                            "must be a plain identifier",
+                        );
+                    }
+                }
+                SinkConfig::Mongodb(m) => {
+                    check_url(
+                        &self.path,
+                        &format!("sinks.{name}.url"),
+                        m.url.expose(),
+                        &["mongodb", "mongodb+srv"],
+                    )?;
+                    if m.database.is_empty() || m.database.contains(['/', '.', ' ', '$']) {
+                        return err(
+                            &format!("sinks.{name}.database"),
+                            "is not a valid database name",
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_registry(&self, r: &SchemaRegistryConfig) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| {
+            Err(ConfigError::new(
+                &self.path,
+                format!("schema_registry.{key}"),
+                problem,
+            ))
+        };
+        check_url(
+            &self.path,
+            "schema_registry.url",
+            &r.url,
+            &["http", "https"],
+        )?;
+        let authority = r.url.split("://").nth(1).unwrap_or("").split('/').next();
+        if authority.is_some_and(|a| a.contains('@')) {
+            return err(
+                "url",
+                "must not contain credentials: use schema_registry.username and password_env",
+            );
+        }
+        if r.username.is_some() != r.password_env.is_some() {
+            return err(
+                "password_env",
+                "and schema_registry.username go together (basic auth needs both)",
+            );
+        }
+        if r.timeout_ms == 0 {
+            return err("timeout_ms", "must be above 0");
+        }
+        Ok(())
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let scheme = url.split("://").next().unwrap_or("");
+    if !url.contains("://") || !schemes.contains(&scheme) {
+        return Err(ConfigError::new(
+            path,
+            key,
+            format!(
+                "must be a URL starting with {}:// (got {})",
+                schemes.join(":// or "),
+                redact_url(url)
+            ),
+        ));
+    }
+    Ok(())
+}
