@@ -424,6 +424,9 @@ pub struct PostgresSinkConfig {
     pub schema: String,
     #[serde(default = "defaults::tombstone_retention_secs")]
     pub tombstone_retention_secs: u64,
+    /// Aggregate types written to typed columns instead of a document table.
+    #[serde(default)]
+    pub tables: BTreeMap<String, ColumnTableConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -631,7 +634,10 @@ fn parse_env_value(value: &str) -> toml::Value {
     toml::Value::String(value.to_string())
 }
 
+mod columns;
 mod validate;
+
+pub use columns::{ColumnConfig, ColumnTableConfig, ColumnType, RESERVED_COLUMNS};
 
 #[cfg(test)]
 mod tests;

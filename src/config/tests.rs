@@ -154,3 +154,55 @@ fn registry_settings_are_checked() {
     .unwrap();
     assert_eq!(c.schema_registry.unwrap().url, "http://redpanda:8081");
 }
+
+#[test]
+fn column_tables_are_checked() {
+    let with = |table: &str| {
+        parse(
+            &format!("{MINIMAL}\n[sinks.pg.tables.customers]\n{table}"),
+            vec![],
+        )
+    };
+    let c = with("columns = [{ name = \"email\", type = \"text\" }, { name = \"n\", type = \"double precision\", field = \"stats.n\" }]").unwrap();
+    let SinkConfig::Postgres(p) = &c.sinks["pg"] else {
+        panic!()
+    };
+    let t = &p.tables["customers"];
+    assert_eq!(t.key_column, "id");
+    assert_eq!(t.columns[1].sql_type, ColumnType::DoublePrecision);
+    assert_eq!(t.columns[1].path(), ["stats", "n"]);
+
+    let key = |table: &str| with(table).unwrap_err().key;
+    let columns = "sinks.pg.tables.customers.columns";
+    assert_eq!(key("columns = []"), columns);
+    assert_eq!(
+        key("columns = [{ name = \"version\", type = \"text\" }]"),
+        columns
+    );
+    assert_eq!(
+        key("columns = [{ name = \"id\", type = \"text\" }]"),
+        columns
+    );
+    assert_eq!(
+        key("columns = [{ name = \"a\", type = \"text\" }, { name = \"a\", type = \"text\" }]"),
+        columns
+    );
+    assert_eq!(
+        key("columns = [{ name = \"a b\", type = \"text\" }]"),
+        columns
+    );
+    assert_eq!(
+        key("columns = [{ name = \"a\", type = \"text\", field = \"x..y\" }]"),
+        columns
+    );
+    assert_eq!(
+        key("table = \"x;drop\"\ncolumns = [{ name = \"a\", type = \"text\" }]"),
+        "sinks.pg.tables.customers.table"
+    );
+    assert_eq!(
+        key("key_column = \"deleted\"\ncolumns = [{ name = \"a\", type = \"text\" }]"),
+        "sinks.pg.tables.customers.key_column"
+    );
+    let e = with("columns = [{ name = \"a\", type = \"varchar\" }]").unwrap_err();
+    assert!(e.to_string().contains("varchar"), "unknown type named: {e}");
+}

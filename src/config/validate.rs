@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use super::{redact_url, Config, ConfigError, SchemaRegistryConfig, SinkConfig, SourceConfig};
+use super::{
+    redact_url, ColumnTableConfig, Config, ConfigError, SchemaRegistryConfig, SinkConfig,
+    SourceConfig, RESERVED_COLUMNS,
+};
 
 impl Config {
     /// Cross-field checks that serde cannot express.
@@ -141,6 +144,9 @@ impl Config {
                             "must be a plain identifier",
                         );
                     }
+                    for (aggregate, t) in &p.tables {
+                        self.validate_column_table(&format!("sinks.{name}.tables.{aggregate}"), t)?;
+                    }
                 }
                 SinkConfig::Mongodb(m) => {
                     check_url(
@@ -156,6 +162,58 @@ impl Config {
                         );
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_column_table(&self, key: &str, t: &ColumnTableConfig) -> Result<(), ConfigError> {
+        let err = |sub: &str, problem: String| {
+            Err(ConfigError::new(&self.path, format!("{key}{sub}"), problem))
+        };
+        if let Some(table) = &t.table {
+            if !is_identifier(table) {
+                return err(".table", "must be a plain identifier".into());
+            }
+        }
+        if !is_identifier(&t.key_column) || RESERVED_COLUMNS.contains(&t.key_column.as_str()) {
+            return err(
+                ".key_column",
+                format!(
+                    "must be a plain identifier other than {}",
+                    RESERVED_COLUMNS.join(", ")
+                ),
+            );
+        }
+        if t.columns.is_empty() {
+            return err(
+                ".columns",
+                "must list at least one column (or drop the table entry to get a document table)"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &t.columns {
+            let taken = RESERVED_COLUMNS.contains(&c.name.as_str()) || c.name == t.key_column;
+            if !is_identifier(&c.name) || taken || !seen.insert(c.name.as_str()) {
+                return err(
+                    ".columns",
+                    format!(
+                        "column {:?} must be a plain identifier, used once, and not the key column or one of {}",
+                        c.name,
+                        RESERVED_COLUMNS.join(", ")
+                    ),
+                );
+            }
+            if c.path().iter().any(String::is_empty) {
+                return err(
+                    ".columns",
+                    format!(
+                        "column {:?}: field {:?} has an empty path segment",
+                        c.name,
+                        c.field_name()
+                    ),
+                );
             }
         }
         Ok(())

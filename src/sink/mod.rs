@@ -80,6 +80,20 @@ pub trait Sink: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredRecord>, Error>> + Send;
 
+    /// How this sink would hold each of `docs` (primary documents of `namespace`), in the
+    /// form `scan` reports, so `verify` compares like with like: the documents themselves,
+    /// unless the sink keeps only part of them (a PostgreSQL column table). `None` for a
+    /// document the sink cannot hold.
+    fn project(
+        &self,
+        namespace: &str,
+        docs: &[serde_json::Value],
+    ) -> impl Future<Output = Result<Vec<Option<serde_json::Value>>, Error>> + Send {
+        let _ = namespace;
+        let projected = docs.iter().cloned().map(Some).collect();
+        async move { Ok(projected) }
+    }
+
     /// Current state of `key` (for tests and `verify`): `(version, document or None if deleted)`.
     fn get(
         &self,

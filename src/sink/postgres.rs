@@ -1,24 +1,106 @@
-//! PostgreSQL sink: one document table per aggregate type,
-//! `(id text primary key, doc jsonb, version bigint, deleted boolean, updated_at timestamptz)`,
-//! created on first use. A batch is one `INSERT .. ON CONFLICT DO UPDATE .. WHERE version <
-//! EXCLUDED.version` per table, so a stale event is a no-op inside the database, atomically.
+//! PostgreSQL sink. Each aggregate type gets a table, created on first use:
+//!
+//! - by default a **document table** `(id text primary key, doc jsonb, version bigint,
+//!   deleted boolean, updated_at timestamptz)`;
+//! - with `[sinks.NAME.tables.<aggregatetype>]`, a **column table**: the key column, one typed
+//!   column per mapped payload field, and the same `version`, `deleted`, `updated_at`.
+//!
+//! A batch is one `INSERT .. ON CONFLICT DO UPDATE .. WHERE version < EXCLUDED.version` per
+//! table, so a stale event is a no-op inside the database, atomically. Column values are cast
+//! by PostgreSQL from the payload's JSON (`(doc #>> path)::type`): a value that does not cast
+//! fails the batch with a data exception, and apply isolates and dead-letters that record.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use super::{newest_per_key, quote_ident, ApplyOutcome, Sink, SinkRecord, StoredRecord};
-use crate::config::PostgresSinkConfig;
-use crate::error::Error;
+use crate::config::{ColumnTableConfig, ColumnType, PostgresSinkConfig};
+use crate::error::{classify, Disposition, Error};
 
 pub struct PostgresSink {
     client: Mutex<Option<Arc<Client>>>,
     url: String,
     schema: String,
+    /// Aggregate types with a column mapping; the rest use document tables.
+    column_tables: BTreeMap<String, ColumnTableConfig>,
     known_tables: Mutex<HashSet<String>>,
+}
+
+/// How one aggregate type is laid out in its table.
+enum Layout<'a> {
+    Document,
+    Columns(&'a ColumnTableConfig),
+}
+
+impl Layout<'_> {
+    fn key_column(&self) -> String {
+        match self {
+            Layout::Document => quote_ident("id"),
+            Layout::Columns(t) => quote_ident(&t.key_column),
+        }
+    }
+
+    /// The payload paths of the mapped columns, bound as `text[]` parameters from `first`
+    /// on (never spliced into the SQL).
+    fn paths(&self) -> Vec<Vec<String>> {
+        match self {
+            Layout::Document => Vec::new(),
+            Layout::Columns(t) => t.columns.iter().map(|c| c.path()).collect(),
+        }
+    }
+
+    /// `(column list, value expressions over the jsonb `source`)`, paths from `$first`.
+    fn value_columns(&self, source: &str, first: usize) -> (Vec<String>, Vec<String>) {
+        match self {
+            Layout::Document => (vec![quote_ident("doc")], vec![source.to_string()]),
+            Layout::Columns(t) => t
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let path = format!("${}::text[]", first + i);
+                    let value = match c.sql_type {
+                        // JSON null stays SQL NULL, not the JSON value `null`.
+                        ColumnType::Jsonb => format!("NULLIF({source} #> {path}, 'null'::jsonb)"),
+                        other => format!("({source} #>> {path})::{}", other.sql()),
+                    };
+                    (quote_ident(&c.name), value)
+                })
+                .unzip(),
+        }
+    }
+
+    /// The stored document as `scan`/`get` report it: the payload itself, or the mapped
+    /// fields rebuilt into an object (`{field: value}`, dotted paths kept as keys).
+    fn stored_document(&self) -> String {
+        match self {
+            Layout::Document => "doc".into(),
+            Layout::Columns(t) => {
+                let pairs: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{}, to_jsonb({})",
+                            quote_literal(c.field_name()),
+                            quote_ident(&c.name)
+                        )
+                    })
+                    .collect();
+                format!("jsonb_build_object({})", pairs.join(", "))
+            }
+        }
+    }
+}
+
+/// A SQL string literal (for the field names of a rebuilt document).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 impl PostgresSink {
@@ -27,6 +109,7 @@ impl PostgresSink {
             client: Mutex::new(None),
             url: config.url.expose().to_string(),
             schema: config.schema.clone(),
+            column_tables: config.tables.clone(),
             known_tables: Mutex::new(HashSet::new()),
         };
         let client = sink.client().await?;
@@ -53,8 +136,19 @@ impl PostgresSink {
         Ok(client)
     }
 
+    fn layout(&self, namespace: &str) -> Layout<'_> {
+        match self.column_tables.get(namespace) {
+            Some(t) => Layout::Columns(t),
+            None => Layout::Document,
+        }
+    }
+
     fn table(&self, namespace: &str) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(namespace))
+        let name = match self.layout(namespace) {
+            Layout::Columns(ColumnTableConfig { table: Some(t), .. }) => t.as_str(),
+            _ => namespace,
+        };
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(name))
     }
 
     async fn ensure_table(&self, client: &Client, namespace: &str) -> Result<(), Error> {
@@ -62,14 +156,25 @@ impl PostgresSink {
             return Ok(());
         }
         let table = self.table(namespace);
+        let layout = self.layout(namespace);
+        let value_columns = match layout {
+            Layout::Document => "doc jsonb,".to_string(),
+            Layout::Columns(t) => t
+                .columns
+                .iter()
+                .map(|c| format!("{} {},", quote_ident(&c.name), c.sql_type.sql()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {table} (
-                    id text PRIMARY KEY,
-                    doc jsonb,
+                    {key} text PRIMARY KEY,
+                    {value_columns}
                     version bigint NOT NULL,
                     deleted boolean NOT NULL DEFAULT false,
-                    updated_at timestamptz NOT NULL DEFAULT now())"
+                    updated_at timestamptz NOT NULL DEFAULT now())",
+                key = layout.key_column(),
             ))
             .await
             .or_else(ignore_concurrent_create)?;
@@ -79,6 +184,53 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
+    /// A column table's documents are cast into the mapped columns with the write path's
+    /// casts and rebuilt as `scan` reports stored rows; `None` for a document that does not
+    /// cast (apply would have dead-lettered it).
+    async fn project(
+        &self,
+        namespace: &str,
+        docs: &[serde_json::Value],
+    ) -> Result<Vec<Option<serde_json::Value>>, Error> {
+        let layout = self.layout(namespace);
+        if matches!(layout, Layout::Document) {
+            return Ok(docs.iter().cloned().map(Some).collect());
+        }
+        let client = self.client().await?;
+        let (_, values) = layout.value_columns("u.doc", 2);
+        // Rebuilt with the same casts as the write path and rendered like `scan` does.
+        let rebuilt = match &layout {
+            Layout::Columns(t) => t
+                .columns
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| format!("{}, to_jsonb({v})", quote_literal(c.field_name())))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Layout::Document => unreachable!(),
+        };
+        let sql = format!(
+            "SELECT jsonb_build_object({rebuilt}) FROM unnest($1::jsonb[]) WITH ORDINALITY AS u(doc, n) ORDER BY n"
+        );
+        let paths = layout.paths();
+        match query_projection(&client, &sql, &paths, docs).await {
+            Ok(all) => Ok(all.into_iter().map(Some).collect()),
+            // Some document does not cast: project one by one to find which.
+            Err(e) if classify(&e) == Disposition::DeadLetter => {
+                let mut out = Vec::with_capacity(docs.len());
+                for doc in docs {
+                    match query_projection(&client, &sql, &paths, std::slice::from_ref(doc)).await {
+                        Ok(mut one) => out.push(one.pop()),
+                        Err(e) if classify(&e) == Disposition::DeadLetter => out.push(None),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn apply(&self, batch: &[SinkRecord]) -> Result<ApplyOutcome, Error> {
         let (kept, dropped) = newest_per_key(batch);
         let mut by_table: BTreeMap<&str, Vec<&SinkRecord>> = BTreeMap::new();
@@ -95,24 +247,35 @@ impl Sink for PostgresSink {
         };
         for (namespace, records) in by_table {
             self.ensure_table(&client, namespace).await?;
+            let layout = self.layout(namespace);
             let ids: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
             let docs: Vec<Option<&serde_json::Value>> =
                 records.iter().map(|r| r.document.as_ref()).collect();
             let versions: Vec<i64> = records.iter().map(|r| r.version).collect();
             let deleted: Vec<bool> = records.iter().map(|r| r.document.is_none()).collect();
+            let (columns, values) = layout.value_columns("u.doc", 5);
+            let updates: Vec<String> = columns
+                .iter()
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect();
             let sql = format!(
-                "INSERT INTO {t} AS t (id, doc, version, deleted, updated_at)
-                 SELECT id, doc, version, deleted, now()
+                "INSERT INTO {t} AS t ({key}, {columns}, version, deleted, updated_at)
+                 SELECT u.id, {values}, u.version, u.deleted, now()
                  FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::bool[]) AS u(id, doc, version, deleted)
-                 ON CONFLICT (id) DO UPDATE
-                   SET doc = EXCLUDED.doc, version = EXCLUDED.version,
+                 ON CONFLICT ({key}) DO UPDATE
+                   SET {updates}, version = EXCLUDED.version,
                        deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
                    WHERE t.version < EXCLUDED.version",
-                t = self.table(namespace)
+                t = self.table(namespace),
+                key = layout.key_column(),
+                columns = columns.join(", "),
+                values = values.join(", "),
+                updates = updates.join(", "),
             );
-            let written = client
-                .execute(&sql, &[&ids, &docs, &versions, &deleted])
-                .await?;
+            let paths = layout.paths();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids, &docs, &versions, &deleted];
+            params.extend(paths.iter().map(|p| p as &(dyn ToSql + Sync)));
+            let written = client.execute(&sql, &params).await?;
             outcome.applied += written;
             outcome.stale += records.len() as u64 - written;
         }
@@ -148,9 +311,12 @@ impl Sink for PostgresSink {
         if !table_exists(&client, &table).await? {
             return Ok(Vec::new());
         }
+        let layout = self.layout(namespace);
         let sql = format!(
-            "SELECT id, version, CASE WHEN deleted THEN NULL ELSE doc END FROM {table}
-             WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2"
+            "SELECT {key}, version, CASE WHEN deleted THEN NULL ELSE {doc} END FROM {table}
+             WHERE $1::text IS NULL OR {key} > $1 ORDER BY {key} LIMIT $2",
+            key = layout.key_column(),
+            doc = layout.stored_document(),
         );
         let rows = client.query(&sql, &[&after, &(limit as i64)]).await?;
         Ok(rows
@@ -170,12 +336,27 @@ impl Sink for PostgresSink {
         if !table_exists(&client, &table).await? {
             return Ok(None);
         }
+        let layout = self.layout(namespace);
         let sql = format!(
-            "SELECT version, CASE WHEN deleted THEN NULL ELSE doc END FROM {table} WHERE id = $1"
+            "SELECT version, CASE WHEN deleted THEN NULL ELSE {doc} END FROM {table} WHERE {key} = $1",
+            key = layout.key_column(),
+            doc = layout.stored_document(),
         );
         let row = client.query_opt(&sql, &[&key]).await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
+}
+
+async fn query_projection(
+    client: &Client,
+    sql: &str,
+    paths: &[Vec<String>],
+    docs: &[serde_json::Value],
+) -> Result<Vec<serde_json::Value>, Error> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&docs];
+    params.extend(paths.iter().map(|p| p as &(dyn ToSql + Sync)));
+    let rows = client.query(sql, &params).await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
 async fn table_exists(client: &Client, table: &str) -> Result<bool, Error> {

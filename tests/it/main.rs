@@ -2,6 +2,7 @@
 //! Kafka broker, the SecantusDB MongoDB server). One binary for all of them, to link once.
 
 mod chaos;
+mod column_tables;
 mod common;
 mod dead_letters;
 mod dlq_tools;
