@@ -8,6 +8,10 @@
 #      the relay stopped, then the relay publishes the backlog: relay events/s.
 #   2. apply drain, per sink: the published backlog is applied by one apply process into the
 #      PostgreSQL sink, then into the MongoDB sink: apply events/s per sink.
+#   0. stage baselines, no dualsync in the loop: the broker alone (examples/broker_baseline.rs,
+#      dualsync's producer and consumer settings), a raw batched upsert into a PostgreSQL table
+#      shaped like the sink's (1,000-row statements), and raw 1,000-document upsert batches into
+#      MongoDB with pymongo, so the pipeline's figures can be read against each stage's ceiling.
 #   3. latency: everything running, BENCH_RATE order changes/s for BENCH_LATENCY_CHANGES
 #      changes: commit→publish (outbox created_at → published_at) and commit→applied
 #      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles,
@@ -26,8 +30,10 @@ mkdir -p "$OUT_DIR" "$LOG_DIR"
 
 bash scripts/up.sh all
 log "building dualsync (release)"
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --bin dualsync --example broker_baseline
 BIN="$REPO_ROOT/target/release/dualsync"
+BASELINE_ROWS="${BENCH_BASELINE_ROWS:-100000}"
+BASELINE_MONGO_DOCS="${BENCH_BASELINE_MONGO_DOCS:-20000}"
 CONFIG=connectors/demo.toml
 PSQL=(psql -X -q -At -v ON_ERROR_STOP=1 -h "$BIND_HOST" -p "$PG_PORT" -U postgres)
 
@@ -61,6 +67,47 @@ wait_sql() { # wait_sql QUERY: until it returns t (deadline 30 min)
     done
 }
 peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ---- 0: stage baselines --------------------------------------------------------------------
+log "phase 0: stage baselines (broker alone, raw PostgreSQL upserts, raw MongoDB upserts)"
+BROKER_JSON=$("$REPO_ROOT/target/release/examples/broker_baseline" "$(kafka_brokers)" "$BASELINE_ROWS" 300)
+log "broker: $BROKER_JSON"
+new_pipeline baseline
+sql "CREATE TABLE bench_raw (id text PRIMARY KEY, doc jsonb, version bigint NOT NULL,
+     deleted boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now())"
+{
+    for ((b = 0; b < BASELINE_ROWS / 1000; b++)); do
+        echo "INSERT INTO bench_raw AS t (id, doc, version, deleted, updated_at)
+              SELECT 'o' || (g % 10000), jsonb_build_object('id', 'o' || (g % 10000), 'customer_id', 'c' || (g % 1000),
+                     'status', 'paid', 'total_cents', g, 'lines', jsonb_build_array(jsonb_build_object('sku', 's1', 'qty', 1)), 'note', 'n'),
+                     g, false, now()
+              FROM generate_series($((b * 1000 + 1)), $((b * 1000 + 1000))) g
+              ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc, version = EXCLUDED.version,
+                  deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
+              WHERE t.version < EXCLUDED.version;"
+    done
+} >"$LOG_DIR/bench-raw-upsert.sql"
+t0=$(now)
+"${PSQL[@]}" -d "$DB" -f "$LOG_DIR/bench-raw-upsert.sql"
+t1=$(now)
+RAW_PG_RPS=$(rate "$BASELINE_ROWS" "$t0" "$t1")
+log "raw PostgreSQL upsert: $BASELINE_ROWS rows in $(secs "$t0" "$t1")s"
+RAW_MONGO_RPS=$("$SECANTUS_HOME/bin/python" - "$(mongo_url)" "$DB" "$BASELINE_MONGO_DOCS" <<'PY'
+import sys, time, pymongo
+url, db, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+coll = pymongo.MongoClient(url)[db].bench_raw
+start = time.time()
+for b in range(n // 1000):
+    coll.bulk_write([pymongo.UpdateOne(
+        {"_id": f"o{(b * 1000 + i) % 10000}"},
+        {"$set": {"customer_id": f"c{i % 1000}", "status": "paid", "total_cents": b * 1000 + i,
+                  "lines": [{"sku": "s1", "qty": 1}], "note": "n",
+                  "_dualsync": {"version": b * 1000 + i, "deleted": False}}},
+        upsert=True) for i in range(1000)], ordered=False)
+print(round(n / (time.time() - start)))
+PY
+)
+log "raw MongoDB upsert: $RAW_MONGO_RPS docs/s"
 
 # ---- 1 + 2: backlog drains ---------------------------------------------------------------
 new_pipeline drain
@@ -126,6 +173,7 @@ cat >"$OUT_DIR/results.json" <<JSON
   "machine": "$CPU, $(uname -m)",
   "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "tansu": "$TANSU_VERSION", "secantusdb": "$SECANTUS_VERSION"},
   "drain": {"events": $EVENTS, "relay_events_per_s": $RELAY_EPS, "apply_postgres_events_per_s": ${APPLY_EPS[postgres]}, "apply_mongo_events_per_s": ${APPLY_EPS[mongo]}},
+  "baselines": {"broker": $BROKER_JSON, "raw_postgres_upsert_rows_per_s": $RAW_PG_RPS, "raw_postgres_upsert_rows": $BASELINE_ROWS, "raw_mongo_upsert_docs_per_s": $RAW_MONGO_RPS, "raw_mongo_upsert_docs": $BASELINE_MONGO_DOCS},
   "peak_rss_kib": {"relay": $RELAY_RSS, "apply_postgres": ${APPLY_RSS[postgres]}, "apply_mongo": ${APPLY_RSS[mongo]}},
   "latency": {"rate_changes_per_s": $RATE, "changes": $LATENCY_CHANGES,
               "commit_to_published_ms": {"p50": $PUB_P50, "p99": $PUB_P99, "max": $PUB_MAX},
@@ -135,6 +183,9 @@ JSON
 cat >"$OUT_DIR/summary.md" <<MD
 | measurement ($DATE, $CPU) | result |
 | --- | --- |
+| baseline: broker alone, produce / consume ($BASELINE_ROWS × 300 B, dualsync's client settings) | $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d['produce_per_s'], '/', d['consume_per_s'])" "$BROKER_JSON") messages/s |
+| baseline: raw PostgreSQL upsert, 1,000-row statements ($BASELINE_ROWS rows) | $RAW_PG_RPS rows/s |
+| baseline: raw MongoDB upsert, 1,000-document unordered bulk writes ($BASELINE_MONGO_DOCS docs, pymongo) | $RAW_MONGO_RPS docs/s |
 | relay, backlog of $EVENTS events | $RELAY_EPS events/s |
 | apply → PostgreSQL, same backlog | ${APPLY_EPS[postgres]} events/s |
 | apply → MongoDB (SecantusDB), same backlog | ${APPLY_EPS[mongo]} events/s |

@@ -132,7 +132,9 @@ impl Leader<'_> {
                 self.control.wait_resumed(cancel).await;
                 tracing::info!("resumed");
             }
+            let started = Instant::now();
             let rows = source.next_batch(cancel).await?;
+            let read_at = Instant::now();
             if rows.is_empty() {
                 if cancel.is_cancelled() {
                     return Ok(());
@@ -168,10 +170,12 @@ impl Leader<'_> {
                 *per_topic.entry(m.topic.clone()).or_default() += 1;
             }
             // A cancelled publish leaves the rows unmarked: they are published again next time.
+            let encoded_at = Instant::now();
             tokio::select! {
                 r = self.publisher.publish_all(messages) => r?,
                 _ = cancel.cancelled() => return Ok(()),
             }
+            let published_at = Instant::now();
             source.ack(&rows).await?;
             metrics.health.recovered();
             metrics.health.set_database_up(true);
@@ -182,9 +186,15 @@ impl Leader<'_> {
             for (topic, class) in dead {
                 metrics.count_dead_letter(stage::RELAY, &topic, class);
             }
+            // Where a batch's time goes (`read_ms` includes waiting for rows when idle).
+            let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
             tracing::debug!(
                 rows = rows.len(),
                 last_seq = rows.last().map(|r| r.seq),
+                read_ms = ms(started, read_at),
+                encode_ms = ms(read_at, encoded_at),
+                publish_ms = ms(encoded_at, published_at),
+                mark_ms = ms(published_at, Instant::now()),
                 "batch published"
             );
             if last_purge.elapsed() > Duration::from_secs(60) {

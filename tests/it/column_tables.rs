@@ -5,8 +5,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use dualsync::config::{Config, SinkConfig};
-use dualsync::reconcile::{self, MismatchKind};
+use dualsync::config::SinkConfig;
+use dualsync::reconcile::MismatchKind;
 use dualsync::sink::postgres::PostgresSink;
 
 use crate::common::*;
@@ -25,21 +25,6 @@ table = "shop.customers"
 [reconcile.orders]
 table = "shop.orders"
 "#;
-
-async fn mismatches(
-    source: &tokio_postgres::Client,
-    sink: &PostgresSink,
-    config: &Config,
-) -> Vec<(String, MismatchKind)> {
-    let mut out = Vec::new();
-    for (aggregate, rc) in &config.reconcile {
-        let report = reconcile::verify(source, sink, aggregate, rc, &|_| {})
-            .await
-            .unwrap();
-        out.extend(report.mismatches.into_iter().map(|m| (m.key, m.kind)));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn column_mapped_tables_fill_from_the_pipeline_and_verify_through_the_projection() {
@@ -61,7 +46,7 @@ async fn column_mapped_tables_fill_from_the_pipeline_and_verify_through_the_proj
         .await
         .unwrap();
     eventually("verify finds both tables in step", || async {
-        mismatches(&source, &sink, &config).await.is_empty()
+        verify_all(&source, &sink, &config).await.is_empty()
     })
     .await;
 
@@ -108,8 +93,8 @@ async fn column_mapped_tables_fill_from_the_pipeline_and_verify_through_the_proj
         .unwrap()
         .get(0);
     assert_eq!(
-        mismatches(&source, &sink, &config).await,
-        vec![(tampered, MismatchKind::Different)]
+        verify_all(&source, &sink, &config).await,
+        [(("customers".to_string(), tampered), MismatchKind::Different)].into()
     );
     cancel.cancel();
     relay.await.unwrap().unwrap();

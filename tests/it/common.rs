@@ -17,6 +17,7 @@ use dualsync::config::{Config, SinkConfig};
 use dualsync::error::Error;
 use dualsync::http::Control;
 use dualsync::metrics::Metrics;
+use dualsync::reconcile::{self, MismatchKind};
 use dualsync::relay;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
@@ -348,4 +349,22 @@ pub async fn produce_in_order(
             .await
             .unwrap();
     }
+}
+
+/// Every mismatch `verify` finds, over all `[reconcile.*]` aggregates of `config`.
+pub async fn verify_all(
+    source: &tokio_postgres::Client,
+    sink: &PostgresSink,
+    config: &Config,
+) -> BTreeMap<(String, String), MismatchKind> {
+    let mut out = BTreeMap::new();
+    for (aggregate, rc) in &config.reconcile {
+        let report = reconcile::verify(source, sink, aggregate, rc, &|_| {})
+            .await
+            .unwrap();
+        for m in report.mismatches {
+            out.insert((m.aggregate, m.key), m.kind);
+        }
+    }
+    out
 }

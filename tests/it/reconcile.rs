@@ -19,23 +19,6 @@ table = "shop.customers"
 table = "shop.orders"
 "#;
 
-async fn verify_all(
-    source: &tokio_postgres::Client,
-    sink: &PostgresSink,
-    config: &Config,
-) -> BTreeMap<(String, String), MismatchKind> {
-    let mut out = BTreeMap::new();
-    for (aggregate, rc) in &config.reconcile {
-        let report = reconcile::verify(source, sink, aggregate, rc, &|_| {})
-            .await
-            .unwrap();
-        for m in report.mismatches {
-            out.insert((m.aggregate, m.key), m.kind);
-        }
-    }
-    out
-}
-
 /// A pipeline with reconcile sections, relay and PostgreSQL apply running.
 struct Running {
     config: Config,
