@@ -89,6 +89,7 @@ impl Error {
             Error::Encode(e) => e.class(),
             Error::Postgres(_) => "postgres",
             Error::Mongo(_) => "mongodb",
+            Error::Kafka(_) if self.is_too_large() => "publish.too_large",
             Error::Kafka(_) => "kafka",
             Error::Registry(_) => "registry",
             Error::Rejected(_) => "sink.rejected",

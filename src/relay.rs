@@ -149,31 +149,33 @@ impl Leader<'_> {
             let mut messages = Vec::with_capacity(rows.len());
             let mut dead = Vec::new();
             for row in &rows {
-                match to_message(config, self.codec, row) {
-                    Ok(m) => messages.push(m),
-                    Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
-                        return Err(Error::Halted(format!(
-                            "outbox row seq={} id={} ({} {}): {e}",
-                            row.seq, row.id, row.aggregate_type, row.aggregate_id
-                        )));
-                    }
-                    Err(e) => {
-                        tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
-                            topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
-                        dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
-                        messages.push(dead_letter(config, row, &e));
-                    }
-                }
+                let (message, invalid) = self.message_for(row, true)?;
+                dead.extend(invalid);
+                messages.push(message);
             }
-            let mut per_topic: HashMap<String, u64> = HashMap::new();
+            let mut per_topic = HashMap::new();
             for m in &messages {
                 *per_topic.entry(m.topic.clone()).or_default() += 1;
             }
             // A cancelled publish leaves the rows unmarked: they are published again next time.
             let encoded_at = Instant::now();
-            tokio::select! {
-                r = self.publisher.publish_all(messages) => r?,
+            let published = tokio::select! {
+                r = self.publisher.publish_all(messages) => r,
                 _ = cancel.cancelled() => return Ok(()),
+            };
+            match published {
+                Ok(()) => {}
+                // A message over the size limit (the client's or the broker's) would fail the
+                // batch forever: publish row by row and dead-letter the ones that do not fit.
+                Err(e) if e.is_too_large() => {
+                    tracing::warn!(error = %e, "a message of the batch is too large; publishing row by row");
+                    let Some((counts, oversize)) = self.publish_row_by_row(&rows).await? else {
+                        return Ok(());
+                    };
+                    per_topic = counts;
+                    dead.extend(oversize);
+                }
+                Err(e) => return Err(e),
             }
             let published_at = Instant::now();
             source.ack(&rows).await?;
@@ -211,6 +213,93 @@ impl Leader<'_> {
         }
     }
 }
+
+impl Leader<'_> {
+    /// The message for a row: its event, or (when it cannot be encoded and the policy is
+    /// `dead-letter`) its dead letter plus `(event topic, class)` for the metrics.
+    fn message_for(
+        &self,
+        row: &OutboxRow,
+        log_invalid: bool,
+    ) -> Result<(Outgoing, Option<DeadRow>), Error> {
+        let config = self.config;
+        match to_message(config, self.codec, row) {
+            Ok(m) => Ok((m, None)),
+            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(Error::Halted(format!(
+                "outbox row seq={} id={} ({} {}): {e}",
+                row.seq, row.id, row.aggregate_type, row.aggregate_id
+            ))),
+            Err(e) => {
+                if log_invalid {
+                    tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
+                        topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
+                }
+                let dead = (config.kafka.topic_for(&row.aggregate_type), e.class());
+                Ok((dead_letter(config, row, &e, "relay.encode"), Some(dead)))
+            }
+        }
+    }
+
+    /// Publishes `rows` one at a time; a row whose message is too large goes to the relay's
+    /// dead-letter topic without its payload (which stays in the outbox until the
+    /// retention), or the relay halts when `on_invalid = "halt"`. Returns the published
+    /// count per topic and the dead-lettered rows, or `None` when cancelled. Rows of the
+    /// failed batch that had already reached Kafka are published again (at-least-once).
+    async fn publish_row_by_row(&self, rows: &[OutboxRow]) -> Result<Option<PublishedRows>, Error> {
+        let config = self.config;
+        let mut per_topic = HashMap::new();
+        let mut dead = Vec::new();
+        for row in rows {
+            // Already logged by the first attempt at the batch.
+            let (message, invalid) = self.message_for(row, false)?;
+            let topic = message.topic.clone();
+            let sent = tokio::select! {
+                r = self.publisher.publish_all(vec![message]) => r,
+                _ = self.cancel.cancelled() => return Ok(None),
+            };
+            match sent {
+                Ok(()) => match invalid {
+                    Some(d) => dead.push(d),
+                    None => *per_topic.entry(topic).or_default() += 1,
+                },
+                Err(e) if e.is_too_large() => {
+                    if config.relay.on_invalid == OnInvalid::Halt {
+                        return Err(Error::Halted(format!(
+                            "outbox row seq={} id={} ({} {}): {e}",
+                            row.seq, row.id, row.aggregate_type, row.aggregate_id
+                        )));
+                    }
+                    let bytes = row.payload.as_ref().map_or(0, String::len);
+                    tracing::error!(seq = row.seq, id = %row.id, bytes, error = %e,
+                        "outbox row too large for Kafka: dead-lettered without its payload");
+                    let without_payload = OutboxRow {
+                        payload: None,
+                        ..row.clone()
+                    };
+                    let mut letter = dead_letter(config, &without_payload, &e, "relay.publish");
+                    let size = bytes.to_string();
+                    letter.headers = letter.headers.insert(Header {
+                        key: dlq::headers::VALUE_OMITTED,
+                        value: Some(size.as_str()),
+                    });
+                    tokio::select! {
+                        r = self.publisher.publish_all(vec![letter]) => r?,
+                        _ = self.cancel.cancelled() => return Ok(None),
+                    }
+                    dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some((per_topic, dead)))
+    }
+}
+
+/// A dead-lettered row, for the metrics: `(its event topic, error class)`.
+type DeadRow = (String, &'static str);
+
+/// Published messages per topic, and the dead-lettered rows.
+type PublishedRows = (HashMap<String, u64>, Vec<DeadRow>);
 
 fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
     let payload = match &row.payload {
@@ -267,7 +356,7 @@ pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Resul
 }
 
 /// The raw row as JSON, with the error in headers, for the relay's dead-letter topic.
-fn dead_letter(config: &Config, row: &OutboxRow, error: &Error) -> Outgoing {
+fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: &str) -> Outgoing {
     let raw = serde_json::json!({
         "seq": row.seq,
         "id": row.id,
@@ -291,7 +380,7 @@ fn dead_letter(config: &Config, row: &OutboxRow, error: &Error) -> Outgoing {
         });
     let failure = Failure {
         error,
-        stage: "relay.encode",
+        stage,
         pipeline: &config.pipeline.name,
         group: None,
         attempts: 1,

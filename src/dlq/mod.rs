@@ -21,7 +21,7 @@ pub mod headers {
     /// Stable error class, e.g. `decode.bad_magic`, `sink.rejected`, `encode.schema_violation`.
     pub const CLASS: &str = "__dualsync.errors.class";
     pub const MESSAGE: &str = "__dualsync.errors.message";
-    /// Where it failed: `decode`, `sink`, `relay.encode`.
+    /// Where it failed: `decode`, `sink`, `relay.encode`, `relay.publish`.
     pub const STAGE: &str = "__dualsync.errors.stage";
     pub const GROUP: &str = "__dualsync.errors.group";
     pub const PIPELINE: &str = "__dualsync.errors.pipeline";

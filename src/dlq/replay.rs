@@ -81,6 +81,14 @@ async fn rebuild(
     codec: &EventCodec,
     letter: &DeadLetter,
 ) -> Result<Outgoing, String> {
+    if let (Some(size), Some(seq)) = (
+        letter.header(headers::VALUE_OMITTED),
+        letter.header(headers::ROW_SEQ),
+    ) {
+        return Err(format!(
+            "the row's payload ({size} bytes) was too large for Kafka and is not in the dead letter; the row stays in dualsync.outbox (seq {seq}) until the relay's retention purges it"
+        ));
+    }
     if let Some(size) = letter.header(headers::VALUE_OMITTED) {
         return Err(format!(
             "its value ({size} bytes) was too large for the dead-letter topic and is not in it; the original is at {}[{}]@{}",
@@ -90,7 +98,9 @@ async fn rebuild(
         ));
     }
     let from_relay = letter.topic == config.relay.dead_letter_topic
-        || letter.header(headers::STAGE) == Some("relay.encode");
+        || letter
+            .header(headers::STAGE)
+            .is_some_and(|s| s.starts_with("relay."));
     let mut outgoing = if from_relay {
         let row = crate::relay::row_from_dead_letter(&letter.value)?;
         crate::relay::to_message(config, codec, &row).map_err(|e| e.to_string())?

@@ -266,3 +266,86 @@ async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() 
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
+
+/// An outbox row whose event exceeds Kafka's message size limit: the relay dead-letters it
+/// without its payload and keeps publishing; replaying that letter is refused (sending a row
+/// without its payload would publish a delete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_row_too_large_for_kafka_is_dead_lettered_and_the_relay_goes_on() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let big_name = "x".repeat(2 << 20); // over librdkafka's default message.max.bytes (1 MB)
+    source
+        .execute(
+            "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload) VALUES
+               ('customers', 'c1', 'CustomerUpserted', '{\"id\":\"c1\",\"name\":\"a\",\"email\":\"e\",\"order_count\":1}'),
+               ('customers', 'c2', 'CustomerUpserted', jsonb_build_object('id', 'c2', 'name', $1::text, 'email', 'e', 'order_count', 1)),
+               ('customers', 'c3', 'CustomerUpserted', '{\"id\":\"c3\",\"name\":\"c\",\"email\":\"e\",\"order_count\":1}')",
+            &[&big_name],
+        )
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, stats) = spawn_relay(&config, &cancel);
+    let letters = read_topic(&servers.kafka, &config.relay.dead_letter_topic, 1).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.key(), Some(&b"c2"[..]));
+    assert_eq!(
+        header(letter, dlq::CLASS).as_deref(),
+        Some("publish.too_large")
+    );
+    assert_eq!(header(letter, dlq::STAGE).as_deref(), Some("relay.publish"));
+    let raw: serde_json::Value = serde_json::from_slice(letter.payload().unwrap()).unwrap();
+    assert_eq!(raw["aggregateid"], "c2");
+    assert_eq!(
+        raw["payload"],
+        serde_json::Value::Null,
+        "the payload is left out"
+    );
+    let size: usize = header(letter, dlq::VALUE_OMITTED).unwrap().parse().unwrap();
+    assert!(
+        size > big_name.len(),
+        "the letter says how big the payload was: {size}"
+    );
+
+    let topic = config.kafka.topic_for("customers");
+    let events = read_topic_until(&servers.kafka, &topic, |m| {
+        m.iter().any(|m| m.key() == Some(&b"c3"[..]))
+    })
+    .await;
+    let keys: std::collections::BTreeSet<_> = events.iter().filter_map(|m| m.key()).collect();
+    assert_eq!(
+        keys,
+        [&b"c1"[..], &b"c3"[..]].into(),
+        "the rows around it are published"
+    );
+    eventually("all three rows are marked published", || async {
+        dualsync::demo::outbox_counts(&source).await.unwrap().1 == 0
+    })
+    .await;
+    assert!(!relay.is_finished(), "the relay keeps running");
+    assert_eq!(total(&stats.dead_lettered), 1);
+
+    let codec = dualsync::codec::EventCodec::new(schemas(), None);
+    let dlq_topic = config.relay.dead_letter_topic.clone();
+    let read = {
+        let (config, dlq_topic) = (config.clone(), dlq_topic.clone());
+        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let outcomes = dualsync::dlq::replay::replay(&config, &codec, &dlq_topic, read, false, true)
+        .await
+        .unwrap();
+    assert!(
+        !outcomes[0].sent,
+        "never replayed as a payload-less row (a delete)"
+    );
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}
