@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backoff::backoff::Backoff;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use dualsync::apply;
 use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::{Config, SinkConfig};
-use dualsync::error::{classify, Disposition, Error};
+use dualsync::error::Error;
 use dualsync::http::Control;
 use dualsync::metrics::Metrics;
 use dualsync::relay;
@@ -289,25 +288,9 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<S, Error>>,
 {
-    let mut policy = backoff::ExponentialBackoff {
-        max_elapsed_time: None,
-        max_interval: Duration::from_secs(10),
-        ..Default::default()
-    };
-    loop {
-        match connect().await {
-            Ok(s) => return Ok(Some(s)),
-            Err(e) if classify(&e) == Disposition::Retry => {
-                let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in = ?delay, "{what} unavailable; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot connect to {what}")),
-        }
-    }
+    dualsync::error::retry_transient(what, cancel, connect)
+        .await
+        .with_context(|| format!("cannot connect to {what}"))
 }
 
 /// Starts the process's HTTP endpoint unless disabled; returns the shared metrics and control.

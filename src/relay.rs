@@ -225,10 +225,7 @@ impl Leader<'_> {
         let config = self.config;
         match to_message(config, self.codec, row) {
             Ok(m) => Ok((m, None)),
-            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(Error::Halted(format!(
-                "outbox row seq={} id={} ({} {}): {e}",
-                row.seq, row.id, row.aggregate_type, row.aggregate_id
-            ))),
+            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(row, &e)),
             Err(e) => {
                 if log_invalid {
                     tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
@@ -264,10 +261,7 @@ impl Leader<'_> {
                 },
                 Err(e) if e.is_too_large() => {
                     if config.relay.on_invalid == OnInvalid::Halt {
-                        return Err(Error::Halted(format!(
-                            "outbox row seq={} id={} ({} {}): {e}",
-                            row.seq, row.id, row.aggregate_type, row.aggregate_id
-                        )));
+                        return Err(halted(row, &e));
                     }
                     let bytes = row.payload.as_ref().map_or(0, String::len);
                     tracing::error!(seq = row.seq, id = %row.id, bytes, error = %e,
@@ -293,6 +287,14 @@ impl Leader<'_> {
         }
         Ok(Some((per_topic, dead)))
     }
+}
+
+/// The error that stops the relay on a bad row when `relay.on_invalid = "halt"`.
+fn halted(row: &OutboxRow, error: &Error) -> Error {
+    Error::Halted(format!(
+        "outbox row seq={} id={} ({} {}): {error}",
+        row.seq, row.id, row.aggregate_type, row.aggregate_id
+    ))
 }
 
 /// A dead-lettered row, for the metrics: `(its event topic, error class)`.

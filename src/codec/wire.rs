@@ -12,17 +12,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use apache_avro::Schema;
-use backoff::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
 use super::registry::RegistryClient;
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
-use crate::error::{classify, Disposition, Error};
+use crate::error::{retry_transient, Error};
 
 /// First byte of the Confluent wire format.
 pub const CONFLUENT_MAGIC: u8 = 0;
@@ -77,25 +75,11 @@ impl EventCodec {
         if codec.registry.is_none() {
             return Ok(Some(codec));
         }
-        let mut policy = backoff::ExponentialBackoff {
-            max_elapsed_time: None,
-            max_interval: Duration::from_secs(10),
-            ..Default::default()
-        };
-        loop {
-            match codec.register_all(config).await {
-                Ok(()) => return Ok(Some(codec)),
-                Err(e) if classify(&e) == Disposition::Retry => {
-                    let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %e, retry_in = ?delay, "schema registry unavailable; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let ids = retry_transient("schema registry", cancel, || codec.register_all(config)).await?;
+        Ok(ids.map(|ids| {
+            codec.publish_ids = Some(ids);
+            codec
+        }))
     }
 
     /// The TopicNameStrategy subject of an aggregate type's values.
@@ -111,7 +95,8 @@ impl EventCodec {
         self.registry.as_ref()
     }
 
-    async fn register_all(&mut self, config: &Config) -> Result<(), Error> {
+    /// Registers (or looks up) every local schema: the registry id per aggregate type.
+    async fn register_all(&self, config: &Config) -> Result<HashMap<String, u32>, Error> {
         let registry = self.registry.as_ref().expect("checked by the caller");
         let auto_register = config
             .schema_registry
@@ -139,8 +124,7 @@ impl EventCodec {
             tracing::info!(aggregate_type, subject, id, "schema registered");
             ids.insert(aggregate_type.to_string(), id);
         }
-        self.publish_ids = Some(ids);
-        Ok(())
+        Ok(ids)
     }
 
     /// Encodes an event; the payload is validated strictly against the aggregate's schema.

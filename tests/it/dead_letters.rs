@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::codec::OutboxEvent;
-use dualsync::config::SinkConfig;
+use dualsync::config::{Config, SinkConfig};
 use dualsync::dlq::headers as dlq;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
@@ -178,6 +178,21 @@ async fn bad_outbox_rows_go_to_the_relay_dead_letter_topic() {
     relay.await.unwrap().unwrap();
 }
 
+/// `dualsync dlq replay --force` of every letter in `dlq_topic`, with the local schemas.
+async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::dlq::replay::Outcome> {
+    let letters = {
+        let (config, dlq_topic) = (config.clone(), dlq_topic.to_string());
+        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let codec = dualsync::codec::EventCodec::new(schemas(), None);
+    dualsync::dlq::replay::replay(config, &codec, dlq_topic, letters, false, true)
+        .await
+        .unwrap()
+}
+
 /// A document over MongoDB's 16 MiB limit: the sink refuses it, its dead letter is too large
 /// for the broker's default limit too, so it goes without its value (saying where the original
 /// is), and the partition keeps flowing.
@@ -245,17 +260,7 @@ async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() 
     assert_eq!(total(&stats.dead_lettered), 1);
 
     // Replay cannot send what the letter does not hold, and says where the original is.
-    let codec = dualsync::codec::EventCodec::new(schemas.clone(), None);
-    let read = {
-        let (config, dlq_topic) = (config.clone(), dlq_topic.clone());
-        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    let outcomes = dualsync::dlq::replay::replay(&config, &codec, &dlq_topic, read, false, true)
-        .await
-        .unwrap();
+    let outcomes = force_replay(&config, &dlq_topic).await;
     assert!(!outcomes[0].sent);
     match &outcomes[0].decision {
         dualsync::dlq::replay::Decision::StillFails { error } => {
@@ -330,18 +335,7 @@ async fn an_outbox_row_too_large_for_kafka_is_dead_lettered_and_the_relay_goes_o
     assert!(!relay.is_finished(), "the relay keeps running");
     assert_eq!(total(&stats.dead_lettered), 1);
 
-    let codec = dualsync::codec::EventCodec::new(schemas(), None);
-    let dlq_topic = config.relay.dead_letter_topic.clone();
-    let read = {
-        let (config, dlq_topic) = (config.clone(), dlq_topic.clone());
-        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    let outcomes = dualsync::dlq::replay::replay(&config, &codec, &dlq_topic, read, false, true)
-        .await
-        .unwrap();
+    let outcomes = force_replay(&config, &config.relay.dead_letter_topic).await;
     assert!(
         !outcomes[0].sent,
         "never replayed as a payload-less row (a delete)"
