@@ -15,4 +15,14 @@ export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL 
 log "building tests"
 cargo test --all-targets --no-run --locked
 log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL"
-cargo test --all-targets --locked -- "$@"
+if [[ $# -gt 0 ]]; then
+    cargo test --all-targets --locked -- "$@"
+    exit 0
+fi
+# Everything but the fault-injection schedule, then the schedule alone: it kills and restarts
+# processes against the shared broker, whose group coordinator (Tansu 0.6) stalls when the
+# machine is also busy with thirty other tests. The short CI schedule uses a fixed seed so a
+# red run replays exactly (`make chaos` draws random ones); override with DUALSYNC_CHAOS_SEED.
+cargo test --all-targets --locked -- --skip chaos::
+log "running the short fault-injection schedule"
+DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-3}" cargo test --test it --locked -- chaos::

@@ -45,6 +45,13 @@ pub enum Error {
     /// A setup problem found while running (e.g. the outbox table is missing).
     #[error("{0}")]
     Setup(String),
+    /// The MongoDB source's saved position is gone (out of the oplog, or the stream was
+    /// invalidated): handled by `on_history_lost`, fatal otherwise.
+    #[error("change stream history lost: {0}. The relay cannot resume without a gap. To recover, set source.on_history_lost = \"resnapshot\" and restart (every watched document is published again, then the stream goes on), or delete this pipeline's document from source.offsets_collection and restart with source.snapshot_on_start = true. Documents deleted in the primary during the gap stay in the secondary and must be deleted there")]
+    HistoryLost(String),
+    /// Another relay took over this pipeline's lease: step down and wait as standby.
+    #[error("relay lease of pipeline {0:?} was taken over by another relay")]
+    LeaseLost(String),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -95,6 +102,8 @@ impl Error {
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
             Error::Halted(_) => "halted",
+            Error::HistoryLost(_) => "source.history_lost",
+            Error::LeaseLost(_) => "source.lease_lost",
         }
     }
 }
@@ -102,7 +111,10 @@ impl Error {
 /// The single classification of errors into retry / dead-letter / fatal.
 pub fn classify(err: &Error) -> Disposition {
     match err {
-        Error::Config(_) | Error::Setup(_) | Error::Halted(_) => Disposition::Fatal,
+        Error::Config(_) | Error::Setup(_) | Error::Halted(_) | Error::HistoryLost(_) => {
+            Disposition::Fatal
+        }
+        Error::LeaseLost(_) => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),

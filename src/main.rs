@@ -56,7 +56,8 @@ struct HttpArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Publish outbox rows to Kafka (one active relay per pipeline; others wait as standby).
+    /// Publish outbox rows (or MongoDB changes) to Kafka (one active relay per pipeline;
+    /// others wait as standby).
     Relay {
         #[command(flatten)]
         config: ConfigArg,
@@ -103,12 +104,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Emit the current rows of primary tables as events (backfill), resumable.
+    /// Emit the current rows of primary tables as events (backfill), resumable; with a
+    /// MongoDB source, the current documents of the watched collections.
     Snapshot {
         #[command(flatten)]
         config: ConfigArg,
-        /// Aggregate type or table name (a [reconcile.*] section); default all.
-        #[arg(long = "table")]
+        /// Aggregate type or table name (a [reconcile.*] section), or a MongoDB collection;
+        /// default all.
+        #[arg(long = "table", alias = "collection")]
         tables: Vec<String>,
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,

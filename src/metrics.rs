@@ -92,7 +92,10 @@ impl Metrics {
         let up = gauge(names::UP, "1 while the process runs");
         up.set(1);
         Self {
-            outbox_rows_read: counter(names::OUTBOX_ROWS_READ, "Outbox rows read by the relay"),
+            outbox_rows_read: counter(
+                names::OUTBOX_ROWS_READ,
+                "Outbox rows (or MongoDB changes) read by the relay",
+            ),
             published: counter_vec(
                 names::EVENTS_PUBLISHED,
                 "Events acknowledged by Kafka",

@@ -157,6 +157,25 @@ pub async fn snapshot(
     restart: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    if let Some(dualsync::config::SourceConfig::Mongodb(source)) = &config.source {
+        let schemas = std::sync::Arc::new(dualsync::codec::SchemaStore::load_dir(
+            &config.encoding.schemas_dir,
+        )?);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let reports =
+            dualsync::relay::mongo::snapshot(config, source, schemas, only, batch, &cancel).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        } else {
+            for r in &reports {
+                println!(
+                    "{}: {} documents published as snapshot events (version {}), {} dead-lettered",
+                    r.collection, r.documents, r.version, r.dead_lettered
+                );
+            }
+        }
+        return Ok(());
+    }
     let mut source = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
     let mut reports = Vec::new();
     for (aggregate, rc) in aggregates(config, only)? {

@@ -38,11 +38,24 @@ pub struct EventSchema {
     pub envelope_name: String,
 }
 
-/// Every event schema known to this process, by aggregate type and by fingerprint.
-#[derive(Debug, Default)]
+/// Every event schema known to this process, by aggregate type and by fingerprint, plus the
+/// generic envelope of MongoDB changes to collections that have no schema.
+#[derive(Debug)]
 pub struct SchemaStore {
     by_type: HashMap<String, Arc<EventSchema>>,
     by_fingerprint: HashMap<[u8; 8], Arc<EventSchema>>,
+    generic: Arc<EventSchema>,
+}
+
+impl Default for SchemaStore {
+    fn default() -> Self {
+        let generic = Arc::new(super::mongo::generic_event_schema());
+        Self {
+            by_type: HashMap::new(),
+            by_fingerprint: HashMap::from([(generic.fingerprint, generic.clone())]),
+            generic,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +114,29 @@ impl SchemaStore {
 
     /// The schema whose envelope record has the full name `name`.
     pub fn for_envelope_name(&self, name: &str) -> Option<&Arc<EventSchema>> {
-        self.by_type.values().find(|s| s.envelope_name == name)
+        self.by_type
+            .values()
+            .chain([&self.generic])
+            .find(|s| s.envelope_name == name)
+    }
+
+    /// The generic envelope of MongoDB change events (collections without a schema).
+    pub fn generic(&self) -> &Arc<EventSchema> {
+        &self.generic
+    }
+
+    /// A MongoDB change in the generic envelope, single-object encoded.
+    pub fn encode_generic(
+        &self,
+        event: &OutboxEvent,
+        change: &super::mongo::ChangeContext,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let datum = super::mongo::encode_generic_datum(&self.generic, event, change)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+        out.extend_from_slice(&self.generic.fingerprint);
+        out.extend_from_slice(&datum);
+        Ok(out)
     }
 
     /// Encodes an event in single-object encoding; `payload` is validated strictly against the
@@ -138,30 +173,9 @@ impl SchemaStore {
                 Value::Union(1, Box::new(value))
             }
         };
-        let op = if event.is_delete() {
-            (1, "DELETE")
-        } else {
-            (0, "UPSERT")
-        };
-        let record = Value::Record(vec![
-            ("event_id".into(), Value::String(event.event_id.to_string())),
-            ("event_type".into(), Value::String(event.event_type.clone())),
-            (
-                "aggregate_type".into(),
-                Value::String(event.aggregate_type.clone()),
-            ),
-            (
-                "aggregate_id".into(),
-                Value::String(event.aggregate_id.clone()),
-            ),
-            ("version".into(), Value::Long(event.version)),
-            (
-                "created_at".into(),
-                Value::TimestampMicros(event.created_at_micros),
-            ),
-            ("op".into(), Value::Enum(op.0, op.1.into())),
-            ("payload".into(), payload),
-        ]);
+        let mut fields = envelope_head(event);
+        fields.push(("payload".into(), payload));
+        let record = Value::Record(fields);
         let datum = apache_avro::to_avro_datum(&schema.envelope, record)
             .map_err(|e| violation("$".into(), e.to_string()))?;
         Ok((schema.clone(), datum))
@@ -195,6 +209,34 @@ impl SchemaStore {
             .ok_or_else(|| DecodeError::UnknownFingerprint(hex(&fingerprint)))?;
         Ok((schema, &bytes[HEADER_LEN..]))
     }
+}
+
+/// The envelope's fields before `payload`, shared by every envelope (the generic MongoDB one
+/// included), so consumers read them the same way everywhere.
+pub(super) fn envelope_head(event: &OutboxEvent) -> Vec<(String, Value)> {
+    let op = if event.is_delete() {
+        (1, "DELETE")
+    } else {
+        (0, "UPSERT")
+    };
+    vec![
+        ("event_id".into(), Value::String(event.event_id.to_string())),
+        ("event_type".into(), Value::String(event.event_type.clone())),
+        (
+            "aggregate_type".into(),
+            Value::String(event.aggregate_type.clone()),
+        ),
+        (
+            "aggregate_id".into(),
+            Value::String(event.aggregate_id.clone()),
+        ),
+        ("version".into(), Value::Long(event.version)),
+        (
+            "created_at".into(),
+            Value::TimestampMicros(event.created_at_micros),
+        ),
+        ("op".into(), Value::Enum(op.0, op.1.into())),
+    ]
 }
 
 /// Decodes one envelope datum written with `writer`, resolved against `reader` when given (so a
@@ -257,6 +299,15 @@ fn build_event_schema(aggregate_type: &str, payload_json: &str) -> Result<EventS
         return Err("the top-level type must be a record".into());
     };
     let envelope_value = envelope_schema_json(&payload_value, name);
+    event_schema_from_envelope(aggregate_type, envelope_value, payload)
+}
+
+/// An [`EventSchema`] for an envelope given as JSON around `payload`.
+pub(super) fn event_schema_from_envelope(
+    aggregate_type: &str,
+    envelope_value: Json,
+    payload: Schema,
+) -> Result<EventSchema, String> {
     let envelope = Schema::parse(&envelope_value)
         .map_err(|e| format!("cannot build the event envelope around it: {e}"))?;
     let fp = envelope.fingerprint::<Rabin>();
@@ -304,6 +355,13 @@ fn envelope_from_value(value: Value) -> Result<OutboxEvent, String> {
     };
     let payload = match take("payload")? {
         Value::Union(_, inner) if *inner == Value::Null => None,
+        // Only the generic MongoDB envelope has a string payload: canonical Extended JSON.
+        Value::Union(_, inner) if matches!(*inner, Value::String(_)) => {
+            let Value::String(text) = *inner else {
+                unreachable!("matched above")
+            };
+            Some(super::mongo::relaxed_from_canonical(&text)?)
+        }
         Value::Union(_, inner) => Some(avro_to_json(*inner)?),
         other => return Err(format!("payload is {other:?}")),
     };

@@ -8,6 +8,7 @@
 //!   fingerprint of the writer schema, then the datum ([`avro`]).
 
 pub mod avro;
+pub mod mongo;
 pub mod registry;
 pub mod wire;
 

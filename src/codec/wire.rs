@@ -17,6 +17,7 @@ use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
 use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
+use super::mongo::{encode_generic_datum, ChangeContext};
 use super::registry::RegistryClient;
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
@@ -40,7 +41,7 @@ pub struct EventCodec {
     registry: Option<RegistryClient>,
     /// Registry id of each aggregate type's envelope; `Some` once prepared for publishing with
     /// a registry, and then every value is written in the Confluent wire format.
-    publish_ids: Option<HashMap<String, u32>>,
+    publish_ids: Option<Mutex<HashMap<String, u32>>>,
     writers: Mutex<HashMap<u32, Arc<WriterSchema>>>,
 }
 
@@ -77,7 +78,7 @@ impl EventCodec {
         }
         let ids = retry_transient("schema registry", cancel, || codec.register_all(config)).await?;
         Ok(ids.map(|ids| {
-            codec.publish_ids = Some(ids);
+            codec.publish_ids = Some(Mutex::new(ids));
             codec
         }))
     }
@@ -108,19 +109,7 @@ impl EventCodec {
         for aggregate_type in types {
             let schema = self.store.for_type(aggregate_type).expect("listed");
             let subject = Self::subject(config, aggregate_type);
-            let id = if auto_register {
-                registry.register(&subject, &schema.registry_json).await?
-            } else {
-                registry
-                    .lookup(&subject, &schema.registry_json)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::Setup(format!(
-                            "the schema of aggregate type {aggregate_type:?} is not registered under subject {subject:?} at {} (schema_registry.auto_register = false): register it, or check it with `dualsync schema check`",
-                            registry.base_url()
-                        ))
-                    })?
-            };
+            let id = register_or_look_up(registry, &subject, schema, auto_register).await?;
             tracing::info!(aggregate_type, subject, id, "schema registered");
             ids.insert(aggregate_type.to_string(), id);
         }
@@ -129,18 +118,75 @@ impl EventCodec {
 
     /// Encodes an event; the payload is validated strictly against the aggregate's schema.
     pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
-        let Some(ids) = &self.publish_ids else {
+        let Some(id) = self.publish_id(event)? else {
             return self.store.encode(event);
         };
+        let (_, datum) = self.store.encode_datum(event)?;
+        Ok(confluent_frame(id, &datum))
+    }
+
+    /// Encodes a MongoDB change: in its collection's schema when `schemas/` has one (`change`
+    /// unused), else in the generic envelope (the payload is then canonical Extended JSON).
+    pub fn encode_change(
+        &self,
+        event: &OutboxEvent,
+        change: &ChangeContext,
+    ) -> Result<Vec<u8>, EncodeError> {
+        if self.store.for_type(&event.aggregate_type).is_some() {
+            return self.encode(event);
+        }
+        let Some(id) = self.publish_id(event)? else {
+            return self.store.encode_generic(event, change);
+        };
+        let datum = encode_generic_datum(self.store.generic(), event, change)?;
+        Ok(confluent_frame(id, &datum))
+    }
+
+    /// The registry id to frame `event` with; `None` without a registry.
+    fn publish_id(&self, event: &OutboxEvent) -> Result<Option<u32>, EncodeError> {
+        let Some(ids) = &self.publish_ids else {
+            return Ok(None);
+        };
+        let ids = ids.lock().expect("not poisoned");
         let id = ids
             .get(&event.aggregate_type)
             .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))?;
-        let (_, datum) = self.store.encode_datum(event)?;
-        let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
-        out.push(CONFLUENT_MAGIC);
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&datum);
-        Ok(out)
+        Ok(Some(*id))
+    }
+
+    /// With a registry, registers (or looks up) the schema `aggregate_type`'s values are
+    /// written with, unless done already: its own, or the generic MongoDB envelope. For
+    /// sources whose aggregate types appear as they go (MongoDB collections).
+    pub async fn ensure_registered(
+        &self,
+        config: &Config,
+        aggregate_type: &str,
+    ) -> Result<(), Error> {
+        let (Some(ids), Some(registry)) = (&self.publish_ids, &self.registry) else {
+            return Ok(());
+        };
+        if ids
+            .lock()
+            .expect("not poisoned")
+            .contains_key(aggregate_type)
+        {
+            return Ok(());
+        }
+        let schema = self
+            .store
+            .for_type(aggregate_type)
+            .unwrap_or(self.store.generic());
+        let subject = Self::subject(config, aggregate_type);
+        let auto_register = config
+            .schema_registry
+            .as_ref()
+            .is_none_or(|r| r.auto_register);
+        let id = register_or_look_up(registry, &subject, schema, auto_register).await?;
+        tracing::info!(aggregate_type, subject, id, "schema registered");
+        ids.lock()
+            .expect("not poisoned")
+            .insert(aggregate_type.to_string(), id);
+        Ok(())
     }
 
     /// Decodes a value in either framing. Errors are [`Error::Decode`] (permanent for this
@@ -202,6 +248,38 @@ impl EventCodec {
             .insert(id, writer.clone());
         Ok(writer)
     }
+}
+
+/// Registers `schema` under `subject`, or with `auto_register = false` only looks it up (and
+/// refuses to start when it is missing).
+async fn register_or_look_up(
+    registry: &RegistryClient,
+    subject: &str,
+    schema: &EventSchema,
+    auto_register: bool,
+) -> Result<u32, Error> {
+    if auto_register {
+        return Ok(registry.register(subject, &schema.registry_json).await?);
+    }
+    registry
+        .lookup(subject, &schema.registry_json)
+        .await?
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "schema {} is not registered under subject {subject:?} at {} (schema_registry.auto_register = false): register it, or check it with `dualsync schema check`",
+                schema.envelope_name,
+                registry.base_url()
+            ))
+        })
+}
+
+/// `00` + the 4-byte big-endian schema id + the datum.
+fn confluent_frame(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(datum);
+    out
 }
 
 #[cfg(test)]

@@ -157,6 +157,65 @@ pub struct PipelineConfig {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     PostgresOutbox(OutboxSourceConfig),
+    Mongodb(MongoSourceConfig),
+}
+
+/// A MongoDB change stream over one database (the primary is a replica set: change streams
+/// need one, a single-node set will do).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSourceConfig {
+    /// `mongodb://` or `mongodb+srv://` URL of the primary.
+    pub url: Secret,
+    /// The database to watch.
+    pub database: String,
+    /// Collections to publish; empty means every collection of the database.
+    #[serde(default)]
+    pub collections: Vec<String>,
+    /// Collections never published (when `collections` is empty).
+    #[serde(default)]
+    pub exclude_collections: Vec<String>,
+    /// Where the relay keeps its resume token and leader lease, in the watched database
+    /// (never published itself).
+    #[serde(default = "defaults::offsets_collection")]
+    pub offsets_collection: String,
+    /// Change events read and published per batch.
+    #[serde(default = "defaults::relay_batch_size")]
+    pub batch_size: usize,
+    /// Longest wait for a change before an idle batch is returned (and the lease renewed).
+    #[serde(default = "defaults::max_await_ms")]
+    pub max_await_ms: u64,
+    /// Publish the watched collections' documents before streaming when the relay has no
+    /// saved position yet.
+    #[serde(default)]
+    pub snapshot_on_start: bool,
+    /// What to do when the saved position is no longer in the oplog.
+    #[serde(default = "defaults::on_history_lost")]
+    pub on_history_lost: OnHistoryLost,
+    /// A standby takes over this long after the active relay stopped renewing its lease.
+    #[serde(default = "defaults::lease_secs")]
+    pub lease_secs: u64,
+}
+
+impl MongoSourceConfig {
+    /// Whether changes of `collection` are published.
+    pub fn watches(&self, collection: &str) -> bool {
+        collection != self.offsets_collection
+            && !collection.starts_with("system.")
+            && (self.collections.is_empty() || self.collections.iter().any(|c| c == collection))
+            && !self.exclude_collections.iter().any(|c| c == collection)
+    }
+}
+
+/// `[source] on_history_lost`: the resume token fell out of the oplog, or the stream was
+/// invalidated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnHistoryLost {
+    /// Stop with an error that says what happened and what to do.
+    Fail,
+    /// Publish a fresh snapshot of the collections and stream on from its start.
+    Resnapshot,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -444,6 +503,18 @@ mod defaults {
     pub fn relay_batch_size() -> usize {
         1000
     }
+    pub fn offsets_collection() -> String {
+        "dualsync_offsets".into()
+    }
+    pub fn max_await_ms() -> u64 {
+        500
+    }
+    pub fn on_history_lost() -> super::OnHistoryLost {
+        super::OnHistoryLost::Fail
+    }
+    pub fn lease_secs() -> u64 {
+        10
+    }
     pub fn relay_linger_ms() -> u64 {
         2
     }
@@ -529,6 +600,7 @@ impl Config {
             apply_env_override(&mut doc, &name, &value)
                 .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
         }
+        default_mongo_topic_template(&mut doc);
         let mut config: Config = Config::deserialize(toml::Value::Table(doc))
             .map_err(|e| ConfigError::new(path, "(structure)", e.to_string().trim().to_string()))?;
         config.path = path.to_path_buf();
@@ -539,6 +611,11 @@ impl Config {
     pub fn outbox_source(&self) -> Result<&OutboxSourceConfig, ConfigError> {
         match &self.source {
             Some(SourceConfig::PostgresOutbox(s)) => Ok(s),
+            Some(SourceConfig::Mongodb(_)) => Err(ConfigError::new(
+                &self.path,
+                "source.kind",
+                "is \"mongodb\": this command works on a PostgreSQL outbox (kind = \"postgres_outbox\")",
+            )),
             None => Err(ConfigError::new(
                 &self.path,
                 "source",
@@ -577,6 +654,31 @@ impl Config {
             None => format!("dualsync-{}-{}", self.pipeline.name, sink_name),
         }
     }
+}
+
+/// A MongoDB source's topics default to `mongo.<database>.<collection>` (the MongoDB Kafka
+/// connector's naming) instead of the outbox router's `outbox.event.<aggregatetype>`; a
+/// `{database}` in an explicit template is the watched database.
+fn default_mongo_topic_template(doc: &mut toml::Table) {
+    let Some(source) = doc.get("source").and_then(toml::Value::as_table) else {
+        return;
+    };
+    if source.get("kind").and_then(toml::Value::as_str) != Some("mongodb") {
+        return;
+    }
+    let Some(database) = source.get("database").and_then(toml::Value::as_str) else {
+        return;
+    };
+    let database = database.to_string();
+    let Some(kafka) = doc.get_mut("kafka").and_then(toml::Value::as_table_mut) else {
+        return;
+    };
+    let template = kafka
+        .get("topic_template")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("mongo.{database}.{aggregatetype}")
+        .replace("{database}", &database);
+    kafka.insert("topic_template".into(), toml::Value::String(template));
 }
 
 fn apply_env_override(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), String> {

@@ -206,3 +206,105 @@ fn column_tables_are_checked() {
     let e = with("columns = [{ name = \"a\", type = \"varchar\" }]").unwrap_err();
     assert!(e.to_string().contains("varchar"), "unknown type named: {e}");
 }
+
+const MONGO: &str = r#"
+[pipeline]
+name = "p"
+[source]
+kind = "mongodb"
+url = "mongodb://app:hunter2@db:27017/?replicaSet=rs0"
+database = "shop"
+[kafka]
+brokers = "k:9092"
+[sinks.pg]
+kind = "postgres"
+url = "postgres://app@replica/app"
+"#;
+
+#[test]
+fn mongodb_source_defaults_and_topic_naming() {
+    let c = parse(MONGO, vec![]).unwrap();
+    assert_eq!(c.kafka.topic_for("carts"), "mongo.shop.carts");
+    assert!(c.kafka.is_event_topic("mongo.shop.carts"));
+    let Some(SourceConfig::Mongodb(s)) = &c.source else {
+        panic!("a mongodb source")
+    };
+    assert!(s.watches("carts"));
+    assert!(
+        !s.watches("dualsync_offsets"),
+        "the relay's own position is never published"
+    );
+    assert!(!s.watches("system.views"));
+    assert_eq!(s.on_history_lost, OnHistoryLost::Fail);
+    let c = parse(
+        &MONGO.replace(
+            "brokers =",
+            "topic_template = \"cdc.{database}.{aggregatetype}\"\nbrokers =",
+        ),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(c.kafka.topic_for("carts"), "cdc.shop.carts");
+    // Commands that need an outbox say so.
+    let e = c.outbox_source().unwrap_err().to_string();
+    assert!(
+        e.contains("source.kind") && e.contains("postgres_outbox"),
+        "{e}"
+    );
+    assert!(
+        !format!("{c:?}").contains("hunter2"),
+        "the URL's password is never shown"
+    );
+}
+
+#[test]
+fn mongodb_source_mistakes_are_named() {
+    for (change, key) in [
+        ("database = \"shop\"", "source.database"),
+        ("url = \"mongodb://", "source.url"),
+    ] {
+        let bad = match key {
+            "source.database" => MONGO.replace(change, "database = \"sh.op\""),
+            _ => MONGO.replace(change, "url = \"postgres://"),
+        };
+        let e = parse(&bad, vec![]).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+    }
+    let both = MONGO.replace(
+        "database = \"shop\"",
+        "database = \"shop\"\ncollections = [\"a\"]\nexclude_collections = [\"b\"]",
+    );
+    assert!(parse(&both, vec![])
+        .unwrap_err()
+        .to_string()
+        .contains("source.exclude_collections"));
+    let lease = MONGO.replace("database = \"shop\"", "database = \"shop\"\nlease_secs = 1");
+    assert!(parse(&lease, vec![])
+        .unwrap_err()
+        .to_string()
+        .contains("source.lease_secs"));
+    let typo = MONGO.replace(
+        "database = \"shop\"",
+        "database = \"shop\"\non_history_lost = \"resnap\"",
+    );
+    assert!(parse(&typo, vec![])
+        .unwrap_err()
+        .to_string()
+        .contains("resnap"));
+    let own = MONGO.replace(
+        "database = \"shop\"",
+        "database = \"shop\"\ncollections = [\"dualsync_offsets\"]",
+    );
+    assert!(parse(&own, vec![])
+        .unwrap_err()
+        .to_string()
+        .contains("source.collections"));
+}
+
+#[test]
+fn the_mongodb_connector_example_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/mongo-primary.toml");
+    let c = Config::load(&path, Vec::new()).unwrap();
+    assert!(matches!(c.source, Some(SourceConfig::Mongodb(_))));
+    assert_eq!(c.kafka.topic_for("orders"), "mongo.shop.orders");
+}

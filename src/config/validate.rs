@@ -56,6 +56,52 @@ impl Config {
                 &["postgres", "postgresql"],
             )?;
         }
+        if let Some(SourceConfig::Mongodb(s)) = &self.source {
+            if s.batch_size == 0 || s.batch_size > 100_000 {
+                return err("source.batch_size", "must be between 1 and 100000");
+            }
+            if s.max_await_ms == 0 || s.max_await_ms > 60_000 {
+                return err("source.max_await_ms", "must be between 1 and 60000");
+            }
+            if s.lease_secs < 2 || s.max_await_ms >= s.lease_secs * 1000 / 3 {
+                return err(
+                    "source.lease_secs",
+                    "must be at least 2 and more than 3 x source.max_await_ms, so the leader renews it in time",
+                );
+            }
+            if !is_mongo_name(&s.database) {
+                return err(
+                    "source.database",
+                    "must be a MongoDB database name (not empty, none of /\\. \"$ or spaces)",
+                );
+            }
+            for (key, names) in [
+                ("source.collections", &s.collections),
+                ("source.exclude_collections", &s.exclude_collections),
+            ] {
+                if let Some(bad) = names.iter().find(|c| c.is_empty() || c.contains('$')) {
+                    return err(key, &format!("{bad:?} is not a collection name"));
+                }
+            }
+            if !s.collections.is_empty() && !s.exclude_collections.is_empty() {
+                return err(
+                    "source.exclude_collections",
+                    "cannot be combined with source.collections (list what to include, or what to exclude)",
+                );
+            }
+            if s.collections.contains(&s.offsets_collection) {
+                return err(
+                    "source.collections",
+                    "must not list source.offsets_collection, where the relay keeps its own position",
+                );
+            }
+            check_url(
+                &self.path,
+                "source.url",
+                s.url.expose(),
+                &["mongodb", "mongodb+srv"],
+            )?;
+        }
         if self.apply.batch_size == 0 || self.apply.batch_size > 100_000 {
             return err("apply.batch_size", "must be between 1 and 100000");
         }
@@ -273,4 +319,9 @@ fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// MongoDB's database name rules (the characters it refuses on any platform).
+fn is_mongo_name(name: &str) -> bool {
+    !name.is_empty() && name.len() < 64 && !name.contains(['/', '\\', '.', ' ', '"', '$', '\0'])
 }

@@ -1,5 +1,8 @@
 //! Sources of change events on the primary side.
 
+pub mod mongo;
+pub mod mongo_change;
+pub mod mongo_offsets;
 pub mod outbox;
 
 use std::future::Future;

@@ -12,13 +12,13 @@ use dualsync::publish::headers;
 
 use crate::common::*;
 
-fn write_config(text: &str) -> std::path::PathBuf {
+pub fn write_config(text: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("dualsync")));
     std::fs::write(&path, text).unwrap();
     path
 }
 
-fn spawn(args: &[&str], log: &str) -> Child {
+pub fn spawn(args: &[&str], log: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
     Command::new(env!("CARGO_BIN_EXE_dualsync"))
         .args(args)

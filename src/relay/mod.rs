@@ -14,8 +14,10 @@ use backoff::ExponentialBackoff;
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
+pub mod mongo;
+
 use crate::codec::{EventCodec, OutboxEvent, SchemaStore};
-use crate::config::{Config, OnInvalid, OutboxSourceConfig};
+use crate::config::{Config, OnInvalid, OutboxSourceConfig, SourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, Disposition, Error};
 use crate::http::Control;
@@ -48,6 +50,9 @@ pub async fn run(
     control: Control,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
+    if let Some(SourceConfig::Mongodb(source)) = &config.source {
+        return mongo::run(config, source, schemas, metrics, control, cancel).await;
+    }
     let source_config = config.outbox_source()?.clone();
     let Some(codec) = EventCodec::for_publishing(config, schemas, &cancel).await? else {
         return Ok(());
@@ -58,47 +63,85 @@ pub async fn run(
             metrics: Some(metrics.clone()),
         },
     )?;
+    lead_until_cancelled(&publisher, &metrics, &cancel, || async {
+        let Some(source) = OutboxSource::acquire_leadership(
+            &source_config,
+            &config.pipeline.name,
+            &metrics.health,
+            &cancel,
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        metrics.relay_leader.set(1);
+        let leader = Leader {
+            config,
+            source_config: &source_config,
+            publisher: &publisher,
+            codec: &codec,
+            metrics: &metrics,
+            control: &control,
+            cancel: &cancel,
+        };
+        leader.lead(source).await
+    })
+    .await
+}
+
+/// A batch was read from the source.
+fn count_read(metrics: &Metrics, n: usize) {
+    metrics.outbox_rows_read.inc_by(n as u64);
+    metrics
+        .batch_size
+        .with_label_values(&[stage::RELAY])
+        .observe(n as f64);
+}
+
+/// A batch is published and its progress recorded: the source is healthy again.
+fn count_acked(metrics: &Metrics, per_topic: HashMap<String, u64>, dead: Vec<DeadRow>) {
+    metrics.health.recovered();
+    metrics.health.set_database_up(true);
+    for (topic, n) in per_topic {
+        metrics.published.with_label_values(&[&topic]).inc_by(n);
+    }
+    for (topic, class) in dead {
+        metrics.count_dead_letter(stage::RELAY, &topic, class);
+    }
+}
+
+/// Runs `lead` (become the leader, then publish) until it returns `Ok` (cancelled) or a
+/// non-transient error; a transient one (lost connection or lease, broker outage) is retried
+/// forever with backoff. Flushes the producer at the end: whatever is still queued was never
+/// marked, so it will be read again; flushing only avoids needless duplicates.
+async fn lead_until_cancelled<F, Fut>(
+    publisher: &Publisher,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    mut lead: F,
+) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
     let mut policy = ExponentialBackoff {
         max_elapsed_time: None,
         max_interval: Duration::from_secs(10),
         ..ExponentialBackoff::default()
     };
     let result = loop {
-        let attempt = async {
-            let Some(source) = OutboxSource::acquire_leadership(
-                &source_config,
-                &config.pipeline.name,
-                &metrics.health,
-                &cancel,
-            )
-            .await?
-            else {
-                return Ok(());
-            };
-            metrics.relay_leader.set(1);
-            let leader = Leader {
-                config,
-                source_config: &source_config,
-                publisher: &publisher,
-                codec: &codec,
-                metrics: &metrics,
-                control: &control,
-                cancel: &cancel,
-            };
-            leader.lead(source).await
-        };
-        let outcome = attempt.await;
+        let outcome = lead().await;
         metrics.relay_leader.set(0);
         match outcome {
             Ok(()) => break Ok(()),
             Err(e) if classify(&e) == Disposition::Retry => {
                 metrics.retries.with_label_values(&[stage::RELAY]).inc();
                 metrics.health.retrying();
-                if matches!(e, Error::Postgres(_)) {
+                if matches!(e, Error::Postgres(_) | Error::Mongo(_)) {
                     metrics.health.set_database_up(false);
                 }
                 let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in = ?delay, "relay lost its connection; reconnecting");
+                tracing::warn!(error = %e, retry_in = ?delay, "relay lost its connection or lease; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -107,8 +150,6 @@ pub async fn run(
             Err(e) => break Err(e),
         }
     };
-    // Whatever is still queued was never marked, so it will be re-read; flushing just avoids
-    // needless duplicates.
     if let Err(e) = publisher.flush(Duration::from_secs(10)) {
         tracing::warn!(error = %e, "producer flush on shutdown incomplete");
     }
@@ -141,11 +182,7 @@ impl Leader<'_> {
                 }
                 continue;
             }
-            metrics.outbox_rows_read.inc_by(rows.len() as u64);
-            metrics
-                .batch_size
-                .with_label_values(&[stage::RELAY])
-                .observe(rows.len() as f64);
+            count_read(metrics, rows.len());
             let mut messages = Vec::with_capacity(rows.len());
             let mut dead = Vec::new();
             for row in &rows {
@@ -179,15 +216,8 @@ impl Leader<'_> {
             }
             let published_at = Instant::now();
             source.ack(&rows).await?;
-            metrics.health.recovered();
-            metrics.health.set_database_up(true);
             per_topic.remove(&config.relay.dead_letter_topic);
-            for (topic, n) in per_topic {
-                metrics.published.with_label_values(&[&topic]).inc_by(n);
-            }
-            for (topic, class) in dead {
-                metrics.count_dead_letter(stage::RELAY, &topic, class);
-            }
+            count_acked(metrics, per_topic, dead);
             // Where a batch's time goes (`read_ms` includes waiting for rows when idle).
             let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
             tracing::debug!(
@@ -399,6 +429,9 @@ fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: &str) -> 
 pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, String> {
     let raw: serde_json::Value =
         serde_json::from_slice(value).map_err(|e| format!("not a relay dead letter: {e}"))?;
+    if raw.get("operationType").is_some() {
+        return Err("a MongoDB change cannot be replayed from its dead letter (the document may have changed since): fix the document in the primary, or publish its current state with `dualsync snapshot --collection <name>`".into());
+    }
     let text = |key: &str| {
         raw.get(key)
             .and_then(|v| v.as_str())

@@ -1,0 +1,210 @@
+//! The generic envelope of MongoDB change events.
+//!
+//! A collection with a `<collection>.avsc` in `schemas/` is published in the ordinary envelope
+//! around that schema. Any other collection's changes use this one fixed envelope, in which the
+//! document travels as canonical Extended JSON text (MongoDB's own lossless JSON form), so a
+//! collection needs no schema to be replicated and no BSON type is lost on the way: consumers
+//! parse it with any MongoDB driver's Extended JSON reader. Apply turns it into relaxed
+//! Extended JSON for the sinks (ObjectId, dates, decimals and binaries keep their type in a
+//! MongoDB sink; PostgreSQL gets readable JSON).
+
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use mongodb::bson::Bson;
+use serde_json::{json, Value as Json};
+
+use super::avro::{envelope_head, event_schema_from_envelope, EventSchema};
+use super::{EncodeError, OutboxEvent};
+
+/// Full name of the generic envelope record.
+pub const GENERIC_ENVELOPE_NAME: &str = "dualsync.mongo.ChangeEvent";
+
+/// Label of the generic envelope where an aggregate type would be named.
+pub const GENERIC_LABEL: &str = "(mongodb change, generic envelope)";
+
+/// Where a change happened, for the generic envelope's extra fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeContext {
+    pub database: String,
+    pub collection: String,
+    /// The change's `documentKey` as canonical Extended JSON.
+    pub document_key: String,
+    /// The change's `updateDescription` as canonical Extended JSON (updates only).
+    pub update_description: Option<String>,
+    /// The pre-image as canonical Extended JSON, where the collection keeps pre-images.
+    pub document_before_change: Option<String>,
+    /// The operation's cluster time `(seconds, increment)`.
+    pub cluster_time: (u32, u32),
+}
+
+/// The generic envelope: the ordinary envelope's fields (so the same consumers read both),
+/// with the payload as a string, plus where the change happened.
+pub fn generic_envelope_json() -> Json {
+    json!({
+        "type": "record",
+        "name": "ChangeEvent",
+        "namespace": "dualsync.mongo",
+        "doc": "dualsync MongoDB change event for a collection without a schema: the document (without _id) as canonical Extended JSON",
+        "fields": [
+            {"name": "event_id", "type": "string"},
+            {"name": "event_type", "type": "string", "doc": "insert, update, replace, delete or snapshot"},
+            {"name": "aggregate_type", "type": "string", "doc": "the collection"},
+            {"name": "aggregate_id", "type": "string", "doc": "the document's _id in canonical string form"},
+            {"name": "version", "type": "long", "doc": "cluster time: seconds << 31 | increment"},
+            {"name": "created_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "op", "type": {"type": "enum", "name": "DualsyncOp", "symbols": ["UPSERT", "DELETE"]}},
+            {"name": "payload", "type": ["null", "string"], "default": null},
+            {"name": "database", "type": "string"},
+            {"name": "collection", "type": "string"},
+            {"name": "document_key", "type": "string", "doc": "documentKey as canonical Extended JSON"},
+            {"name": "update_description", "type": ["null", "string"], "default": null},
+            {"name": "document_before_change", "type": ["null", "string"], "default": null, "doc": "the pre-image as canonical Extended JSON, where the collection keeps pre-images"},
+            {"name": "cluster_time_seconds", "type": "long"},
+            {"name": "cluster_time_increment", "type": "long"}
+        ]
+    })
+}
+
+pub(super) fn generic_event_schema() -> EventSchema {
+    event_schema_from_envelope(GENERIC_LABEL, generic_envelope_json(), Schema::String)
+        .expect("the generic envelope is a valid schema")
+}
+
+/// The generic envelope datum of `event`, whose payload is canonical Extended JSON.
+pub(super) fn encode_generic_datum(
+    schema: &EventSchema,
+    event: &OutboxEvent,
+    change: &ChangeContext,
+) -> Result<Vec<u8>, EncodeError> {
+    let string_or_null = |s: Option<String>| match s {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(s) => Value::Union(1, Box::new(Value::String(s))),
+    };
+    let mut fields = envelope_head(event);
+    fields.extend([
+        (
+            "payload".into(),
+            string_or_null(event.payload.as_ref().map(Json::to_string)),
+        ),
+        ("database".into(), Value::String(change.database.clone())),
+        (
+            "collection".into(),
+            Value::String(change.collection.clone()),
+        ),
+        (
+            "document_key".into(),
+            Value::String(change.document_key.clone()),
+        ),
+        (
+            "update_description".into(),
+            string_or_null(change.update_description.clone()),
+        ),
+        (
+            "document_before_change".into(),
+            string_or_null(change.document_before_change.clone()),
+        ),
+        (
+            "cluster_time_seconds".into(),
+            Value::Long(change.cluster_time.0.into()),
+        ),
+        (
+            "cluster_time_increment".into(),
+            Value::Long(change.cluster_time.1.into()),
+        ),
+    ]);
+    let record = Value::Record(fields);
+    apache_avro::to_avro_datum(&schema.envelope, record).map_err(|e| EncodeError::SchemaViolation {
+        aggregate_type: event.aggregate_type.clone(),
+        path: "$".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Canonical Extended JSON text → the same document as relaxed Extended JSON.
+pub fn relaxed_from_canonical(text: &str) -> Result<Json, String> {
+    let json: Json = serde_json::from_str(text)
+        .map_err(|e| format!("payload is not Extended JSON text: {e}"))?;
+    let bson = Bson::try_from(json).map_err(|e| format!("payload is not Extended JSON: {e}"))?;
+    match bson {
+        Bson::Document(_) => Ok(bson.into_relaxed_extjson()),
+        other => Err(format!(
+            "payload is Extended JSON of a {:?}, not a document",
+            other.element_type()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::SchemaStore;
+    use mongodb::bson::{doc, oid::ObjectId, DateTime, Decimal128};
+
+    fn change() -> ChangeContext {
+        ChangeContext {
+            database: "shop".into(),
+            collection: "carts".into(),
+            document_key: r#"{"_id":{"$oid":"6b045d0eb6ebfed351ac9d18"}}"#.into(),
+            update_description: Some(r#"{"updatedFields":{"n":{"$numberInt":"2"}}}"#.into()),
+            document_before_change: None,
+            cluster_time: (1_795_448_083, 9),
+        }
+    }
+
+    #[test]
+    fn generic_envelope_round_trips_bson_types_through_relaxed_json() {
+        let id = ObjectId::parse_str("6b045d0eb6ebfed351ac9d18").unwrap();
+        let when = DateTime::from_millis(1_795_448_083_000);
+        let document = doc! {
+            "owner": id, "at": when, "n": 2_i64, "price": "1.10".parse::<Decimal128>().unwrap(), "ratio": 0.5,
+        };
+        let event = OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            event_type: "update".into(),
+            aggregate_type: "carts".into(),
+            aggregate_id: "6b045d0eb6ebfed351ac9d18".into(),
+            version: 42,
+            created_at_micros: 7,
+            payload: Some(Bson::Document(document.clone()).into_canonical_extjson()),
+        };
+        let store = SchemaStore::default();
+        let bytes = store.encode_generic(&event, &change()).unwrap();
+        let back = store.decode(&bytes).unwrap();
+        assert_eq!(back.aggregate_id, event.aggregate_id);
+        assert_eq!(back.version, 42);
+        let payload = back.payload.unwrap();
+        // What a MongoDB sink makes of it: the same BSON types (relaxed JSON keeps them),
+        // except that a small int64 comes back as int32.
+        let Bson::Document(restored) = Bson::try_from(payload.clone()).unwrap() else {
+            panic!("not a document")
+        };
+        assert_eq!(restored.get_object_id("owner").unwrap(), id);
+        assert_eq!(restored.get_datetime("at").unwrap(), &when);
+        assert_eq!(
+            restored.get("price"),
+            Some(&Bson::Decimal128("1.10".parse().unwrap()))
+        );
+        assert_eq!(payload["n"], json!(2));
+        assert_eq!(payload["ratio"], json!(0.5));
+    }
+
+    #[test]
+    fn generic_delete_has_no_payload_and_bad_text_is_refused() {
+        let event = OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            event_type: "delete".into(),
+            aggregate_type: "carts".into(),
+            aggregate_id: "k".into(),
+            version: 1,
+            created_at_micros: 0,
+            payload: None,
+        };
+        let store = SchemaStore::default();
+        let back = store
+            .decode(&store.encode_generic(&event, &change()).unwrap())
+            .unwrap();
+        assert!(back.is_delete());
+        assert!(relaxed_from_canonical("[1]").is_err());
+        assert!(relaxed_from_canonical("{").is_err());
+    }
+}

@@ -1,0 +1,402 @@
+//! The relay stage for a MongoDB primary: change stream → Avro events → Kafka.
+//!
+//! Same loop and guarantees as the outbox relay: read a batch, encode each change (one that
+//! does not match its collection's schema becomes a dead letter, or halts the relay), publish
+//! and wait for every acknowledgement, and only then save the resume token. One relay per
+//! pipeline holds the lease (see [`crate::source::mongo`]); others wait as standby.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{EventCodec, SchemaStore};
+use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
+use crate::dlq::{self, Failure};
+use crate::error::Error;
+use crate::http::Control;
+use crate::metrics::Metrics;
+use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
+use crate::source::mongo::{change_version, MongoSource};
+use crate::source::mongo_change::MongoChange;
+use crate::source::Source;
+
+/// Headers only MongoDB-sourced messages carry.
+pub mod mongo_headers {
+    pub const DATABASE: &str = "dualsync.mongo.database";
+    /// `documentKey` as canonical Extended JSON (the `_id` with its BSON type).
+    pub const DOCUMENT_KEY: &str = "dualsync.mongo.document_key";
+    /// `<seconds>.<increment>` of the operation's cluster time.
+    pub const CLUSTER_TIME: &str = "dualsync.mongo.cluster_time";
+}
+
+/// A dead-lettered change, for the metrics: `(its event topic, error class)`.
+type DeadChange = super::DeadRow;
+
+struct Leader<'a> {
+    config: &'a Config,
+    source_config: &'a MongoSourceConfig,
+    publisher: &'a Publisher,
+    codec: &'a EventCodec,
+    metrics: &'a Metrics,
+    control: &'a Control,
+    cancel: &'a CancellationToken,
+}
+
+/// Runs the MongoDB relay until `cancel`; transient failures are retried forever.
+pub async fn run(
+    config: &Config,
+    source_config: &MongoSourceConfig,
+    schemas: Arc<SchemaStore>,
+    metrics: Arc<Metrics>,
+    control: Control,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let Some(codec) = EventCodec::for_publishing(config, schemas, &cancel).await? else {
+        return Ok(());
+    };
+    let publisher = Publisher::with_health(
+        &config.kafka,
+        KafkaHealth {
+            metrics: Some(metrics.clone()),
+        },
+    )?;
+    super::lead_until_cancelled(&publisher, &metrics, &cancel, || async {
+        let Some(mut source) = MongoSource::acquire_leadership(
+            source_config,
+            &config.pipeline.name,
+            &metrics.health,
+            &cancel,
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        metrics.relay_leader.set(1);
+        let leader = Leader {
+            config,
+            source_config,
+            publisher: &publisher,
+            codec: &codec,
+            metrics: &metrics,
+            control: &control,
+            cancel: &cancel,
+        };
+        let led = leader.lead(&mut source).await;
+        // Hand over at once instead of after the lease (a no-op when it was lost).
+        source.release().await;
+        led
+    })
+    .await
+}
+
+impl Leader<'_> {
+    async fn lead(&self, source: &mut MongoSource) -> Result<(), Error> {
+        let (config, metrics, cancel) = (self.config, self.metrics, self.cancel);
+        loop {
+            if self.control.is_paused() {
+                tracing::info!("paused: the change stream is not read until resumed");
+                self.control.wait_resumed(cancel).await;
+                tracing::info!("resumed");
+            }
+            let changes = match source.next_batch(cancel).await {
+                Err(Error::HistoryLost(why))
+                    if self.source_config.on_history_lost == OnHistoryLost::Resnapshot =>
+                {
+                    tracing::error!(reason = %why, "change stream history lost: taking a new snapshot (on_history_lost = \"resnapshot\")");
+                    source.begin_snapshot().await?;
+                    continue;
+                }
+                other => other?,
+            };
+            if changes.is_empty() {
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            }
+            super::count_read(metrics, changes.len());
+            let mut messages = Vec::with_capacity(changes.len());
+            let mut dead = Vec::new();
+            let mut per_topic: HashMap<String, u64> = HashMap::new();
+            for change in &changes {
+                self.codec
+                    .ensure_registered(config, &change.collection)
+                    .await?;
+                let (message, invalid) = self.message_for(change)?;
+                match invalid {
+                    Some(d) => dead.push(d),
+                    None => *per_topic.entry(message.topic.clone()).or_default() += 1,
+                }
+                messages.push(message);
+            }
+            let published = tokio::select! {
+                r = self.publisher.publish_all(messages) => r,
+                _ = cancel.cancelled() => return Ok(()),
+            };
+            match published {
+                Ok(()) => {}
+                Err(e) if e.is_too_large() => {
+                    tracing::warn!(error = %e, "a change of the batch is too large; publishing one by one");
+                    let before = dead.len();
+                    if !self.publish_one_by_one(&changes, &mut dead).await? {
+                        return Ok(());
+                    }
+                    for (topic, _) in &dead[before..] {
+                        per_topic.entry(topic.clone()).and_modify(|n| *n -= 1);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            source.ack(&changes).await?;
+            super::count_acked(metrics, per_topic, dead);
+            tracing::debug!(changes = changes.len(), "batch published");
+        }
+    }
+
+    /// The message for a change: its event, or its dead letter (with `(topic, class)`).
+    fn message_for(&self, change: &MongoChange) -> Result<(Outgoing, Option<DeadChange>), Error> {
+        let config = self.config;
+        match to_message(config, self.codec, change) {
+            Ok(m) => Ok((m, None)),
+            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(change, &e)),
+            Err(e) => {
+                tracing::warn!(collection = %change.collection, key = %change.key(), class = e.class(),
+                    error = %e, topic = %config.relay.dead_letter_topic, "change dead-lettered");
+                let dead = (config.kafka.topic_for(&change.collection), e.class());
+                Ok((dead_letter(config, change, &e, false), Some(dead)))
+            }
+        }
+    }
+
+    /// Publishes the batch one message at a time, dead-lettering (without the document) a
+    /// change too large for Kafka. `false` when cancelled.
+    async fn publish_one_by_one(
+        &self,
+        changes: &[MongoChange],
+        dead: &mut Vec<DeadChange>,
+    ) -> Result<bool, Error> {
+        for change in changes {
+            let (message, _) = self.message_for(change)?;
+            let sent = tokio::select! {
+                r = self.publisher.publish_all(vec![message]) => r,
+                _ = self.cancel.cancelled() => return Ok(false),
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.is_too_large() => {
+                    if self.config.relay.on_invalid == OnInvalid::Halt {
+                        return Err(halted(change, &e));
+                    }
+                    tracing::error!(collection = %change.collection, key = %change.key(), error = %e,
+                        "change too large for Kafka: dead-lettered without its document");
+                    let letter = dead_letter(self.config, change, &e, true);
+                    tokio::select! {
+                        r = self.publisher.publish_all(vec![letter]) => r?,
+                        _ = self.cancel.cancelled() => return Ok(false),
+                    }
+                    dead.push((self.config.kafka.topic_for(&change.collection), e.class()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn halted(change: &MongoChange, error: &Error) -> Error {
+    Error::Halted(format!(
+        "{} of {}.{} _id {}: {error}",
+        change.operation.as_str(),
+        change.database,
+        change.collection,
+        change.key()
+    ))
+}
+
+/// The Kafka message of a change: key = canonical `_id`, value in the collection's schema or
+/// the generic envelope, the outbox relay's headers plus the MongoDB ones.
+pub fn to_message(
+    config: &Config,
+    codec: &EventCodec,
+    change: &MongoChange,
+) -> Result<Outgoing, Error> {
+    let typed = codec.store().for_type(&change.collection).is_some();
+    let event = change.to_event(change_version(change), typed);
+    let context = change.context();
+    let value = codec.encode_change(&event, &context)?;
+    let version = event.version.to_string();
+    let created = event.created_at_micros.to_string();
+    let id = event.event_id.to_string();
+    let cluster_time = format!("{}.{}", context.cluster_time.0, context.cluster_time.1);
+    let mut h = OwnedHeaders::new();
+    for (key, v) in [
+        (headers::EVENT_ID, id.as_str()),
+        (headers::EVENT_TYPE, event.event_type.as_str()),
+        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
+        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
+        (headers::VERSION, version.as_str()),
+        (headers::CREATED_AT, created.as_str()),
+        (mongo_headers::DATABASE, change.database.as_str()),
+        (mongo_headers::DOCUMENT_KEY, context.document_key.as_str()),
+        (mongo_headers::CLUSTER_TIME, cluster_time.as_str()),
+    ] {
+        h = h.insert(Header {
+            key,
+            value: Some(v),
+        });
+    }
+    Ok(Outgoing {
+        topic: config.kafka.topic_for(&change.collection),
+        key: Some(event.aggregate_id.into_bytes()),
+        value,
+        headers: h,
+    })
+}
+
+/// The change as canonical Extended JSON with the error in headers; without the document
+/// when `omit_document` (it was too large for Kafka).
+fn dead_letter(
+    config: &Config,
+    change: &MongoChange,
+    error: &Error,
+    omit_document: bool,
+) -> Outgoing {
+    let mut raw = change.to_dead_letter_json();
+    let mut base = OwnedHeaders::new();
+    let size;
+    if omit_document {
+        size = raw["fullDocument"].to_string().len().to_string();
+        raw["fullDocument"] = serde_json::Value::Null;
+        base = base.insert(Header {
+            key: dlq::headers::VALUE_OMITTED,
+            value: Some(size.as_str()),
+        });
+    }
+    let failure = Failure {
+        error,
+        stage: if omit_document {
+            "relay.publish"
+        } else {
+            "relay.encode"
+        },
+        pipeline: &config.pipeline.name,
+        group: None,
+        attempts: 1,
+    };
+    Outgoing {
+        topic: config.relay.dead_letter_topic.clone(),
+        key: Some(change.key().into_bytes()),
+        value: raw.to_string().into_bytes(),
+        headers: dlq::error_headers(base, &failure),
+    }
+}
+
+/// What `dualsync snapshot` published for one collection.
+#[derive(Debug, serde::Serialize)]
+pub struct SnapshotReport {
+    pub collection: String,
+    pub documents: u64,
+    pub dead_lettered: u64,
+    /// The version every document was published with (just below the start's cluster time).
+    pub version: i64,
+}
+
+/// `dualsync snapshot` for a MongoDB source: publishes the current documents of `only` (or of
+/// every watched collection) as `snapshot` events, alongside a running relay or not. Their
+/// version is just below the cluster time at the start, so any change the stream publishes
+/// from then on wins, and what the snapshot read is at least as new as that time.
+pub async fn snapshot(
+    config: &Config,
+    source_config: &MongoSourceConfig,
+    schemas: Arc<SchemaStore>,
+    only: &[String],
+    batch_size: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<SnapshotReport>, Error> {
+    use futures::TryStreamExt;
+    use mongodb::bson::{doc, Bson, DateTime, Document};
+
+    let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
+        return Ok(Vec::new());
+    };
+    let publisher = Publisher::new(&config.kafka)?;
+    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
+    let db = client.database(&source_config.database);
+    let start_at = crate::source::mongo::cluster_time(&db).await?;
+    let mut collections: Vec<String> = db
+        .list_collection_names()
+        .await?
+        .into_iter()
+        .filter(|c| source_config.watches(c))
+        .collect();
+    collections.sort();
+    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
+        return Err(Error::Setup(format!(
+            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
+            source_config.database
+        )));
+    }
+    if !only.is_empty() {
+        collections.retain(|c| only.contains(c));
+    }
+    let mut reports = Vec::new();
+    for collection in collections {
+        codec.ensure_registered(config, &collection).await?;
+        let mut report = SnapshotReport {
+            collection: collection.clone(),
+            documents: 0,
+            dead_lettered: 0,
+            version: crate::source::mongo_change::version_of(start_at) - 1,
+        };
+        let mut cursor = db
+            .collection::<Document>(&collection)
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .await?;
+        let mut done = false;
+        while !done {
+            let mut messages = Vec::with_capacity(batch_size);
+            while messages.len() < batch_size {
+                let Some(document) = cursor.try_next().await? else {
+                    done = true;
+                    break;
+                };
+                let change = MongoChange {
+                    token: None,
+                    operation: crate::source::mongo_change::Operation::Snapshot,
+                    database: source_config.database.clone(),
+                    collection: collection.clone(),
+                    id: document.get("_id").cloned().unwrap_or(Bson::Null),
+                    full_document: Some(document),
+                    document_before_change: None,
+                    update_description: None,
+                    cluster_time: start_at,
+                    wall_time_micros: DateTime::now().timestamp_millis() * 1000,
+                };
+                match to_message(config, &codec, &change) {
+                    Ok(m) => {
+                        report.documents += 1;
+                        messages.push(m);
+                    }
+                    Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
+                        return Err(halted(&change, &e))
+                    }
+                    Err(e) => {
+                        tracing::warn!(collection = %collection, key = %change.key(), error = %e, "snapshot document dead-lettered");
+                        report.dead_lettered += 1;
+                        messages.push(dead_letter(config, &change, &e, false));
+                    }
+                }
+            }
+            tokio::select! {
+                r = publisher.publish_all(messages) => r?,
+                _ = cancel.cancelled() => return Err(Error::Setup("snapshot interrupted".into())),
+            }
+        }
+        tracing::info!(collection = %report.collection, documents = report.documents, "snapshot published");
+        reports.push(report);
+    }
+    Ok(reports)
+}

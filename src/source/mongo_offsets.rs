@@ -1,0 +1,72 @@
+//! Where a MongoDB relay keeps its position and its lease: one document per pipeline in
+//! `source.offsets_collection` (`{_id: <pipeline>, owner, expires_at, token | start_at}`).
+//! Every write of the position is filtered on `owner`, so a relay that lost its lease cannot
+//! move it; see [`super::mongo`] for why the position lives in the source database.
+
+use mongodb::bson::{doc, DateTime, Document, Timestamp};
+use mongodb::options::ReturnDocument;
+use mongodb::Collection;
+
+use crate::error::Error;
+
+/// The saved position of a pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Position {
+    /// Resume after this token.
+    After(Document),
+    /// Start at this cluster time (a snapshot finished, no change published yet).
+    At(Timestamp),
+}
+
+pub(super) fn lease_expiry(lease_secs: u64) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + lease_secs as i64 * 1000)
+}
+
+/// Takes or renews the lease: succeeds when it is free, expired, or already ours.
+pub(super) async fn try_lease(
+    offsets: &Collection<Document>,
+    pipeline: &str,
+    owner: &str,
+    lease_secs: u64,
+) -> Result<bool, Error> {
+    let filter = doc! {"_id": pipeline, "$or": [
+        {"owner": owner},
+        {"owner": {"$exists": false}},
+        {"expires_at": {"$lt": DateTime::now()}},
+    ]};
+    let update = doc! {"$set": {"owner": owner, "expires_at": lease_expiry(lease_secs)}};
+    match offsets
+        .find_one_and_update(filter, update)
+        .upsert(true)
+        .return_document(ReturnDocument::After)
+        .await
+    {
+        Ok(doc) => Ok(doc.is_some()),
+        // The document exists and is someone else's live lease: the upsert's insert collides.
+        Err(e) if is_duplicate_key(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}
+
+/// The pipeline's saved position.
+pub async fn read_position(
+    offsets: &Collection<Document>,
+    pipeline: &str,
+) -> Result<Option<Position>, Error> {
+    let Some(saved) = offsets.find_one(doc! {"_id": pipeline}).await? else {
+        return Ok(None);
+    };
+    if let Ok(token) = saved.get_document("token") {
+        return Ok(Some(Position::After(token.clone())));
+    }
+    Ok(saved.get_timestamp("start_at").ok().map(Position::At))
+}

@@ -1,0 +1,772 @@
+//! The MongoDB change-stream source against the real servers (SecantusDB as a one-node
+//! replica set, Tansu, PostgreSQL): changes reach both kinds of sink in order, a relay killed
+//! with `kill -9` resumes without a gap, lost history stops the relay with its explanation or
+//! is healed by a new snapshot, a snapshot taken under concurrent writes converges, and a
+//! source server that goes away for a while is waited for.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+use dualsync::config::{Config, SinkConfig};
+use dualsync::error::Error;
+use dualsync::publish::headers;
+use dualsync::sink::mongo::MongoSink;
+use dualsync::sink::postgres::PostgresSink;
+use dualsync::sink::Sink;
+use dualsync::source::mongo_change::{canonical_key, simplified_json};
+
+use crate::common::*;
+use crate::private_servers::PrivateServer;
+use crate::processes::{spawn, write_config};
+
+/// Collections of the tests: `customers` has a schema in `schemas/` (typed path), `carts`
+/// does not (generic envelope).
+const TYPED: &str = "customers";
+const GENERIC: &str = "carts";
+
+struct MongoPipeline {
+    toml: String,
+    config: Config,
+    prefix: String,
+    source_db: mongodb::Database,
+}
+
+impl MongoPipeline {
+    fn topic(&self, collection: &str) -> String {
+        format!("{}.{collection}", self.prefix)
+    }
+}
+
+/// A pipeline from database `source_db` at `source_url` to a PostgreSQL sink and a MongoDB
+/// sink, with unique topics; `source_extra` goes into `[source]`.
+async fn mongo_pipeline(
+    servers: &Servers,
+    source_url: &str,
+    source_extra: &str,
+    pipeline_name: Option<&str>,
+    source_db_name: Option<&str>,
+) -> MongoPipeline {
+    let prefix = unique("m");
+    let name = pipeline_name.unwrap_or(&prefix).to_string();
+    let db_name = source_db_name.map_or_else(|| unique("src"), str::to_string);
+    let sink_pg = create_database(servers).await;
+    let toml = format!(
+        r#"
+[pipeline]
+name = "{name}"
+[source]
+kind = "mongodb"
+url = "{source_url}"
+database = "{db_name}"
+batch_size = 200
+max_await_ms = 200
+lease_secs = 3
+{source_extra}
+[kafka]
+brokers = "{kafka}"
+topic_template = "{prefix}.{{aggregatetype}}"
+partitions = 3
+[encoding]
+schemas_dir = "{schemas}"
+[relay]
+dead_letter_topic = "{prefix}.relay.dlq"
+[http]
+relay_port = 0
+apply_port = 0
+[apply]
+batch_size = 100
+linger_ms = 5
+retry_initial_ms = 50
+retry_max_ms = 1000
+[sinks.postgres]
+kind = "postgres"
+url = "{sink_pg}"
+schema = "replica"
+[sinks.mongo]
+kind = "mongodb"
+url = "{mongo}"
+database = "{mongo_db}"
+"#,
+        kafka = servers.kafka,
+        schemas = schemas_dir(),
+        mongo = servers.mongo,
+        mongo_db = unique("replica"),
+    );
+    let config = Config::from_toml(Path::new("mongo-test.toml"), &toml, Vec::new())
+        .expect("test config is valid");
+    let client = mongodb::Client::with_uri_str(source_url).await.unwrap();
+    MongoPipeline {
+        toml,
+        config,
+        prefix,
+        source_db: client.database(&db_name),
+    }
+}
+
+/// The source's documents of `collection` as the sinks should hold them.
+async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<String, Json> {
+    use futures::TryStreamExt;
+    let docs: Vec<Document> = db
+        .collection::<Document>(collection)
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    docs.into_iter()
+        .map(|mut d| {
+            let id = d.remove("_id").unwrap();
+            let doc = Bson::Document(d);
+            let json = if collection == TYPED {
+                simplified_json(&doc)
+            } else {
+                doc.into_relaxed_extjson()
+            };
+            (canonical_key(&id), json)
+        })
+        .collect()
+}
+
+/// The live documents a sink holds for `collection`.
+async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = sink.scan(collection, after.as_deref(), 500).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.0.clone());
+        for (key, _, doc) in page {
+            if let Some(doc) = doc {
+                out.insert(key, doc);
+            }
+        }
+    }
+    out
+}
+
+/// Connects to both sinks of `config`.
+async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
+    let (SinkConfig::Postgres(p), SinkConfig::Mongodb(m)) =
+        (&config.sinks["postgres"], &config.sinks["mongo"])
+    else {
+        panic!("test pipeline has a postgres and a mongo sink")
+    };
+    (
+        PostgresSink::connect(p).await.unwrap(),
+        MongoSink::connect(m).await.unwrap(),
+    )
+}
+
+/// Waits until both sinks hold exactly the source's documents of `collections`, except the
+/// keys in `skip` (dead-lettered on purpose).
+async fn converged(p: &MongoPipeline, collections: &[&str], skip: &[&str]) {
+    let (pg, mongo) = sinks(&p.config).await;
+    let last = std::sync::Mutex::new(String::new());
+    let ok = dualsync::demo::wait_until(DEADLINE, || {
+        let (pg, mongo, last) = (&pg, &mongo, &last);
+        async move {
+            for c in collections {
+                let mut want = source_state(&p.source_db, c).await;
+                want.retain(|k, _| !skip.contains(&k.as_str()));
+                let in_pg = sink_state(pg, c).await;
+                let in_mongo = sink_state(mongo, c).await;
+                if in_pg != want || in_mongo != want {
+                    *last.lock().unwrap() =
+                        format!("{c}: source {want:?}\npostgres {in_pg:?}\nmongodb {in_mongo:?}");
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let last = last.into_inner().unwrap();
+    assert!(ok, "sinks never converged with the source:\n{last}");
+}
+
+fn version(m: &OwnedMessage) -> i64 {
+    header(m, headers::VERSION).unwrap().parse().unwrap()
+}
+
+/// Per key, the versions in partition order must only grow (commit order per document).
+fn assert_ordered_per_key(messages: &[OwnedMessage]) {
+    let mut last: HashMap<(i32, Vec<u8>), i64> = HashMap::new();
+    for m in messages {
+        let key = (m.partition(), m.key().unwrap().to_vec());
+        let v = version(m);
+        if let Some(prev) = last.insert(key.clone(), v) {
+            assert!(
+                v > prev,
+                "key {:?}: version {v} after {prev}",
+                String::from_utf8_lossy(&key.1)
+            );
+        }
+    }
+}
+
+/// Waits until the relay holds the lease and its stream is open.
+async fn leads(metrics: &dualsync::metrics::Metrics) {
+    eventually("the relay leads", || async {
+        metrics.relay_leader.get() == 1
+    })
+    .await;
+}
+
+fn customer(id: &str, name: &str, orders: i32) -> Document {
+    doc! {"_id": id, "id": id, "name": name, "email": format!("{id}@example.com"), "order_count": orders}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
+    let servers = servers();
+    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
+    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    // Without a saved position (and no snapshot asked for) the relay streams from "now".
+    leads(&metrics).await;
+
+    let customers = p.source_db.collection::<Document>(TYPED);
+    // Carts keep pre-images, so its delete events carry the deleted document's last state.
+    p.source_db
+        .create_collection(GENERIC)
+        .change_stream_pre_and_post_images(
+            mongodb::options::ChangeStreamPreAndPostImages::builder()
+                .enabled(true)
+                .build(),
+        )
+        .await
+        .unwrap();
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    // Typed collection: every kind of change, and one document its schema refuses.
+    customers
+        .insert_one(customer("c1", "Ada", 0))
+        .await
+        .unwrap();
+    customers
+        .update_one(doc! {"_id": "c1"}, doc! {"$inc": {"order_count": 2}})
+        .await
+        .unwrap();
+    customers
+        .replace_one(doc! {"_id": "c1"}, customer("c1", "Ada L.", 3))
+        .await
+        .unwrap();
+    customers
+        .insert_one(customer("c2", "Bob", 1))
+        .await
+        .unwrap();
+    customers.delete_one(doc! {"_id": "c2"}).await.unwrap();
+    customers
+        .insert_one(doc! {"_id": "c3", "id": "c3", "nme": "typo"})
+        .await
+        .unwrap();
+    // Generic collection: BSON types a schema-less pipeline must carry, many changes per key.
+    let ids: Vec<ObjectId> = (0..5).map(|_| ObjectId::new()).collect();
+    let mut changes = 0;
+    for (n, id) in ids.iter().enumerate() {
+        carts
+            .insert_one(doc! {"_id": id, "items": [], "total": "12.50".parse::<mongodb::bson::Decimal128>().unwrap(), "at": DateTime::from_millis(1_700_000_000_000), "n": n as i64})
+            .await
+            .unwrap();
+        changes += 1;
+        for k in 0..4 {
+            carts
+                .update_one(
+                    doc! {"_id": id},
+                    doc! {"$push": {"items": {"sku": format!("s{k}"), "qty": k}}, "$inc": {"n": 1}},
+                )
+                .await
+                .unwrap();
+            changes += 1;
+        }
+    }
+    carts.delete_one(doc! {"_id": ids[0]}).await.unwrap();
+    changes += 1;
+    carts
+        .insert_one(doc! {"_id": 42, "plain": true})
+        .await
+        .unwrap();
+    changes += 1;
+
+    converged(&p, &[TYPED, GENERIC], &["c3"]).await;
+
+    // Nothing crashed: exactly one message per change, in commit order per key.
+    let messages = read_topic(&servers.kafka, &p.topic(GENERIC), changes).await;
+    assert_eq!(messages.len(), changes);
+    assert_ordered_per_key(&messages);
+    let first = &messages
+        .iter()
+        .find(|m| m.key() == Some(ids[1].to_hex().as_bytes()))
+        .unwrap();
+    assert_eq!(
+        header(first, headers::EVENT_TYPE).as_deref(),
+        Some("insert")
+    );
+    assert_eq!(
+        header(first, "dualsync.mongo.document_key"),
+        Some(format!(r#"{{"_id":{{"$oid":"{}"}}}}"#, ids[1].to_hex()))
+    );
+    // The delete, in the generic envelope, with the pre-image and no document.
+    let delete = messages
+        .iter()
+        .find(|m| header(m, headers::EVENT_TYPE).as_deref() == Some("delete"))
+        .unwrap();
+    let store = dualsync::codec::SchemaStore::default();
+    let mut datum = &delete.payload().unwrap()[10..];
+    let apache_avro::types::Value::Record(fields) =
+        apache_avro::from_avro_datum(&store.generic().envelope, &mut datum, None).unwrap()
+    else {
+        panic!("the generic envelope is a record")
+    };
+    let fields: HashMap<_, _> = fields.into_iter().collect();
+    let text = |name: &str| match &fields[name] {
+        apache_avro::types::Value::Union(_, v) => match &**v {
+            apache_avro::types::Value::String(s) => Some(s.clone()),
+            _ => None,
+        },
+        other => panic!("{name} is {other:?}"),
+    };
+    assert_eq!(text("payload"), None);
+    let before: Json = serde_json::from_str(&text("document_before_change").unwrap()).unwrap();
+    assert_eq!(before["items"].as_array().unwrap().len(), 4, "{before}");
+
+    let typed = read_topic(&servers.kafka, &p.topic(TYPED), 5).await;
+    let kinds: Vec<String> = typed
+        .iter()
+        .filter(|m| m.key() == Some(b"c1".as_slice()))
+        .map(|m| header(m, headers::EVENT_TYPE).unwrap())
+        .collect();
+    assert_eq!(kinds, ["insert", "update", "replace"]);
+    // The document its schema refuses is in the relay's dead-letter topic, with the reason.
+    let dead = read_topic(&servers.kafka, &format!("{}.relay.dlq", p.prefix), 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header(&dead[0], dualsync::dlq::headers::CLASS).as_deref(),
+        Some("encode.schema_violation")
+    );
+    let raw: Json = serde_json::from_slice(dead[0].payload().unwrap()).unwrap();
+    assert_eq!(raw["fullDocument"]["nme"], "typo");
+
+    cancel.cancel();
+    for h in [relay, apply_pg, apply_mongo] {
+        h.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_killed_mid_stream_hands_over_and_resumes_without_a_gap() {
+    let servers = servers();
+    let p = mongo_pipeline(
+        &servers,
+        &servers.mongo,
+        "snapshot_on_start = true",
+        None,
+        None,
+    )
+    .await;
+    let path = write_config(&p.toml);
+    let path = path.to_str().unwrap();
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    const N: i64 = 600;
+    let writer = tokio::spawn({
+        let carts = carts.clone();
+        async move {
+            for i in 0..N {
+                carts.insert_one(doc! {"_id": i, "n": i}).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    let mut relay = spawn(
+        &["relay", "-c", path, "--http-port", "0"],
+        "mongo-kill-1.log",
+    );
+    // Once part of the stream is published, a second relay waits as standby; then the active
+    // one is killed mid-stream and the standby takes over when the lease runs out.
+    let topic = p.topic(GENERIC);
+    read_topic(&servers.kafka, &topic, 100).await;
+    let mut standby = spawn(
+        &["relay", "-c", path, "--http-port", "0"],
+        "mongo-kill-2.log",
+    );
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    let mut relay = spawn(
+        &["relay", "-c", path, "--http-port", "0"],
+        "mongo-kill-3.log",
+    );
+    writer.await.unwrap();
+    let messages = read_topic_until(&servers.kafka, &topic, |m| {
+        let keys: std::collections::HashSet<_> = m.iter().filter_map(|m| m.key()).collect();
+        keys.len() >= N as usize
+    })
+    .await;
+    for r in [&mut relay, &mut standby] {
+        r.kill().unwrap();
+        r.wait().unwrap();
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &messages {
+        *seen
+            .entry(String::from_utf8_lossy(m.key().unwrap()).into_owned())
+            .or_default() += 1;
+    }
+    let missing: Vec<i64> = (0..N)
+        .filter(|i| !seen.contains_key(&i.to_string()))
+        .collect();
+    assert!(missing.is_empty(), "inserts never published: {missing:?}");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    println!("{N} inserts, {duplicates} published twice after the kill (absorbed by apply)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
+    let servers = servers();
+    // A tiny oplog: 40 entries, so a relay that is away for 100 changes loses its position.
+    let source = PrivateServer::mongo_with_config("[oplog]\nmax_entries = 40\n");
+    let url = source.url();
+    let name = unique("lost");
+    let db_name = unique("src");
+    let fail = mongo_pipeline(&servers, &url, "", Some(&name), Some(&db_name)).await;
+    let carts = fail.source_db.collection::<Document>(GENERIC);
+    for i in 0..5 {
+        carts.insert_one(doc! {"_id": i, "v": 0}).await.unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&fail.config, &cancel);
+    leads(&metrics).await;
+    // The relay starts from "now": publish one change so a token is saved, then stop it.
+    carts
+        .update_one(doc! {"_id": 0}, doc! {"$set": {"v": 1}})
+        .await
+        .unwrap();
+    read_topic(&servers.kafka, &fail.topic(GENERIC), 1).await;
+    let offsets = fail.source_db.collection::<Document>("dualsync_offsets");
+    eventually("the relay saves a resume token", || async {
+        offsets
+            .find_one(doc! {"_id": &name, "token": {"$type": "object"}})
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+
+    // While it is away: 100 changes (inserts and updates), more than the oplog keeps.
+    for i in 5..55 {
+        carts.insert_one(doc! {"_id": i, "v": 0}).await.unwrap();
+        carts
+            .update_one(doc! {"_id": i - 5}, doc! {"$inc": {"v": 1}})
+            .await
+            .unwrap();
+    }
+    // SecantusDB truncates its oplog lazily, as mongod does; its admin command does it now.
+    let pruned = fail
+        .source_db
+        .client()
+        .database("admin")
+        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
+        .await
+        .unwrap();
+    assert!(pruned.get_i32("pruned").unwrap_or(0) > 0, "{pruned}");
+
+    // on_history_lost = "fail" (the default): the relay stops and says what to do.
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&fail.config, &cancel);
+    let outcome = tokio::time::timeout(DEADLINE, relay)
+        .await
+        .unwrap()
+        .unwrap();
+    match outcome {
+        Err(e @ Error::HistoryLost(_)) => {
+            let text = e.to_string();
+            assert!(text.contains("on_history_lost"), "{text}");
+            assert!(text.contains("resnapshot"), "{text}");
+        }
+        other => panic!("expected the history-lost error, got {other:?}"),
+    }
+
+    // on_history_lost = "resnapshot": same pipeline and position, a new snapshot, then the
+    // stream; the sinks converge, including changes made after the snapshot.
+    let heal = mongo_pipeline(
+        &servers,
+        &url,
+        "on_history_lost = \"resnapshot\"",
+        Some(&name),
+        Some(&db_name),
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&heal.config, &cancel);
+    let (apply_pg, _) = spawn_apply(&heal.config, "postgres", &cancel);
+    let (apply_mongo, _) = spawn_apply(&heal.config, "mongo", &cancel);
+    read_topic(&servers.kafka, &heal.topic(GENERIC), 55).await;
+    carts.delete_one(doc! {"_id": 1}).await.unwrap();
+    carts
+        .update_one(doc! {"_id": 2}, doc! {"$set": {"v": 100}})
+        .await
+        .unwrap();
+    converged(&heal, &[GENERIC], &[]).await;
+    cancel.cancel();
+    for h in [relay, apply_pg, apply_mongo] {
+        h.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_under_concurrent_writes_converges() {
+    let servers = servers();
+    let p = mongo_pipeline(
+        &servers,
+        &servers.mongo,
+        "snapshot_on_start = true",
+        None,
+        None,
+    )
+    .await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    let customers = p.source_db.collection::<Document>(TYPED);
+    let docs: Vec<Document> = (0..1500).map(|i| doc! {"_id": i, "v": 0}).collect();
+    carts.insert_many(docs).await.unwrap();
+    for i in 0..50 {
+        customers
+            .insert_one(customer(&format!("c{i}"), "x", 0))
+            .await
+            .unwrap();
+    }
+    let cancel = CancellationToken::new();
+    // Writers change documents before, during and after the snapshot reads them.
+    let writer = tokio::spawn({
+        let (carts, customers) = (carts.clone(), customers.clone());
+        async move {
+            for round in 1..=300_i64 {
+                let i = (round * 7919) % 1500;
+                match round % 5 {
+                    0 => {
+                        carts.delete_one(doc! {"_id": i}).await.unwrap();
+                    }
+                    1 => {
+                        carts
+                            .insert_one(doc! {"_id": 10_000 + round, "v": round})
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        carts
+                            .update_one(doc! {"_id": i}, doc! {"$set": {"v": round}})
+                            .await
+                            .unwrap();
+                    }
+                }
+                customers
+                    .update_one(
+                        doc! {"_id": format!("c{}", round % 50)},
+                        doc! {"$inc": {"order_count": 1}},
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let (relay, _) = spawn_relay(&p.config, &cancel);
+    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
+    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    writer.await.unwrap();
+    converged(&p, &[GENERIC, TYPED], &[]).await;
+    let snapshot = read_topic(&servers.kafka, &p.topic(GENERIC), 1500).await;
+    assert!(
+        snapshot
+            .iter()
+            .filter(|m| header(m, headers::EVENT_TYPE).as_deref() == Some("snapshot"))
+            .count()
+            >= 1200,
+        "the snapshot published the collection"
+    );
+    cancel.cancel();
+    for h in [relay, apply_pg, apply_mongo] {
+        h.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn source_server_away_or_stepped_down_is_waited_for_and_nothing_is_lost() {
+    let servers = servers();
+    let mut source = PrivateServer::mongo();
+    let url = source.url();
+    let p = mongo_pipeline(&servers, &url, "", None, None).await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    leads(&metrics).await;
+    for i in 0..100 {
+        carts.insert_one(doc! {"_id": i, "v": 1}).await.unwrap();
+    }
+    read_topic(&servers.kafka, &p.topic(GENERIC), 100).await;
+    source.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await; // the outage itself, not a synchronisation
+    source.start();
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let carts = client
+        .database(p.source_db.name())
+        .collection::<Document>(GENERIC);
+    for i in 0..100 {
+        carts
+            .update_one(doc! {"_id": i}, doc! {"$set": {"v": 2}})
+            .await
+            .unwrap();
+    }
+    let (_, mongo) = sinks(&p.config).await;
+    eventually("every update after the outage is applied", || async {
+        let state = sink_state(&mongo, GENERIC).await;
+        state.len() == 100 && state.values().all(|d| d["v"] == 2)
+    })
+    .await;
+
+    // A primary step-down: for 3 s the server is a secondary and refuses the relay's writes
+    // (its lease and position), then it is primary again.
+    client
+        .database("admin")
+        .run_command(doc! {"replSetStepDown": 3, "force": true})
+        .await
+        .unwrap();
+    eventually("the server is primary again", || async {
+        let hello = client
+            .database("admin")
+            .run_command(doc! {"hello": 1})
+            .await
+            .unwrap();
+        hello.get_bool("isWritablePrimary").unwrap_or(false)
+    })
+    .await;
+    for i in 0..100 {
+        carts
+            .update_one(doc! {"_id": i}, doc! {"$set": {"v": 3}})
+            .await
+            .unwrap();
+    }
+    eventually("every update after the step-down is applied", || async {
+        let state = sink_state(&mongo, GENERIC).await;
+        state.len() == 100 && state.values().all(|d| d["v"] == 3)
+    })
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+    apply_mongo.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_command_publishes_the_watched_collections() {
+    let servers = servers();
+    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    let docs: Vec<Document> = (0..30).map(|i| doc! {"_id": i, "v": i}).collect();
+    carts.insert_many(docs).await.unwrap();
+    let customers = p.source_db.collection::<Document>(TYPED);
+    customers.insert_one(customer("c1", "a", 1)).await.unwrap();
+    customers.insert_one(customer("c2", "b", 2)).await.unwrap();
+    customers
+        .insert_one(doc! {"_id": "c3", "unexpected": true})
+        .await
+        .unwrap();
+    let path = write_config(&p.toml);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dualsync"))
+            .args(["snapshot", "--json", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let report = |c: &str| {
+        reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["collection"] == c)
+            .cloned()
+            .unwrap_or_else(|| panic!("no report for {c}: {reports}"))
+    };
+    assert_eq!(report(GENERIC)["documents"], 30);
+    assert_eq!(report(TYPED)["documents"], 2);
+    assert_eq!(report(TYPED)["dead_lettered"], 1);
+    let version = report(GENERIC)["version"].as_i64().unwrap();
+    let messages = read_topic(&servers.kafka, &p.topic(GENERIC), 30).await;
+    assert_eq!(messages.len(), 30);
+    for m in &messages {
+        assert_eq!(header(m, headers::EVENT_TYPE).as_deref(), Some("snapshot"));
+        assert_eq!(self::version(m), version);
+    }
+    let dead = read_topic(&servers.kafka, &format!("{}.relay.dlq", p.prefix), 1).await;
+    assert_eq!(dead.len(), 1);
+}
+
+/// With a schema registry (the stand-in that follows the Confluent API, see fake_registry.rs)
+/// the relay registers each collection's schema as it first sees the collection: the
+/// collection's own envelope, or the generic one; apply reads the Confluent frames back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_subjects_are_registered_per_collection_as_they_appear() {
+    let servers = servers();
+    let registry = crate::fake_registry::FakeRegistry::start(None).await;
+    let p = mongo_pipeline(
+        &servers,
+        &servers.mongo,
+        &format!("[schema_registry]\nurl = \"{}\"", registry.url),
+        None,
+        None,
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
+    leads(&metrics).await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    carts
+        .insert_one(doc! {"_id": ObjectId::new(), "at": DateTime::now()})
+        .await
+        .unwrap();
+    p.source_db
+        .collection::<Document>(TYPED)
+        .insert_one(customer("c1", "Ada", 1))
+        .await
+        .unwrap();
+    converged(&p, &[GENERIC, TYPED], &[]).await;
+    for collection in [GENERIC, TYPED] {
+        let topic = p.topic(collection);
+        assert_eq!(
+            registry.versions(&format!("{topic}-value")).len(),
+            1,
+            "{topic} registered once"
+        );
+        let messages = read_topic(&servers.kafka, &topic, 1).await;
+        assert_eq!(
+            messages[0].payload().unwrap()[0],
+            0,
+            "Confluent wire format"
+        );
+    }
+    cancel.cancel();
+    for h in [relay, apply_pg, apply_mongo] {
+        h.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,199 @@
+//! Database servers owned by one test (a PostgreSQL cluster or a SecantusDB process on a free
+//! port), for tests that stop, restart or reconfigure a server without disturbing the others.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{unique, DEADLINE};
+
+fn env_path(name: &str) -> PathBuf {
+    std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{name} is not set: run the tests with `make test`, or `make up && source .local/env`")
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A sink server owned by one test, stopped cleanly and started again on the same port and
+/// data directory.
+pub enum PrivateServer {
+    Postgres {
+        bin: PathBuf,
+        data: PathBuf,
+        port: u16,
+        as_root: bool,
+    },
+    Mongo {
+        bin: PathBuf,
+        data: PathBuf,
+        port: u16,
+        child: Option<Child>,
+    },
+}
+
+impl PrivateServer {
+    pub fn postgres() -> Self {
+        let bin = env_path("DUALSYNC_TEST_PG_BIN");
+        let data = std::env::temp_dir().join(unique("dualsync-private-pg"));
+        std::fs::create_dir_all(&data).unwrap();
+        // PostgreSQL refuses to run as root: then the cluster belongs to `postgres`.
+        let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+        if as_root {
+            run(Command::new("chown").arg("postgres:postgres").arg(&data));
+        }
+        let mut server = Self::Postgres {
+            bin,
+            data,
+            port: free_port(),
+            as_root,
+        };
+        server.pg_ctl(&["initdb", "-o", "-U postgres --auth=trust -E UTF8"]);
+        server.start();
+        server
+    }
+
+    pub fn mongo() -> Self {
+        Self::mongo_with_config("")
+    }
+
+    /// A SecantusDB started with `secantusd_toml` as its configuration file.
+    pub fn mongo_with_config(secantusd_toml: &str) -> Self {
+        let data = std::env::temp_dir().join(unique("dualsync-private-mongo"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("secantusd.toml"), secantusd_toml).unwrap();
+        let mut server = Self::Mongo {
+            bin: env_path("DUALSYNC_TEST_MONGOD"),
+            data,
+            port: free_port(),
+            child: None,
+        };
+        server.start();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Self::Postgres { port, .. } => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            Self::Mongo { port, .. } => {
+                format!("mongodb://127.0.0.1:{port}/?directConnection=true")
+            }
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let Self::Postgres {
+            bin, data, as_root, ..
+        } = self
+        else {
+            unreachable!()
+        };
+        let pg_ctl = bin.join("pg_ctl");
+        let mut cmd = if *as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(pg_ctl);
+            c
+        } else {
+            Command::new(pg_ctl)
+        };
+        run(cmd.arg("-D").arg(data).args(args).current_dir(data));
+    }
+
+    /// Starts the server and returns once it accepts connections.
+    pub fn start(&mut self) {
+        match self {
+            Self::Postgres { data, port, .. } => {
+                let options = format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1",
+                    data.display()
+                );
+                let log = data.join("server.log").display().to_string();
+                self.pg_ctl(&["start", "-w", "-t", "60", "-l", &log, "-o", &options]);
+            }
+            Self::Mongo {
+                bin,
+                data,
+                port,
+                child,
+            } => {
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.join("server.log"))
+                    .unwrap();
+                // Its working directory is the data folder: it reads ./secantusd.toml if any.
+                *child = Some(
+                    Command::new(&*bin)
+                        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                        .arg("--storage-path")
+                        .arg(&*data)
+                        .current_dir(&*data)
+                        .stdout(log.try_clone().unwrap())
+                        .stderr(log)
+                        .stdin(Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                );
+                let deadline = Instant::now() + DEADLINE;
+                while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "private SecantusDB never listened"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// A clean shutdown that disconnects every client (PostgreSQL's fast mode, SIGTERM).
+    pub fn stop(&mut self) {
+        match self {
+            Self::Postgres { .. } => self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]),
+            Self::Mongo { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
+                    c.wait().unwrap();
+                }
+            }
+        }
+    }
+
+    pub fn data(&self) -> &Path {
+        match self {
+            Self::Postgres { data, .. } | Self::Mongo { data, .. } => data,
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Self::Mongo { child: Some(c), .. } = self {
+            c.kill().ok();
+            c.wait().ok();
+        } else if let Self::Postgres { .. } = self {
+            // Best effort; the test already asserted what it needed.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.pg_ctl(&["stop", "-m", "immediate", "-w"])
+            }));
+        }
+        std::fs::remove_dir_all(self.data()).ok();
+    }
+}
