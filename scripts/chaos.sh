@@ -26,8 +26,10 @@ cargo test --locked --test it --no-run --quiet
     echo "# Chaos report"
     echo
     echo "\`make chaos\` on $(date -u +%Y-%m-%d), $(nproc) cores: $RUNS schedules of $FAULTS faults"
-    echo "(kill -9 of relay / apply / both, a second relay started and stopped, poison messages),"
-    echo "writers contending on 20 customers and 150 orders. Each line is the test's own summary."
+    echo "(kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
+    echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
+    echo "primary and the PostgreSQL sink), writers contending on 20 customers and 150 orders."
+    echo "Each line is the test's own summary."
     echo
 } >"$REPORT"
 for ((i = 0; i < RUNS; i++)); do

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::error::Error;
+use crate::error::{classify, Disposition, Error};
 
 pub const SAMPLE_DOMAIN_DDL: &str = include_str!("../connectors/sample_domain.sql");
 
@@ -200,7 +200,23 @@ pub async fn generate_at_rate(
                 }
                 let o = rng.gen_range(0..per_writer) * writers.max(1) + w;
                 let c = o % customers.max(1);
-                change_order(&mut client, &mut rng, &format!("o{o}"), &format!("c{c}")).await?;
+                let (order, customer) = (format!("o{o}"), format!("c{c}"));
+                // A lost connection (the primary restarting) or a deadlock between writers
+                // is retried on a fresh connection for up to a minute, like an application
+                // would; whether a change cut off at commit went in does not matter here.
+                let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+                while let Err(e) = change_order(&mut client, &mut rng, &order, &customer).await {
+                    if classify(&e) != Disposition::Retry || tokio::time::Instant::now() > give_up {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "load writer retrying on a new connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match crate::pg::connect(&url).await {
+                        Ok(fresh) => client = fresh,
+                        Err(e) if classify(&e) == Disposition::Retry => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             Ok::<_, Error>(share as u64)
         }));

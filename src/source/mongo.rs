@@ -317,6 +317,19 @@ impl MongoSource {
         }
     }
 
+    /// Why the position could not be saved: another relay holds the lease, or the document
+    /// is gone (deleted, or its database dropped), and with it the position.
+    async fn why_not_saved(&mut self) -> Error {
+        match self.offsets.find_one(doc! {"_id": &self.pipeline}).await {
+            Ok(None) => Error::HistoryLost(format!(
+                "this pipeline's position document ({}.{} _id {:?}) was deleted while the relay ran (was the database dropped?)",
+                self.config.database, self.config.offsets_collection, self.pipeline
+            )),
+            Ok(Some(_)) => Error::LeaseLost(self.pipeline.clone()),
+            Err(e) => e.into(),
+        }
+    }
+
     /// Renews the lease when a third of it has passed.
     async fn renew_if_due(&mut self) -> Result<(), Error> {
         if self.last_renewal.elapsed() < Duration::from_secs(self.config.lease_secs) / 3 {
@@ -354,7 +367,7 @@ impl MongoSource {
             )
             .await?;
         if result.matched_count == 0 {
-            return Err(Error::LeaseLost(self.pipeline.clone()));
+            return Err(self.why_not_saved().await);
         }
         self.last_renewal = Instant::now();
         if let Position::After(token) = position {

@@ -1,13 +1,17 @@
 //! Fault injection: the pipeline as real processes while writers contend on a fixed set of
 //! aggregates (creates, updates, deletes), and a seeded schedule of faults — `kill -9` of the
 //! relay, of either apply, of a relay and an apply together, a second relay started and
-//! stopped, poison messages produced straight to an event topic. Afterwards both sinks must
-//! match the primary record by record and the dead-letter topic must hold exactly the injected
-//! poison (once per sink's consumer group).
+//! stopped, poison messages produced straight to an event topic, a restart of the MongoDB sink
+//! server, and a restart of the PostgreSQL server holding the primary (and the PostgreSQL
+//! sink). Afterwards both sinks must match the primary record by record and the dead-letter
+//! topic must hold exactly the injected poison (once per sink's consumer group).
+//!
+//! The databases are the test's own servers (a private PostgreSQL cluster and a private
+//! SecantusDB), so restarting them disturbs no other test.
 //!
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
 //! sets its length (default 6, the CI configuration; `make chaos` runs longer ones).
-//! Not covered here (they need their own servers): broker, sink and source restarts.
+//! Not covered here: broker restarts (the shared Tansu runs on `memory://` storage).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +29,7 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
 
 use crate::common::*;
+use crate::private_servers::PrivateServer;
 
 const RECONCILE: &str = "[reconcile.customers]\ntable = \"shop.customers\"\n[reconcile.orders]\ntable = \"shop.orders\"\n";
 
@@ -130,6 +135,15 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     println!("chaos seed {seed}, {faults} faults (DUALSYNC_CHAOS_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
 
+    // The databases this schedule restarts: its own PostgreSQL (primary and PostgreSQL sink)
+    // and its own SecantusDB (MongoDB sink); the broker is the shared one.
+    let mut pg_server = PrivateServer::postgres();
+    let mut mongo_server = PrivateServer::mongo();
+    let servers = Servers {
+        pg: pg_server.url(),
+        kafka: servers.kafka.clone(),
+        mongo: mongo_server.url(),
+    };
     let source_url = create_database(&servers).await;
     let sink_url = create_database(&servers).await;
     // Static membership: Tansu 0.6 never expires a member killed with kill -9.
@@ -170,7 +184,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         // The schedule's own pacing, drawn from the seed (not a synchronisation point).
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
         let restart_after = Duration::from_millis(rng.gen_range(50..1500));
-        let fault = rng.gen_range(0..6);
+        let fault = rng.gen_range(0..8);
         println!(
             "  {:>5.1}s fault {step}: kind {fault}",
             started.elapsed().as_secs_f64()
@@ -212,6 +226,19 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
                 poison += 1;
                 poison_keys.push(key);
             }
+            6 => {
+                // The MongoDB sink's server goes away and comes back on the same data.
+                mongo_server.stop();
+                tokio::time::sleep(restart_after).await;
+                mongo_server.start();
+            }
+            7 => {
+                // The primary's PostgreSQL (also the PostgreSQL sink's) restarts: the relay,
+                // the PostgreSQL apply and the writers lose their connections.
+                pg_server.stop();
+                tokio::time::sleep(restart_after).await;
+                pg_server.start();
+            }
             _ => {
                 // A second relay: standby while the first lives; stopped cleanly.
                 let mut second = Proc::new("chaos-relay-2", &["relay", "-c", path]);
@@ -222,6 +249,8 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     }
     let written = writers.await.unwrap().unwrap();
     let writes_done = Instant::now();
+    // The schedule may have restarted the primary under the first connection.
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
 
     let SinkConfig::Postgres(pg) = &config.sinks["postgres"] else {
         unreachable!()

@@ -212,6 +212,24 @@ fn assert_ordered_per_key(messages: &[OwnedMessage]) {
     }
 }
 
+/// Whether the broker knows `topic` (the relay creates a topic when it first publishes to it).
+async fn topic_exists(brokers: &str, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        metadata.topics().iter().any(|t| t.name() == topic)
+    })
+    .await
+    .unwrap()
+}
+
 /// Waits until the relay holds the lease and its stream is open.
 async fn leads(metrics: &dualsync::metrics::Metrics) {
     eventually("the relay leads", || async {
@@ -227,13 +245,27 @@ fn customer(id: &str, name: &str, orders: i32) -> Document {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
     let servers = servers();
-    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+    let p = mongo_pipeline(
+        &servers,
+        &servers.mongo,
+        "exclude_collections = [\"sessions\"]",
+        None,
+        None,
+    )
+    .await;
     let cancel = CancellationToken::new();
     let (relay, metrics) = spawn_relay(&p.config, &cancel);
     let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
     let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
     // Without a saved position (and no snapshot asked for) the relay streams from "now".
     leads(&metrics).await;
+    // An excluded collection: written first, so if it were published it would be by the time
+    // everything after it is.
+    p.source_db
+        .collection::<Document>("sessions")
+        .insert_one(doc! {"token": "t"})
+        .await
+        .unwrap();
 
     let customers = p.source_db.collection::<Document>(TYPED);
     // Carts keep pre-images, so its delete events carry the deleted document's last state.
@@ -355,6 +387,10 @@ async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
     );
     let raw: Json = serde_json::from_slice(dead[0].payload().unwrap()).unwrap();
     assert_eq!(raw["fullDocument"]["nme"], "typo");
+    assert!(
+        !topic_exists(&servers.kafka, &p.topic("sessions")).await,
+        "an excluded collection was published"
+    );
 
     cancel.cancel();
     for h in [relay, apply_pg, apply_mongo] {
@@ -768,5 +804,35 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     cancel.cancel();
     for h in [relay, apply_pg, apply_mongo] {
         h.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_database_invalidates_the_stream_and_stops_the_relay_with_the_explanation() {
+    let servers = servers();
+    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    leads(&metrics).await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    carts.insert_one(doc! {"_id": 1}).await.unwrap();
+    read_topic(&servers.kafka, &p.topic(GENERIC), 1).await;
+    p.source_db.drop().await.unwrap();
+    let outcome = tokio::time::timeout(DEADLINE, relay)
+        .await
+        .unwrap()
+        .unwrap();
+    match outcome {
+        Err(e @ Error::HistoryLost(_)) => {
+            let text = e.to_string();
+            // Whichever the relay meets first: the stream's invalidate event, or its position
+            // document gone with the database.
+            assert!(
+                text.contains("invalidated") || text.contains("database dropped"),
+                "{text}"
+            );
+            assert!(text.contains("resnapshot"), "{text}");
+        }
+        other => panic!("expected the history-lost error, got {other:?}"),
     }
 }
