@@ -766,7 +766,10 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     let p = mongo_pipeline(
         &servers,
         &servers.mongo,
-        &format!("[schema_registry]\nurl = \"{}\"", registry.url),
+        &format!(
+            "collections = [\"{GENERIC}\", \"{TYPED}\"]\n[schema_registry]\nurl = \"{}\"",
+            registry.url
+        ),
         None,
         None,
     )
@@ -776,6 +779,12 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
     let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
     leads(&metrics).await;
+    // Not in the include list: never published.
+    p.source_db
+        .collection::<Document>("audit")
+        .insert_one(doc! {"what": "login"})
+        .await
+        .unwrap();
     let carts = p.source_db.collection::<Document>(GENERIC);
     carts
         .insert_one(doc! {"_id": ObjectId::new(), "at": DateTime::now()})
@@ -801,6 +810,7 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
             "Confluent wire format"
         );
     }
+    assert!(!topic_exists(&servers.kafka, &p.topic("audit")).await);
     cancel.cancel();
     for h in [relay, apply_pg, apply_mongo] {
         h.await.unwrap().unwrap();
