@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::http::Control;
 use crate::metrics::Metrics;
 use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
-use crate::source::mongo::{change_version, MongoSource};
+use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
 use crate::source::Source;
 
@@ -223,7 +223,7 @@ pub fn to_message(
     change: &MongoChange,
 ) -> Result<Outgoing, Error> {
     let typed = codec.store().for_type(&change.collection).is_some();
-    let event = change.to_event(change_version(change), typed);
+    let event = change.to_event(change.version(), typed);
     let context = change.context();
     let value = codec.encode_change(&event, &context)?;
     let version = event.version.to_string();
@@ -316,7 +316,7 @@ pub async fn snapshot(
     cancel: &CancellationToken,
 ) -> Result<Vec<SnapshotReport>, Error> {
     use futures::TryStreamExt;
-    use mongodb::bson::{doc, Bson, DateTime, Document};
+    use mongodb::bson::{doc, Document};
 
     let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
         return Ok(Vec::new());
@@ -348,7 +348,7 @@ pub async fn snapshot(
             collection: collection.clone(),
             documents: 0,
             dead_lettered: 0,
-            version: crate::source::mongo_change::version_of(start_at) - 1,
+            version: crate::source::mongo_change::snapshot_version(start_at),
         };
         let mut cursor = db
             .collection::<Document>(&collection)
@@ -363,18 +363,8 @@ pub async fn snapshot(
                     done = true;
                     break;
                 };
-                let change = MongoChange {
-                    token: None,
-                    operation: crate::source::mongo_change::Operation::Snapshot,
-                    database: source_config.database.clone(),
-                    collection: collection.clone(),
-                    id: document.get("_id").cloned().unwrap_or(Bson::Null),
-                    full_document: Some(document),
-                    document_before_change: None,
-                    update_description: None,
-                    cluster_time: start_at,
-                    wall_time_micros: DateTime::now().timestamp_millis() * 1000,
-                };
+                let change =
+                    MongoChange::snapshot(&source_config.database, &collection, document, start_at);
                 match to_message(config, &codec, &change) {
                     Ok(m) => {
                         report.documents += 1;

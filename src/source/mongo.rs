@@ -30,7 +30,7 @@ use mongodb::{Client, Collection, Cursor, Database};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mongo_change::{parse_event, version_of, MongoChange, NotPublished, Operation};
+use super::mongo_change::{parse_event, MongoChange, NotPublished};
 use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position};
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
@@ -403,18 +403,12 @@ impl MongoSource {
             }
             let (collection, docs) = &mut **cursor.as_mut().expect("set above");
             match docs.try_next().await? {
-                Some(document) => batch.push(MongoChange {
-                    token: None,
-                    operation: Operation::Snapshot,
-                    database: self.config.database.clone(),
-                    collection: collection.clone(),
-                    id: document.get("_id").cloned().unwrap_or(Bson::Null),
-                    full_document: Some(document),
-                    document_before_change: None,
-                    update_description: None,
-                    cluster_time: *start_at,
-                    wall_time_micros: DateTime::now().timestamp_millis() * 1000,
-                }),
+                Some(document) => batch.push(MongoChange::snapshot(
+                    &self.config.database,
+                    collection,
+                    document,
+                    *start_at,
+                )),
                 None => {
                     tracing::info!(collection = %collection, "snapshot of collection read");
                     *cursor = None;
@@ -539,14 +533,6 @@ impl MongoSource {
         self.save(Position::At(start_at)).await?;
         self.phase = Phase::Streaming(self.open(None, Some(start_at)).await?);
         Ok(())
-    }
-}
-
-/// The version of a change: its cluster time, or just below the snapshot's start time.
-pub fn change_version(change: &MongoChange) -> i64 {
-    match change.operation {
-        Operation::Snapshot => version_of(change.cluster_time) - 1,
-        _ => version_of(change.cluster_time),
     }
 }
 

@@ -185,7 +185,43 @@ pub fn simplified_json(value: &Bson) -> Json {
     }
 }
 
+/// The version of every document a snapshot starting at `start_at` reads: just below any
+/// change the stream delivers from `start_at` on.
+pub fn snapshot_version(start_at: Timestamp) -> i64 {
+    version_of(start_at) - 1
+}
+
 impl MongoChange {
+    /// A document read by a snapshot that started at cluster time `start_at`.
+    pub fn snapshot(
+        database: &str,
+        collection: &str,
+        document: Document,
+        start_at: Timestamp,
+    ) -> Self {
+        Self {
+            token: None,
+            operation: Operation::Snapshot,
+            database: database.to_string(),
+            collection: collection.to_string(),
+            id: document.get("_id").cloned().unwrap_or(Bson::Null),
+            full_document: Some(document),
+            document_before_change: None,
+            update_description: None,
+            cluster_time: start_at,
+            wall_time_micros: mongodb::bson::DateTime::now().timestamp_millis() * 1000,
+        }
+    }
+
+    /// The version it is published with: its cluster time, or for a snapshot document
+    /// [`snapshot_version`].
+    pub fn version(&self) -> i64 {
+        match self.operation {
+            Operation::Snapshot => snapshot_version(self.cluster_time),
+            _ => version_of(self.cluster_time),
+        }
+    }
+
     /// Whether the event leaves no document behind: a delete, or an update whose document was
     /// gone when the server looked it up (`fullDocument: null`; its delete follows).
     pub fn is_removal(&self) -> bool {
