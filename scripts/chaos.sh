@@ -18,7 +18,7 @@ bash scripts/up.sh all
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL \
-    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD
+    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD DUALSYNC_TEST_TANSU
 log "building the test binary"
 cargo test --locked --test it --no-run --quiet
 
@@ -28,7 +28,8 @@ cargo test --locked --test it --no-run --quiet
     echo "\`make chaos\` on $(date -u +%Y-%m-%d), $(nproc) cores: $RUNS schedules of $FAULTS faults"
     echo "(kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
     echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
-    echo "primary and the PostgreSQL sink), writers contending on 20 customers and 150 orders."
+    echo "primary and the PostgreSQL sink, a crash and restart of the broker: a private Tansu on"
+    echo "sqlite storage), writers contending on 20 customers and 150 orders at 200 changes/s."
     echo "Each line is the test's own summary."
     echo
 } >"$REPORT"

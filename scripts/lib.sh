@@ -411,6 +411,7 @@ write_env_file() {
         echo "export DUALSYNC_TEST_MONGO_URL=$(mongo_url)"
         echo "export DUALSYNC_TEST_PG_BIN=$(pg_bin_dir || true)"
         echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
+        echo "export DUALSYNC_TEST_TANSU=$TANSU_BIN"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }

@@ -164,6 +164,26 @@ pub async fn generate(
     generate_at_rate(url, customers, orders, changes, writers, seed, None).await
 }
 
+/// How long a load writer keeps retrying a transient failure before it gives up.
+const WRITER_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// A new connection for a load writer; transient refusals (the primary starting or shutting
+/// down) are retried until `give_up`, as an application would.
+async fn connect_retrying(url: &str, give_up: tokio::time::Instant) -> Result<Client, Error> {
+    loop {
+        match crate::pg::connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e)
+                if classify(&e) == Disposition::Retry && tokio::time::Instant::now() < give_up =>
+            {
+                tracing::warn!(error = %e, "load writer retrying its connection");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// As [`generate`], but at most `rate` order changes per second in total when given.
 pub async fn generate_at_rate(
     url: &str,
@@ -174,16 +194,24 @@ pub async fn generate_at_rate(
     seed: u64,
     rate: Option<f64>,
 ) -> Result<u64, Error> {
-    let mut client = crate::pg::connect(url).await?;
+    let give_up = tokio::time::Instant::now() + WRITER_GIVE_UP;
+    let mut client = connect_retrying(url, give_up).await?;
     for c in 0..customers {
-        upsert_customer(&mut client, &format!("c{c}"), &format!("Customer {c}")).await?;
+        let (id, name) = (format!("c{c}"), format!("Customer {c}"));
+        while let Err(e) = upsert_customer(&mut client, &id, &name).await {
+            if classify(&e) != Disposition::Retry || tokio::time::Instant::now() > give_up {
+                return Err(e);
+            }
+            client = connect_retrying(url, give_up).await?;
+        }
     }
     let mut tasks = Vec::new();
     for w in 0..writers.max(1) {
         let url = url.to_string();
         let share = changes / writers.max(1) + usize::from(w < changes % writers.max(1));
         tasks.push(tokio::spawn(async move {
-            let mut client = crate::pg::connect(&url).await?;
+            let mut client =
+                connect_retrying(&url, tokio::time::Instant::now() + WRITER_GIVE_UP).await?;
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64));
             let mut pace = rate.filter(|r| *r > 0.0).map(|r| {
                 let mut i =
@@ -204,18 +232,12 @@ pub async fn generate_at_rate(
                 // A lost connection (the primary restarting) or a deadlock between writers
                 // is retried on a fresh connection for up to a minute, like an application
                 // would; whether a change cut off at commit went in does not matter here.
-                let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+                let give_up = tokio::time::Instant::now() + WRITER_GIVE_UP;
                 while let Err(e) = change_order(&mut client, &mut rng, &order, &customer).await {
                     if classify(&e) != Disposition::Retry || tokio::time::Instant::now() > give_up {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, "load writer retrying on a new connection");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    match crate::pg::connect(&url).await {
-                        Ok(fresh) => client = fresh,
-                        Err(e) if classify(&e) == Disposition::Retry => {}
-                        Err(e) => return Err(e),
-                    }
+                    client = connect_retrying(&url, give_up).await?;
                 }
             }
             Ok::<_, Error>(share as u64)

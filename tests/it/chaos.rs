@@ -2,16 +2,17 @@
 //! aggregates (creates, updates, deletes), and a seeded schedule of faults — `kill -9` of the
 //! relay, of either apply, of a relay and an apply together, a second relay started and
 //! stopped, poison messages produced straight to an event topic, a restart of the MongoDB sink
-//! server, and a restart of the PostgreSQL server holding the primary (and the PostgreSQL
-//! sink). Afterwards both sinks must match the primary record by record and the dead-letter
-//! topic must hold exactly the injected poison (once per sink's consumer group).
+//! server, a restart of the PostgreSQL server holding the primary (and the PostgreSQL sink),
+//! and a restart of the broker. Afterwards both sinks must match the primary record by record,
+//! every outbox row must be in its topic, and the dead-letter topic must hold exactly the
+//! injected poison (once per sink's consumer group).
 //!
-//! The databases are the test's own servers (a private PostgreSQL cluster and a private
-//! SecantusDB), so restarting them disturbs no other test.
+//! Every server is the test's own (a private PostgreSQL cluster, a private SecantusDB, a
+//! private Tansu on `sqlite://` storage, which keeps messages and committed offsets across a
+//! restart), so restarting them disturbs no other test.
 //!
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
 //! sets its length (default 6, the CI configuration; `make chaos` runs longer ones).
-//! Not covered here: broker restarts (the shared Tansu runs on `memory://` storage).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,6 +111,13 @@ impl Proc {
     }
 }
 
+impl Drop for Proc {
+    /// A failed schedule must not leave its processes running.
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: &Config) -> usize {
     let mut n = 0;
     for (aggregate, rc) in &config.reconcile {
@@ -123,7 +131,7 @@ async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
-    let servers = servers();
+    dualsync::telemetry::init_for_tests();
     let seed: u64 = std::env::var("DUALSYNC_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -135,13 +143,14 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     println!("chaos seed {seed}, {faults} faults (DUALSYNC_CHAOS_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    // The databases this schedule restarts: its own PostgreSQL (primary and PostgreSQL sink)
-    // and its own SecantusDB (MongoDB sink); the broker is the shared one.
+    // The servers this schedule restarts: its own PostgreSQL (primary and PostgreSQL sink),
+    // SecantusDB (MongoDB sink) and broker.
     let mut pg_server = PrivateServer::postgres();
     let mut mongo_server = PrivateServer::mongo();
+    let mut kafka_server = PrivateServer::kafka();
     let servers = Servers {
         pg: pg_server.url(),
-        kafka: servers.kafka.clone(),
+        kafka: kafka_server.url(),
         mongo: mongo_server.url(),
     };
     let source_url = create_database(&servers).await;
@@ -168,8 +177,9 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     let writers = tokio::spawn({
         let url = source_url.clone();
         let seed = rng.gen();
-        // 20 customers and 150 orders shared by 3 writers: updates, deletes, contention.
-        async move { dualsync::demo::generate_at_rate(&url, 20, 150, 3000, 3, seed, Some(400.0)).await }
+        // 20 customers and 150 orders shared by 3 writers: updates, deletes, contention. The
+        // rate stays under what Tansu's sqlite storage takes in (each header is a row there).
+        async move { dualsync::demo::generate_at_rate(&url, 20, 150, 3000, 3, seed, Some(200.0)).await }
     });
 
     let producer: FutureProducer = ClientConfig::new()
@@ -184,7 +194,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         // The schedule's own pacing, drawn from the seed (not a synchronisation point).
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
         let restart_after = Duration::from_millis(rng.gen_range(50..1500));
-        let fault = rng.gen_range(0..8);
+        let fault = rng.gen_range(0..9);
         println!(
             "  {:>5.1}s fault {step}: kind {fault}",
             started.elapsed().as_secs_f64()
@@ -238,6 +248,17 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
                 pg_server.stop();
                 tokio::time::sleep(restart_after).await;
                 pg_server.start();
+            }
+            8 => {
+                // The broker crashes and restarts on the same storage: every producer and
+                // consumer loses its connection, requests in flight are lost, groups are
+                // rebuilt; acknowledged messages and committed offsets survive. A crash
+                // rather than SIGTERM: Tansu 0.6 stops its storage before its connections on
+                // SIGTERM, and after that restart its sqlite engine panics on the idempotent
+                // producer's next batch ("more or less than one row"), a broker bug.
+                kafka_server.kill();
+                tokio::time::sleep(restart_after).await;
+                kafka_server.start();
             }
             _ => {
                 // A second relay: standby while the first lives; stopped cleanly.

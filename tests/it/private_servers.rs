@@ -1,5 +1,6 @@
-//! Database servers owned by one test (a PostgreSQL cluster or a SecantusDB process on a free
-//! port), for tests that stop, restart or reconfigure a server without disturbing the others.
+//! Servers owned by one test (a PostgreSQL cluster, a SecantusDB process or a Tansu broker on
+//! durable storage, each on a free port), for tests that stop, restart or reconfigure a server
+//! without disturbing the others.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,8 +33,8 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A sink server owned by one test, stopped cleanly and started again on the same port and
-/// data directory.
+/// A server owned by one test, stopped cleanly and started again on the same port and data
+/// directory.
 pub enum PrivateServer {
     Postgres {
         bin: PathBuf,
@@ -42,6 +43,14 @@ pub enum PrivateServer {
         as_root: bool,
     },
     Mongo {
+        bin: PathBuf,
+        data: PathBuf,
+        port: u16,
+        child: Option<Child>,
+    },
+    /// Tansu on `sqlite://` storage: unlike the shared broker's `memory://`, it keeps topics,
+    /// messages and committed offsets across a restart.
+    Kafka {
         bin: PathBuf,
         data: PathBuf,
         port: u16,
@@ -89,12 +98,27 @@ impl PrivateServer {
         server
     }
 
+    pub fn kafka() -> Self {
+        let data = std::env::temp_dir().join(unique("dualsync-private-kafka"));
+        std::fs::create_dir_all(data.join("kafka")).unwrap();
+        let mut server = Self::Kafka {
+            bin: env_path("DUALSYNC_TEST_TANSU"),
+            data,
+            port: free_port(),
+            child: None,
+        };
+        server.start();
+        server
+    }
+
+    /// The connection string: a URL for the databases, `host:port` for the broker.
     pub fn url(&self) -> String {
         match self {
             Self::Postgres { port, .. } => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             Self::Mongo { port, .. } => {
                 format!("mongodb://127.0.0.1:{port}/?directConnection=true")
             }
+            Self::Kafka { port, .. } => format!("127.0.0.1:{port}"),
         }
     }
 
@@ -133,32 +157,31 @@ impl PrivateServer {
                 port,
                 child,
             } => {
-                let log = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(data.join("server.log"))
-                    .unwrap();
                 // Its working directory is the data folder: it reads ./secantusd.toml if any.
-                *child = Some(
-                    Command::new(&*bin)
-                        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                        .arg("--storage-path")
-                        .arg(&*data)
-                        .current_dir(&*data)
-                        .stdout(log.try_clone().unwrap())
-                        .stderr(log)
-                        .stdin(Stdio::null())
-                        .spawn()
-                        .unwrap(),
-                );
-                let deadline = Instant::now() + DEADLINE;
-                while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                    assert!(
-                        Instant::now() < deadline,
-                        "private SecantusDB never listened"
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                let mut cmd = Command::new(&*bin);
+                cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .arg("--storage-path")
+                    .arg(&*data);
+                *child = Some(spawn_logged(cmd, data, *port, "SecantusDB"));
+            }
+            Self::Kafka {
+                bin,
+                data,
+                port,
+                child,
+            } => {
+                // Tansu 0.6 resolves sqlite://<host>/<path> against its working directory.
+                // A stray SCHEMA_REGISTRY in the environment would turn on its validation.
+                let listener = format!("tcp://127.0.0.1:{port}");
+                let mut cmd = Command::new(&*bin);
+                cmd.env_remove("SCHEMA_REGISTRY")
+                    // Its info level traces every span: gigabytes per run, and slower.
+                    .env("RUST_LOG", "warn")
+                    .arg("broker")
+                    .args(["--listener-url", &listener])
+                    .args(["--advertised-listener-url", &listener])
+                    .args(["--storage-engine", "sqlite://kafka/tansu.db"]);
+                *child = Some(spawn_logged(cmd, data, *port, "Tansu"));
             }
         }
     }
@@ -167,7 +190,7 @@ impl PrivateServer {
     pub fn stop(&mut self) {
         match self {
             Self::Postgres { .. } => self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]),
-            Self::Mongo { child, .. } => {
+            Self::Mongo { child, .. } | Self::Kafka { child, .. } => {
                 if let Some(mut c) = child.take() {
                     run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
                     c.wait().unwrap();
@@ -176,24 +199,60 @@ impl PrivateServer {
         }
     }
 
+    /// A crash: `kill -9` of the server process, or PostgreSQL's immediate shutdown.
+    pub fn kill(&mut self) {
+        match self {
+            Self::Postgres { .. } => self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"]),
+            Self::Mongo { child, .. } | Self::Kafka { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    c.kill().unwrap();
+                    c.wait().unwrap();
+                }
+            }
+        }
+    }
+
     pub fn data(&self) -> &Path {
         match self {
-            Self::Postgres { data, .. } | Self::Mongo { data, .. } => data,
+            Self::Postgres { data, .. } | Self::Mongo { data, .. } | Self::Kafka { data, .. } => {
+                data
+            }
         }
     }
 }
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
-        if let Self::Mongo { child: Some(c), .. } = self {
-            c.kill().ok();
-            c.wait().ok();
-        } else if let Self::Postgres { .. } = self {
-            // Best effort; the test already asserted what it needed.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.pg_ctl(&["stop", "-m", "immediate", "-w"])
-            }));
+        // Best effort; the test already asserted what it needed.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.kill()));
+        if std::thread::panicking() {
+            // Kept for the failure's diagnosis (server.log is in it).
+            eprintln!("kept {}", self.data().display());
+        } else {
+            std::fs::remove_dir_all(self.data()).ok();
         }
-        std::fs::remove_dir_all(self.data()).ok();
     }
+}
+
+/// Starts `cmd` in `data` with its output appended to `data/server.log`, and returns once it
+/// accepts connections on `port`.
+fn spawn_logged(mut cmd: Command, data: &Path, port: u16, what: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("server.log"))
+        .unwrap();
+    let child = cmd
+        .current_dir(data)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "private {what} never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
 }

@@ -81,6 +81,7 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
                 ..servers
             },
         ),
+        PrivateServer::Kafka { .. } => unreachable!("a sink outage is a database's"),
     };
     let config = pipeline(
         &servers,
