@@ -9,13 +9,16 @@
 #   2. apply drain, per sink: the published backlog is applied by one apply process into the
 #      PostgreSQL sink, then into the MongoDB sink: apply events/s per sink.
 #   0. stage baselines, no dualsync in the loop: the broker alone (examples/broker_baseline.rs,
-#      dualsync's producer and consumer settings), a raw batched upsert into a PostgreSQL table
+#      dualsync's producer and consumer settings), the relay's encoding alone
+#      (examples/encode_baseline.rs: JSON → validated Avro message, no server), a raw batched upsert into a PostgreSQL table
 #      shaped like the sink's (1,000-row statements), and raw 1,000-document upsert batches into
 #      MongoDB with pymongo, so the pipeline's figures can be read against each stage's ceiling.
 #   3. latency: everything running, BENCH_RATE order changes/s for BENCH_LATENCY_CHANGES
 #      changes: commit→publish (outbox created_at → published_at) and commit→applied
 #      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles,
 #      after a warm-up load so topic creation and the first rebalance are not counted.
+#   4. end to end: relay and apply → PostgreSQL running while BENCH_CHANGES order changes are
+#      committed at full speed: events/s from the first commit to the last row applied.
 # Timing is taken from the databases' own clocks; nothing here asserts a number.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -23,14 +26,15 @@ set -euo pipefail
 cd "$REPO_ROOT"
 
 CHANGES="${BENCH_CHANGES:-50000}"
-RATE="${BENCH_RATE:-500}"
+# 750 order changes/s commit about 1,000 events/s (the load writes ~1.3 events per change).
+RATE="${BENCH_RATE:-750}"
 LATENCY_CHANGES="${BENCH_LATENCY_CHANGES:-15000}"
 OUT_DIR="$REPO_ROOT/bench"
 mkdir -p "$OUT_DIR" "$LOG_DIR"
 
 bash scripts/up.sh all
 log "building dualsync (release)"
-cargo build --release --locked --quiet --bin dualsync --example broker_baseline
+cargo build --release --locked --quiet --bin dualsync --example broker_baseline --example encode_baseline
 BIN="$REPO_ROOT/target/release/dualsync"
 BASELINE_ROWS="${BENCH_BASELINE_ROWS:-100000}"
 BASELINE_MONGO_DOCS="${BENCH_BASELINE_MONGO_DOCS:-20000}"
@@ -72,6 +76,8 @@ peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
 log "phase 0: stage baselines (broker alone, raw PostgreSQL upserts, raw MongoDB upserts)"
 BROKER_JSON=$("$REPO_ROOT/target/release/examples/broker_baseline" "$(kafka_brokers)" "$BASELINE_ROWS" 300)
 log "broker: $BROKER_JSON"
+ENCODE_JSON=$("$REPO_ROOT/target/release/examples/encode_baseline" 200000)
+log "relay encoding alone: $ENCODE_JSON"
 new_pipeline baseline
 sql "CREATE TABLE bench_raw (id text PRIMARY KEY, doc jsonb, version bigint NOT NULL,
      deleted boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now())"
@@ -159,9 +165,36 @@ PUB=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric
 APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || count(*)
            FROM (SELECT extract(epoch FROM r.updated_at - o.created_at) * 1000 AS ms
                  FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version WHERE o.seq > $WARM) l")
+LAT_EPS=$(sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
+               FROM dualsync.outbox WHERE seq > $WARM")
+log "latency phase: $LAT_EPS events/s committed"
 stop_all
 read -r PUB_P50 PUB_P99 PUB_MAX <<<"$PUB"
 read -r APP_P50 APP_P99 APP_MAX APP_N <<<"$APP"
+
+# ---- 4: end to end at full speed ---------------------------------------------------------
+# Everything running while the writers commit as fast as they can: events/s from the first
+# commit to the last row visible in the PostgreSQL sink (both clocks are PostgreSQL's).
+new_pipeline e2e
+"$BIN" relay --config "$CONFIG" >"$LOG_DIR/bench-relay-e2e.log" 2>&1 & PIDS+=($!)
+"$BIN" apply --config "$CONFIG" --sink postgres >"$LOG_DIR/bench-apply-e2e.log" 2>&1 & PIDS+=($!)
+log "phase 4: $CHANGES order changes at full speed, relay and apply running"
+"$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes "$CHANGES" --writers 4 >/dev/null
+wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
+wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND to_regclass('replica.customers') IS NOT NULL"
+# Every key at its latest event (not only the newest key: partitions are applied side by side).
+caught_up() { # caught_up AGGREGATE
+    echo "NOT EXISTS (SELECT 1 FROM (SELECT aggregateid, max(seq) AS seq FROM dualsync.outbox
+            WHERE aggregatetype = '$1' GROUP BY aggregateid) o
+          LEFT JOIN replica.$1 r ON r.id = o.aggregateid WHERE r.version IS DISTINCT FROM o.seq)"
+}
+wait_sql "SELECT $(caught_up orders) AND $(caught_up customers)"
+read -r E2E_EVENTS E2E_SECS <<<"$(sql "SELECT count(*) || ' ' || round(extract(epoch FROM
+    greatest((SELECT max(updated_at) FROM replica.orders), (SELECT max(updated_at) FROM replica.customers))
+    - min(created_at))::numeric, 1) FROM dualsync.outbox")"
+E2E_EPS=$(rate "$E2E_EVENTS" 0 "$E2E_SECS")
+log "end to end: $E2E_EVENTS events from first commit to last row applied in ${E2E_SECS}s"
+stop_all
 
 DATE="$(date -u +%Y-%m-%d)"
 RSS_PG="${APPLY_RSS[postgres]}"
@@ -172,10 +205,11 @@ cat >"$OUT_DIR/results.json" <<JSON
   "date": "$DATE",
   "machine": "$CPU, $(uname -m)",
   "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "tansu": "$TANSU_VERSION", "secantusdb": "$SECANTUS_VERSION"},
+  "end_to_end_postgres": {"events": $E2E_EVENTS, "seconds": $E2E_SECS, "events_per_s": $E2E_EPS},
   "drain": {"events": $EVENTS, "relay_events_per_s": $RELAY_EPS, "apply_postgres_events_per_s": ${APPLY_EPS[postgres]}, "apply_mongo_events_per_s": ${APPLY_EPS[mongo]}},
-  "baselines": {"broker": $BROKER_JSON, "raw_postgres_upsert_rows_per_s": $RAW_PG_RPS, "raw_postgres_upsert_rows": $BASELINE_ROWS, "raw_mongo_upsert_docs_per_s": $RAW_MONGO_RPS, "raw_mongo_upsert_docs": $BASELINE_MONGO_DOCS},
+  "baselines": {"broker": $BROKER_JSON, "relay_encode": $ENCODE_JSON, "raw_postgres_upsert_rows_per_s": $RAW_PG_RPS, "raw_postgres_upsert_rows": $BASELINE_ROWS, "raw_mongo_upsert_docs_per_s": $RAW_MONGO_RPS, "raw_mongo_upsert_docs": $BASELINE_MONGO_DOCS},
   "peak_rss_kib": {"relay": $RELAY_RSS, "apply_postgres": ${APPLY_RSS[postgres]}, "apply_mongo": ${APPLY_RSS[mongo]}},
-  "latency": {"rate_changes_per_s": $RATE, "changes": $LATENCY_CHANGES,
+  "latency": {"rate_changes_per_s": $RATE, "events_per_s": $LAT_EPS, "changes": $LATENCY_CHANGES,
               "commit_to_published_ms": {"p50": $PUB_P50, "p99": $PUB_P99, "max": $PUB_MAX},
               "commit_to_applied_postgres_ms": {"p50": $APP_P50, "p99": $APP_P99, "max": $APP_MAX, "samples": $APP_N}}
 }
@@ -184,12 +218,14 @@ cat >"$OUT_DIR/summary.md" <<MD
 | measurement ($DATE, $CPU) | result |
 | --- | --- |
 | baseline: broker alone, produce / consume ($BASELINE_ROWS × 300 B, dualsync's client settings) | $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d['produce_per_s'], '/', d['consume_per_s'])" "$BROKER_JSON") messages/s |
+| baseline: the relay's encoding alone (JSON parse, validation, Avro, headers; one core) | $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d['events_per_s'], 'events/s,', d['us_per_event'], 'µs/event')" "$ENCODE_JSON") |
 | baseline: raw PostgreSQL upsert, 1,000-row statements ($BASELINE_ROWS rows) | $RAW_PG_RPS rows/s |
 | baseline: raw MongoDB upsert, 1,000-document unordered bulk writes ($BASELINE_MONGO_DOCS docs, pymongo) | $RAW_MONGO_RPS docs/s |
+| end to end, relay + apply → PostgreSQL running, $E2E_EVENTS events committed at full speed: first commit → last row applied | $E2E_EPS events/s (${E2E_SECS} s) |
 | relay, backlog of $EVENTS events | $RELAY_EPS events/s |
 | apply → PostgreSQL, same backlog | ${APPLY_EPS[postgres]} events/s |
 | apply → MongoDB (SecantusDB), same backlog | ${APPLY_EPS[mongo]} events/s |
-| commit → published at $RATE changes/s (p50 / p99 / max) | $PUB_P50 / $PUB_P99 / $PUB_MAX ms |
+| commit → published at $RATE changes/s = $LAT_EPS events/s (p50 / p99 / max) | $PUB_P50 / $PUB_P99 / $PUB_MAX ms |
 | commit → applied in PostgreSQL (p50 / p99 / max, $APP_N samples) | $APP_P50 / $APP_P99 / $APP_MAX ms |
 | peak RSS relay / apply-postgres / apply-mongo | $((RELAY_RSS / 1024)) / $((RSS_PG / 1024)) / $((RSS_MONGO / 1024)) MiB |
 MD

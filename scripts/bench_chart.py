@@ -33,7 +33,10 @@ def main():
            '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="20" y="28" font-size="17">dualsync benchmark, {escape(results["date"])}, '
            f'{escape(results["machine"])}</text>']
-    svg += bars(20, 75, width, 150, f'Throughput draining {drain["events"]:,} events', "events/s", [
+    e2e = results["end_to_end_postgres"]
+    svg += bars(20, 75, width, 150, f'Throughput ({drain["events"]:,}-event backlog; end to end: '
+                f'{e2e["events"]:,} events)', "events/s", [
+        ("end to end → PostgreSQL", e2e["events_per_s"]),
         ("relay (outbox → Kafka)", drain["relay_events_per_s"]),
         ("apply → PostgreSQL", drain["apply_postgres_events_per_s"]),
         ("apply → MongoDB (SecantusDB)", drain["apply_mongo_events_per_s"]),

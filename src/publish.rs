@@ -6,14 +6,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
+use std::future::Future;
+use std::pin::Pin;
 use tokio::sync::Mutex;
 
 use crate::config::KafkaConfig;
@@ -77,6 +78,21 @@ pub fn brokers_up(statistics: &Statistics) -> bool {
         .brokers
         .values()
         .any(|b| b.nodeid >= 0 && b.state == "UP")
+}
+
+/// Resolves when Kafka acknowledged every message of a batch (the first failure otherwise).
+pub type Acks = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+fn acks(deliveries: Vec<DeliveryFuture>) -> Acks {
+    Box::pin(async move {
+        for delivery in deliveries {
+            delivery
+                .await
+                .map_err(|_| Error::Kafka(KafkaError::Canceled))?
+                .map_err(|(e, _)| Error::Kafka(e))?;
+        }
+        Ok(())
+    })
 }
 
 /// One message to publish.
@@ -159,14 +175,32 @@ impl Publisher {
     /// Sends every message (in order) and waits until all are acknowledged. A full producer
     /// queue is backpressure: the send waits for earlier deliveries instead of buffering more.
     pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<(), Error> {
-        for m in &messages {
-            self.ensure_topic(&m.topic).await?;
+        match self.enqueue(messages).await {
+            Ok(acks) => acks.await,
+            Err((e, _)) => Err(e),
         }
+    }
+
+    /// Hands every message (in order) to the producer and returns at once with the future of
+    /// their acknowledgements, so the caller can prepare the next batch meanwhile. The
+    /// idempotent producer keeps the order of messages per partition across batches. A full
+    /// producer queue is backpressure: the send waits for earlier deliveries. On an error the
+    /// messages before the failed one are already on their way: their acknowledgements come
+    /// with the error.
+    pub async fn enqueue(&self, messages: Vec<Outgoing>) -> Result<Acks, (Error, Acks)> {
         let mut deliveries = Vec::with_capacity(messages.len());
-        for m in &messages {
+        let mut checked_topic: Option<String> = None;
+        for m in messages {
+            // Batches are mostly one topic: ask the topic cache only when it changes.
+            if checked_topic.as_deref() != Some(m.topic.as_str()) {
+                if let Err(e) = self.ensure_topic(&m.topic).await {
+                    return Err((e, acks(deliveries)));
+                }
+                checked_topic = Some(m.topic.clone());
+            }
             let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&m.topic)
                 .payload(&m.value)
-                .headers(m.headers.clone());
+                .headers(m.headers);
             if let Some(key) = &m.key {
                 record = record.key(key);
             }
@@ -180,19 +214,12 @@ impl Publisher {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err((e, _)) => return Err(e.into()),
+                    Err((e, _)) => return Err((e.into(), acks(deliveries))),
                 }
             }
         }
-        let results = try_join_all(deliveries)
-            .await
-            .map_err(|_| Error::Kafka(KafkaError::Canceled))?;
-        for r in results {
-            r.map_err(|(e, _)| Error::Kafka(e))?;
-        }
-        Ok(())
+        Ok(acks(deliveries))
     }
-
     /// Waits for everything in flight (used on shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
         Ok(self.producer.flush(timeout)?)

@@ -113,11 +113,13 @@ pub(super) fn encode_generic_datum(
         ),
     ]);
     let record = Value::Record(fields);
-    apache_avro::to_avro_datum(&schema.envelope, record).map_err(|e| EncodeError::SchemaViolation {
-        aggregate_type: event.aggregate_type.clone(),
-        path: "$".into(),
-        reason: e.to_string(),
-    })
+    schema
+        .write_datum(&record)
+        .map_err(|e| EncodeError::SchemaViolation {
+            aggregate_type: event.aggregate_type.clone(),
+            path: "$".into(),
+            reason: e.to_string(),
+        })
 }
 
 /// Canonical Extended JSON text → the same document as relaxed Extended JSON.

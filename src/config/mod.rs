@@ -232,9 +232,15 @@ pub struct OutboxSourceConfig {
     /// Polling fallback when no NOTIFY arrives (missed notifications, notify disabled).
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
-    /// Published rows are kept this long (for inspection), then purged.
+    /// Published rows are kept this long (for inspection), then purged; 0 deletes each row as
+    /// soon as Kafka acknowledged it (the cheapest way to mark it).
     #[serde(default = "defaults::retention_secs")]
     pub retention_secs: u64,
+    /// Batches published and not yet acknowledged by Kafka at once: the relay reads and
+    /// encodes the next batch while earlier ones wait for their acknowledgements. 1 makes the
+    /// loop strictly sequential (read, publish, wait, mark).
+    #[serde(default = "defaults::max_batches_in_flight")]
+    pub max_batches_in_flight: usize,
 }
 
 #[derive(Clone, Deserialize)]
@@ -517,6 +523,9 @@ mod defaults {
     }
     pub fn relay_linger_ms() -> u64 {
         2
+    }
+    pub fn max_batches_in_flight() -> usize {
+        4
     }
     pub fn poll_interval_ms() -> u64 {
         1000

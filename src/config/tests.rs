@@ -89,6 +89,16 @@ fn bad_values_name_their_key() {
     assert_eq!(e.key, "apply.group_id");
     let c = parse(&two_sinks, vec![("DUALSYNC_APPLY__GROUP_ID", "g-{sink}")]).unwrap();
     assert_eq!(c.group_id("other"), "g-other");
+    for bad in ["0", "65"] {
+        let e = parse(
+            MINIMAL,
+            vec![("DUALSYNC_SOURCE__MAX_BATCHES_IN_FLIGHT", bad)],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "source.max_batches_in_flight");
+    }
+    let c = parse(MINIMAL, vec![]).unwrap();
+    assert_eq!(c.outbox_source().unwrap().max_batches_in_flight, 4);
 }
 
 #[test]

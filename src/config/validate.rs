@@ -49,6 +49,9 @@ impl Config {
             if s.poll_interval_ms == 0 {
                 return err("source.poll_interval_ms", "must be above 0");
             }
+            if s.max_batches_in_flight == 0 || s.max_batches_in_flight > 64 {
+                return err("source.max_batches_in_flight", "must be between 1 and 64");
+            }
             check_url(
                 &self.path,
                 "source.url",

@@ -1,13 +1,14 @@
 //! The relay stage: outbox rows → Avro events → Kafka, one active relay per pipeline.
 //!
-//! Loop of the leader: read a batch of unpublished rows in `seq` order, encode each (a row
-//! that cannot be encoded becomes a dead letter, or halts the relay), publish them all and
-//! wait for Kafka's acknowledgements, and only then mark the rows published. A crash between
-//! publish and mark republishes the batch (at-least-once; apply's version guard absorbs it).
+//! Loop of the leader ([`outbox`]): read a batch of unpublished rows in `seq` order, encode
+//! each (a row that cannot be encoded becomes a dead letter, or halts the relay), hand them to
+//! the producer, and mark the rows published only after Kafka acknowledged all of them; the
+//! next batches are read and sent meanwhile (a bounded pipeline). A crash between publish and
+//! mark republishes the unmarked rows (at-least-once; apply's version guard absorbs them).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
@@ -15,30 +16,16 @@ use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
 pub mod mongo;
+mod outbox;
 
 use crate::codec::{EventCodec, OutboxEvent, SchemaStore};
-use crate::config::{Config, OnInvalid, OutboxSourceConfig, SourceConfig};
+use crate::config::{Config, SourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, Disposition, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
 use crate::source::outbox::{OutboxRow, OutboxSource};
-use crate::source::Source;
-
-/// How often the leader samples the outbox backlog for the metrics.
-const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Everything the leader loop needs besides the source.
-struct Leader<'a> {
-    config: &'a Config,
-    source_config: &'a OutboxSourceConfig,
-    publisher: &'a Publisher,
-    codec: &'a EventCodec,
-    metrics: &'a Metrics,
-    control: &'a Control,
-    cancel: &'a CancellationToken,
-}
 
 /// Runs the relay until `cancel`: standby until it holds the leader lock, then publishes.
 /// Transient failures (lost connections, broker outages) are retried forever with backoff.
@@ -75,7 +62,7 @@ pub async fn run(
             return Ok(());
         };
         metrics.relay_leader.set(1);
-        let leader = Leader {
+        let leader = outbox::Leader {
             config,
             source_config: &source_config,
             publisher: &publisher,
@@ -154,169 +141,6 @@ where
         tracing::warn!(error = %e, "producer flush on shutdown incomplete");
     }
     result
-}
-
-impl Leader<'_> {
-    async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
-        let (config, metrics, cancel) = (self.config, self.metrics, self.cancel);
-        let mut last_purge = Instant::now();
-        let mut last_sample: Option<Instant> = None;
-        loop {
-            if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
-                last_sample = Some(Instant::now());
-                let (rows, oldest) = source.backlog().await?;
-                metrics.outbox_backlog.set(rows);
-                metrics.outbox_oldest_age.set(oldest);
-            }
-            if self.control.is_paused() {
-                tracing::info!("paused: the outbox is not read until resumed");
-                self.control.wait_resumed(cancel).await;
-                tracing::info!("resumed");
-            }
-            let started = Instant::now();
-            let rows = source.next_batch(cancel).await?;
-            let read_at = Instant::now();
-            if rows.is_empty() {
-                if cancel.is_cancelled() {
-                    return Ok(());
-                }
-                continue;
-            }
-            count_read(metrics, rows.len());
-            let mut messages = Vec::with_capacity(rows.len());
-            let mut dead = Vec::new();
-            for row in &rows {
-                let (message, invalid) = self.message_for(row, true)?;
-                dead.extend(invalid);
-                messages.push(message);
-            }
-            let mut per_topic = HashMap::new();
-            for m in &messages {
-                *per_topic.entry(m.topic.clone()).or_default() += 1;
-            }
-            // A cancelled publish leaves the rows unmarked: they are published again next time.
-            let encoded_at = Instant::now();
-            let published = tokio::select! {
-                r = self.publisher.publish_all(messages) => r,
-                _ = cancel.cancelled() => return Ok(()),
-            };
-            match published {
-                Ok(()) => {}
-                // A message over the size limit (the client's or the broker's) would fail the
-                // batch forever: publish row by row and dead-letter the ones that do not fit.
-                Err(e) if e.is_too_large() => {
-                    tracing::warn!(error = %e, "a message of the batch is too large; publishing row by row");
-                    let Some((counts, oversize)) = self.publish_row_by_row(&rows).await? else {
-                        return Ok(());
-                    };
-                    per_topic = counts;
-                    dead.extend(oversize);
-                }
-                Err(e) => return Err(e),
-            }
-            let published_at = Instant::now();
-            source.ack(&rows).await?;
-            per_topic.remove(&config.relay.dead_letter_topic);
-            count_acked(metrics, per_topic, dead);
-            // Where a batch's time goes (`read_ms` includes waiting for rows when idle).
-            let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
-            tracing::debug!(
-                rows = rows.len(),
-                last_seq = rows.last().map(|r| r.seq),
-                read_ms = ms(started, read_at),
-                encode_ms = ms(read_at, encoded_at),
-                publish_ms = ms(encoded_at, published_at),
-                mark_ms = ms(published_at, Instant::now()),
-                "batch published"
-            );
-            if last_purge.elapsed() > Duration::from_secs(60) {
-                last_purge = Instant::now();
-                let purged = source.purge_published().await?;
-                if purged > 0 {
-                    tracing::info!(
-                        purged,
-                        retention_secs = self.source_config.retention_secs,
-                        "purged published outbox rows"
-                    );
-                }
-            }
-        }
-    }
-}
-
-impl Leader<'_> {
-    /// The message for a row: its event, or (when it cannot be encoded and the policy is
-    /// `dead-letter`) its dead letter plus `(event topic, class)` for the metrics.
-    fn message_for(
-        &self,
-        row: &OutboxRow,
-        log_invalid: bool,
-    ) -> Result<(Outgoing, Option<DeadRow>), Error> {
-        let config = self.config;
-        match to_message(config, self.codec, row) {
-            Ok(m) => Ok((m, None)),
-            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(row, &e)),
-            Err(e) => {
-                if log_invalid {
-                    tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
-                        topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
-                }
-                let dead = (config.kafka.topic_for(&row.aggregate_type), e.class());
-                Ok((dead_letter(config, row, &e, "relay.encode"), Some(dead)))
-            }
-        }
-    }
-
-    /// Publishes `rows` one at a time; a row whose message is too large goes to the relay's
-    /// dead-letter topic without its payload (which stays in the outbox until the
-    /// retention), or the relay halts when `on_invalid = "halt"`. Returns the published
-    /// count per topic and the dead-lettered rows, or `None` when cancelled. Rows of the
-    /// failed batch that had already reached Kafka are published again (at-least-once).
-    async fn publish_row_by_row(&self, rows: &[OutboxRow]) -> Result<Option<PublishedRows>, Error> {
-        let config = self.config;
-        let mut per_topic = HashMap::new();
-        let mut dead = Vec::new();
-        for row in rows {
-            // Already logged by the first attempt at the batch.
-            let (message, invalid) = self.message_for(row, false)?;
-            let topic = message.topic.clone();
-            let sent = tokio::select! {
-                r = self.publisher.publish_all(vec![message]) => r,
-                _ = self.cancel.cancelled() => return Ok(None),
-            };
-            match sent {
-                Ok(()) => match invalid {
-                    Some(d) => dead.push(d),
-                    None => *per_topic.entry(topic).or_default() += 1,
-                },
-                Err(e) if e.is_too_large() => {
-                    if config.relay.on_invalid == OnInvalid::Halt {
-                        return Err(halted(row, &e));
-                    }
-                    let bytes = row.payload.as_ref().map_or(0, String::len);
-                    tracing::error!(seq = row.seq, id = %row.id, bytes, error = %e,
-                        "outbox row too large for Kafka: dead-lettered without its payload");
-                    let without_payload = OutboxRow {
-                        payload: None,
-                        ..row.clone()
-                    };
-                    let mut letter = dead_letter(config, &without_payload, &e, "relay.publish");
-                    let size = bytes.to_string();
-                    letter.headers = letter.headers.insert(Header {
-                        key: dlq::headers::VALUE_OMITTED,
-                        value: Some(size.as_str()),
-                    });
-                    tokio::select! {
-                        r = self.publisher.publish_all(vec![letter]) => r?,
-                        _ = self.cancel.cancelled() => return Ok(None),
-                    }
-                    dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(Some((per_topic, dead)))
-    }
 }
 
 /// The error that stops the relay on a bad row when `relay.on_invalid = "halt"`.

@@ -17,6 +17,11 @@ use crate::error::Error;
 /// [`Source::next_batch`] stay pending until [`Source::ack`] confirms that Kafka acknowledged
 /// them; after a crash or a leader change everything not acked is returned again, in the same
 /// order. A source never skips a committed change.
+///
+/// The relay may pipeline: call `next_batch` again while earlier batches are pending, then
+/// `ack` the batches in the order they were returned. A later batch never repeats a pending
+/// event, and an aggregate's events in it come after that aggregate's events in earlier
+/// batches.
 pub trait Source: Send {
     type Event: Send;
 

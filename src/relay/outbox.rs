@@ -1,0 +1,341 @@
+//! The outbox relay's leader loop: a pipeline of up to `source.max_batches_in_flight` batches.
+//!
+//! While batch N waits for Kafka's acknowledgements, the leader reads and encodes batch N+1
+//! and hands it to the producer. Batches are marked published strictly in the order they were
+//! read, each only after every message of it was acknowledged. Why order and completeness
+//! survive the overlap:
+//! - The producer is idempotent, so messages keep their send order per partition across
+//!   batches, and batches are sent in read order.
+//! - A read never returns a pending row (read, not yet marked), and an aggregate's rows in a
+//!   later batch are newer than its rows in earlier ones ([`crate::source::Source`]'s
+//!   contract, argued in [`crate::source::outbox`]).
+//! - A crash, a lost connection or a failed delivery drops every pending row unmarked: the
+//!   next leader reads them again from the oldest, in `seq` order (at-least-once; apply's
+//!   version guard absorbs the duplicates).
+//!
+//! Where the overlap shows: a row too large for Kafka fails its batch after later batches may
+//! already be on their way. That batch is then published again row by row (the oversize row
+//! dead-lettered), so a consumer may see an aggregate's newer event from a later batch before
+//! the duplicate of its older one. The version headers tell them apart.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Header;
+use tokio_util::sync::CancellationToken;
+
+use super::{count_acked, count_read, dead_letter, halted, to_message, DeadRow, PublishedRows};
+use crate::codec::EventCodec;
+use crate::config::{Config, OnInvalid, OutboxSourceConfig};
+use crate::dlq;
+use crate::error::Error;
+use crate::http::Control;
+use crate::metrics::Metrics;
+use crate::publish::{Acks, Outgoing, Publisher};
+use crate::source::outbox::{OutboxRow, OutboxSource};
+use crate::source::Source;
+
+/// How often the leader samples the outbox backlog for the metrics.
+const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often published rows past their retention are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// On shutdown, how long the leader waits for the acknowledgements of batches in flight
+/// before it exits leaving them unmarked (they are published again by the next leader).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Everything the leader loop needs besides the source.
+pub(super) struct Leader<'a> {
+    pub config: &'a Config,
+    pub source_config: &'a OutboxSourceConfig,
+    pub publisher: &'a Publisher,
+    pub codec: &'a EventCodec,
+    pub metrics: &'a Metrics,
+    pub control: &'a Control,
+    pub cancel: &'a CancellationToken,
+}
+
+/// A batch handed to the producer and not yet marked published.
+struct InFlight {
+    rows: Vec<OutboxRow>,
+    acks: Acks,
+    per_topic: HashMap<String, u64>,
+    dead: Vec<DeadRow>,
+    /// The producer refused one of its messages as too large before sending the rest: once
+    /// the earlier ones are acknowledged, the batch is published again row by row.
+    refused_too_large: bool,
+    read_ms: f64,
+    encode_ms: f64,
+    sent_at: Instant,
+}
+
+fn ms(from: Instant, to: Instant) -> f64 {
+    (to - from).as_secs_f64() * 1000.0
+}
+
+/// The acknowledgements of the oldest batch in flight; never resolves when there is none.
+async fn oldest_acked(in_flight: &mut VecDeque<InFlight>) -> Result<(), Error> {
+    match in_flight.front_mut() {
+        Some(batch) => batch.acks.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Leader<'_> {
+    pub(super) async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
+        let (metrics, cancel) = (self.metrics, self.cancel);
+        let depth = self.source_config.max_batches_in_flight;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
+        let mut last_purge = Instant::now();
+        let mut last_sample: Option<Instant> = None;
+        loop {
+            if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
+                last_sample = Some(Instant::now());
+                let (rows, oldest) = source.backlog().await?;
+                metrics.outbox_backlog.set(rows);
+                metrics.outbox_oldest_age.set(oldest);
+            }
+            if last_purge.elapsed() >= PURGE_INTERVAL {
+                last_purge = Instant::now();
+                self.purge(&source).await?;
+            }
+            let paused = self.control.is_paused();
+            if paused && in_flight.is_empty() {
+                tracing::info!("paused: the outbox is not read until resumed");
+                self.control.wait_resumed(cancel).await;
+                tracing::info!("resumed");
+                continue;
+            }
+            // A batch waiting to be republished row by row goes before anything newer.
+            let can_read = !paused
+                && in_flight.len() < depth
+                && !in_flight.back().is_some_and(|b| b.refused_too_large);
+            let read_started = Instant::now();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return self.drain_on_shutdown(&mut source, in_flight).await,
+                acked = oldest_acked(&mut in_flight) => {
+                    let batch = in_flight.pop_front().expect("a batch was in flight");
+                    if !self.settle(&mut source, batch, acked).await? {
+                        return Ok(()); // cancelled during a row-by-row republish
+                    }
+                }
+                rows = source.next_batch(cancel), if can_read => {
+                    let rows = rows?;
+                    if !rows.is_empty() {
+                        in_flight.push_back(self.send(rows, ms(read_started, Instant::now())).await?);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes a batch and hands it to the producer.
+    async fn send(&self, rows: Vec<OutboxRow>, read_ms: f64) -> Result<InFlight, Error> {
+        count_read(self.metrics, rows.len());
+        let encode_started = Instant::now();
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut dead = Vec::new();
+        let mut per_topic: HashMap<String, u64> = HashMap::new();
+        for row in &rows {
+            let (message, invalid) = self.message_for(row, true)?;
+            dead.extend(invalid);
+            // Counted by name only when the topic changes: batches are mostly one topic.
+            match per_topic.get_mut(&message.topic) {
+                Some(n) => *n += 1,
+                None => {
+                    per_topic.insert(message.topic.clone(), 1);
+                }
+            }
+            messages.push(message);
+        }
+        let sent_at = Instant::now();
+        let (acks, refused_too_large) = match self.publisher.enqueue(messages).await {
+            Ok(acks) => (acks, false),
+            Err((e, acks)) if e.is_too_large() => {
+                tracing::warn!(error = %e, "a message of the batch is too large; publishing the batch row by row");
+                (acks, true)
+            }
+            Err((e, _)) => return Err(e),
+        };
+        Ok(InFlight {
+            rows,
+            acks,
+            per_topic,
+            dead,
+            refused_too_large,
+            read_ms,
+            encode_ms: ms(encode_started, sent_at),
+            sent_at,
+        })
+    }
+
+    /// The oldest batch's acknowledgements arrived: mark its rows published (after publishing
+    /// them row by row when a message was too large). Returns `false` when cancelled.
+    async fn settle(
+        &self,
+        source: &mut OutboxSource,
+        mut batch: InFlight,
+        acked: Result<(), Error>,
+    ) -> Result<bool, Error> {
+        let acked_at = Instant::now();
+        match acked {
+            Ok(()) if !batch.refused_too_large => {}
+            Ok(()) => self.republish_row_by_row(&mut batch).await?,
+            // The broker refused a message as too large (its limit is below the client's).
+            Err(e) if e.is_too_large() => {
+                tracing::warn!(error = %e, "the broker refused a message of the batch as too large; publishing the batch row by row");
+                self.republish_row_by_row(&mut batch).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        if self.cancel.is_cancelled() && batch.refused_too_large {
+            return Ok(false);
+        }
+        source.ack(&batch.rows).await?;
+        batch.per_topic.remove(&self.config.relay.dead_letter_topic);
+        count_acked(self.metrics, batch.per_topic, batch.dead);
+        // Where a batch's time goes (`read_ms` includes waiting for rows when idle;
+        // `publish_ms` runs from the hand-over to the producer to the last acknowledgement).
+        tracing::debug!(
+            rows = batch.rows.len(),
+            last_seq = batch.rows.last().map(|r| r.seq),
+            read_ms = batch.read_ms,
+            encode_ms = batch.encode_ms,
+            publish_ms = ms(batch.sent_at, acked_at),
+            mark_ms = ms(acked_at, Instant::now()),
+            "batch published"
+        );
+        Ok(true)
+    }
+
+    /// Replaces the batch's counts with those of a row-by-row publication. Leaves
+    /// `refused_too_large` set when cancelled meanwhile (the batch is then left unmarked).
+    async fn republish_row_by_row(&self, batch: &mut InFlight) -> Result<(), Error> {
+        batch.refused_too_large = true;
+        if let Some((per_topic, dead)) = self.publish_row_by_row(&batch.rows).await? {
+            batch.per_topic = per_topic;
+            batch.dead = dead;
+            batch.refused_too_large = false;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: read nothing more, mark what Kafka acknowledges within [`SHUTDOWN_DRAIN`],
+    /// leave the rest unmarked for the next leader.
+    async fn drain_on_shutdown(
+        &self,
+        source: &mut OutboxSource,
+        mut in_flight: VecDeque<InFlight>,
+    ) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        while let Some(mut batch) = in_flight.pop_front() {
+            if batch.refused_too_large {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, batch.acks.as_mut()).await {
+                Ok(Ok(())) => {
+                    source.ack(&batch.rows).await?;
+                    batch.per_topic.remove(&self.config.relay.dead_letter_topic);
+                    count_acked(self.metrics, batch.per_topic, batch.dead);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "a batch failed while shutting down; it stays unmarked");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        batches = in_flight.len() + 1,
+                        "shutting down before Kafka acknowledged every batch; they stay unmarked and are published again"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, source: &OutboxSource) -> Result<(), Error> {
+        let purged = source.purge_published().await?;
+        if purged > 0 {
+            tracing::info!(
+                purged,
+                retention_secs = self.source_config.retention_secs,
+                "purged published outbox rows"
+            );
+        }
+        Ok(())
+    }
+
+    /// The message for a row: its event, or (when it cannot be encoded and the policy is
+    /// `dead-letter`) its dead letter plus `(event topic, class)` for the metrics.
+    fn message_for(
+        &self,
+        row: &OutboxRow,
+        log_invalid: bool,
+    ) -> Result<(Outgoing, Option<DeadRow>), Error> {
+        let config = self.config;
+        match to_message(config, self.codec, row) {
+            Ok(m) => Ok((m, None)),
+            Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(row, &e)),
+            Err(e) => {
+                if log_invalid {
+                    tracing::warn!(seq = row.seq, id = %row.id, class = e.class(), error = %e,
+                        topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
+                }
+                let dead = (config.kafka.topic_for(&row.aggregate_type), e.class());
+                Ok((dead_letter(config, row, &e, "relay.encode"), Some(dead)))
+            }
+        }
+    }
+
+    /// Publishes `rows` one at a time; a row whose message is too large goes to the relay's
+    /// dead-letter topic without its payload (which stays in the outbox until the
+    /// retention), or the relay halts when `on_invalid = "halt"`. Returns the published
+    /// count per topic and the dead-lettered rows, or `None` when cancelled. Rows of the
+    /// failed batch that had already reached Kafka are published again (at-least-once).
+    async fn publish_row_by_row(&self, rows: &[OutboxRow]) -> Result<Option<PublishedRows>, Error> {
+        let config = self.config;
+        let mut per_topic = HashMap::new();
+        let mut dead = Vec::new();
+        for row in rows {
+            // Already logged by the first attempt at the batch.
+            let (message, invalid) = self.message_for(row, false)?;
+            let topic = message.topic.clone();
+            let sent = tokio::select! {
+                r = self.publisher.publish_all(vec![message]) => r,
+                _ = self.cancel.cancelled() => return Ok(None),
+            };
+            match sent {
+                Ok(()) => match invalid {
+                    Some(d) => dead.push(d),
+                    None => *per_topic.entry(topic).or_default() += 1,
+                },
+                Err(e) if e.is_too_large() => {
+                    if config.relay.on_invalid == OnInvalid::Halt {
+                        return Err(halted(row, &e));
+                    }
+                    let bytes = row.payload.as_ref().map_or(0, String::len);
+                    tracing::error!(seq = row.seq, id = %row.id, bytes, error = %e,
+                        "outbox row too large for Kafka: dead-lettered without its payload");
+                    let without_payload = OutboxRow {
+                        payload: None,
+                        ..row.clone()
+                    };
+                    let mut letter = dead_letter(config, &without_payload, &e, "relay.publish");
+                    let size = bytes.to_string();
+                    letter.headers = letter.headers.insert(Header {
+                        key: dlq::headers::VALUE_OMITTED,
+                        value: Some(size.as_str()),
+                    });
+                    tokio::select! {
+                        r = self.publisher.publish_all(vec![letter]) => r?,
+                        _ = self.cancel.cancelled() => return Ok(None),
+                    }
+                    dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some((per_topic, dead)))
+    }
+}
