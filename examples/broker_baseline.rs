@@ -1,7 +1,7 @@
 //! Benchmark baseline for `make bench`: the broker alone, with dualsync's own client settings.
 //!
 //! Produces `COUNT` messages of `SIZE` bytes over `KEYS` keys to a fresh topic through the
-//! relay's publisher (idempotent, `acks=all`, murmur2, `linger.ms=5`) in batches of 1,000
+//! relay's publisher (idempotent, `acks=all`, murmur2, `linger.ms=0`) in batches of 1,000
 //! (each batch awaited, as the relay does), then reads them all back with a consumer set up
 //! like apply's (`fetch.wait.max.ms=20`). Prints one JSON line with both rates, so the
 //! pipeline's figures can be read against what the broker does with no database involved.

@@ -17,6 +17,7 @@
 #      changes: commit→publish (outbox created_at → published_at) and commit→applied
 #      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles,
 #      after a warm-up load so topic creation and the first rebalance are not counted.
+#      3b: the same at a light load (BENCH_LIGHT_RATE changes/s, one writer): commit→publish.
 #   4. end to end: relay and apply → PostgreSQL running while BENCH_CHANGES order changes are
 #      committed at full speed: events/s from the first commit to the last row applied.
 # Timing is taken from the databases' own clocks; nothing here asserts a number.
@@ -29,6 +30,8 @@ CHANGES="${BENCH_CHANGES:-50000}"
 # 750 order changes/s commit about 1,000 events/s (the load writes ~1.3 events per change).
 RATE="${BENCH_RATE:-750}"
 LATENCY_CHANGES="${BENCH_LATENCY_CHANGES:-15000}"
+LIGHT_RATE="${BENCH_LIGHT_RATE:-150}"
+LIGHT_CHANGES="${BENCH_LIGHT_CHANGES:-3000}"
 OUT_DIR="$REPO_ROOT/bench"
 mkdir -p "$OUT_DIR" "$LOG_DIR"
 
@@ -168,9 +171,17 @@ APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric
 LAT_EPS=$(sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
                FROM dualsync.outbox WHERE seq > $WARM")
 log "latency phase: $LAT_EPS events/s committed"
+# The same at a light load (BENCH_LIGHT_RATE changes/s, one writer), on the same pipeline.
+LIGHT_FROM=$(sql "SELECT max(seq) FROM dualsync.outbox")
+log "phase 3b: $LIGHT_CHANGES order changes at $LIGHT_RATE/s"
+"$BIN" demo load --config "$CONFIG" --customers 1000 --orders 10000 --changes "$LIGHT_CHANGES" --writers 1 --rate "$LIGHT_RATE" --seed 11 >/dev/null
+wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
+LIGHT=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
+           FROM (SELECT created_at, extract(epoch FROM published_at - created_at) * 1000 AS ms FROM dualsync.outbox WHERE seq > $LIGHT_FROM) l")
 stop_all
 read -r PUB_P50 PUB_P99 PUB_MAX <<<"$PUB"
 read -r APP_P50 APP_P99 APP_MAX APP_N <<<"$APP"
+read -r LIGHT_P50 LIGHT_P99 LIGHT_MAX LIGHT_EPS <<<"$LIGHT"
 
 # ---- 4: end to end at full speed ---------------------------------------------------------
 # Everything running while the writers commit as fast as they can: events/s from the first
@@ -211,7 +222,9 @@ cat >"$OUT_DIR/results.json" <<JSON
   "peak_rss_kib": {"relay": $RELAY_RSS, "apply_postgres": ${APPLY_RSS[postgres]}, "apply_mongo": ${APPLY_RSS[mongo]}},
   "latency": {"rate_changes_per_s": $RATE, "events_per_s": $LAT_EPS, "changes": $LATENCY_CHANGES,
               "commit_to_published_ms": {"p50": $PUB_P50, "p99": $PUB_P99, "max": $PUB_MAX},
-              "commit_to_applied_postgres_ms": {"p50": $APP_P50, "p99": $APP_P99, "max": $APP_MAX, "samples": $APP_N}}
+              "commit_to_applied_postgres_ms": {"p50": $APP_P50, "p99": $APP_P99, "max": $APP_MAX, "samples": $APP_N}},
+  "light_latency": {"rate_changes_per_s": $LIGHT_RATE, "events_per_s": $LIGHT_EPS, "changes": $LIGHT_CHANGES,
+                    "commit_to_published_ms": {"p50": $LIGHT_P50, "p99": $LIGHT_P99, "max": $LIGHT_MAX}}
 }
 JSON
 cat >"$OUT_DIR/summary.md" <<MD
@@ -227,6 +240,7 @@ cat >"$OUT_DIR/summary.md" <<MD
 | apply → MongoDB (SecantusDB), same backlog | ${APPLY_EPS[mongo]} events/s |
 | commit → published at $RATE changes/s = $LAT_EPS events/s (p50 / p99 / max) | $PUB_P50 / $PUB_P99 / $PUB_MAX ms |
 | commit → applied in PostgreSQL (p50 / p99 / max, $APP_N samples) | $APP_P50 / $APP_P99 / $APP_MAX ms |
+| commit → published at a light load, $LIGHT_RATE changes/s = $LIGHT_EPS events/s (p50 / p99 / max) | $LIGHT_P50 / $LIGHT_P99 / $LIGHT_MAX ms |
 | peak RSS relay / apply-postgres / apply-mongo | $((RELAY_RSS / 1024)) / $((RSS_PG / 1024)) / $((RSS_MONGO / 1024)) MiB |
 MD
 if command -v python3 >/dev/null; then

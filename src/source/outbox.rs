@@ -38,6 +38,14 @@ use crate::metrics::Health;
 pub const OUTBOX_DDL: &str = include_str!("../../connectors/outbox.sql");
 /// Channel the outbox trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "dualsync_outbox";
+/// The leader's read: the first unpublished rows in `seq` order that are not pending ($2).
+pub const READ_BATCH: &str =
+    "SELECT seq, id, aggregatetype, aggregateid, type, payload::text, traceparent,
+        (extract(epoch FROM created_at) * 1000000)::int8
+    FROM dualsync.outbox WHERE published_at IS NULL AND seq <> ALL($2)
+    ORDER BY seq LIMIT $1";
+/// Settings of the leader's session (see [`OutboxSource::acquire_leadership`] for why).
+pub const SESSION_SETTINGS: &str = "SET enable_sort = off";
 /// First key of the relay's leader lock (the second is derived from the pipeline name).
 const LEADER_LOCK_CLASS: i32 = 0x6473_796e; // "dsyn"
 
@@ -121,6 +129,12 @@ impl OutboxSource {
             pending: Default::default(),
         };
         source.check_outbox().await?;
+        // The read must walk the `outbox_unpublished` index in `seq` order and stop after a
+        // batch. When the table grew since its last ANALYZE (a backlog: just what the relay
+        // has to catch up on), the planner expects a few rows and instead fetches every
+        // unpublished row and sorts them, per batch: 60 ms instead of 2 ms at 68,000 rows,
+        // growing with the backlog. This session runs no query that needs a sort.
+        source.client.batch_execute(SESSION_SETTINGS).await?;
         // Connected: a standby is as healthy as the leader.
         health.set_database_up(true);
         health.recovered();
@@ -168,32 +182,13 @@ impl OutboxSource {
         Ok(())
     }
 
-    /// The first unpublished rows in `seq` order that are not pending. The exclusion is a
-    /// parameter of an unnamed statement, so PostgreSQL plans it with the array as a constant
-    /// and looks the seqs up in a hash table.
+    /// The first unpublished rows in `seq` order that are not pending. The statement is
+    /// prepared afresh for each read, so PostgreSQL plans it with the array's value and looks
+    /// the seqs up in a hash table.
     async fn read(&self) -> Result<Vec<OutboxRow>, Error> {
         let limit = self.config.batch_size as i64;
-        let rows = if self.pending.is_empty() {
-            self.client
-                .query(
-                    "SELECT seq, id, aggregatetype, aggregateid, type, payload::text, traceparent,
-                            (extract(epoch FROM created_at) * 1000000)::int8
-                     FROM dualsync.outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-                    &[&limit],
-                )
-                .await?
-        } else {
-            let pending: Vec<i64> = self.pending.iter().copied().collect();
-            self.client
-                .query(
-                    "SELECT seq, id, aggregatetype, aggregateid, type, payload::text, traceparent,
-                            (extract(epoch FROM created_at) * 1000000)::int8
-                     FROM dualsync.outbox WHERE published_at IS NULL AND seq <> ALL($2)
-                     ORDER BY seq LIMIT $1",
-                    &[&limit, &pending],
-                )
-                .await?
-        };
+        let pending: Vec<i64> = self.pending.iter().copied().collect();
+        let rows = self.client.query(READ_BATCH, &[&limit, &pending]).await?;
         Ok(rows
             .into_iter()
             .map(|r| OutboxRow {

@@ -275,3 +275,49 @@ async fn without_retention_published_rows_are_deleted() {
     cancel.cancel();
     relay.await.unwrap().unwrap();
 }
+
+/// A backlog that grew after the last ANALYZE (the relay was down) must still be read along
+/// the unpublished index, a batch at a time: without the leader's session settings the
+/// planner, expecting a few rows, fetched and sorted the whole backlog for every batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_with_stale_statistics_is_read_along_the_index() {
+    use dualsync::source::outbox::SESSION_SETTINGS;
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let client = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&client).await.unwrap();
+    client
+        .batch_execute(
+            "ALTER TABLE dualsync.outbox SET (autovacuum_enabled = false);
+             ANALYZE dualsync.outbox;
+             INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
+             SELECT 'customers', 'c' || (i % 500), 'CustomerUpserted',
+                    jsonb_build_object('id', 'c' || (i % 500), 'name', 'n', 'email', 'e', 'order_count', i)
+             FROM generate_series(1, 30000) i;",
+        )
+        .await
+        .unwrap();
+    let unsettled = read_plan(&client).await;
+    assert!(
+        unsettled.contains("\"Sort\""),
+        "the trap this guards against: the default plan sorts the backlog: {unsettled}"
+    );
+    client.batch_execute(SESSION_SETTINGS).await.unwrap();
+    let settled = read_plan(&client).await;
+    assert!(
+        settled.contains("\"Index Scan\"") && !settled.contains("\"Sort\""),
+        "the leader's read walks the index: {settled}"
+    );
+}
+
+async fn read_plan(client: &tokio_postgres::Client) -> String {
+    let explain = format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        dualsync::source::outbox::READ_BATCH
+    );
+    let row = client
+        .query_one(&explain, &[&1000i64, &vec![1i64, 2, 3]])
+        .await
+        .unwrap();
+    row.get::<_, serde_json::Value>(0).to_string()
+}
