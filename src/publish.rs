@@ -3,6 +3,8 @@
 //! publication that returns only when every message of the batch is acknowledged.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +15,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
-use std::future::Future;
-use std::pin::Pin;
 use tokio::sync::Mutex;
 
 use crate::config::KafkaConfig;
@@ -223,6 +223,7 @@ impl Publisher {
         }
         Ok(acks(deliveries))
     }
+
     /// Waits for everything in flight (used on shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
         Ok(self.producer.flush(timeout)?)

@@ -191,9 +191,7 @@ impl Leader<'_> {
         if self.cancel.is_cancelled() && batch.refused_too_large {
             return Ok(false);
         }
-        source.ack(&batch.rows).await?;
-        batch.per_topic.remove(&self.config.relay.dead_letter_topic);
-        count_acked(self.metrics, batch.per_topic, batch.dead);
+        self.mark_published(source, &mut batch).await?;
         // Where a batch's time goes (`read_ms` includes waiting for rows when idle;
         // `publish_ms` runs from the hand-over to the producer to the last acknowledgement).
         tracing::debug!(
@@ -206,6 +204,20 @@ impl Leader<'_> {
             "batch published"
         );
         Ok(true)
+    }
+
+    /// Marks an acknowledged batch's rows and counts its events (not its dead letters, which
+    /// are counted by class) as published.
+    async fn mark_published(
+        &self,
+        source: &mut OutboxSource,
+        batch: &mut InFlight,
+    ) -> Result<(), Error> {
+        source.ack(&batch.rows).await?;
+        let mut per_topic = std::mem::take(&mut batch.per_topic);
+        per_topic.remove(&self.config.relay.dead_letter_topic);
+        count_acked(self.metrics, per_topic, std::mem::take(&mut batch.dead));
+        Ok(())
     }
 
     /// Replaces the batch's counts with those of a row-by-row publication. Leaves
@@ -233,11 +245,7 @@ impl Leader<'_> {
                 break;
             }
             match tokio::time::timeout_at(deadline, batch.acks.as_mut()).await {
-                Ok(Ok(())) => {
-                    source.ack(&batch.rows).await?;
-                    batch.per_topic.remove(&self.config.relay.dead_letter_topic);
-                    count_acked(self.metrics, batch.per_topic, batch.dead);
-                }
+                Ok(Ok(())) => self.mark_published(source, &mut batch).await?,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "a batch failed while shutting down; it stays unmarked");
                     break;
