@@ -25,6 +25,8 @@ wal_level = logical
 max_connections = 200
 max_replication_slots = 20
 max_wal_senders = 20
+# Commit times of transactions (the bench measures commit → published with them).
+track_commit_timestamp = on
 EOF
     install -m 0600 "$tmp" "$conf"
     rm -f "$tmp"

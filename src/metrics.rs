@@ -28,6 +28,8 @@ pub mod names {
     pub const RETRIES_IN_PROGRESS: &str = "dualsync_retries_in_progress";
     pub const BATCH_SIZE: &str = "dualsync_batch_size";
     pub const END_TO_END_LAG: &str = "dualsync_end_to_end_lag_seconds";
+    /// Relay: an event's outbox row creation to Kafka's acknowledgement.
+    pub const PUBLISH_DELAY: &str = "dualsync_relay_publish_delay_seconds";
     pub const CONSUMER_LAG: &str = "dualsync_consumer_lag_messages";
     pub const ASSIGNED_PARTITIONS: &str = "dualsync_assigned_partitions";
     pub const PAUSED: &str = "dualsync_paused";
@@ -54,6 +56,7 @@ pub struct Metrics {
     pub retries_in_progress: IntGauge,
     pub batch_size: HistogramVec,
     pub end_to_end_lag: Histogram,
+    pub publish_delay: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub paused: IntGauge,
@@ -157,6 +160,20 @@ impl Metrics {
                     .buckets(vec![
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         300.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            publish_delay: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        names::PUBLISH_DELAY,
+                        "Outbox row insert (created_at) to Kafka's acknowledgement",
+                    )
+                    .buckets(vec![
+                        0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        60.0, 300.0,
                     ]),
                 )
                 .expect("valid metric"),

@@ -131,6 +131,9 @@ impl Publisher {
             // happen) instead of failing a message and reordering its key on the retry.
             ("message.timeout.ms", "0"),
             ("queue.buffering.max.messages", "100000"),
+            // Up to `source.max_batches_in_flight` produce requests share a connection: with
+            // Nagle's algorithm a request waits for the TCP acknowledgement of the previous one.
+            ("socket.nagle.disable", "true"),
             ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
         ] {
             if !kafka.properties.contains_key(k) {

@@ -19,7 +19,7 @@
 //! the duplicate of its older one. The version headers tell them apart.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::Header;
 use tokio_util::sync::CancellationToken;
@@ -64,12 +64,26 @@ struct InFlight {
     /// the earlier ones are acknowledged, the batch is published again row by row.
     refused_too_large: bool,
     read_ms: f64,
+    /// From the oldest row's creation to the end of the read that returned it.
+    waited_ms: f64,
     encode_ms: f64,
     sent_at: Instant,
 }
 
 fn ms(from: Instant, to: Instant) -> f64 {
     (to - from).as_secs_f64() * 1000.0
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Milliseconds from a row's `created_at` (PostgreSQL's clock: this host's or a synchronised
+/// one) to `now`; 0 when the clocks disagree.
+fn age_ms(created_at_micros: i64, now_micros: i64) -> f64 {
+    (now_micros - created_at_micros).max(0) as f64 / 1000.0
 }
 
 /// The acknowledgements of the oldest batch in flight; never resolves when there is none.
@@ -132,6 +146,9 @@ impl Leader<'_> {
     /// Encodes a batch and hands it to the producer.
     async fn send(&self, rows: Vec<OutboxRow>, read_ms: f64) -> Result<InFlight, Error> {
         count_read(self.metrics, rows.len());
+        let waited_ms = rows
+            .first()
+            .map_or(0.0, |r| age_ms(r.created_at_micros, now_micros()));
         let encode_started = Instant::now();
         let mut messages = Vec::with_capacity(rows.len());
         let mut dead = Vec::new();
@@ -164,6 +181,7 @@ impl Leader<'_> {
             dead,
             refused_too_large,
             read_ms,
+            waited_ms,
             encode_ms: ms(encode_started, sent_at),
             sent_at,
         })
@@ -178,6 +196,13 @@ impl Leader<'_> {
         acked: Result<(), Error>,
     ) -> Result<bool, Error> {
         let acked_at = Instant::now();
+        if acked.is_ok() {
+            let now = now_micros();
+            for row in &batch.rows {
+                let delay_ms = age_ms(row.created_at_micros, now);
+                self.metrics.publish_delay.observe(delay_ms / 1000.0);
+            }
+        }
         match acked {
             Ok(()) if !batch.refused_too_large => {}
             Ok(()) => self.republish_row_by_row(&mut batch).await?,
@@ -198,6 +223,7 @@ impl Leader<'_> {
             rows = batch.rows.len(),
             last_seq = batch.rows.last().map(|r| r.seq),
             read_ms = batch.read_ms,
+            waited_ms = batch.waited_ms,
             encode_ms = batch.encode_ms,
             publish_ms = ms(batch.sent_at, acked_at),
             mark_ms = ms(acked_at, Instant::now()),

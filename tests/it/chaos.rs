@@ -72,7 +72,13 @@ impl Proc {
         self.child = Some(
             Command::new(env!("CARGO_BIN_EXE_dualsync"))
                 .args(&self.args)
-                .env("RUST_LOG", "info,dualsync=debug")
+                // DUALSYNC_CHAOS_LOG adds e.g. librdkafka's group protocol (`...,librdkafka=debug`
+                // with DUALSYNC_KAFKA__PROPERTIES__DEBUG=cgrp) for a diagnosis.
+                .env(
+                    "RUST_LOG",
+                    std::env::var("DUALSYNC_CHAOS_LOG")
+                        .unwrap_or_else(|_| "info,dualsync=debug".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(file)
                 .spawn()

@@ -165,3 +165,33 @@ async fn two_apply_consumers_share_the_partitions_and_converge() {
         h.await.unwrap().unwrap();
     }
 }
+
+/// An apply started before the relay ever ran creates the topics of the schemas' aggregate
+/// types and is assigned all their partitions at once: the group's first assignment does not
+/// wait for a topic to appear (which would change the subscription and force a rebalance;
+/// Tansu 0.6 can settle that one on the earlier assignment for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_started_before_the_relay_is_assigned_every_schema_topic() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), "");
+    let types = schemas()
+        .aggregate_types()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert!(types.len() >= 2, "schemas/ holds customers and orders");
+    let cancel = CancellationToken::new();
+    let (apply, stats) = spawn_apply(&config, "postgres", &cancel);
+    let expected = types.len() as i64 * i64::from(config.kafka.partitions);
+    eventually(
+        "every partition of every schema's topic is assigned",
+        || {
+            let stats = stats.clone();
+            async move { stats.assigned_partitions.get() == expected }
+        },
+    )
+    .await;
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}

@@ -156,6 +156,11 @@ async fn metrics_status_and_pause_resume_over_http() {
             &[("stage", "relay")]
         ) >= 1.0
     );
+    assert_eq!(
+        sum(&relay_m, &format!("{}_count", names::PUBLISH_DELAY), &[]) as i64,
+        events,
+        "one publish-delay observation per acknowledged event"
+    );
     let apply_m = scrape(apply_addr).await;
     assert_eq!(sum(&apply_m, names::EVENTS_CONSUMED, &[]) as i64, events);
     assert_eq!(sum(&apply_m, names::EVENTS_DEAD_LETTERED, &[]), 0.0);

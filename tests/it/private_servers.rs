@@ -176,7 +176,12 @@ impl PrivateServer {
                 let mut cmd = Command::new(&*bin);
                 cmd.env_remove("SCHEMA_REGISTRY")
                     // Its info level traces every span: gigabytes per run, and slower.
-                    .env("RUST_LOG", "warn")
+                    // DUALSYNC_TEST_TANSU_LOG (e.g. `warn,tansu_broker::coordinator=debug`)
+                    // turns on what a diagnosis needs.
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("DUALSYNC_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
                     .arg("broker")
                     .args(["--listener-url", &listener])
                     .args(["--advertised-listener-url", &listener])
