@@ -14,8 +14,9 @@
 #      shaped like the sink's (1,000-row statements), and raw 1,000-document upsert batches into
 #      MongoDB with pymongo, so the pipeline's figures can be read against each stage's ceiling.
 #   3. latency: everything running, BENCH_RATE order changes/s for BENCH_LATENCY_CHANGES
-#      changes: commit→publish (outbox created_at → published_at) and commit→applied
-#      (created_at → PostgreSQL sink updated_at, for the last event of each key) percentiles,
+#      changes: commit→publish (the writing transaction's commit timestamp → published_at;
+#      from the row's insert, created_at, too) and commit→applied (→ the PostgreSQL sink's
+#      updated_at, for the last event of each key) percentiles,
 #      after a warm-up load so topic creation and the first rebalance are not counted.
 #      3b, run before 3: the same at a light load (BENCH_LIGHT_RATE changes/s, one writer):
 #      commit→publish, and where the relay's time goes (scripts/bench_breakdown.py).
@@ -80,7 +81,8 @@ wait_sql() { # wait_sql QUERY: until it returns t (deadline 30 min)
 # writing transaction's commit (PostgreSQL's commit timestamp, scripts/up.sh turns on
 # track_commit_timestamp) and from the row's insert (`created_at`, earlier by the rest of
 # the writer's transaction and its commit).
-COMMIT_MS="extract(epoch FROM published_at - pg_xact_commit_timestamp((txid::text::numeric % 4294967296)::text::xid)) * 1000"
+COMMIT_TIME="pg_xact_commit_timestamp((txid::text::numeric % 4294967296)::text::xid)" # xid8 → xid
+COMMIT_MS="extract(epoch FROM published_at - $COMMIT_TIME) * 1000"
 INSERT_MS="extract(epoch FROM published_at - created_at) * 1000"
 percentiles() { # percentiles MS_EXPRESSION AFTER_SEQ: "p50 p99 max" of the outbox rows after it
     sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' ||
@@ -195,7 +197,7 @@ wait_sql "SELECT to_regclass('replica.orders') IS NOT NULL AND (SELECT coalesce(
 PUB=$(percentiles "$COMMIT_MS" "$WARM")
 PUB_INSERT=$(percentiles "$INSERT_MS" "$WARM")
 APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || count(*)
-           FROM (SELECT extract(epoch FROM r.updated_at - o.created_at) * 1000 AS ms
+           FROM (SELECT extract(epoch FROM r.updated_at - $COMMIT_TIME) * 1000 AS ms
                  FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version WHERE o.seq > $WARM) l")
 LAT_EPS=$(sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
                FROM dualsync.outbox WHERE seq > $WARM")
