@@ -89,6 +89,10 @@ percentiles() { # percentiles MS_EXPRESSION AFTER_SEQ: "p50 p99 max" of the outb
                 round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1)
          FROM (SELECT $1 AS ms FROM dualsync.outbox WHERE seq > $2) l"
 }
+committed_rate() { # committed_rate AFTER_SEQ: events/s the writers committed after that row
+    sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
+         FROM dualsync.outbox WHERE seq > $1"
+}
 peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # ---- 0: stage baselines --------------------------------------------------------------------
@@ -186,8 +190,7 @@ log "phase 3b: $LIGHT_CHANGES order changes at $LIGHT_RATE/s"
 wait_sql "SELECT count(*) = 0 FROM dualsync.outbox WHERE published_at IS NULL"
 LIGHT=$(percentiles "$COMMIT_MS" "$LIGHT_FROM")
 LIGHT_INSERT=$(percentiles "$INSERT_MS" "$LIGHT_FROM")
-LIGHT_EPS=$(sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
-                 FROM dualsync.outbox WHERE seq > $LIGHT_FROM")
+LIGHT_EPS=$(committed_rate "$LIGHT_FROM")
 LIGHT_UNTIL=$(date -u +%Y-%m-%dT%H:%M:%S)
 WARM=$(sql "SELECT max(seq) FROM dualsync.outbox")
 log "phase 3: $LATENCY_CHANGES order changes at $RATE/s"
@@ -199,8 +202,7 @@ PUB_INSERT=$(percentiles "$INSERT_MS" "$WARM")
 APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) || ' ' || round(max(ms)::numeric, 1) || ' ' || count(*)
            FROM (SELECT extract(epoch FROM r.updated_at - $COMMIT_TIME) * 1000 AS ms
                  FROM replica.orders r JOIN dualsync.outbox o ON o.seq = r.version WHERE o.seq > $WARM) l")
-LAT_EPS=$(sql "SELECT round(count(*) / extract(epoch FROM max(created_at) - min(created_at)))
-               FROM dualsync.outbox WHERE seq > $WARM")
+LAT_EPS=$(committed_rate "$WARM")
 log "latency phase: $LAT_EPS events/s committed"
 stop_all
 BREAKDOWN=$(python3 scripts/bench_breakdown.py "$LOG_DIR/bench-relay-latency.log" "$LIGHT_SINCE" "$LIGHT_UNTIL")
