@@ -446,7 +446,10 @@ async fn events_that_do_not_route_to_their_topic_or_type_are_poison() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tables, ["customers"], "no table for orders or widgets");
+    assert!(
+        !tables.iter().any(|t| t == "orders" || t == "widgets"),
+        "no table for orders or widgets: {tables:?}"
+    );
     assert_eq!(sink.get("customers", "w1").await.unwrap(), None);
     cancel.cancel();
     apply.await.unwrap().unwrap();
