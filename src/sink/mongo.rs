@@ -9,6 +9,7 @@
 //! rest of the batch.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
@@ -25,9 +26,16 @@ use crate::error::Error;
 pub const META_FIELD: &str = "_dualsync";
 const DUPLICATE_KEY: i32 = 11000;
 
+/// Fault-injection seam for tests: sees every write command as it would be sent and may answer
+/// it in the server's place (`Some(reply)`: the command is not sent). Only for faults a
+/// one-node test server cannot produce (not-primary, write conflicts, write-concern errors);
+/// everything after the reply is the real code path.
+pub type CommandInterceptor = Arc<dyn Fn(&Document) -> Option<Document> + Send + Sync>;
+
 pub struct MongoSink {
     db: Database,
     seen: Mutex<HashSet<String>>,
+    intercept: Option<CommandInterceptor>,
 }
 
 impl MongoSink {
@@ -38,7 +46,23 @@ impl MongoSink {
         Ok(Self {
             db,
             seen: Mutex::new(HashSet::new()),
+            intercept: None,
         })
+    }
+
+    /// Installs a [`CommandInterceptor`] (tests only).
+    #[doc(hidden)]
+    pub fn with_interceptor(mut self, intercept: CommandInterceptor) -> Self {
+        self.intercept = Some(intercept);
+        self
+    }
+
+    /// Runs a write command, unless the interceptor answers it.
+    async fn write_command(&self, command: Document) -> Result<Document, Error> {
+        if let Some(reply) = self.intercept.as_ref().and_then(|f| f(&command)) {
+            return Ok(reply);
+        }
+        Ok(self.db.run_command(command).await?)
     }
 
     pub fn database(&self) -> &Database {
@@ -107,8 +131,7 @@ impl Sink for MongoSink {
                 })
                 .collect();
             let reply = self
-                .db
-                .run_command(doc! {"update": collection, "updates": updates, "ordered": false})
+                .write_command(doc! {"update": collection, "updates": updates, "ordered": false})
                 .await?;
             let mut failed = 0u64;
             if let Ok(errors) = reply.get_array("writeErrors") {

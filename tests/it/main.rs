@@ -8,6 +8,7 @@ mod dead_letters;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod mongo_delivery;
 mod mongo_source;
 mod operations;
 mod outbox_order;
