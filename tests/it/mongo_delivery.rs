@@ -357,7 +357,7 @@ async fn the_mongo_sink_writes_with_the_connection_strings_write_concern() {
     sink.apply(std::slice::from_ref(&record)).await.unwrap();
     assert_eq!(
         seen.lock().unwrap().as_slice(),
-        [Some(doc! {"w": "majority", "wtimeout": 5000_i64})]
+        [Some(doc! {"w": "majority", "wtimeout": 5000})]
     );
 
     mongo.url = dualsync::config::Secret::new(format!("{base}&w=3"));
