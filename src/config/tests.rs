@@ -106,13 +106,25 @@ fn bad_values_name_their_key() {
 #[test]
 fn redact_url_hides_passwords_containing_slash_or_question_mark() {
     for (url, shown) in [
-        ("postgres://app:pa/ss@db:5432/app", "postgres://app:***@db:5432/app"),
+        (
+            "postgres://app:pa/ss@db:5432/app",
+            "postgres://app:***@db:5432/app",
+        ),
         ("postgres://app:pa?ss@db/app", "postgres://app:***@db/app"),
-        ("mongodb://u:a/b?c@h1,h2/?tls=true", "mongodb://u:***@h1,h2/?tls=true"),
+        (
+            "mongodb://u:a/b?c@h1,h2/?tls=true",
+            "mongodb://u:***@h1,h2/?tls=true",
+        ),
         ("mysql://u:p@ss/w?rd@h/db", "mysql://u:***@h/db"),
         // An `@` after the host could be the password's: hidden with it.
-        ("postgres://u:pw@h/db?application_name=a@b", "postgres://u:***@b"),
-        ("postgres://h/db?password=x@y&sslmode=require", "postgres://h/db?password=***&sslmode=require"),
+        (
+            "postgres://u:pw@h/db?application_name=a@b",
+            "postgres://u:***@b",
+        ),
+        (
+            "postgres://h/db?password=x@y&sslmode=require",
+            "postgres://h/db?password=***&sslmode=require",
+        ),
     ] {
         assert_eq!(redact_url(url), shown, "{url}");
     }

@@ -62,7 +62,9 @@ fn customer(id: &str, version: i64) -> dualsync::codec::OutboxEvent {
     customer_event(
         id,
         version,
-        Some(json!({"id": id, "name": format!("v{version}"), "email": "e", "order_count": version})),
+        Some(
+            json!({"id": id, "name": format!("v{version}"), "email": "e", "order_count": version}),
+        ),
     )
 }
 
@@ -133,7 +135,10 @@ async fn changes_within_one_transaction_reach_both_sinks_in_transaction_order() 
     session.start_transaction().await.unwrap();
     let ops: Vec<(&str, Document)> = vec![
         // insert then delete: must end absent.
-        ("insert", doc! {"_id": "inserted_then_deleted", "state": "new"}),
+        (
+            "insert",
+            doc! {"_id": "inserted_then_deleted", "state": "new"},
+        ),
         ("delete", doc! {"_id": "inserted_then_deleted"}),
         // delete then re-insert: must end with the new document.
         ("delete", doc! {"_id": "reinserted"}),
@@ -144,7 +149,10 @@ async fn changes_within_one_transaction_reach_both_sinks_in_transaction_order() 
         // insert, update, replace.
         ("insert", doc! {"_id": "grown", "state": "new", "n": 1}),
         ("update", doc! {"_id": "grown"}),
-        ("replace", doc! {"_id": "grown", "state": "replaced", "n": 3}),
+        (
+            "replace",
+            doc! {"_id": "grown", "state": "replaced", "n": 3},
+        ),
         // update then delete of a document that existed before.
         ("update", doc! {"_id": "updated_then_deleted"}),
         ("delete", doc! {"_id": "updated_then_deleted"}),
@@ -208,7 +216,9 @@ async fn transient_per_document_mongo_errors_are_retried_and_permanent_ones_dead
     let db = client.database(&mongo.database);
     // Names of at most 20 characters: the event with a longer one is refused by the server.
     db.create_collection("customers")
-        .validator(doc! {"$jsonSchema": {"properties": {"name": {"bsonType": "string", "maxLength": 20}}}})
+        .validator(
+            doc! {"$jsonSchema": {"properties": {"name": {"bsonType": "string", "maxLength": 20}}}},
+        )
         .await
         .unwrap();
     let mut events: Vec<_> = (1..=5).map(|i| customer(&format!("c{i}"), 1)).collect();
@@ -229,7 +239,12 @@ async fn transient_per_document_mongo_errors_are_retried_and_permanent_ones_dead
     eventually("the batch is written or dead-lettered", || async {
         let mut written = 0;
         for i in 1..=5 {
-            if check.get("customers", &format!("c{i}")).await.unwrap().is_some() {
+            if check
+                .get("customers", &format!("c{i}"))
+                .await
+                .unwrap()
+                .is_some()
+            {
                 written += 1;
             }
         }
@@ -252,7 +267,10 @@ async fn transient_per_document_mongo_errors_are_retried_and_permanent_ones_dead
         .collect();
     assert_eq!(keys, ["bad"], "only the invalid document is poison");
     assert_eq!(total(&stats.dead_lettered), 1);
-    assert!(total(&stats.retries) >= 1, "the not-primary batch was retried");
+    assert!(
+        total(&stats.retries) >= 1,
+        "the not-primary batch was retried"
+    );
     assert!(!apply.is_finished(), "apply stopped");
     cancel.cancel();
     apply.await.unwrap().unwrap();
@@ -267,7 +285,13 @@ async fn transient_per_document_mongo_errors_are_retried_and_permanent_ones_dead
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_first_inserts_keep_the_newest_version() {
     let servers = servers();
-    let config = pipeline(&servers, "postgres://unused/db", "postgres://unused/db", &unique("t"), "");
+    let config = pipeline(
+        &servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        &unique("t"),
+        "",
+    );
     let mongo = mongo_sink_config(&config);
     let record = |key: &str, version: i64| SinkRecord {
         namespace: "customers".into(),
@@ -304,7 +328,7 @@ async fn concurrent_first_inserts_keep_the_newest_version() {
         let errors: Vec<Bson> = (0..n as i32)
             .map(|i| {
                 Bson::Document(doc! {"index": i, "code": 11000,
-                    "errmsg": "E11000 duplicate key error", "keyPattern": {"_id": 1}})
+                "errmsg": "E11000 duplicate key error", "keyPattern": {"_id": 1}})
             })
             .collect();
         doc! {"ok": 1.0, "n": 0, "nModified": 0, "writeErrors": errors}
@@ -332,7 +356,13 @@ async fn concurrent_first_inserts_keep_the_newest_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_mongo_sink_writes_with_the_connection_strings_write_concern() {
     let servers = servers();
-    let config = pipeline(&servers, "postgres://unused/db", "postgres://unused/db", &unique("t"), "");
+    let config = pipeline(
+        &servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        &unique("t"),
+        "",
+    );
     let mut mongo = mongo_sink_config(&config);
     let record = SinkRecord {
         namespace: "customers".into(),
@@ -345,7 +375,9 @@ async fn the_mongo_sink_writes_with_the_connection_strings_write_concern() {
     let recorder: CommandInterceptor = {
         let seen = seen.clone();
         Arc::new(move |command: &Document| {
-            seen.lock().unwrap().push(command.get_document("writeConcern").ok().cloned());
+            seen.lock()
+                .unwrap()
+                .push(command.get_document("writeConcern").ok().cloned());
             None
         })
     };
@@ -386,8 +418,8 @@ async fn a_write_concern_error_is_retried_not_fatal() {
     let timed_out = |command: &Document| {
         let n = command.get_array("updates").map_or(0, Vec::len) as i32;
         doc! {"ok": 1.0, "n": n, "nModified": 0, "writeConcernError": {
-            "code": 64, "codeName": "WriteConcernFailed",
-            "errmsg": "waiting for replication timed out", "errInfo": {"wtimeout": true}}}
+        "code": 64, "codeName": "WriteConcernFailed",
+        "errmsg": "waiting for replication timed out", "errInfo": {"wtimeout": true}}}
     };
     let sink = MongoSink::connect(&mongo)
         .await
@@ -401,14 +433,22 @@ async fn a_write_concern_error_is_retried_not_fatal() {
             return true;
         }
         for i in 1..=3 {
-            if check.get("customers", &format!("c{i}")).await.unwrap().is_none() {
+            if check
+                .get("customers", &format!("c{i}"))
+                .await
+                .unwrap()
+                .is_none()
+            {
                 return false;
             }
         }
         true
     })
     .await;
-    assert!(!apply.is_finished(), "apply stopped on a write-concern error");
+    assert!(
+        !apply.is_finished(),
+        "apply stopped on a write-concern error"
+    );
     assert!(total(&stats.retries) >= 1);
     assert_eq!(total(&stats.dead_lettered), 0);
     cancel.cancel();
@@ -426,9 +466,10 @@ async fn a_paused_mongo_relay_keeps_its_lease() {
     let spawn = |control: Control| {
         let metrics = Arc::new(Metrics::new(&p.config.pipeline.name, "relay"));
         let (config, m, c) = (p.config.clone(), metrics.clone(), cancel.clone());
-        let handle = tokio::spawn(async move {
-            dualsync::relay::run(&config, schemas(), m, control, c).await
-        });
+        let handle =
+            tokio::spawn(
+                async move { dualsync::relay::run(&config, schemas(), m, control, c).await },
+            );
         (handle, metrics)
     };
     let leader_control = Control::default();
@@ -437,7 +478,10 @@ async fn a_paused_mongo_relay_keeps_its_lease() {
     let (standby, standby_metrics) = spawn(Control::default());
     leader_control.set_paused(true);
     let carts = p.source_db.collection::<Document>(GENERIC);
-    carts.insert_one(doc! {"_id": "during_pause"}).await.unwrap();
+    carts
+        .insert_one(doc! {"_id": "during_pause"})
+        .await
+        .unwrap();
 
     // `mongo_pipeline` sets lease_secs = 3.
     let window = std::time::Duration::from_secs(3 * 3);

@@ -111,7 +111,10 @@ database = "{mongo_db}"
 }
 
 /// The source's documents of `collection` as the sinks should hold them.
-pub(crate) async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn source_state(
+    db: &mongodb::Database,
+    collection: &str,
+) -> BTreeMap<String, Json> {
     use futures::TryStreamExt;
     let docs: Vec<Document> = db
         .collection::<Document>(collection)
