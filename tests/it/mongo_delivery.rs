@@ -504,3 +504,93 @@ async fn a_paused_mongo_relay_keeps_its_lease() {
         h.await.unwrap().unwrap();
     }
 }
+
+/// Item 1 across a restart: SecantusDB's resume tokens do not carry the position in the
+/// transaction, so the relay numbers a transaction's changes in stream order and saves the
+/// number with its position. A relay resuming inside a transaction (its saved token is the
+/// transaction's third change, as a crash there leaves it) publishes the rest of it again with
+/// the versions they had the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_resuming_inside_a_transaction_publishes_the_rest_with_the_same_versions() {
+    use futures::StreamExt;
+    let servers = servers();
+    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    carts.insert_one(doc! {"_id": "before"}).await.unwrap();
+    let mut stream = carts.watch().await.unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    leads(&metrics).await;
+    let client = p.source_db.client();
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    carts
+        .insert_one(doc! {"_id": "t", "n": 0})
+        .session(&mut session)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        carts
+            .update_one(doc! {"_id": "t"}, doc! {"$inc": {"n": 1}})
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    carts
+        .replace_one(doc! {"_id": "t"}, doc! {"n": 10})
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.commit_transaction().await.unwrap();
+    let mut events = Vec::new();
+    while events.len() < 6 {
+        let event = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("the transaction's changes in the test's own stream")
+            .unwrap()
+            .unwrap();
+        events.push(event);
+    }
+    let topic = p.topic(GENERIC);
+    let first = read_topic(&servers.kafka, &topic, 6).await;
+    let versions: std::collections::HashMap<String, String> = first
+        .iter()
+        .map(|m| {
+            (
+                header(m, dualsync::publish::headers::EVENT_ID).unwrap(),
+                header(m, dualsync::publish::headers::VERSION).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(versions.len(), 6, "six changes, six versions");
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+
+    // The position moved back to the transaction's third change, as a crash there leaves it.
+    let third = &events[2];
+    let at = third.cluster_time.unwrap();
+    let token = mongodb::bson::to_document(&third.id).unwrap();
+    p.source_db
+        .collection::<Document>("dualsync_offsets")
+        .update_one(
+            doc! {"_id": &p.config.pipeline.name},
+            doc! {"$set": {"token": token, "start_at": Bson::Null, "txn_place": {"t": at, "i": 2_i64}}},
+        )
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&p.config, &cancel);
+    leads(&metrics).await;
+    let all = read_topic(&servers.kafka, &topic, 6 + 3).await;
+    assert_eq!(all.len(), 9, "the last three changes published again");
+    for m in &all {
+        let id = header(m, dualsync::publish::headers::EVENT_ID).unwrap();
+        assert_eq!(
+            header(m, dualsync::publish::headers::VERSION),
+            versions.get(&id).cloned(),
+            "event {id} published again with another version"
+        );
+    }
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}
