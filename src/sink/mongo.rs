@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::options::{ReadPreference, SelectionCriteria};
 use mongodb::{Client, Database};
 use tokio::sync::Mutex;
 
@@ -232,7 +233,9 @@ impl MongoSink {
         Ok(collided)
     }
 
-    /// The stored versions of `keys` (tombstones included) in `collection`.
+    /// The stored versions of `keys` (tombstones included) in `collection`, read from the
+    /// primary: a lagging secondary would show an older version, and a stale record would be
+    /// upserted again until it counted as poison.
     async fn stored_versions(
         &self,
         collection: &str,
@@ -243,6 +246,7 @@ impl MongoSink {
             .collection::<Document>(collection)
             .find(doc! {"_id": {"$in": keys}})
             .projection(doc! {format!("{META_FIELD}.version"): 1})
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
             .await?
             .try_collect()
             .await?;
