@@ -539,13 +539,12 @@ impl Source for MongoSource {
             }
             return Ok(());
         }
-        if let Some(last) = changes.iter().rev().find(|c| c.token.is_some()) {
-            let token = last.token.clone().expect("found with a token");
-            self.save(Position::After(
-                token,
-                Some((last.cluster_time, last.txn_index)),
-            ))
-            .await?;
+        let last = changes
+            .iter()
+            .rev()
+            .find_map(|c| Some((c.token.clone()?, (c.cluster_time, c.txn_index))));
+        if let Some((token, place)) = last {
+            self.save(Position::After(token, Some(place))).await?;
         }
         Ok(())
     }
