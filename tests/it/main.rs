@@ -9,6 +9,7 @@ mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
 mod kafka;
+mod mongo_delivery;
 mod mongo_source;
 mod operations;
 mod outbox_order;
