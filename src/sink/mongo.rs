@@ -32,6 +32,12 @@ use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 /// Field holding dualsync's bookkeeping in every document.
 pub const META_FIELD: &str = "_dualsync";
 
+/// Collection of the purge horizons: per collection (`_id`), the highest version of any
+/// tombstone ever purged (`version`). An event at or below it may be older than a purged
+/// delete, so it may update a document that exists but never insert one: a late event or a
+/// replay cannot bring a deleted record back.
+pub const HORIZON_COLLECTION: &str = "dualsync_purge_horizon";
+
 /// Rounds of upserts for keys whose insert keeps colliding with a document older than the
 /// record: the first collision is a race with another writer, which one more round settles;
 /// a collision that outlasts the rounds is a unique secondary index, and the record is poison.
@@ -134,9 +140,20 @@ impl MongoSink {
         &self,
         collection: &str,
         batch: &[SinkRecord],
-        mut todo: Vec<Statement>,
+        todo: Vec<Statement>,
         outcome: &mut ApplyOutcome,
     ) -> Result<(), Error> {
+        let horizon = self.horizon(collection).await?;
+        let (bounded, mut todo): (Vec<Statement>, Vec<Statement>) = todo
+            .into_iter()
+            .partition(|(i, _)| horizon.is_some_and(|h| batch[*i].version <= h));
+        if !bounded.is_empty() {
+            self.update_existing(collection, batch, &bounded, outcome)
+                .await?;
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
         for round in 1..=UPSERT_ROUNDS {
             let collided = self.upsert(collection, batch, &todo, outcome).await?;
             if collided.is_empty() {
@@ -233,6 +250,66 @@ impl MongoSink {
         Ok(collided)
     }
 
+    /// The purge horizon of `collection` (see [`HORIZON_COLLECTION`]), from the primary.
+    async fn horizon(&self, collection: &str) -> Result<Option<i64>, Error> {
+        let found = self
+            .db
+            .collection::<Document>(HORIZON_COLLECTION)
+            .find_one(doc! {"_id": collection})
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .await?;
+        Ok(found.and_then(|d| d.get_i64("version").ok()))
+    }
+
+    /// Statements at or below the purge horizon: written only over a document that exists
+    /// with an older version (no upsert), stale otherwise.
+    async fn update_existing(
+        &self,
+        collection: &str,
+        batch: &[SinkRecord],
+        statements: &[Statement],
+        outcome: &mut ApplyOutcome,
+    ) -> Result<(), Error> {
+        let updates: Vec<Document> = statements
+            .iter()
+            .map(|(i, d)| {
+                doc! {
+                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
+                    "u": d,
+                    "upsert": false,
+                }
+            })
+            .collect();
+        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
+        if let Some(wc) = &self.write_concern {
+            command.insert("writeConcern", wc.clone());
+        }
+        let reply = self.write_command(command).await?;
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(write_concern_error(wce));
+        }
+        if let Some(e) = reply
+            .get_array("writeErrors")
+            .ok()
+            .and_then(|a| a.first())
+            .and_then(Bson::as_document)
+        {
+            let error = mongo_write_error(
+                e.get_i32("code").unwrap_or(0),
+                e.get_str("errmsg").unwrap_or("").to_string(),
+            );
+            return Err(error);
+        }
+        let matched = reply
+            .get_i32("n")
+            .map(i64::from)
+            .or_else(|_| reply.get_i64("n"))
+            .unwrap_or(0) as u64;
+        outcome.applied += matched;
+        outcome.stale += statements.len() as u64 - matched.min(statements.len() as u64);
+        Ok(())
+    }
+
     /// The stored versions of `keys` (tombstones included) in `collection`, read from the
     /// primary: a lagging secondary would show an older version, and a stale record would be
     /// upserted again until it counted as poison.
@@ -291,13 +368,30 @@ impl Sink for MongoSink {
         let collections: Vec<String> = self.seen.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for c in collections {
+            let old_tombstones = doc! {
+                format!("{META_FIELD}.deleted"): true,
+                format!("{META_FIELD}.updated_at"): {"$lt": cutoff},
+            };
+            // The horizon moves first: a crash between the two leaves it ahead of the purge,
+            // which only makes more late events stale, never resurrects one.
+            let newest: Option<Document> = self
+                .db
+                .collection::<Document>(&c)
+                .find_one(old_tombstones.clone())
+                .sort(doc! {format!("{META_FIELD}.version"): -1})
+                .projection(doc! {format!("{META_FIELD}.version"): 1})
+                .await?;
+            let Some(newest) = newest else { continue };
+            let (_, version, _) = stored(newest);
+            self.db
+                .collection::<Document>(HORIZON_COLLECTION)
+                .update_one(doc! {"_id": &c}, doc! {"$max": {"version": version}})
+                .upsert(true)
+                .await?;
             let r = self
                 .db
                 .collection::<Document>(&c)
-                .delete_many(doc! {
-                    format!("{META_FIELD}.deleted"): true,
-                    format!("{META_FIELD}.updated_at"): {"$lt": cutoff},
-                })
+                .delete_many(old_tombstones)
                 .await?;
             purged += r.deleted_count;
         }

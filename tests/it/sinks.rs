@@ -331,3 +331,16 @@ async fn postgres_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
     .unwrap();
     purge_horizon_suite(&sink).await;
 }
+
+#[tokio::test]
+async fn mongo_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
+    let servers = servers();
+    let sink = MongoSink::connect(&MongoSinkConfig {
+        url: Secret::new(servers.mongo.clone()),
+        database: unique("t"),
+        tombstone_retention_secs: 60,
+    })
+    .await
+    .unwrap();
+    purge_horizon_suite(&sink).await;
+}
