@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Creates (once) the Python venv of the interoperability tests from tests/interop/requirements.txt
-# and prints its python. Idempotent: a complete venv made from the same requirements is reused;
-# a changed requirements file gets a new one (the directory name carries a hash of the file).
+# The independent implementations the interoperability tests compare dualsync with, installed
+# once under $TOOLS_DIR and reused (idempotent; a changed requirements file or pom gets a new
+# directory, named by a hash of it):
 #
-#   PY=$(bash scripts/interop.sh)   # then: "$PY" tests/interop/consume_single_object.py ...
+#   bash scripts/interop.sh python   # prints the python of a venv with tests/interop/requirements.txt
+#   bash scripts/interop.sh java     # prints a classpath with tests/interop/java/pom.xml's jars
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-requirements="$REPO_ROOT/tests/interop/requirements.txt"
-hash=$(sha256sum "$requirements" | cut -c1-12)
-base="$TOOLS_DIR/interop-py-1"
-venv="$base/$hash"
+what="${1:-python}"
+case "$what" in
+python) spec="$REPO_ROOT/tests/interop/requirements.txt"; base="$TOOLS_DIR/interop-py-1" ;;
+java) spec="$REPO_ROOT/tests/interop/java/pom.xml"; base="$TOOLS_DIR/interop-java-1" ;;
+*) echo "usage: $0 python|java" >&2; exit 2 ;;
+esac
+dir="$base/$(sha256sum "$spec" | cut -c1-12)"
 mkdir -p "$base"
-# Tests run in parallel: one builds, the others wait for it.
+# Tests run in parallel: one installs, the others wait for it.
 exec 9>"$base/.lock"
 flock 9
-if [[ ! -f "$venv/.complete" ]]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
-    touch "$venv/.complete"
+if [[ ! -f "$dir/.complete" ]]; then
+    rm -rf "$dir"
+    if [[ "$what" == python ]]; then
+        python3 -m venv "$dir" >&2
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$spec" >&2
+    else
+        mvn -B -q -f "$spec" dependency:copy-dependencies -DoutputDirectory="$dir/lib" >&2
+    fi
+    touch "$dir/.complete"
 fi
-echo "$venv/bin/python"
+if [[ "$what" == python ]]; then
+    echo "$dir/bin/python"
+else
+    echo "$dir/lib/*"
+fi

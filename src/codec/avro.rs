@@ -310,29 +310,27 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The envelope record around an aggregate's payload schema. Its field order and names are
-/// part of the contract with downstream consumers (documented in the README).
+/// The envelope template shipped to consumers (`schemas/envelope/envelope.avsc`): its field
+/// order and names are the contract with them (see docs/consumers.md).
+pub const ENVELOPE_AVSC: &str = include_str!("../../schemas/envelope/envelope.avsc");
+
+/// The envelope record around an aggregate's payload schema, made from [`ENVELOPE_AVSC`] as a
+/// consumer would: name `<PayloadName>Event`, the payload's namespace (else `dualsync`), and
+/// the payload schema in place of `"PAYLOAD"`.
 pub fn envelope_schema_json(payload: &Json, record_name: &Name) -> Json {
-    let namespace = record_name
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "dualsync".into());
-    json!({
-        "type": "record",
-        "name": format!("{}Event", record_name.name),
-        "namespace": namespace,
-        "doc": "dualsync outbox event: one committed outbox row",
-        "fields": [
-            {"name": "event_id", "type": "string"},
-            {"name": "event_type", "type": "string"},
-            {"name": "aggregate_type", "type": "string"},
-            {"name": "aggregate_id", "type": "string"},
-            {"name": "version", "type": "long"},
-            {"name": "created_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-            {"name": "op", "type": {"type": "enum", "name": "DualsyncOp", "symbols": ["UPSERT", "DELETE"]}},
-            {"name": "payload", "type": ["null", payload], "default": null}
-        ]
-    })
+    let mut envelope: Json =
+        serde_json::from_str(ENVELOPE_AVSC).expect("the envelope template is JSON");
+    envelope["name"] = json!(format!("{}Event", record_name.name));
+    if let Some(namespace) = &record_name.namespace {
+        envelope["namespace"] = json!(namespace);
+    }
+    let fields = envelope["fields"].as_array_mut().expect("template fields");
+    let slot = fields
+        .iter_mut()
+        .find(|f| f["name"] == "payload")
+        .expect("template payload field");
+    slot["type"] = json!(["null", payload]);
+    envelope
 }
 
 fn build_event_schema(aggregate_type: &str, payload_json: &str) -> Result<EventSchema, String> {

@@ -193,7 +193,8 @@ impl Pcf {
         let inner = map
             .get(key)
             .ok_or_else(|| format!("{kind} without {key}"))?;
-        self.out.push_str(&format!("{{\"type\":\"{kind}\",\"{key}\":"));
+        self.out
+            .push_str(&format!("{{\"type\":\"{kind}\",\"{key}\":"));
         self.write(inner, ns)?;
         self.out.push('}');
         Ok(())

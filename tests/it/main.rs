@@ -8,6 +8,8 @@ mod dead_letters;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod fingerprints;
+mod interop;
 mod mongo_source;
 mod operations;
 mod outbox_order;
