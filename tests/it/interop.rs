@@ -52,10 +52,12 @@ async fn python_consumer(brokers: &str, topics: Vec<String>) -> Json {
 async fn outbox_kinds(source: &tokio_postgres::Client) -> Vec<(String, String, i64)> {
     source
         .query(
-            "SELECT aggregatetype, CASE WHEN payload IS NULL THEN 'delete'
-                    WHEN seq > min(seq) OVER (PARTITION BY aggregatetype, aggregateid) THEN 'update'
-                    ELSE 'create' END AS kind, count(*)
-             FROM dualsync.outbox GROUP BY 1, 2 ORDER BY 1, 2",
+            "SELECT aggregatetype, kind, count(*) FROM (
+                 SELECT aggregatetype, CASE WHEN payload IS NULL THEN 'delete'
+                     WHEN seq > min(seq) OVER (PARTITION BY aggregatetype, aggregateid) THEN 'update'
+                     ELSE 'create' END AS kind
+                 FROM dualsync.outbox) k
+             GROUP BY 1, 2 ORDER BY 1, 2",
             &[],
         )
         .await
@@ -113,6 +115,7 @@ async fn a_python_consumer_decodes_every_single_object_event() {
 
     let topics = ["customers", "orders"].map(|t| config.kafka.topic_for(t));
     let summary = python_consumer(&servers.kafka, topics.to_vec()).await;
+    eprintln!("the Python consumer's summary: {summary}");
     let deletes: i64 = kinds
         .iter()
         .filter(|(_, k, _)| k == "delete")
