@@ -210,3 +210,36 @@ async fn events_with_the_old_fingerprint_still_decode_and_apply() {
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
+
+/// docs/consumers.md shows the consumer the tests run: each of its `python` blocks is in the
+/// script as it is (code from inside `main` is shown one level less indented).
+#[test]
+fn the_consumer_shown_in_the_docs_is_the_one_tested() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/consumers.md")).unwrap();
+    let script =
+        std::fs::read_to_string(root.join("tests/interop/consume_single_object.py")).unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```python\n")
+        .skip(1)
+        .map(|b| b.split("\n```").next().unwrap())
+        .collect();
+    assert!(blocks.len() >= 6, "docs/consumers.md shows the consumer");
+    for block in blocks {
+        let indented = block
+            .lines()
+            .map(|l| {
+                if l.is_empty() {
+                    String::new()
+                } else {
+                    format!("    {l}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            script.contains(block) || script.contains(&indented),
+            "docs/consumers.md shows code tests/interop/consume_single_object.py does not run:\n{block}"
+        );
+    }
+}
