@@ -11,7 +11,7 @@
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use mongodb::bson::Bson;
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 use super::avro::{envelope_head, event_schema_from_envelope, EventSchema};
 use super::{EncodeError, OutboxEvent};
@@ -122,6 +122,7 @@ mod tests {
     use super::*;
     use crate::codec::SchemaStore;
     use mongodb::bson::{doc, oid::ObjectId, DateTime, Decimal128};
+    use serde_json::json;
 
     fn change() -> ChangeContext {
         ChangeContext {
