@@ -10,6 +10,9 @@ bash scripts/up.sh all
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 
+# The independent implementations the interoperability tests compare with (installed once).
+bash scripts/interop.sh python >/dev/null
+bash scripts/interop.sh java >/dev/null
 log "building tests"
 cargo test --all-targets --no-run --locked
 log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL"

@@ -8,6 +8,8 @@ mod dead_letters;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod fingerprints;
+mod interop;
 mod kafka;
 mod mongo_delivery;
 mod mongo_source;
