@@ -27,9 +27,15 @@ pub struct EventSchema {
     pub aggregate_type: String,
     pub envelope: Schema,
     pub payload: Schema,
-    /// CRC-64-AVRO of the envelope's canonical form, in the byte order it is written.
+    /// CRC-64-AVRO of the envelope's Parsing Canonical Form as the specification defines it
+    /// ([`super::canonical`]), in the byte order it is written: what standard readers look up.
     pub fingerprint: [u8; 8],
-    /// Envelope schema in Parsing Canonical Form (what the fingerprint is taken of).
+    /// The fingerprint dualsync wrote before it used the specification's canonical form
+    /// (apache-avro 0.21's `canonical_form`, which differs for logical types). Still accepted
+    /// when reading, for events already on the topics.
+    pub legacy_fingerprint: [u8; 8],
+    /// Envelope schema in apache-avro's canonical form: compared with a registry writer
+    /// schema's to tell whether it is the local one.
     pub envelope_json: String,
     /// Envelope schema as full JSON text, defaults and docs kept: what is registered in a
     /// schema registry, whose compatibility checks need the defaults.
@@ -79,7 +85,10 @@ impl Default for SchemaStore {
         let generic = Arc::new(super::mongo::generic_event_schema());
         Self {
             by_type: HashMap::new(),
-            by_fingerprint: HashMap::from([(generic.fingerprint, generic.clone())]),
+            by_fingerprint: HashMap::from([
+                (generic.legacy_fingerprint, generic.clone()),
+                (generic.fingerprint, generic.clone()),
+            ]),
             generic,
         }
     }
@@ -125,6 +134,10 @@ impl SchemaStore {
     /// Adds the payload schema of `aggregate_type`, given as Avro JSON text.
     pub fn add(&mut self, aggregate_type: &str, payload_json: &str) -> Result<(), String> {
         let schema = Arc::new(build_event_schema(aggregate_type, payload_json)?);
+        // Both fingerprints read; a standard one wins should it ever equal an old one.
+        self.by_fingerprint
+            .entry(schema.legacy_fingerprint)
+            .or_insert_with(|| schema.clone());
         self.by_fingerprint
             .insert(schema.fingerprint, schema.clone());
         self.by_type.insert(aggregate_type.to_string(), schema);
@@ -341,8 +354,11 @@ pub(super) fn event_schema_from_envelope(
 ) -> Result<EventSchema, String> {
     let envelope = Schema::parse(&envelope_value)
         .map_err(|e| format!("cannot build the event envelope around it: {e}"))?;
-    let fp = envelope.fingerprint::<Rabin>();
-    let fingerprint: [u8; 8] = fp.bytes[..8].try_into().map_err(|_| "fingerprint size")?;
+    let fingerprint = super::canonical::fingerprint(&envelope_value)?;
+    let legacy = envelope.fingerprint::<Rabin>();
+    let legacy_fingerprint: [u8; 8] = legacy.bytes[..8]
+        .try_into()
+        .map_err(|_| "fingerprint size")?;
     let envelope_name = match &envelope {
         Schema::Record(r) => r.name.fullname(None),
         _ => return Err("the envelope is not a record".into()),
@@ -365,6 +381,7 @@ pub(super) fn event_schema_from_envelope(
         envelope,
         payload,
         fingerprint,
+        legacy_fingerprint,
     })
 }
 

@@ -5,9 +5,11 @@
 //! - with a schema registry, the Confluent wire format: `00`, the 4-byte big-endian schema id,
 //!   then the datum ([`wire`], [`registry`]);
 //! - without one, Avro single-object encoding: `C3 01`, the 8-byte CRC-64-AVRO (Rabin)
-//!   fingerprint of the writer schema, then the datum ([`avro`]).
+//!   fingerprint of the writer schema's Parsing Canonical Form, then the datum ([`avro`],
+//!   [`canonical`]).
 
 pub mod avro;
+pub mod canonical;
 pub mod mongo;
 pub mod registry;
 pub mod wire;
