@@ -104,5 +104,8 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
             )
         })
         .collect();
-    assert_eq!(read, written, "every outbox row, decoded by confluent-kafka");
+    assert_eq!(
+        read, written,
+        "every outbox row, decoded by confluent-kafka"
+    );
 }

@@ -803,7 +803,11 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
         let messages = read_topic(&servers.kafka, &topic, 1).await;
         let value = messages[0].payload().unwrap();
         assert_eq!(value[0], 0, "Confluent wire format");
-        assert_eq!(value[1..5], ids[0].to_be_bytes(), "framed with the registered id");
+        assert_eq!(
+            value[1..5],
+            ids[0].to_be_bytes(),
+            "framed with the registered id"
+        );
     }
     assert!(!topic_exists(&servers.kafka, &p.topic("audit")).await);
     cancel.cancel();

@@ -60,7 +60,10 @@ async fn a_registry_answering_503_is_waited_out_not_dead_lettered() {
     };
     let sink = PostgresSink::connect(p).await.unwrap();
     eventually("c1 is applied", || async {
-        matches!(sink.get("customers", "c1").await.unwrap(), Some((1, Some(_))))
+        matches!(
+            sink.get("customers", "c1").await.unwrap(),
+            Some((1, Some(_)))
+        )
     })
     .await;
     assert_eq!(registry.failures_served(), 3);

@@ -105,11 +105,14 @@ async fn an_added_optional_field_is_registered_while_running_and_an_old_apply_ap
     c3["tier"] = json!("silver");
     write_customer(&source, c1).await;
     write_customer(&source, c3).await;
-    eventually("the new schema's events are applied by the old apply", || async {
-        let c1 = sink.get("customers", "c1").await.unwrap();
-        let c3 = sink.get("customers", "c3").await.unwrap();
-        matches!(&c1, Some((_, Some(doc))) if doc["name"] == "after") && c3.is_some()
-    })
+    eventually(
+        "the new schema's events are applied by the old apply",
+        || async {
+            let c1 = sink.get("customers", "c1").await.unwrap();
+            let c3 = sink.get("customers", "c3").await.unwrap();
+            matches!(&c1, Some((_, Some(doc))) if doc["name"] == "after") && c3.is_some()
+        },
+    )
     .await;
 
     let ids = registry.versions(&subject).await;
@@ -204,7 +207,11 @@ async fn an_incompatible_schema_stops_the_relay_naming_subject_answer_and_field(
     for part in [subject.as_str(), "incompatible", "409", "loyalty_points"] {
         assert!(message.contains(part), "{part:?} is not in: {message}");
     }
-    assert_eq!(registry.versions(&subject).await.len(), 1, "nothing new registered");
+    assert_eq!(
+        registry.versions(&subject).await.len(),
+        1,
+        "nothing new registered"
+    );
     assert_eq!(total(&relay_stats.published), 0);
     let (_, unpublished) = dualsync::demo::outbox_counts(&source).await.unwrap();
     assert_eq!(unpublished, 1, "the row waits in the outbox");
