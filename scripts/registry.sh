@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034 # variables are used by the sourcing scripts
 # The fifth local server: a Confluent-API schema registry for the tests (Apicurio Registry,
-# in-memory storage, Confluent-compatible API under /apis/ccompat/v7). Sourced by lib.sh's users
-# after lib.sh; defines install_registry, up_registry, down_registry and registry_url.
+# in-memory storage, Confluent-compatible API under /apis/ccompat/v7). Sourced at the end of
+# lib.sh; defines install_registry, up_registry, down_registry and registry_url.
 #
 # Apicurio publishes no runnable distribution on Maven Central, so install_registry builds one
 # from its Central jars with the small Maven project in scripts/registry/ (why 2.4.2.Final and
@@ -78,21 +78,11 @@ registry_ping() {
     [[ "$body" == \[* ]]
 }
 
-registry_pid() {
-    local pid
-    pid="$(read_pid registry)"
-    if [[ -n "$pid" ]] && pid_alive "$pid" apicurio-registry-runner; then
-        echo "$pid"
-        return 0
-    fi
-    return 1
-}
-
 up_registry() {
     local pid logf pidf
     logf="$(log_file registry)"
     pidf="$(pid_file registry)"
-    if pid="$(registry_pid)"; then
+    if pid="$(server_pid registry)"; then
         log "registry: already running (pid $pid) at $(registry_url)"
     else
         [[ -r "$APICURIO_JAR" ]] || die "registry: $APICURIO_JAR missing (run scripts/install.sh registry)"
@@ -116,7 +106,7 @@ up_registry() {
 
 down_registry() {
     local pid
-    if ! pid="$(registry_pid)"; then
+    if ! pid="$(server_pid registry)"; then
         log "registry: not running"
         rm -f "$(pid_file registry)"
         return 0
