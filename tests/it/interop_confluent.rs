@@ -108,4 +108,10 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
         read, written,
         "every outbox row, decoded by confluent-kafka"
     );
+    println!(
+        "confluent-kafka decoded {} of {} messages ({} outbox rows, {deletes} deletes)",
+        summary["decoded"],
+        summary["messages"],
+        written.len()
+    );
 }

@@ -204,6 +204,7 @@ async fn an_incompatible_schema_stops_the_relay_naming_subject_answer_and_field(
     assert_eq!(classify(&e), Disposition::Fatal, "{e}");
     assert!(matches!(e, Error::Registry(_)), "{e:?}");
     let message = e.to_string();
+    println!("the relay stopped: {message}");
     for part in [subject.as_str(), "incompatible", "409", "loyalty_points"] {
         assert!(message.contains(part), "{part:?} is not in: {message}");
     }
