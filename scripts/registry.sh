@@ -43,9 +43,10 @@ install_registry() {
         log "registry: already installed ($APICURIO_HOME, Apicurio Registry $APICURIO_VERSION)"
         return 0
     fi
-    if (($(java_major) < 17)) || ! command -v mvn >/dev/null 2>&1; then
-        declare -F apt_install >/dev/null || die "registry: needs Java 17+ and Maven on PATH"
-        log "registry: installing Java 17 and Maven (Debian packages)"
+    # A JDK, not only a runtime: the build compiles ConfigIndexStandIn.java.
+    if (($(java_major) < 17)) || ! command -v javac >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+        declare -F apt_install >/dev/null || die "registry: needs a JDK 17+ and Maven on PATH"
+        log "registry: installing a JDK 17 and Maven (Debian packages)"
         apt_install openjdk-17-jdk-headless maven
     fi
     mkdir -p "$TOOLS_DIR"
