@@ -10,6 +10,7 @@ mod end_to_end;
 mod fake_registry;
 mod interop_confluent;
 mod kafka;
+mod mongo_delivery;
 mod mongo_source;
 mod operations;
 mod outbox_order;

@@ -28,25 +28,25 @@ use crate::processes::{spawn, write_config};
 
 /// Collections of the tests: `customers` has a schema in `schemas/` (typed path), `carts`
 /// does not (generic envelope).
-const TYPED: &str = "customers";
-const GENERIC: &str = "carts";
+pub(crate) const TYPED: &str = "customers";
+pub(crate) const GENERIC: &str = "carts";
 
-struct MongoPipeline {
-    toml: String,
-    config: Config,
-    prefix: String,
-    source_db: mongodb::Database,
+pub(crate) struct MongoPipeline {
+    pub(crate) toml: String,
+    pub(crate) config: Config,
+    pub(crate) prefix: String,
+    pub(crate) source_db: mongodb::Database,
 }
 
 impl MongoPipeline {
-    fn topic(&self, collection: &str) -> String {
+    pub(crate) fn topic(&self, collection: &str) -> String {
         format!("{}.{collection}", self.prefix)
     }
 }
 
 /// A pipeline from database `source_db` at `source_url` to a PostgreSQL sink and a MongoDB
 /// sink, with unique topics; `source_extra` goes into `[source]`.
-async fn mongo_pipeline(
+pub(crate) async fn mongo_pipeline(
     servers: &Servers,
     source_url: &str,
     source_extra: &str,
@@ -111,7 +111,10 @@ database = "{mongo_db}"
 }
 
 /// The source's documents of `collection` as the sinks should hold them.
-async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn source_state(
+    db: &mongodb::Database,
+    collection: &str,
+) -> BTreeMap<String, Json> {
     use futures::TryStreamExt;
     let docs: Vec<Document> = db
         .collection::<Document>(collection)
@@ -136,7 +139,7 @@ async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<Stri
 }
 
 /// The live documents a sink holds for `collection`.
-async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -153,7 +156,7 @@ async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Jso
 }
 
 /// Connects to both sinks of `config`.
-async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
+pub(crate) async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
     let (SinkConfig::Postgres(p), SinkConfig::Mongodb(m)) =
         (&config.sinks["postgres"], &config.sinks["mongo"])
     else {
@@ -167,7 +170,7 @@ async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
 
 /// Waits until both sinks hold exactly the source's documents of `collections`, except the
 /// keys in `skip` (dead-lettered on purpose).
-async fn converged(p: &MongoPipeline, collections: &[&str], skip: &[&str]) {
+pub(crate) async fn converged(p: &MongoPipeline, collections: &[&str], skip: &[&str]) {
     let (pg, mongo) = sinks(&p.config).await;
     let last = std::sync::Mutex::new(String::new());
     let ok = dualsync::demo::wait_until(DEADLINE, || {
@@ -231,7 +234,7 @@ async fn topic_exists(brokers: &str, topic: &str) -> bool {
 }
 
 /// Waits until the relay holds the lease and its stream is open.
-async fn leads(metrics: &dualsync::metrics::Metrics) {
+pub(crate) async fn leads(metrics: &dualsync::metrics::Metrics) {
     eventually("the relay leads", || async {
         metrics.relay_leader.get() == 1
     })
