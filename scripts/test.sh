@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB), then
+# `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
+# Apicurio schema registry) and the interop tests' Python venv (scripts/interop.sh), then
 # runs every test (unit, property and integration) against those real servers.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -15,7 +16,8 @@ bash scripts/interop.sh python >/dev/null
 bash scripts/interop.sh java >/dev/null
 log "building tests"
 cargo test --all-targets --no-run --locked
-log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL"
+bash scripts/interop.sh >/dev/null
+log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL, $DUALSYNC_TEST_REGISTRY_URL"
 if [[ $# -gt 0 ]]; then
     cargo test --all-targets --locked -- "$@"
     exit 0

@@ -10,6 +10,7 @@
 
 pub mod avro;
 pub mod canonical;
+pub mod compat;
 pub mod mongo;
 pub mod registry;
 pub mod wire;

@@ -759,13 +759,13 @@ async fn snapshot_command_publishes_the_watched_collections() {
     assert_eq!(dead.len(), 1);
 }
 
-/// With a schema registry (the stand-in that follows the Confluent API, see fake_registry.rs)
-/// the relay registers each collection's schema as it first sees the collection: the
+/// With a schema registry (the real one `make up` starts, see real_registry.rs) the relay
+/// registers each collection's schema as it first sees the collection: the
 /// collection's own envelope, or the generic one; apply reads the Confluent frames back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     let servers = servers();
-    let registry = crate::fake_registry::FakeRegistry::start(None).await;
+    let registry = crate::real_registry::RealRegistry::from_env();
     let p = mongo_pipeline(
         &servers,
         &servers.mongo,
@@ -801,16 +801,15 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     converged(&p, &[GENERIC, TYPED], &[]).await;
     for collection in [GENERIC, TYPED] {
         let topic = p.topic(collection);
-        assert_eq!(
-            registry.versions(&format!("{topic}-value")).len(),
-            1,
-            "{topic} registered once"
-        );
+        let ids = registry.versions(&format!("{topic}-value")).await;
+        assert_eq!(ids.len(), 1, "{topic} registered once");
         let messages = read_topic(&servers.kafka, &topic, 1).await;
+        let value = messages[0].payload().unwrap();
+        assert_eq!(value[0], 0, "Confluent wire format");
         assert_eq!(
-            messages[0].payload().unwrap()[0],
-            0,
-            "Confluent wire format"
+            value[1..5],
+            ids[0].to_be_bytes(),
+            "framed with the registered id"
         );
     }
     assert!(!topic_exists(&servers.kafka, &p.topic("audit")).await);
