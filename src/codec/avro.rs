@@ -131,6 +131,16 @@ impl SchemaStore {
         Ok(store)
     }
 
+    /// Keeps every fingerprint `older` knows and this store does not, so events written with
+    /// a schema since replaced in the folder still decode (as written) after a reload.
+    pub fn keep_fingerprints_of(&mut self, older: &SchemaStore) {
+        for (fingerprint, schema) in &older.by_fingerprint {
+            self.by_fingerprint
+                .entry(*fingerprint)
+                .or_insert_with(|| schema.clone());
+        }
+    }
+
     /// Adds the payload schema of `aggregate_type`, given as Avro JSON text.
     pub fn add(&mut self, aggregate_type: &str, payload_json: &str) -> Result<(), String> {
         let schema = Arc::new(build_event_schema(aggregate_type, payload_json)?);

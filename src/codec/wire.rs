@@ -11,7 +11,9 @@
 //! name when there is one, so a compatible evolution on the writing side keeps decoding.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +24,9 @@ use super::registry::{RegistryClient, RegistryError};
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
 use crate::error::{retry_transient, Error};
+
+/// How often an unknown fingerprint may make the codec read the schemas folder again.
+const SCHEMA_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// First byte of the Confluent wire format.
 pub const CONFLUENT_MAGIC: u8 = 0;
@@ -37,7 +42,12 @@ struct WriterSchema {
 }
 
 pub struct EventCodec {
-    store: Arc<SchemaStore>,
+    store: RwLock<Arc<SchemaStore>>,
+    /// The folder the local schemas came from: read again when a single-object frame names a
+    /// fingerprint none of them has (a schema deployed after this process started), instead of
+    /// dead-lettering every event written with it.
+    reload_from: Option<PathBuf>,
+    last_reload: Mutex<Option<Instant>>,
     registry: Option<RegistryClient>,
     /// Registry id of each aggregate type's envelope; `Some` once prepared for publishing with
     /// a registry, and then every value is written in the Confluent wire format.
@@ -49,7 +59,9 @@ impl EventCodec {
     /// A codec over the local schemas, resolving Confluent frames through `registry` if given.
     pub fn new(store: Arc<SchemaStore>, registry: Option<RegistryClient>) -> Self {
         Self {
-            store,
+            store: RwLock::new(store),
+            reload_from: None,
+            last_reload: Mutex::new(None),
             registry,
             publish_ids: None,
             writers: Mutex::new(HashMap::new()),
@@ -62,7 +74,9 @@ impl EventCodec {
             Some(r) => Some(RegistryClient::new(r).map_err(Error::Setup)?),
             None => None,
         };
-        Ok(Self::new(store, registry))
+        let mut codec = Self::new(store, registry);
+        codec.reload_from = Some(config.encoding.schemas_dir.clone());
+        Ok(codec)
     }
 
     /// A writing codec for `config` (relay): with a registry, registers or looks up every local
@@ -88,8 +102,36 @@ impl EventCodec {
         format!("{}-value", config.kafka.topic_for(aggregate_type))
     }
 
-    pub fn store(&self) -> &SchemaStore {
-        &self.store
+    pub fn store(&self) -> Arc<SchemaStore> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the schemas folder again (at most once a second), keeping the fingerprints
+    /// already known; `true` when the store was replaced.
+    fn reload_schemas(&self) -> bool {
+        let Some(dir) = &self.reload_from else {
+            return false;
+        };
+        {
+            let mut last = self.last_reload.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < SCHEMA_RELOAD_MIN_INTERVAL) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        match SchemaStore::load_dir(dir) {
+            Ok(mut fresh) => {
+                let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+                fresh.keep_fingerprints_of(&store);
+                tracing::info!(folder = %dir.display(), "schemas folder read again for an unknown fingerprint");
+                *store = Arc::new(fresh);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the schemas folder again; keeping the schemas loaded");
+                false
+            }
+        }
     }
 
     pub fn registry(&self) -> Option<&RegistryClient> {
@@ -103,11 +145,12 @@ impl EventCodec {
             .schema_registry
             .as_ref()
             .is_none_or(|r| r.auto_register);
-        let mut types: Vec<&str> = self.store.aggregate_types().collect();
+        let store = self.store();
+        let mut types: Vec<&str> = store.aggregate_types().collect();
         types.sort_unstable();
         let mut ids = HashMap::new();
         for aggregate_type in types {
-            let schema = self.store.for_type(aggregate_type).expect("listed");
+            let schema = store.for_type(aggregate_type).expect("listed");
             let subject = Self::subject(config, aggregate_type);
             let id = register_or_look_up(registry, &subject, schema, auto_register).await?;
             tracing::info!(aggregate_type, subject, id, "schema registered");
@@ -119,9 +162,9 @@ impl EventCodec {
     /// Encodes an event; the payload is validated strictly against the aggregate's schema.
     pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
         let Some(id) = self.publish_id(event)? else {
-            return self.store.encode(event);
+            return self.store().encode(event);
         };
-        let (_, datum) = self.store.encode_datum(event)?;
+        let (_, datum) = self.store().encode_datum(event)?;
         Ok(confluent_frame(id, &datum))
     }
 
@@ -132,13 +175,13 @@ impl EventCodec {
         event: &OutboxEvent,
         change: &ChangeContext,
     ) -> Result<Vec<u8>, EncodeError> {
-        if self.store.for_type(&event.aggregate_type).is_some() {
+        if self.store().for_type(&event.aggregate_type).is_some() {
             return self.encode(event);
         }
         let Some(id) = self.publish_id(event)? else {
-            return self.store.encode_generic(event, change);
+            return self.store().encode_generic(event, change);
         };
-        let datum = encode_generic_datum(self.store.generic(), event, change)?;
+        let datum = encode_generic_datum(self.store().generic(), event, change)?;
         Ok(confluent_frame(id, &datum))
     }
 
@@ -172,16 +215,17 @@ impl EventCodec {
         {
             return Ok(());
         }
-        let schema = self
-            .store
+        let store = self.store();
+        let schema = store
             .for_type(aggregate_type)
-            .unwrap_or(self.store.generic());
+            .unwrap_or(store.generic())
+            .clone();
         let subject = Self::subject(config, aggregate_type);
         let auto_register = config
             .schema_registry
             .as_ref()
             .is_none_or(|r| r.auto_register);
-        let id = register_or_look_up(registry, &subject, schema, auto_register).await?;
+        let id = register_or_look_up(registry, &subject, &schema, auto_register).await?;
         tracing::info!(aggregate_type, subject, id, "schema registered");
         ids.lock()
             .expect("not poisoned")
@@ -195,7 +239,12 @@ impl EventCodec {
         match bytes.first() {
             None => Err(DecodeError::Empty.into()),
             Some(&CONFLUENT_MAGIC) => self.decode_confluent(bytes).await,
-            Some(&b) if b == SINGLE_OBJECT_MAGIC[0] => Ok(self.store.decode(bytes)?),
+            Some(&b) if b == SINGLE_OBJECT_MAGIC[0] => match self.store().decode(bytes) {
+                Err(DecodeError::UnknownFingerprint(_)) if self.reload_schemas() => {
+                    Ok(self.store().decode(bytes)?)
+                }
+                decoded => Ok(decoded?),
+            },
             Some(&b) => Err(DecodeError::BadMagic(b).into()),
         }
     }
@@ -233,7 +282,7 @@ impl EventCodec {
             return Err(unusable("its top-level type is not a record".into()).into());
         };
         let name = record.name.fullname(None);
-        let local = self.store.for_envelope_name(&name).cloned();
+        let local = self.store().for_envelope_name(&name).cloned();
         let writer = Arc::new(WriterSchema {
             label: local
                 .as_ref()

@@ -115,6 +115,10 @@ pub struct MongoSource {
     owner: String,
     phase: Phase,
     last_renewal: Instant,
+    /// Fired by the lease keeper when another relay took the lease over.
+    lease_lost: CancellationToken,
+    /// Stops the lease keeper when this source is dropped or releases the lease.
+    keeper: tokio_util::sync::DropGuard,
     saved_token: Option<Document>,
     /// Cluster time and position in its transaction of the last change read from the stream.
     placed: Option<TxnPlace>,
@@ -166,6 +170,17 @@ impl MongoSource {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+        // The lease is renewed by a task of its own, so nothing slow on the leader's path
+        // (opening the stream on a loaded server, a long snapshot batch, a pause) lets it expire.
+        let (lease_lost, keeper_stop) = (CancellationToken::new(), CancellationToken::new());
+        tokio::spawn(keep_lease(
+            offsets.clone(),
+            pipeline.to_string(),
+            owner.clone(),
+            config.lease_secs,
+            lease_lost.clone(),
+            keeper_stop.clone(),
+        ));
         let mut source = Self {
             config: config.clone(),
             db,
@@ -182,6 +197,8 @@ impl MongoSource {
                 finished: true,
             },
             last_renewal: Instant::now(),
+            lease_lost: lease_lost.clone(),
+            keeper: keeper_stop.clone().drop_guard(),
             saved_token: None,
             placed: None,
             deferred: None,
@@ -311,6 +328,9 @@ impl MongoSource {
     /// Gives the lease up (on a clean stop), so a standby takes over without waiting for it to
     /// expire. Best effort: an expired lease is taken over anyway.
     pub async fn release(&mut self) {
+        std::mem::replace(&mut self.keeper, CancellationToken::new().drop_guard())
+            .disarm()
+            .cancel();
         let released = self
             .offsets
             .update_one(
@@ -344,6 +364,9 @@ impl MongoSource {
     /// Renews the lease when a third of it has passed; [`Error::LeaseLost`] when another relay
     /// took it. Called for every batch, and while paused (a paused leader is still the leader).
     pub async fn renew_if_due(&mut self) -> Result<(), Error> {
+        if self.lease_lost.is_cancelled() {
+            return Err(Error::LeaseLost(self.pipeline.clone()));
+        }
         if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
@@ -595,5 +618,36 @@ fn history_lost_or(e: mongodb::error::Error) -> Error {
             ))
         }
         _ => e.into(),
+    }
+}
+
+/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
+/// another relay holds it. A renewal that fails for a transient reason is tried again at the
+/// next interval: the lease outlives two missed renewals.
+async fn keep_lease(
+    offsets: Collection<Document>,
+    pipeline: String,
+    owner: String,
+    lease_secs: u64,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let interval = Duration::from_secs(lease_secs) / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match try_lease(&offsets, &pipeline, &owner, lease_secs).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(pipeline, "the relay lease was taken over by another relay");
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(pipeline, error = %e, "cannot renew the relay lease; trying again")
+            }
+        }
     }
 }

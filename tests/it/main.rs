@@ -25,5 +25,6 @@ mod reconcile;
 mod registry;
 mod registry_faults;
 mod schema_evolution;
+mod schema_folder;
 mod sink_outage;
 mod sinks;
