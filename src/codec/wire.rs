@@ -21,7 +21,7 @@ use super::mongo::{encode_generic_datum, ChangeContext};
 use super::registry::RegistryClient;
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
-use crate::error::{retry_transient, Error};
+use crate::error::{retry_transient, Endpoint, Error};
 
 /// First byte of the Confluent wire format.
 pub const CONFLUENT_MAGIC: u8 = 0;
@@ -76,7 +76,8 @@ impl EventCodec {
         if codec.registry.is_none() {
             return Ok(Some(codec));
         }
-        let ids = retry_transient("schema registry", cancel, || codec.register_all(config)).await?;
+        let ids =
+            retry_transient(Endpoint::Registry, cancel, || codec.register_all(config)).await?;
         Ok(ids.map(|ids| {
             codec.publish_ids = Some(Mutex::new(ids));
             codec
