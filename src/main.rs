@@ -22,6 +22,7 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
 
 mod dlq_cmd;
+mod progress;
 mod reconcile_cmd;
 mod report;
 mod schema_cmd;
@@ -36,6 +37,10 @@ struct Cli {
     /// Log lines on stderr: `text` (colours only on a terminal) or `json`, one object a line.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
+    /// snapshot, verify and dlq replay: how often to print a progress line when stderr is
+    /// not a terminal (on a terminal they show a bar).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    progress_interval: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -226,6 +231,7 @@ enum DemoCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    progress::set_interval(cli.progress_interval);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
