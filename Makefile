@@ -23,7 +23,7 @@ help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-install: ## Install missing local servers (PostgreSQL, Tansu Kafka, SecantusDB Mongo)
+install: ## Install missing local servers (PostgreSQL, Apache Kafka, SecantusDB Mongo)
 	bash scripts/install.sh $(SERVERS)
 
 up: ## Start local servers (installs what is missing) and write .local/env

@@ -245,7 +245,7 @@ cat >"$OUT_DIR/results.json" <<JSON
 {
   "date": "$DATE",
   "machine": "$CPU, $(uname -m)",
-  "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "tansu": "$TANSU_VERSION", "secantusdb": "$SECANTUS_VERSION"},
+  "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "kafka": "$KAFKA_VERSION", "secantusdb": "$SECANTUS_VERSION"},
   "end_to_end_postgres": {"events": $E2E_EVENTS, "seconds": $E2E_SECS, "events_per_s": $E2E_EPS},
   "drain": {"events": $EVENTS, "relay_events_per_s": $RELAY_EPS, "apply_postgres_events_per_s": ${APPLY_EPS[postgres]}, "apply_mongo_events_per_s": ${APPLY_EPS[mongo]}},
   "baselines": {"broker": $BROKER_JSON, "relay_encode": $ENCODE_JSON, "raw_postgres_upsert_rows_per_s": $RAW_PG_RPS, "raw_postgres_upsert_rows": $BASELINE_ROWS, "raw_mongo_upsert_docs_per_s": $RAW_MONGO_RPS, "raw_mongo_upsert_docs": $BASELINE_MONGO_DOCS},

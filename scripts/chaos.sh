@@ -19,7 +19,7 @@ bash scripts/up.sh all
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL \
-    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD DUALSYNC_TEST_TANSU
+    DUALSYNC_TEST_PG_BIN DUALSYNC_TEST_MONGOD DUALSYNC_TEST_KAFKA_LIBS
 log "building the test binary"
 cargo test --locked --test it --no-run --quiet
 
@@ -29,8 +29,10 @@ cargo test --locked --test it --no-run --quiet
     echo "\`make chaos\` on $(date -u +%Y-%m-%d), $(nproc) cores: $RUNS schedules of $FAULTS faults"
     echo "(kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
     echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
-    echo "primary and the PostgreSQL sink, a crash and restart of the broker: a private Tansu on"
-    echo "sqlite storage), writers contending on 20 customers and 150 orders at 200 changes/s."
+    echo "primary and the PostgreSQL sink, kill -9 of the leader of a partition in use or of the"
+    echo "active KRaft controller of a private three-broker Apache Kafka 4.4 cluster, replication"
+    echo "factor 3, min.insync.replicas 2), writers contending on 20 customers and 150 orders at"
+    echo "200 changes/s."
     echo "Each line is the test's own summary."
     echo
 } >"$REPORT"

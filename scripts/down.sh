@@ -39,7 +39,12 @@ down_simple() {
     log "$server: stopped"
 }
 
-down_kafka() { down_simple kafka; }
+down_kafka() {
+    local n
+    for ((n = 1; n <= $(kafka_started_nodes); n++)); do
+        down_simple "kafka-$n"
+    done
+}
 down_mongo() { down_simple mongo; }
 
 main() {

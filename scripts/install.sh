@@ -6,8 +6,9 @@
 #
 #   postgres  Debian's `postgresql` package (binaries only; the system
 #             cluster is never used; scripts/up.sh runs its own cluster)
-#   kafka     Tansu broker built with `cargo install` into
-#             $TOOLS_DIR/tansu-<version> (10-40 minutes on 2 cores, once)
+#   kafka     Apache Kafka's jars from Maven Central (scripts/kafka/pom.xml) into
+#             $TOOLS_DIR/kafka-<version>/libs, with Java and Maven from Debian
+#             when missing (about 20 seconds)
 #   mongo     SecantusDB (MongoDB wire protocol) from PyPI in a venv at
 #             $TOOLS_DIR/secantusdb-<version>
 set -euo pipefail
@@ -63,82 +64,48 @@ install_postgres() {
 }
 
 # --------------------------------------------------------------------------
-tansu_installed() { [[ -x "$TANSU_BIN" ]] && "$TANSU_BIN" --version >/dev/null 2>&1; }
-
-# pid of an already running `cargo install tansu` (ours or someone else's).
-running_tansu_install() {
-    pgrep -f 'cargo install tansu' 2>/dev/null | head -n1 || true
+kafka_installed() {
+    [[ -r "$KAFKA_HOME/.complete" && -r "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]]
 }
 
-install_kafka() {
-    if tansu_installed; then
-        log "kafka: already installed ($TANSU_BIN, $("$TANSU_BIN" --version 2>/dev/null | head -n1))"
-        return 0
-    fi
-    mkdir -p "$TOOLS_DIR"
-    local lock="$TOOLS_DIR/.tansu-$TANSU_VERSION.lock"
-    exec 9>"$lock"
-    local other
-    other="$(running_tansu_install)"
-    if [[ -n "$other" ]]; then
-        log "kafka: a 'cargo install tansu' is already running (pid $other); waiting for it instead of starting a second build"
-    fi
-    # Wait for a concurrent install: our own lock, or a foreign cargo process.
-    local waited=0
-    while true; do
-        other="$(running_tansu_install)"
-        if [[ -z "$other" ]] && flock -n 9; then
-            break
-        fi
-        if ((waited % 120 == 0)); then
-            log "kafka: still waiting for the running tansu build (${waited}s so far)..."
-        fi
-        sleep 10
-        waited=$((waited + 10))
-        if ((waited > 5400)); then
-            die "kafka: gave up waiting for the other tansu build after ${waited}s"
-        fi
-    done
-    if tansu_installed; then
-        log "kafka: installed by the concurrent build ($TANSU_BIN)"
-        return 0
-    fi
-
-    if ! command -v cargo >/dev/null 2>&1; then
-        die "kafka: cargo not found (install Rust with rustup, or put ~/.cargo/bin on PATH)"
-    fi
-    # Native build dependencies: tansu's -sys crates (aws-lc, libsql,
-    # zstd, lz4, bzip2, lzma, libgit2) build vendored C code with the `cc`
-    # crate, so a C/C++ toolchain and pkg-config suffice (no cmake, protoc
-    # or OpenSSL headers). Install what is missing.
+install_java_tools() {
     local need=()
-    command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || need+=(build-essential)
-    command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+    command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null 2>&1 || need+=(maven)
+    command -v openssl >/dev/null 2>&1 || need+=(openssl)
     if ((${#need[@]})); then
         apt_install "${need[@]}"
     fi
+}
 
-    local build_log="$TOOLS_DIR/tansu-$TANSU_VERSION.install.log"
-    log "kafka: building Tansu $TANSU_VERSION with cargo install; this takes 10-40 minutes on 2 cores (once, cached in $TOOLS_DIR)"
-    log "kafka: build log: $build_log"
-    local cmd=(cargo install tansu --version "$TANSU_VERSION" --locked
-        --features "$TANSU_FEATURES" --root "$TANSU_HOME")
-    log "kafka: CARGO_TARGET_DIR=$TANSU_BUILD_DIR ${cmd[*]}"
-    CARGO_TARGET_DIR="$TANSU_BUILD_DIR" "${cmd[@]}" >"$build_log" 2>&1 &
-    local cargo_pid=$! elapsed=0
-    while kill -0 "$cargo_pid" 2>/dev/null; do
-        sleep 5
-        elapsed=$((elapsed + 5))
-        if ((elapsed % 60 == 0)); then
-            log "kafka: still building (${elapsed}s): $(grep -E '^\s*(Compiling|Downloaded|Installing|Finished)' "$build_log" | tail -n1 | sed 's/^ *//')"
-        fi
-    done
-    if ! wait "$cargo_pid"; then
-        log_tail "$build_log" 60
-        die "kafka: cargo install tansu failed; see $build_log"
+install_kafka() {
+    if kafka_installed; then
+        log "kafka: already installed (Apache Kafka $KAFKA_VERSION, $KAFKA_LIBS)"
+        return 0
     fi
-    tansu_installed || die "kafka: build finished but $TANSU_BIN does not run; see $build_log"
-    log "kafka: installed $TANSU_BIN in ${elapsed}s"
+    install_java_tools
+    mkdir -p "$TOOLS_DIR"
+    exec 9>"$TOOLS_DIR/.kafka-$KAFKA_VERSION.lock"
+    flock 9
+    if kafka_installed; then
+        log "kafka: installed by a concurrent run ($KAFKA_LIBS)"
+        return 0
+    fi
+    rm -rf "$KAFKA_HOME"
+    mkdir -p "$KAFKA_LIBS"
+    local mvn_log="$TOOLS_DIR/kafka-$KAFKA_VERSION.install.log"
+    log "kafka: fetching Apache Kafka $KAFKA_VERSION and its dependencies from Maven Central into $KAFKA_LIBS"
+    if ! mvn -B -q -f "$REPO_ROOT/scripts/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" \
+        >"$mvn_log" 2>&1; then
+        log_tail "$mvn_log" 40
+        rm -rf "$KAFKA_HOME"
+        die "kafka: mvn dependency:copy-dependencies failed; see $mvn_log"
+    fi
+    [[ -r "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]] ||
+        die "kafka: Maven finished but $KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar is missing; see $mvn_log"
+    touch "$KAFKA_HOME/.complete"
+    log "kafka: installed $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars into $KAFKA_LIBS"
 }
 
 # --------------------------------------------------------------------------

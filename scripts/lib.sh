@@ -10,9 +10,12 @@
 #   DUALSYNC_TOOLS_DIR      downloaded/built tools, shared across clones
 #                           (default: $HOME/.dualsync/tools)
 #   DUALSYNC_PG_PORT        PostgreSQL port      (default: 55432)
-#   DUALSYNC_KAFKA_PORT     Kafka (Tansu) port   (default: 19092)
+#   DUALSYNC_KAFKA_PORT     Kafka client port of node 1 (default: 19092; node N: +N-1)
+#   DUALSYNC_KAFKA_CONTROLLER_PORT  KRaft controller port of node 1 (default: 19192)
+#   DUALSYNC_KAFKA_SASL_PORT  SASL_SSL listener of node 1 (default: 19096; node N: +N-1)
+#   KAFKA_NODES / DUALSYNC_KAFKA_NODES  brokers in the local cluster: 1 (default) or 3
+#   DUALSYNC_KAFKA_HEAP     JVM heap of each broker (default: 1g for one node, 768m each for three)
 #   DUALSYNC_MONGO_PORT     Mongo (SecantusDB)   (default: 27117)
-#   DUALSYNC_KAFKA_STORAGE  memory (default) | sqlite (durable, under $STATE_DIR/kafka)
 #   DUALSYNC_START_TIMEOUT  seconds to wait for a server to answer (default: 60)
 
 if [[ -n "${DUALSYNC_LIB_LOADED:-}" ]]; then
@@ -34,14 +37,17 @@ BIND_HOST=127.0.0.1
 PG_PORT="${DUALSYNC_PG_PORT:-55432}"
 KAFKA_PORT="${DUALSYNC_KAFKA_PORT:-19092}"
 MONGO_PORT="${DUALSYNC_MONGO_PORT:-27117}"
-KAFKA_STORAGE="${DUALSYNC_KAFKA_STORAGE:-memory}"
+KAFKA_CONTROLLER_PORT="${DUALSYNC_KAFKA_CONTROLLER_PORT:-19192}"
+KAFKA_SASL_PORT="${DUALSYNC_KAFKA_SASL_PORT:-19096}"
+KAFKA_NODES="${KAFKA_NODES:-${DUALSYNC_KAFKA_NODES:-1}}"
 START_TIMEOUT="${DUALSYNC_START_TIMEOUT:-60}"
 
-TANSU_VERSION=0.6.0
-TANSU_FEATURES=dynostore,libsql
-TANSU_HOME="$TOOLS_DIR/tansu-$TANSU_VERSION"
-TANSU_BIN="$TANSU_HOME/bin/tansu"
-TANSU_BUILD_DIR="${HOME:-/root}/.dualsync/build-tansu"
+# Apache Kafka's jars from Maven Central (scripts/kafka/pom.xml names them).
+KAFKA_VERSION=4.4.0
+KAFKA_HOME="$TOOLS_DIR/kafka-$KAFKA_VERSION"
+KAFKA_LIBS="$KAFKA_HOME/libs"
+# SCRAM user of the SASL_SSL listener (its password: $STATE_DIR/kafka/sasl-password).
+KAFKA_SASL_USER=dualsync
 
 SECANTUS_VERSION=0.7.0b3
 SECANTUS_HOME="$TOOLS_DIR/secantusdb-$SECANTUS_VERSION"
@@ -91,7 +97,7 @@ parse_servers() {
         case "$arg" in
             all) printf '%s\n' "${ALL_SERVERS[@]}" ;;
             postgres | pg) echo postgres ;;
-            kafka | tansu) echo kafka ;;
+            kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
             *)
                 echo "unknown server '$arg' (expected postgres|kafka|mongo|all)" >&2
@@ -134,7 +140,7 @@ server_port() {
 server_cmd_pattern() {
     case "$1" in
         postgres) echo postgres ;;
-        kafka) echo tansu ;;
+        kafka | kafka-*) echo kafka.Kafka ;;
         mongo) echo secantusd ;;
     esac
 }
@@ -388,7 +394,20 @@ pg_resolve_dirs() {
 }
 
 pg_url() { echo "postgres://postgres@$BIND_HOST:$PG_PORT/postgres"; }
-kafka_brokers() { echo "$BIND_HOST:$KAFKA_PORT"; }
+# Nodes of the local cluster as it was started (status/down follow the running
+# cluster, not KAFKA_NODES).
+kafka_started_nodes() {
+    if [[ -r "$STATE_DIR/kafka/nodes" ]]; then cat "$STATE_DIR/kafka/nodes"; else echo "$KAFKA_NODES"; fi
+}
+
+# Client address of every node of the local cluster, comma-separated.
+kafka_brokers() {
+    local i out=""
+    for ((i = 1; i <= KAFKA_NODES; i++)); do
+        out+="${out:+,}$BIND_HOST:$((KAFKA_PORT + i - 1))"
+    done
+    echo "$out"
+}
 mongo_url() { echo "mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"; }
 
 server_address() {
@@ -411,7 +430,13 @@ write_env_file() {
         echo "export DUALSYNC_TEST_MONGO_URL=$(mongo_url)"
         echo "export DUALSYNC_TEST_PG_BIN=$(pg_bin_dir || true)"
         echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
-        echo "export DUALSYNC_TEST_TANSU=$TANSU_BIN"
+        echo "export DUALSYNC_TEST_KAFKA_LIBS=$KAFKA_LIBS"
+        if [[ -r "$STATE_DIR/kafka/sasl-password" ]]; then
+            echo "export DUALSYNC_TEST_KAFKA_SASL_BROKERS=$BIND_HOST:$KAFKA_SASL_PORT"
+            echo "export DUALSYNC_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER"
+            echo "export DUALSYNC_TEST_KAFKA_SASL_PASSWORD_FILE=$STATE_DIR/kafka/sasl-password"
+            echo "export DUALSYNC_TEST_KAFKA_CA=$STATE_DIR/kafka/tls/ca.pem"
+        fi
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }

@@ -145,46 +145,181 @@ up_postgres() {
 }
 
 # --------------------------------------------------------------------------
-# Kafka: Tansu broker
+# Kafka: Apache Kafka in KRaft mode, KAFKA_NODES combined broker+controller
+# nodes, data in $STATE_DIR/kafka/node-N (durable across down/up and kill -9)
 # --------------------------------------------------------------------------
-up_kafka() {
-    local pid logf pidf storage
-    logf="$(log_file kafka)"
-    pidf="$(pid_file kafka)"
-    if pid="$(server_pid kafka)"; then
-        log "kafka: already running (pid $pid) at $(kafka_brokers)"
+KAFKA_DIR="$STATE_DIR/kafka"
+
+kafka_java() {
+    local java=java
+    [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]] && java="$JAVA_HOME/bin/java"
+    echo "$java"
+}
+
+# A self-signed CA and a server certificate for 127.0.0.1/localhost, and the
+# SCRAM password of the SASL_SSL listener; made once, kept with the data.
+kafka_ensure_secrets() {
+    local tls="$KAFKA_DIR/tls"
+    if [[ ! -r "$tls/server.p12" ]]; then
+        mkdir -p "$tls"
+        log "kafka: making a local CA and a server certificate in $tls"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=dualsync local CA" \
+            -keyout "$tls/ca.key" -out "$tls/ca.pem" >/dev/null 2>&1
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+            -keyout "$tls/server.key" -out "$tls/server.csr" >/dev/null 2>&1
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext"
+        openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+            -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/server.pem" >/dev/null 2>&1
+        openssl rand -hex 16 >"$tls/keystore-password"
+        openssl pkcs12 -export -in "$tls/server.pem" -inkey "$tls/server.key" \
+            -certfile "$tls/ca.pem" -name kafka -passout "file:$tls/keystore-password" \
+            -out "$tls/server.p12"
+        chmod 600 "$tls"/*
+        chmod 644 "$tls/ca.pem"
+    fi
+    if [[ ! -r "$KAFKA_DIR/sasl-password" ]]; then
+        openssl rand -hex 16 >"$KAFKA_DIR/sasl-password"
+        chmod 600 "$KAFKA_DIR/sasl-password"
+    fi
+}
+
+# kafka_write_config NODE -> $KAFKA_DIR/node-N/server.properties (rewritten on every start).
+kafka_write_config() {
+    local n="$1" i voters="" rf=1 isr=1 dir="$KAFKA_DIR/node-$1" ksp
+    for ((i = 1; i <= KAFKA_NODES; i++)); do
+        voters+="${voters:+,}$BIND_HOST:$((KAFKA_CONTROLLER_PORT + i - 1))"
+    done
+    if ((KAFKA_NODES >= 3)); then rf=3 isr=2; fi
+    ksp="$(cat "$KAFKA_DIR/tls/keystore-password")"
+    mkdir -p "$dir/data"
+    cat >"$dir/server.properties" <<EOF
+# Managed by scripts/up.sh; rewritten on every start.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.bootstrap.servers=$voters
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://$BIND_HOST:$((KAFKA_PORT + n - 1)),CONTROLLER://$BIND_HOST:$((KAFKA_CONTROLLER_PORT + n - 1)),SASL_SSL://$BIND_HOST:$((KAFKA_SASL_PORT + n - 1))
+advertised.listeners=PLAINTEXT://$BIND_HOST:$((KAFKA_PORT + n - 1)),SASL_SSL://$BIND_HOST:$((KAFKA_SASL_PORT + n - 1))
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+# SASL_SSL: SCRAM-SHA-512 over TLS (users are stored in the cluster metadata).
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$KAFKA_DIR/tls/server.p12
+ssl.keystore.password=$ksp
+ssl.key.password=$ksp
+# Topics are created by dualsync with the settings it asks for, never by a stray produce.
+auto.create.topics.enable=false
+num.partitions=1
+default.replication.factor=$rf
+min.insync.replicas=$isr
+offsets.topic.replication.factor=$rf
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
+# A local cluster for tests: groups form at once instead of after 3 s.
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+EOF
+}
+
+kafka_storage_tool() {
+    "$(kafka_java)" -Xmx256m -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool "$@"
+}
+
+# A stable directory id per node (a KRaft voter names its log directory's id).
+kafka_directory_id() {
+    local f="$KAFKA_DIR/node-$1.directory-id"
+    [[ -r "$f" ]] || kafka_storage_tool random-uuid 2>/dev/null | tail -n1 >"$f"
+    cat "$f"
+}
+
+# Format node N's storage once (KRaft needs a cluster id and the initial voters).
+kafka_format() {
+    local n="$1" dir="$KAFKA_DIR/node-$1" cluster_id i voters="" flog
+    [[ -r "$dir/data/meta.properties" ]] && return 0
+    if [[ ! -r "$KAFKA_DIR/cluster.id" ]]; then
+        kafka_storage_tool random-uuid 2>/dev/null | tail -n1 >"$KAFKA_DIR/cluster.id"
+    fi
+    cluster_id="$(cat "$KAFKA_DIR/cluster.id")"
+    flog="$(log_file "kafka-$n-format")"
+    log "kafka: formatting node $n storage $dir/data (cluster $cluster_id)"
+    local args=(format -t "$cluster_id" -c "$dir/server.properties"
+        --add-scram "SCRAM-SHA-512=[name=$KAFKA_SASL_USER,password=$(cat "$KAFKA_DIR/sasl-password")]")
+    if ((KAFKA_NODES == 1)); then
+        args+=(--standalone)
     else
-        [[ -x "$TANSU_BIN" ]] || die "kafka: $TANSU_BIN missing (run scripts/install.sh kafka)"
-        ensure_port_free kafka "$KAFKA_PORT"
-        case "$KAFKA_STORAGE" in
-            memory) storage="memory://tansu/" ;;
-            sqlite)
-                mkdir -p "$STATE_DIR/kafka"
-                # Tansu 0.6 resolves sqlite://<host>/<path> as
-                # $PWD/<host>/<path> (always relative to its working
-                # directory, $STATE_DIR here; absolute paths are not possible).
-                storage="sqlite://kafka/tansu.db"
-                ;;
-            *) die "kafka: DUALSYNC_KAFKA_STORAGE must be 'memory' or 'sqlite', not '$KAFKA_STORAGE'" ;;
-        esac
-        log "kafka: starting Tansu (storage $storage, log $logf)"
-        # Tansu also reads its options from env vars (LISTENER_URL,
-        # STORAGE_ENGINE, SCHEMA_REGISTRY, ...); flags win, and a stray
-        # SCHEMA_REGISTRY would turn on message validation, so drop it.
-        spawn_detached "$logf" "$pidf" "$STATE_DIR" \
-            env -u SCHEMA_REGISTRY "$TANSU_BIN" broker \
-            --listener-url "tcp://$BIND_HOST:$KAFKA_PORT" \
-            --advertised-listener-url "tcp://$BIND_HOST:$KAFKA_PORT" \
-            --storage-engine "$storage"
-        pid="$(read_pid kafka)"
-        wait_for_port kafka "$KAFKA_PORT" "$logf" "$pid"
+        # Every node knows the initial voters: node-id@host:port:directory-id.
+        for ((i = 1; i <= KAFKA_NODES; i++)); do
+            voters+="${voters:+,}$i@$BIND_HOST:$((KAFKA_CONTROLLER_PORT + i - 1)):$(kafka_directory_id "$i")"
+        done
+        args+=(--initial-controllers "$voters")
     fi
-    if ! wait_until "Kafka ApiVersions answer from $BIND_HOST:$KAFKA_PORT" "$START_TIMEOUT" \
-        kafka_ping "$BIND_HOST" "$KAFKA_PORT"; then
-        log_tail "$logf"
-        die "kafka: $BIND_HOST:$KAFKA_PORT accepts connections but does not answer Kafka ApiVersions; see $logf"
+    if ! kafka_storage_tool "${args[@]}" >"$flog" 2>&1; then
+        log_tail "$flog"
+        die "kafka: formatting node $n failed; see $flog"
     fi
-    log "kafka: ready, pid $(read_pid kafka), listening on $BIND_HOST:$KAFKA_PORT (brokers $(kafka_brokers))"
+}
+
+kafka_heap() {
+    if [[ -n "${DUALSYNC_KAFKA_HEAP:-}" ]]; then
+        echo "$DUALSYNC_KAFKA_HEAP"
+    elif ((KAFKA_NODES == 1)); then
+        echo 1g
+    else
+        echo 768m
+    fi
+}
+
+up_kafka_node() {
+    local n="$1" pid logf pidf port
+    logf="$(log_file "kafka-$n")"
+    pidf="$(pid_file "kafka-$n")"
+    port=$((KAFKA_PORT + n - 1))
+    if pid="$(server_pid "kafka-$n")"; then
+        log "kafka: node $n already running (pid $pid) at $BIND_HOST:$port"
+        return 0
+    fi
+    ensure_port_free kafka "$port"
+    kafka_write_config "$n"
+    kafka_format "$n"
+    log "kafka: starting node $n (Apache Kafka $KAFKA_VERSION, heap $(kafka_heap), log $logf)"
+    spawn_detached "$logf" "$pidf" "$KAFKA_DIR/node-$n" \
+        "$(kafka_java)" "-Xms$(kafka_heap)" "-Xmx$(kafka_heap)" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+        -Djava.awt.headless=true -Dorg.slf4j.simpleLogger.showDateTime=true \
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/node-$n/server.properties"
+}
+
+up_kafka() {
+    [[ "$KAFKA_NODES" == 1 || "$KAFKA_NODES" == 3 ]] || die "kafka: KAFKA_NODES must be 1 or 3, not '$KAFKA_NODES'"
+    [[ -r "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka: $KAFKA_LIBS missing (run scripts/install.sh kafka)"
+    mkdir -p "$KAFKA_DIR"
+    if [[ -r "$KAFKA_DIR/nodes" && "$(cat "$KAFKA_DIR/nodes")" != "$KAFKA_NODES" ]]; then
+        die "kafka: $KAFKA_DIR holds a $(cat "$KAFKA_DIR/nodes")-node cluster, not $KAFKA_NODES; run 'make down SERVERS=kafka', delete $KAFKA_DIR (or set DUALSYNC_STATE_DIR) to change it"
+    fi
+    echo "$KAFKA_NODES" >"$KAFKA_DIR/nodes"
+    kafka_ensure_secrets
+    local n port logf
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        up_kafka_node "$n"
+    done
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        port=$((KAFKA_PORT + n - 1))
+        logf="$(log_file "kafka-$n")"
+        wait_for_port "kafka node $n" "$port" "$logf" "$(read_pid "kafka-$n")" 120
+        if ! wait_until "Kafka ApiVersions answer from $BIND_HOST:$port" "$START_TIMEOUT" \
+            kafka_ping "$BIND_HOST" "$port"; then
+            log_tail "$logf"
+            die "kafka: $BIND_HOST:$port accepts connections but does not answer Kafka ApiVersions; see $logf"
+        fi
+    done
+    log "kafka: ready, $KAFKA_NODES node(s), brokers $(kafka_brokers), SASL_SSL from $BIND_HOST:$KAFKA_SASL_PORT"
 }
 
 # --------------------------------------------------------------------------

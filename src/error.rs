@@ -39,6 +39,18 @@ pub enum Error {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The cluster refused this client's credentials or TLS set-up: retrying cannot help.
+    #[error("kafka refused the connection to {brokers} (kafka.brokers): {reason}. Check kafka.properties \"security.protocol\", \"sasl.mechanisms\", \"sasl.username\" and the password (DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD), and \"ssl.ca.location\"")]
+    KafkaCredentials { brokers: String, reason: String },
+    /// The broker refused to create a topic dualsync needs, for a reason that waiting does not
+    /// change (policy, authorization, too few brokers for the replication factor).
+    #[error("kafka refused to create topic {topic:?} ({partitions} partitions, replication factor {replication}): {code}. {}", topic_creation_hint(*.code))]
+    TopicCreation {
+        topic: String,
+        code: RDKafkaErrorCode,
+        partitions: i32,
+        replication: i32,
+    },
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
@@ -62,6 +74,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         Error::Postgres(e)
+    }
+}
+
+/// What an operator should check when a topic cannot be created, by the broker's answer.
+fn topic_creation_hint(code: RDKafkaErrorCode) -> &'static str {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::InvalidReplicationFactor => "Set kafka.replication_factor to at most the number of brokers, or leave it unset to follow the cluster",
+        C::InvalidPartitions => "Check kafka.partitions against the cluster's limits",
+        C::PolicyViolation => "The cluster's create-topic policy refused these settings: check kafka.partitions, kafka.replication_factor and the policy, or create the topic yourself",
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => "Grant this user CREATE on the topic (or the cluster), or create the topic yourself (kafka.partitions, kafka.replication_factor)",
+        C::InvalidTopic => "Check kafka.topic_template: the name is not a valid Kafka topic name",
+        _ => "Check the broker's log for the reason",
     }
 }
 
@@ -99,6 +124,8 @@ impl Error {
             Error::Kafka(_) if self.is_too_large() => "publish.too_large",
             Error::Kafka(_) => "kafka",
             Error::Registry(_) => "registry",
+            Error::TopicCreation { .. } => "kafka.topic_creation",
+            Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
             Error::Halted(_) => "halted",
@@ -123,6 +150,16 @@ pub fn classify(err: &Error) -> Disposition {
         // else (auth, a URL that is not a registry, a rejected schema) holds for every event.
         Error::Registry(e) if e.is_transient() => Disposition::Retry,
         Error::Registry(_) => Disposition::Fatal,
+        Error::KafkaCredentials { .. } => Disposition::Fatal,
+        Error::TopicCreation { code, .. } => match code {
+            // A controller moving or a request timing out: the same request can succeed.
+            RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NotController
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::AllBrokersDown => Disposition::Retry,
+            _ => Disposition::Fatal,
+        },
     }
 }
 

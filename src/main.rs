@@ -374,6 +374,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.relay_port);
             let (metrics, control) = start_http(&config, "relay", port, &cancel).await?;
+            if !dualsync::publish::wait_for_cluster(&config.kafka, &cancel).await? {
+                return Ok(());
+            }
             relay::run(&config, schemas, metrics, control, cancel).await?;
             tracing::info!("relay stopped");
             Ok(())
@@ -392,6 +395,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.apply_port);
             let (metrics, control) = start_http(&config, "apply", port, &cancel).await?;
+            if !dualsync::publish::wait_for_cluster(&config.kafka, &cancel).await? {
+                return Ok(());
+            }
             let run = ApplyRun {
                 config: &config,
                 sink_name: &sink_name,

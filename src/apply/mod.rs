@@ -71,25 +71,26 @@ impl ClientContext for ConsumerEvents {
 }
 
 impl ConsumerContext for ConsumerEvents {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let list = |tpl: &TopicPartitionList| -> Vec<String> {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect()
+        };
         match rebalance {
+            // Incremental (cooperative-sticky): these are the partitions added or taken away,
+            // not the whole assignment.
             Rebalance::Assign(tpl) => {
-                let partitions: Vec<String> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| format!("{}[{}]", e.topic(), e.partition()))
-                    .collect();
-                tracing::info!(count = partitions.len(), ?partitions, "partitions assigned");
-                self.metrics
-                    .assigned_partitions
-                    .set(partitions.len() as i64);
+                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions assigned")
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(count = tpl.count(), "partitions revoked");
-                self.metrics.assigned_partitions.set(0);
+                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions revoked")
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(assigned as i64);
     }
 }
 
@@ -121,11 +122,10 @@ const TOPIC_CREATION_WAIT: Duration = Duration::from_secs(10);
 
 /// With the default subscription (every topic of the template), creates the topic of each
 /// aggregate type that has a schema before the group is joined, as the relay would, so the
-/// group's first assignment already covers them. A topic appearing later changes the
-/// subscription and forces a rebalance, and Tansu 0.6 can settle that rebalance on the
-/// assignment made before the topic existed, for good (a static member's SyncGroup that
-/// it replays after three seconds; docs/chaos-report.md, seed 7). Best effort: a topic
-/// that cannot be created now is consumed once the relay creates it.
+/// group's first assignment already covers them: a topic appearing later is only seen at the
+/// next metadata refresh (up to `topic.metadata.refresh.interval.ms`) and costs a rebalance
+/// of the whole group before its first event is applied. Best effort: a topic that cannot be
+/// created now is consumed once the relay creates it.
 async fn create_event_topics(config: &Config, schemas: &SchemaStore, publisher: &Publisher) {
     if !config.apply.topics.is_empty() || config.apply.topic_regex.is_some() {
         return;
@@ -182,11 +182,9 @@ pub async fn run<S: Sink>(
         // A killed member's partitions move on after this long (librdkafka's default is 45 s).
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "3000"),
-        // Some brokers (Tansu 0.6) hold every empty fetch for the full wait even when data
-        // arrives meanwhile, so the wait bounds end-to-end latency: 500 ms by default gave a
-        // p50 commit→applied of 400 ms, 20 ms gives 65 ms (see BENCHMARKS.md). An idle
-        // consumer pays 50 small fetches a second for it.
-        ("fetch.wait.max.ms", "20"),
+        // Incremental rebalancing (KIP-429): a member joining or leaving moves only the
+        // partitions that change owner; the others keep being applied meanwhile.
+        ("partition.assignment.strategy", "cooperative-sticky"),
         ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
     ] {
         if !config.kafka.properties.contains_key(k) {
@@ -250,7 +248,7 @@ pub async fn run<S: Sink>(
             }
             continue; // paused, or nothing yet
         }
-        if let Err(e) = process_batch(&consumer, &ctx, batch).await {
+        if let Err(e) = process_batch(&consumer, &ctx, batch, &mut pending).await {
             break Err(e);
         }
         if cancel.is_cancelled() {
@@ -429,12 +427,25 @@ fn consumer_error(e: Error) -> Result<(), Error> {
     }
 }
 
+/// How long a batch may take before apply pauses its partitions and polls the consumer while
+/// the batch goes on (see [`process_batch`]).
+const KEEP_MEMBERSHIP_AFTER: Duration = Duration::from_secs(1);
+
 /// Writes one batch, partition by partition (concurrently), then stores the offsets of the
 /// partitions that were fully handled.
+///
+/// A sink that is down is retried for as long as it takes, which can be longer than
+/// `max.poll.interval.ms`; a consumer that stops polling that long is evicted from the group
+/// and its partitions go to another process while this one still writes them. So once a
+/// batch takes longer than [`KEEP_MEMBERSHIP_AFTER`], every assigned partition is paused (no
+/// more fetching, nothing hammers a sink that is down) and the consumer is polled meanwhile:
+/// the membership stays alive, rebalances are served, and messages already fetched wait in
+/// `pending`, in order, for the next batch.
 async fn process_batch<S: Sink>(
     consumer: &GroupConsumer,
     ctx: &Arc<ApplyContext<S>>,
     batch: Vec<OwnedMessage>,
+    pending: &mut Vec<OwnedMessage>,
 ) -> Result<(), Error> {
     let mut by_partition: BTreeMap<(String, i32), Vec<OwnedMessage>> = BTreeMap::new();
     for m in batch {
@@ -463,8 +474,32 @@ async fn process_batch<S: Sink>(
             }
             .instrument(span)
         });
+    let work = join_all(work);
+    tokio::pin!(work);
+    let mut held = false;
+    let results = loop {
+        tokio::select! {
+            results = &mut work => break results,
+            _ = tokio::time::sleep(KEEP_MEMBERSHIP_AFTER), if !held => {
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = consumer.pause(&assignment);
+                }
+                held = true;
+                tracing::debug!("batch still running; partitions paused, polling to keep the group membership");
+            }
+            m = consumer.recv(), if held => match m {
+                Ok(m) => pending.push(m.detach()),
+                Err(e) => consumer_error(e.into())?,
+            },
+        }
+    };
+    if held {
+        if let Ok(assignment) = consumer.assignment() {
+            let _ = consumer.resume(&assignment);
+        }
+    }
     let mut fatal = None;
-    for (topic, partition, last, result) in join_all(work).await {
+    for (topic, partition, last, result) in results {
         match result {
             Ok(PartitionResult::Done) => {
                 // One list per partition, so a revoked partition fails alone.

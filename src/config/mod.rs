@@ -254,8 +254,10 @@ pub struct KafkaConfig {
     /// Partitions of topics the relay creates when they are missing.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
-    #[serde(default = "defaults::replication_factor")]
-    pub replication_factor: i32,
+    /// Replicas of topics dualsync creates. Unset: as many as the cluster has brokers, at
+    /// most 3 (one broker in development, three in production, with no config change).
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
     /// Passed to librdkafka unchanged (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -538,9 +540,6 @@ mod defaults {
     }
     pub fn partitions() -> i32 {
         3
-    }
-    pub fn replication_factor() -> i32 {
-        1
     }
     pub fn schemas_dir() -> PathBuf {
         PathBuf::from("schemas")

@@ -26,7 +26,7 @@ impl Config {
         if self.kafka.partitions < 1 {
             return err("kafka.partitions", "must be at least 1");
         }
-        if self.kafka.replication_factor < 1 {
+        if matches!(self.kafka.replication_factor, Some(rf) if rf < 1) {
             return err("kafka.replication_factor", "must be at least 1");
         }
         for reserved in [
@@ -40,6 +40,11 @@ impl Config {
                     &format!("kafka.properties.\"{reserved}\""),
                     "is set by dualsync itself (use kafka.brokers / apply.group_id / apply.instance_id)",
                 );
+            }
+        }
+        for (key, why) in crate::publish::DELIVERY_GUARANTEES {
+            if self.kafka.properties.contains_key(*key) {
+                return err(&format!("kafka.properties.\"{key}\""), why);
             }
         }
         if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {

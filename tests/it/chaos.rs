@@ -3,13 +3,14 @@
 //! relay, of either apply, of a relay and an apply together, a second relay started and
 //! stopped, poison messages produced straight to an event topic, a restart of the MongoDB sink
 //! server, a restart of the PostgreSQL server holding the primary (and the PostgreSQL sink),
-//! and a restart of the broker. Afterwards both sinks must match the primary record by record,
+//! and `kill -9` of a broker of a three-node Apache Kafka cluster (the leader of a partition in
+//! use, or the active KRaft controller), restarted after a random delay. Event topics have
+//! three replicas and `min.insync.replicas = 2`. Afterwards both sinks must match the primary record by record,
 //! every outbox row must be in its topic, and the dead-letter topic must hold exactly the
 //! injected poison (once per sink's consumer group).
 //!
 //! Every server is the test's own (a private PostgreSQL cluster, a private SecantusDB, a
-//! private Tansu on `sqlite://` storage, which keeps messages and committed offsets across a
-//! restart), so restarting them disturbs no other test.
+//! private three-node Kafka cluster), so restarting them disturbs no other test.
 //!
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
 //! sets its length (default 6, the CI configuration; `make chaos` runs longer ones).
@@ -30,12 +31,13 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
 
 use crate::common::*;
+use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
 
 const RECONCILE: &str = "[reconcile.customers]\ntable = \"shop.customers\"\n[reconcile.orders]\ntable = \"shop.orders\"\n";
 
 /// The schedule's fault kinds, by the number the seeded RNG draws.
-const FAULT_KINDS: [&str; 9] = [
+const FAULT_KINDS: [&str; 10] = [
     "relay kill",
     "apply-pg kill",
     "apply-mongo kill",
@@ -44,7 +46,8 @@ const FAULT_KINDS: [&str; 9] = [
     "second relay",
     "mongo sink restart",
     "primary restart",
-    "broker crash",
+    "partition leader kill",
+    "controller kill",
 ];
 
 /// One named process of the pipeline, restartable, with its log kept for failure reports.
@@ -163,29 +166,20 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     let mut rng = StdRng::seed_from_u64(seed);
 
     // The servers this schedule restarts: its own PostgreSQL (primary and PostgreSQL sink),
-    // SecantusDB (MongoDB sink) and broker.
+    // SecantusDB (MongoDB sink) and a three-node Kafka cluster.
     let mut pg_server = PrivateServer::postgres();
     let mut mongo_server = PrivateServer::mongo();
-    let mut kafka_server = PrivateServer::kafka();
+    let mut kafka = KafkaCluster::start(3);
     let servers = Servers {
         pg: pg_server.url(),
-        kafka: kafka_server.url(),
+        kafka: kafka.bootstrap(),
         mongo: mongo_server.url(),
     };
     let source_url = create_database(&servers).await;
     let sink_url = create_database(&servers).await;
-    // Static membership: Tansu 0.6 never expires a member killed with kill -9. Not in the
-    // schedule: a second apply joining and leaving (a dynamic member beside these static ones
-    // left the static one without partitions for minutes on Tansu 0.6; README). A 30 s
-    // session: Tansu's sqlite-backed coordinator can take over 10 s (dualsync's default) to
-    // answer a heartbeat under this load, and after that session timeout it may never
-    // complete the member's rejoin.
-    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), RECONCILE)
-        .replace("[apply]\n", "[apply]\ninstance_id = \"chaos-{sink}-0\"\n")
-        .replace(
-            "[encoding]\n",
-            "[kafka.properties]\n\"session.timeout.ms\" = \"30000\"\n[encoding]\n",
-        );
+    // Dynamic group membership, as most deployments run it: a member killed with -9 is
+    // expired by the broker after `session.timeout.ms` and its partitions move to the others.
+    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
     let config = Config::from_toml(std::path::Path::new("chaos.toml"), &text, Vec::new()).unwrap();
     let file = std::env::temp_dir().join(format!("{}.toml", unique("chaos")));
     std::fs::write(&file, &text).unwrap();
@@ -205,8 +199,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     let writers = tokio::spawn({
         let url = source_url.clone();
         let seed = rng.gen();
-        // 20 customers and 150 orders shared by 3 writers: updates, deletes, contention. The
-        // rate stays under what Tansu's sqlite storage takes in (each header is a row there).
+        // 20 customers and 150 orders shared by 3 writers: updates, deletes, contention.
         async move { dualsync::demo::generate_at_rate(&url, 20, 150, 3000, 3, seed, Some(200.0)).await }
     });
 
@@ -280,16 +273,22 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
                 tokio::time::sleep(restart_after).await;
                 pg_server.start();
             }
-            8 => {
-                // The broker crashes and restarts on the same storage: every producer and
-                // consumer loses its connection, requests in flight are lost, groups are
-                // rebuilt; acknowledged messages and committed offsets survive. A crash
-                // rather than SIGTERM: Tansu 0.6 stops its storage before its connections on
-                // SIGTERM, and after that restart its sqlite engine panics on the idempotent
-                // producer's next batch ("more or less than one row"), a broker bug.
-                kafka_server.kill();
+            8 | 9 => {
+                // A broker crashes mid-stream and comes back on its data: the leader of a
+                // partition the pipeline writes and reads, or the active KRaft controller.
+                // Its partitions' leadership moves to an in-sync replica; acknowledged
+                // messages (acks=all, two in-sync replicas at least) survive.
+                let victim = if fault == 8 {
+                    let partition = rng.gen_range(0..3);
+                    kafka.partition_leader(&event_topic, partition)
+                } else {
+                    kafka.active_controller()
+                }
+                .unwrap_or_else(|| rng.gen_range(1..=kafka.len()));
+                println!("        kill -9 of broker {victim}");
+                kafka.kill(victim);
                 tokio::time::sleep(restart_after).await;
-                kafka_server.start();
+                kafka.restart(victim);
             }
             _ => {
                 // A second relay: standby while the first lives; stopped cleanly.

@@ -219,8 +219,7 @@ pub async fn read_topic(brokers: &str, topic: &str, expected: usize) -> Vec<Owne
 }
 
 /// Reads `topic` from the beginning until `done(messages so far)` (or the deadline). Waits on
-/// content, not on high watermarks: Tansu 0.6 can report a high watermark below the last
-/// offset it serves.
+/// content: a condition on what arrived, not on offsets.
 pub async fn read_topic_until<F>(brokers: &str, topic: &str, done: F) -> Vec<OwnedMessage>
 where
     F: Fn(&[OwnedMessage]) -> bool + Send + 'static,

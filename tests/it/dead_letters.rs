@@ -212,11 +212,22 @@ async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() 
     big.payload.as_mut().unwrap()["name"] = json!("x".repeat(17 << 20));
     let big_value = schemas.encode(&big).unwrap();
     let after = schemas.encode(&event("c2", 1)).unwrap();
-    dualsync::publish::Publisher::new(&config.kafka)
-        .unwrap()
-        .ensure_topic(&topic)
-        .await
+    // A topic that takes 17 MiB events (Kafka's default limit is 1 MiB a message), as its
+    // owner would create it.
+    let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .create()
         .unwrap();
+    let new_topic =
+        rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1))
+            .set("max.message.bytes", "67108864");
+    for result in admin
+        .create_topics([&new_topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
     // The upstream producer allows big messages (as a topic holding 17 MiB events must).
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)

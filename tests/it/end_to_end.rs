@@ -168,8 +168,8 @@ async fn two_apply_consumers_share_the_partitions_and_converge() {
 
 /// An apply started before the relay ever ran creates the topics of the schemas' aggregate
 /// types and is assigned all their partitions at once: the group's first assignment does not
-/// wait for a topic to appear (which would change the subscription and force a rebalance;
-/// Tansu 0.6 can settle that one on the earlier assignment for good).
+/// wait for a topic to appear (which would change the subscription at the next metadata
+/// refresh and force a rebalance).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_started_before_the_relay_is_assigned_every_schema_topic() {
     let servers = servers();

@@ -1,5 +1,5 @@
-//! Integration tests against the real servers started by `make up` (PostgreSQL, the Tansu
-//! Kafka broker, the SecantusDB MongoDB server). One binary for all of them, to link once.
+//! Integration tests against the real servers started by `make up` (PostgreSQL, Apache Kafka,
+//! the SecantusDB MongoDB server). One binary for all of them, to link once.
 
 mod chaos;
 mod column_tables;
@@ -9,10 +9,12 @@ mod dead_letters;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod kafka;
 mod logs;
 mod mongo_source;
 mod operations;
 mod outbox_order;
+mod private_kafka;
 mod private_servers;
 mod processes;
 mod progress;

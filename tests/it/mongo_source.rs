@@ -1,5 +1,5 @@
 //! The MongoDB change-stream source against the real servers (SecantusDB as a one-node
-//! replica set, Tansu, PostgreSQL): changes reach both kinds of sink in order, a relay killed
+//! replica set, Apache Kafka, PostgreSQL): changes reach both kinds of sink in order, a relay killed
 //! with `kill -9` resumes without a gap, lost history stops the relay with its explanation or
 //! is healed by a new snapshot, a snapshot taken under concurrent writes converges, and a
 //! source server that goes away for a while is waited for.

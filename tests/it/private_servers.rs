@@ -1,6 +1,6 @@
-//! Servers owned by one test (a PostgreSQL cluster, a SecantusDB process or a Tansu broker on
-//! durable storage, each on a free port), for tests that stop, restart or reconfigure a server
-//! without disturbing the others.
+//! Servers owned by one test (a PostgreSQL cluster or a SecantusDB process, each on a free
+//! port), for tests that stop, restart or reconfigure a server without disturbing the others.
+//! A test's own Kafka cluster is in `private_kafka`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -48,14 +48,6 @@ pub enum PrivateServer {
         port: u16,
         child: Option<Child>,
     },
-    /// Tansu on `sqlite://` storage: unlike the shared broker's `memory://`, it keeps topics,
-    /// messages and committed offsets across a restart.
-    Kafka {
-        bin: PathBuf,
-        data: PathBuf,
-        port: u16,
-        child: Option<Child>,
-    },
 }
 
 impl PrivateServer {
@@ -98,27 +90,13 @@ impl PrivateServer {
         server
     }
 
-    pub fn kafka() -> Self {
-        let data = std::env::temp_dir().join(unique("dualsync-private-kafka"));
-        std::fs::create_dir_all(data.join("kafka")).unwrap();
-        let mut server = Self::Kafka {
-            bin: env_path("DUALSYNC_TEST_TANSU"),
-            data,
-            port: free_port(),
-            child: None,
-        };
-        server.start();
-        server
-    }
-
-    /// The connection string: a URL for the databases, `host:port` for the broker.
+    /// The connection string.
     pub fn url(&self) -> String {
         match self {
             Self::Postgres { port, .. } => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             Self::Mongo { port, .. } => {
                 format!("mongodb://127.0.0.1:{port}/?directConnection=true")
             }
-            Self::Kafka { port, .. } => format!("127.0.0.1:{port}"),
         }
     }
 
@@ -164,30 +142,6 @@ impl PrivateServer {
                     .arg(&*data);
                 *child = Some(spawn_logged(cmd, data, *port, "SecantusDB"));
             }
-            Self::Kafka {
-                bin,
-                data,
-                port,
-                child,
-            } => {
-                // Tansu 0.6 resolves sqlite://<host>/<path> against its working directory.
-                // A stray SCHEMA_REGISTRY in the environment would turn on its validation.
-                let listener = format!("tcp://127.0.0.1:{port}");
-                let mut cmd = Command::new(&*bin);
-                cmd.env_remove("SCHEMA_REGISTRY")
-                    // Its info level traces every span: gigabytes per run, and slower.
-                    // DUALSYNC_TEST_TANSU_LOG (e.g. `warn,tansu_broker::coordinator=debug`)
-                    // turns on what a diagnosis needs.
-                    .env(
-                        "RUST_LOG",
-                        std::env::var("DUALSYNC_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-                    )
-                    .arg("broker")
-                    .args(["--listener-url", &listener])
-                    .args(["--advertised-listener-url", &listener])
-                    .args(["--storage-engine", "sqlite://kafka/tansu.db"]);
-                *child = Some(spawn_logged(cmd, data, *port, "Tansu"));
-            }
         }
     }
 
@@ -195,7 +149,7 @@ impl PrivateServer {
     pub fn stop(&mut self) {
         match self {
             Self::Postgres { .. } => self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]),
-            Self::Mongo { child, .. } | Self::Kafka { child, .. } => {
+            Self::Mongo { child, .. } => {
                 if let Some(mut c) = child.take() {
                     run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
                     c.wait().unwrap();
@@ -208,7 +162,7 @@ impl PrivateServer {
     pub fn kill(&mut self) {
         match self {
             Self::Postgres { .. } => self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"]),
-            Self::Mongo { child, .. } | Self::Kafka { child, .. } => {
+            Self::Mongo { child, .. } => {
                 if let Some(mut c) = child.take() {
                     c.kill().unwrap();
                     c.wait().unwrap();
@@ -219,9 +173,7 @@ impl PrivateServer {
 
     pub fn data(&self) -> &Path {
         match self {
-            Self::Postgres { data, .. } | Self::Mongo { data, .. } | Self::Kafka { data, .. } => {
-                data
-            }
+            Self::Postgres { data, .. } | Self::Mongo { data, .. } => data,
         }
     }
 }

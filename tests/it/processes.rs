@@ -162,9 +162,9 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
     let servers = servers();
     let source_url = create_database(&servers).await;
     let sink_url = create_database(&servers).await;
-    // Static membership: Tansu 0.6 never expires a member killed with `kill -9`, so without it
-    // the restarted process would wait for partitions forever (real Kafka expires the session
-    // after session.timeout.ms).
+    // Static membership (`group.instance.id`): the restarted process is handed its partitions
+    // back at once, without waiting for the broker to expire the killed member's session.
+    // Dynamic membership after kill -9 is `kafka::a_dynamic_member_killed_…`.
     let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), "")
         .replace("[apply]\n", "[apply]\ninstance_id = \"apply-{sink}-0\"\n");
     assert!(text.contains("instance_id"));

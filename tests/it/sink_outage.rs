@@ -1,6 +1,9 @@
 //! The sink's server stopped for 20 seconds while events keep arriving, then started again:
 //! apply holds its partitions, retries with backoff (visible in its metrics), and the
-//! secondary ends at exactly the events' final state: nothing lost, nothing doubled.
+//! secondary ends at exactly the events' final state: nothing lost, nothing doubled. The
+//! outage is longer than the consumer's (shortened) `max.poll.interval.ms`, and the member
+//! keeps its place in the group throughout: same member id, never evicted, so no other
+//! process is handed its partitions while it retries.
 //!
 //! Each test runs its own private sink server (a PostgreSQL cluster or a SecantusDB process on
 //! a free port), so stopping it disturbs no other test.
@@ -22,6 +25,7 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::{Sink, StoredRecord};
 
 use crate::common::*;
+use crate::kafka::group_members;
 use crate::private_servers::PrivateServer;
 
 const OUTAGE: Duration = Duration::from_secs(20);
@@ -81,14 +85,14 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
                 ..servers
             },
         ),
-        PrivateServer::Kafka { .. } => unreachable!("a sink outage is a database's"),
     };
     let config = pipeline(
         &servers,
         "postgres://unused/db",
         &pg_url,
         &unique("outage"),
-        "",
+        // Shorter than the outage: a consumer that stops polling while it retries is evicted.
+        "[kafka.properties]\n\"max.poll.interval.ms\" = \"7000\"\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
     );
     let topic = config.kafka.topic_for("customers");
     dualsync::publish::Publisher::new(&config.kafka)
@@ -153,6 +157,9 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
     })
     .await;
 
+    let group = config.group_id(sink_name);
+    let members_before = group_members(&servers.kafka, &group);
+    assert_eq!(members_before.len(), 1, "{members_before:?}");
     let stopped = Instant::now();
     tokio::task::block_in_place(|| server.stop());
     eventually("apply notices the outage and retries", || async {
@@ -165,6 +172,11 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
         "apply kept running through the outage"
     );
     let written_during_outage = total_where(&stats.applied, "outcome", "written");
+    assert_eq!(
+        group_members(&servers.kafka, &group),
+        members_before,
+        "the member kept its place in the group through an outage longer than max.poll.interval.ms"
+    );
     tokio::task::block_in_place(|| server.start());
 
     writer.await.unwrap();
