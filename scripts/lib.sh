@@ -99,8 +99,10 @@ parse_servers() {
             postgres | pg) echo postgres ;;
             kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
+            # Optional, never part of `all`: see scripts/prometheus.sh.
+            prometheus) echo prometheus ;;
             *)
-                echo "unknown server '$arg' (expected postgres|kafka|mongo|all)" >&2
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|prometheus|all)" >&2
                 return 2
                 ;;
         esac
@@ -111,7 +113,7 @@ parse_servers() {
 servers_from_args() {
     local out
     if ! out="$(parse_servers "$@")"; then
-        die "usage: $(basename "$0") [postgres|kafka|mongo|all]..."
+        die "usage: $(basename "$0") [postgres|kafka|mongo|prometheus|all]..."
     fi
     printf '%s\n' "$out"
 }
