@@ -70,8 +70,14 @@ fn start_prometheus(targets: &[(&str, String)]) -> (Child, String) {
     let port = free_port();
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
     let child = Command::new(prometheus_binary())
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(log)
@@ -154,7 +160,10 @@ fn probe(expr: &str) -> String {
 
 #[test]
 fn alert_probes_are_the_left_side_of_the_comparison() {
-    assert_eq!(probe("max by (p) (x{a=~\"b>c\"}) < 1"), "max by (p) (x{a=~\"b>c\"})");
+    assert_eq!(
+        probe("max by (p) (x{a=~\"b>c\"}) < 1"),
+        "max by (p) (x{a=~\"b>c\"})"
+    );
     assert_eq!(probe("(a or b) >= 0.5"), "(a or b)");
     assert_eq!(probe("rate(x[5m]) != 0"), "rate(x[5m])");
 }
@@ -211,31 +220,38 @@ async fn every_dashboard_panel_and_alert_expression_returns_live_series() {
         .unwrap_or(15.0);
     let started = std::time::SystemTime::now();
     let rate = 200.0;
-    let load = tokio::spawn(dualsync::demo::generate_at_rate(
-        &source_url,
-        20,
-        400,
-        (rate * load_secs) as usize,
-        2,
-        3,
-        Some(rate),
-    ));
+    let url = source_url.clone();
+    let load = tokio::spawn(async move {
+        dualsync::demo::generate_at_rate(
+            &url,
+            20,
+            400,
+            (rate * load_secs) as usize,
+            2,
+            3,
+            Some(rate),
+        )
+        .await
+    });
     eventually("both processes are scraped", || async {
         series(&base, "up{job=~\"dualsync-.*\"} == 1").await == Some(2)
     })
     .await;
     let topic = config.kafka.topic_for("orders");
     eventually("the relay created the orders topic", || async {
-        series(&base, &format!("dualsync_events_published_total{{topic=\"{topic}\"}}"))
-            .await
-            .is_some_and(|n| n > 0)
+        series(
+            &base,
+            &format!("dualsync_events_published_total{{topic=\"{topic}\"}}"),
+        )
+        .await
+        .is_some_and(|n| n > 0)
     })
     .await;
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)
         .create()
         .unwrap();
-    produce_in_order(&producer, &topic, &[("o1", b"not avro")]).await;
+    produce_in_order(&producer, &topic, &[("o1", &b"not avro"[..])]).await;
     load.await.unwrap().unwrap();
 
     // The rules Prometheus loaded from the file: the same expressions, parsed by Prometheus.

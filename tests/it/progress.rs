@@ -53,12 +53,13 @@ fn progress_lines(stderr: &str, what: &str, unit: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Checks the lines of one piece of work: several, increasing, out of `total`, ending in a
-/// summary of `n`.
+/// Checks the lines of one piece of work: at least one (they are printed by time, and a
+/// 1 ms interval still lets fast work finish between two), increasing, out of `total`,
+/// ending in a summary of `n`.
 fn assert_progress(stderr: &str, what: &str, unit: &str, n: u64, total: u64) {
     let lines = progress_lines(stderr, what, unit);
     assert!(
-        lines.len() >= 2,
+        !lines.is_empty(),
         "{what}: expected progress lines in:\n{stderr}"
     );
     assert!(
@@ -141,6 +142,14 @@ async fn long_commands_print_progress_lines_and_a_summary_off_a_terminal() {
 
     // Letters without error headers: a dry run decides each as "would fail again".
     let dlq = format!("{}.orders.dlq", unique("t"));
+    let config =
+        dualsync::config::Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new())
+            .unwrap();
+    dualsync::publish::Publisher::new(&config.kafka)
+        .unwrap()
+        .ensure_topic(&dlq)
+        .await
+        .unwrap();
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)
         .create()
