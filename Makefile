@@ -18,13 +18,13 @@ COMPOSE ?= docker compose
 .PHONY: help install up down status demo test lint fmt bench compose-up compose-down clean-state dlq-list dlq-show dlq-replay chaos
 
 help: ## Show this help
-	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo\"]"
+	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo registry\"]"
 	@echo "  (SERVERS=prometheus: the optional Prometheus with dualsync's alert rules, docs/operations.md)"
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-install: ## Install missing local servers (PostgreSQL, Apache Kafka, SecantusDB Mongo)
+install: ## Install missing local servers (PostgreSQL, Apache Kafka, SecantusDB Mongo, Apicurio registry)
 	bash scripts/install.sh $(SERVERS)
 
 up: ## Start local servers (installs what is missing) and write .local/env; SERVERS="all prometheus" adds Prometheus on 127.0.0.1:19090

@@ -2,7 +2,7 @@
 # Install the local servers used by the tests and the demo, only what is
 # missing. Idempotent; prints what it did.
 #
-#   scripts/install.sh [postgres|kafka|mongo|all]...   (default: all)
+#   scripts/install.sh [postgres|kafka|mongo|registry|all]...   (default: all)
 #
 #   postgres  Debian's `postgresql` package (binaries only; the system
 #             cluster is never used; scripts/up.sh runs its own cluster)
@@ -11,6 +11,9 @@
 #             when missing (about 20 seconds)
 #   mongo     SecantusDB (MongoDB wire protocol) from PyPI in a venv at
 #             $TOOLS_DIR/secantusdb-<version>
+#   registry  Apicurio Registry built from its Maven Central jars
+#             (scripts/registry/) into $TOOLS_DIR/apicurio-registry-<version>
+#             (about a minute the first time; scripts/registry.sh)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

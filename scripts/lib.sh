@@ -16,6 +16,7 @@
 #   KAFKA_NODES / DUALSYNC_KAFKA_NODES  brokers in the local cluster: 1 (default) or 3
 #   DUALSYNC_KAFKA_HEAP     JVM heap of each broker (default: 1g for one node, 768m each for three)
 #   DUALSYNC_MONGO_PORT     Mongo (SecantusDB)   (default: 27117)
+#   DUALSYNC_REGISTRY_PORT  schema registry (Apicurio) (default: 18081; scripts/registry.sh)
 #   DUALSYNC_START_TIMEOUT  seconds to wait for a server to answer (default: 60)
 
 if [[ -n "${DUALSYNC_LIB_LOADED:-}" ]]; then
@@ -53,7 +54,7 @@ SECANTUS_VERSION=0.7.0b3
 SECANTUS_HOME="$TOOLS_DIR/secantusdb-$SECANTUS_VERSION"
 SECANTUS_BIN="$SECANTUS_HOME/bin/secantusd-py"
 
-ALL_SERVERS=(postgres kafka mongo)
+ALL_SERVERS=(postgres kafka mongo registry)
 
 # Rust tools installed by rustup live here; cargo may not be on PATH in CI.
 if [[ -d "${HOME:-/root}/.cargo/bin" && ":$PATH:" != *":${HOME:-/root}/.cargo/bin:"* ]]; then
@@ -84,7 +85,7 @@ log_tail() {
 }
 
 # --------------------------------------------------------------------------
-# Argument handling: [postgres|kafka|mongo|all] ... -> list of servers
+# Argument handling: [postgres|kafka|mongo|registry|all] ... -> list of servers
 # --------------------------------------------------------------------------
 # Usage: mapfile -t servers < <(parse_servers "$@")
 parse_servers() {
@@ -99,10 +100,11 @@ parse_servers() {
             postgres | pg) echo postgres ;;
             kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
+            registry | apicurio) echo registry ;;
             # Optional, never part of `all`: see scripts/prometheus.sh.
             prometheus) echo prometheus ;;
             *)
-                echo "unknown server '$arg' (expected postgres|kafka|mongo|prometheus|all)" >&2
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|prometheus|all)" >&2
                 return 2
                 ;;
         esac
@@ -113,7 +115,7 @@ parse_servers() {
 servers_from_args() {
     local out
     if ! out="$(parse_servers "$@")"; then
-        die "usage: $(basename "$0") [postgres|kafka|mongo|prometheus|all]..."
+        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|prometheus|all]..."
     fi
     printf '%s\n' "$out"
 }
@@ -133,6 +135,7 @@ server_port() {
         postgres) echo "$PG_PORT" ;;
         kafka) echo "$KAFKA_PORT" ;;
         mongo) echo "$MONGO_PORT" ;;
+        registry) echo "$REGISTRY_PORT" ;;
         *) die "unknown server $1" ;;
     esac
 }
@@ -144,6 +147,7 @@ server_cmd_pattern() {
         postgres) echo postgres ;;
         kafka | kafka-*) echo kafka.Kafka ;;
         mongo) echo secantusd ;;
+        registry) echo apicurio-registry-runner ;;
     esac
 }
 
@@ -417,6 +421,7 @@ server_address() {
         postgres) pg_url ;;
         kafka) kafka_brokers ;;
         mongo) mongo_url ;;
+        registry) registry_url ;;
     esac
 }
 
@@ -433,6 +438,7 @@ write_env_file() {
         echo "export DUALSYNC_TEST_PG_BIN=$(pg_bin_dir || true)"
         echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
         echo "export DUALSYNC_TEST_KAFKA_LIBS=$KAFKA_LIBS"
+        echo "export DUALSYNC_TEST_REGISTRY_URL=$(registry_url)"
         if [[ -r "$STATE_DIR/kafka/sasl-password" ]]; then
             echo "export DUALSYNC_TEST_KAFKA_SASL_BROKERS=$BIND_HOST:$KAFKA_SASL_PORT"
             echo "export DUALSYNC_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER"
@@ -459,3 +465,7 @@ export_pipeline_env() {
     export DUALSYNC_SINKS__MONGO__URL="mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"
     export DUALSYNC_SINKS__MONGO__DATABASE="$mongo_db"
 }
+
+# The schema registry's install/up/down (the fifth server).
+# shellcheck source=scripts/registry.sh
+. "$REPO_ROOT/scripts/registry.sh"

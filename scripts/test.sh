@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB;
-# Prometheus and promtool from Debian), runs the alert rules' promtool unit tests, then every
-# test (unit, property and integration) against those real servers.
+# `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
+# Apicurio schema registry; Prometheus and promtool from Debian) and the interop tests' Python
+# venv (scripts/interop.sh), runs the alert rules' promtool unit tests, then every test (unit,
+# property and integration) against those real servers.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,9 +19,13 @@ test_prometheus_rules
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 
+# The independent implementations the interoperability tests compare with (installed once).
+bash scripts/interop.sh python >/dev/null
+bash scripts/interop.sh java >/dev/null
 log "building tests"
 cargo test --all-targets --no-run --locked
-log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL"
+bash scripts/interop.sh >/dev/null
+log "running tests against $DUALSYNC_TEST_PG_URL, $DUALSYNC_TEST_KAFKA_BROKERS, $DUALSYNC_TEST_MONGO_URL, $DUALSYNC_TEST_REGISTRY_URL"
 if [[ $# -gt 0 ]]; then
     cargo test --all-targets --locked -- "$@"
     exit 0

@@ -266,11 +266,17 @@ fn classify_postgres(e: &tokio_postgres::Error) -> Disposition {
     }
 }
 
-/// MongoDB server codes that mean "try again later".
+/// MongoDB's DuplicateKey (E11000): the MongoDB sink settles it on `_id` itself (stale, or a
+/// race with another writer); on a unique secondary index it is permanent.
+pub const MONGO_DUPLICATE_KEY: i32 = 11000;
+
+/// MongoDB server codes that mean "try again later", as a command's error, a per-document
+/// write error or a write-concern error.
 const MONGO_TRANSIENT_CODES: &[i32] = &[
     6,     // HostUnreachable
     7,     // HostNotFound
     50,    // MaxTimeMSExpired
+    64,    // WriteConcernFailed (wtimeout: not yet replicated as asked)
     89,    // NetworkTimeout
     91,    // ShutdownInProgress
     189,   // PrimarySteppedDown
@@ -278,6 +284,7 @@ const MONGO_TRANSIENT_CODES: &[i32] = &[
     9001,  // SocketException
     10107, // NotWritablePrimary
     11600, // InterruptedAtShutdown
+    11601, // Interrupted
     11602, // InterruptedDueToReplStateChange
     13435, // NotPrimaryNoSecondaryOk
     13436, // NotPrimaryOrSecondary
@@ -286,19 +293,19 @@ const MONGO_TRANSIENT_CODES: &[i32] = &[
 
 /// MongoDB server codes that reject one document for good.
 const MONGO_PERMANENT_CODES: &[i32] = &[
-    2,     // BadValue
-    4,     // NoSuchKey
-    9,     // FailedToParse
-    14,    // TypeMismatch
-    52,    // DollarPrefixedFieldName
-    56,    // EmptyFieldName
-    57,    // DottedFieldName
-    66,    // ImmutableField
-    121,   // DocumentValidationFailure
-    10334, // BSONObjectTooLarge
-    17419, // document exceeds maximum size
-    17420, // document exceeds maximum size (update)
-    11000, // DuplicateKey on a unique secondary index
+    2,                   // BadValue
+    4,                   // NoSuchKey
+    9,                   // FailedToParse
+    14,                  // TypeMismatch
+    52,                  // DollarPrefixedFieldName
+    56,                  // EmptyFieldName
+    57,                  // DottedFieldName
+    66,                  // ImmutableField
+    121,                 // DocumentValidationFailure
+    10334,               // BSONObjectTooLarge
+    17419,               // document exceeds maximum size
+    17420,               // document exceeds maximum size (update)
+    MONGO_DUPLICATE_KEY, // on a unique secondary index
 ];
 
 fn classify_mongo(e: &mongodb::error::Error) -> Disposition {
@@ -381,6 +388,41 @@ mod tests {
             RDKafkaErrorCode::MessageSizeTooLarge,
         ));
         assert_eq!(classify(&big), Disposition::DeadLetter);
+    }
+
+    fn mongo_write(failure: mongodb::error::WriteFailure) -> Error {
+        Error::Mongo(mongodb::error::ErrorKind::Write(failure).into())
+    }
+
+    /// Issue #23 items 2 and 6: per-document and write-concern errors are classified by code
+    /// like any other MongoDB error.
+    #[test]
+    fn mongo_write_and_write_concern_errors_are_classified_by_code() {
+        use mongodb::bson::{doc, from_document};
+        use mongodb::error::WriteFailure;
+        let write = |code: i32| {
+            mongo_write(WriteFailure::WriteError(
+                from_document(doc! {"code": code, "errmsg": "x"}).unwrap(),
+            ))
+        };
+        let concern = |code: i32| {
+            mongo_write(WriteFailure::WriteConcernError(
+                from_document(doc! {"code": code, "codeName": "x", "errmsg": "x"}).unwrap(),
+            ))
+        };
+        for (code, expected) in [
+            (10107, Disposition::Retry),    // NotWritablePrimary
+            (112, Disposition::Retry),      // WriteConflict
+            (11601, Disposition::Retry),    // Interrupted
+            (121, Disposition::DeadLetter), // DocumentValidationFailure
+            (MONGO_DUPLICATE_KEY, Disposition::DeadLetter),
+            (13, Disposition::Fatal), // Unauthorized
+        ] {
+            assert_eq!(classify(&write(code)), expected, "write error {code}");
+        }
+        assert_eq!(classify(&concern(64)), Disposition::Retry);
+        assert_eq!(classify(&concern(91)), Disposition::Retry);
+        assert_eq!(classify(&concern(100)), Disposition::Fatal); // UnsatisfiableWriteConcern
     }
 
     #[test]

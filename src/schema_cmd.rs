@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use dualsync::codec::registry::{Compatibility, RegistryClient};
-use dualsync::codec::{EventCodec, SchemaStore};
+use dualsync::codec::{wire, EventCodec, SchemaStore};
 use dualsync::config::Config;
 
 fn sorted_types(schemas: &SchemaStore) -> Vec<&str> {
@@ -46,7 +46,18 @@ pub async fn check(config: &Config, schemas: Arc<SchemaStore>, json: bool) -> an
         let registered = registry.lookup(&subject, &schema.registry_json).await?;
         let verdict = match registered {
             Some(_) => Compatibility::Compatible,
-            None => registry.check(&subject, &schema.registry_json).await?,
+            None => match registry.check(&subject, &schema.registry_json).await? {
+                // The registry's reasons stop at the payload union; ours names the field.
+                Compatibility::Incompatible(mut reasons) => {
+                    reasons.extend(
+                        wire::payload_breaks(&registry, &subject, schema)
+                            .await
+                            .map(|p| format!("against the subject's latest version: {p}")),
+                    );
+                    Compatibility::Incompatible(reasons)
+                }
+                verdict => verdict,
+            },
         };
         // (status for --json, the same for people, the registry's reasons)
         let (status, shown, messages) = match (&verdict, registered) {

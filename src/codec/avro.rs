@@ -27,9 +27,15 @@ pub struct EventSchema {
     pub aggregate_type: String,
     pub envelope: Schema,
     pub payload: Schema,
-    /// CRC-64-AVRO of the envelope's canonical form, in the byte order it is written.
+    /// CRC-64-AVRO of the envelope's Parsing Canonical Form as the specification defines it
+    /// ([`super::canonical`]), in the byte order it is written: what standard readers look up.
     pub fingerprint: [u8; 8],
-    /// Envelope schema in Parsing Canonical Form (what the fingerprint is taken of).
+    /// The fingerprint dualsync wrote before it used the specification's canonical form
+    /// (apache-avro 0.21's `canonical_form`, which differs for logical types). Still accepted
+    /// when reading, for events already on the topics.
+    pub legacy_fingerprint: [u8; 8],
+    /// Envelope schema in apache-avro's canonical form: compared with a registry writer
+    /// schema's to tell whether it is the local one.
     pub envelope_json: String,
     /// Envelope schema as full JSON text, defaults and docs kept: what is registered in a
     /// schema registry, whose compatibility checks need the defaults.
@@ -79,7 +85,10 @@ impl Default for SchemaStore {
         let generic = Arc::new(super::mongo::generic_event_schema());
         Self {
             by_type: HashMap::new(),
-            by_fingerprint: HashMap::from([(generic.fingerprint, generic.clone())]),
+            by_fingerprint: HashMap::from([
+                (generic.legacy_fingerprint, generic.clone()),
+                (generic.fingerprint, generic.clone()),
+            ]),
             generic,
         }
     }
@@ -125,6 +134,10 @@ impl SchemaStore {
     /// Adds the payload schema of `aggregate_type`, given as Avro JSON text.
     pub fn add(&mut self, aggregate_type: &str, payload_json: &str) -> Result<(), String> {
         let schema = Arc::new(build_event_schema(aggregate_type, payload_json)?);
+        // Both fingerprints read; a standard one wins should it ever equal an old one.
+        self.by_fingerprint
+            .entry(schema.legacy_fingerprint)
+            .or_insert_with(|| schema.clone());
         self.by_fingerprint
             .insert(schema.fingerprint, schema.clone());
         self.by_type.insert(aggregate_type.to_string(), schema);
@@ -297,29 +310,27 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The envelope record around an aggregate's payload schema. Its field order and names are
-/// part of the contract with downstream consumers (documented in the README).
+/// The envelope template shipped to consumers (`schemas/envelope/envelope.avsc`): its field
+/// order and names are the contract with them (see docs/consumers.md).
+pub const ENVELOPE_AVSC: &str = include_str!("../../schemas/envelope/envelope.avsc");
+
+/// The envelope record around an aggregate's payload schema, made from [`ENVELOPE_AVSC`] as a
+/// consumer would: name `<PayloadName>Event`, the payload's namespace (else `dualsync`), and
+/// the payload schema in place of `"PAYLOAD"`.
 pub fn envelope_schema_json(payload: &Json, record_name: &Name) -> Json {
-    let namespace = record_name
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "dualsync".into());
-    json!({
-        "type": "record",
-        "name": format!("{}Event", record_name.name),
-        "namespace": namespace,
-        "doc": "dualsync outbox event: one committed outbox row",
-        "fields": [
-            {"name": "event_id", "type": "string"},
-            {"name": "event_type", "type": "string"},
-            {"name": "aggregate_type", "type": "string"},
-            {"name": "aggregate_id", "type": "string"},
-            {"name": "version", "type": "long"},
-            {"name": "created_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-            {"name": "op", "type": {"type": "enum", "name": "DualsyncOp", "symbols": ["UPSERT", "DELETE"]}},
-            {"name": "payload", "type": ["null", payload], "default": null}
-        ]
-    })
+    let mut envelope: Json =
+        serde_json::from_str(ENVELOPE_AVSC).expect("the envelope template is JSON");
+    envelope["name"] = json!(format!("{}Event", record_name.name));
+    if let Some(namespace) = &record_name.namespace {
+        envelope["namespace"] = json!(namespace);
+    }
+    let fields = envelope["fields"].as_array_mut().expect("template fields");
+    let slot = fields
+        .iter_mut()
+        .find(|f| f["name"] == "payload")
+        .expect("template payload field");
+    slot["type"] = json!(["null", payload]);
+    envelope
 }
 
 fn build_event_schema(aggregate_type: &str, payload_json: &str) -> Result<EventSchema, String> {
@@ -341,8 +352,11 @@ pub(super) fn event_schema_from_envelope(
 ) -> Result<EventSchema, String> {
     let envelope = Schema::parse(&envelope_value)
         .map_err(|e| format!("cannot build the event envelope around it: {e}"))?;
-    let fp = envelope.fingerprint::<Rabin>();
-    let fingerprint: [u8; 8] = fp.bytes[..8].try_into().map_err(|_| "fingerprint size")?;
+    let fingerprint = super::canonical::fingerprint(&envelope_value)?;
+    let legacy = envelope.fingerprint::<Rabin>();
+    let legacy_fingerprint: [u8; 8] = legacy.bytes[..8]
+        .try_into()
+        .map_err(|_| "fingerprint size")?;
     let envelope_name = match &envelope {
         Schema::Record(r) => r.name.fullname(None),
         _ => return Err("the envelope is not a record".into()),
@@ -365,6 +379,7 @@ pub(super) fn event_schema_from_envelope(
         envelope,
         payload,
         fingerprint,
+        legacy_fingerprint,
     })
 }
 

@@ -5,9 +5,12 @@
 //! - with a schema registry, the Confluent wire format: `00`, the 4-byte big-endian schema id,
 //!   then the datum ([`wire`], [`registry`]);
 //! - without one, Avro single-object encoding: `C3 01`, the 8-byte CRC-64-AVRO (Rabin)
-//!   fingerprint of the writer schema, then the datum ([`avro`]).
+//!   fingerprint of the writer schema's Parsing Canonical Form, then the datum ([`avro`],
+//!   [`canonical`]).
 
 pub mod avro;
+pub mod canonical;
+pub mod compat;
 pub mod mongo;
 pub mod registry;
 pub mod wire;
@@ -63,6 +66,19 @@ pub enum DecodeError {
     TrailingBytes(usize),
     #[error("message key {key:?} differs from the event's aggregate id {aggregate_id:?}")]
     KeyMismatch { key: String, aggregate_id: String },
+    /// An event of one aggregate type found on another type's topic: writing it would let
+    /// whoever can produce to one topic change (or pin, with a huge version) another type's
+    /// records.
+    #[error("event of aggregate type {aggregate_type:?} read from topic {topic:?}, but that type's topic is {expected:?} (kafka.topic_template)")]
+    WrongTopic {
+        aggregate_type: String,
+        topic: String,
+        expected: String,
+    },
+    /// An aggregate type this pipeline does not carry (no schema in encoding.schemas_dir, not
+    /// a watched collection): no table or collection is ever created for it.
+    #[error("aggregate type {0:?} is not carried by this pipeline (no schema for it in encoding.schemas_dir, and not a watched MongoDB collection)")]
+    UnknownAggregateType(String),
 }
 
 impl DecodeError {
@@ -80,6 +96,8 @@ impl DecodeError {
             DecodeError::Datum { .. } => "decode.schema_violation",
             DecodeError::TrailingBytes(_) => "decode.trailing_bytes",
             DecodeError::KeyMismatch { .. } => "decode.key_mismatch",
+            DecodeError::WrongTopic { .. } => "decode.wrong_topic",
+            DecodeError::UnknownAggregateType(_) => "decode.unknown_aggregate_type",
         }
     }
 }

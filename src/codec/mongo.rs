@@ -11,7 +11,7 @@
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use mongodb::bson::Bson;
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 use super::avro::{envelope_head, event_schema_from_envelope, EventSchema};
 use super::{EncodeError, OutboxEvent};
@@ -40,30 +40,11 @@ pub struct ChangeContext {
 /// The generic envelope: the ordinary envelope's fields (so the same consumers read both),
 /// with the payload as a string, plus where the change happened.
 pub fn generic_envelope_json() -> Json {
-    json!({
-        "type": "record",
-        "name": "ChangeEvent",
-        "namespace": "dualsync.mongo",
-        "doc": "dualsync MongoDB change event for a collection without a schema: the document (without _id) as canonical Extended JSON",
-        "fields": [
-            {"name": "event_id", "type": "string"},
-            {"name": "event_type", "type": "string", "doc": "insert, update, replace, delete or snapshot"},
-            {"name": "aggregate_type", "type": "string", "doc": "the collection"},
-            {"name": "aggregate_id", "type": "string", "doc": "the document's _id in canonical string form"},
-            {"name": "version", "type": "long", "doc": "cluster time: seconds << 31 | increment"},
-            {"name": "created_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-            {"name": "op", "type": {"type": "enum", "name": "DualsyncOp", "symbols": ["UPSERT", "DELETE"]}},
-            {"name": "payload", "type": ["null", "string"], "default": null},
-            {"name": "database", "type": "string"},
-            {"name": "collection", "type": "string"},
-            {"name": "document_key", "type": "string", "doc": "documentKey as canonical Extended JSON"},
-            {"name": "update_description", "type": ["null", "string"], "default": null},
-            {"name": "document_before_change", "type": ["null", "string"], "default": null, "doc": "the pre-image as canonical Extended JSON, where the collection keeps pre-images"},
-            {"name": "cluster_time_seconds", "type": "long"},
-            {"name": "cluster_time_increment", "type": "long"}
-        ]
-    })
+    serde_json::from_str(GENERIC_ENVELOPE_AVSC).expect("the generic envelope file is JSON")
 }
+
+/// The generic envelope as shipped to consumers (`schemas/envelope/mongo-change.avsc`).
+pub const GENERIC_ENVELOPE_AVSC: &str = include_str!("../../schemas/envelope/mongo-change.avsc");
 
 pub(super) fn generic_event_schema() -> EventSchema {
     event_schema_from_envelope(GENERIC_LABEL, generic_envelope_json(), Schema::String)
@@ -141,6 +122,7 @@ mod tests {
     use super::*;
     use crate::codec::SchemaStore;
     use mongodb::bson::{doc, oid::ObjectId, DateTime, Decimal128};
+    use serde_json::json;
 
     fn change() -> ChangeContext {
         ChangeContext {

@@ -1,5 +1,6 @@
 //! A client for the calls dualsync makes to a schema registry speaking the Confluent REST API
-//! (Confluent Schema Registry, Redpanda's built-in registry, Karapace).
+//! (Confluent Schema Registry, Redpanda's built-in registry, Karapace, Apicurio Registry's
+//! `/apis/ccompat/v7`; the integration tests run against Apicurio).
 //!
 //! Written on `reqwest` rather than taken from `schema_registry_converter`: that crate reports
 //! every failure as one error with a `retriable` flag and a text, so "schema id not found"
@@ -37,6 +38,16 @@ pub enum RegistryError {
     /// A success status whose body is not what the API documents (a proxy, a wrong URL).
     #[error("schema registry {url} sent an answer that is not the registry API: {reason}")]
     NotRegistry { url: String, reason: String },
+    /// Registration refused (HTTP 409): the schema breaks the subject's compatibility level.
+    /// `payload` is dualsync's own reason against the latest version, naming the field
+    /// (registries stop at the payload union).
+    #[error("schema registry {url} refused the schema for subject {subject:?} as incompatible with its registered versions (HTTP 409): {message}{}; compare with `dualsync schema check`", payload.as_ref().map(|p| format!("; against the subject's latest version: {p}")).unwrap_or_default())]
+    Incompatible {
+        url: String,
+        subject: String,
+        message: String,
+        payload: Option<String>,
+    },
 }
 
 impl RegistryError {
@@ -45,7 +56,7 @@ impl RegistryError {
         match self {
             RegistryError::Unreachable { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
-            RegistryError::NotRegistry { .. } => false,
+            RegistryError::NotRegistry { .. } | RegistryError::Incompatible { .. } => false,
         }
     }
 }
@@ -88,11 +99,22 @@ struct SchemaAnswer {
     schema_type: Option<String>,
 }
 
+/// Confluent's verbose answer lists `messages`; Apicurio's ccompat API gives one `reason`.
 #[derive(Deserialize)]
 struct CompatibilityAnswer {
     is_compatible: bool,
     #[serde(default)]
     messages: Vec<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl CompatibilityAnswer {
+    fn reasons(self) -> Vec<String> {
+        let mut reasons = self.messages;
+        reasons.extend(self.reason.filter(|r| !r.is_empty()));
+        reasons
+    }
 }
 
 #[derive(Deserialize)]
@@ -148,7 +170,21 @@ impl RegistryClient {
                 &url,
                 Some(json!({ "schema": schema })),
             )
-            .await?
+            .await
+            .map_err(|e| match e {
+                RegistryError::Status {
+                    url,
+                    status: 409,
+                    message,
+                    ..
+                } => RegistryError::Incompatible {
+                    url,
+                    subject: subject.to_string(),
+                    message,
+                    payload: None,
+                },
+                e => e,
+            })?
             .ok_or_else(|| not_found(&url))?;
         Ok(answer.id)
     }
@@ -178,6 +214,17 @@ impl RegistryClient {
         }))
     }
 
+    /// The latest version registered under `subject`, or `None` when there is no such subject.
+    /// `GET /subjects/{subject}/versions/latest`.
+    pub async fn latest(&self, subject: &str) -> Result<Option<RegisteredSchema>, RegistryError> {
+        let url = format!("{}/subjects/{}/versions/latest", self.base, encode(subject));
+        let answer: Option<SchemaAnswer> = self.call(reqwest::Method::GET, &url, None).await?;
+        Ok(answer.map(|a| RegisteredSchema {
+            schema_type: a.schema_type.unwrap_or_else(|| "AVRO".into()),
+            schema: a.schema,
+        }))
+    }
+
     /// Whether `schema` may be registered under `subject` given the subject's compatibility
     /// level. `POST /compatibility/subjects/{subject}/versions/latest?verbose=true`.
     pub async fn check(&self, subject: &str, schema: &str) -> Result<Compatibility, RegistryError> {
@@ -196,7 +243,7 @@ impl RegistryClient {
         Ok(match answer {
             None => Compatibility::NewSubject,
             Some(a) if a.is_compatible => Compatibility::Compatible,
-            Some(a) => Compatibility::Incompatible(a.messages),
+            Some(a) => Compatibility::Incompatible(a.reasons()),
         })
     }
 
@@ -323,5 +370,23 @@ mod tests {
             reason: "refused".into(),
         };
         assert!(unreachable.is_transient());
+    }
+
+    #[test]
+    fn compatibility_reasons_come_from_confluent_messages_or_apicurio_reason() {
+        let parse = |text: &str| {
+            serde_json::from_str::<CompatibilityAnswer>(text)
+                .unwrap()
+                .reasons()
+        };
+        assert_eq!(
+            parse(r#"{"is_compatible":false,"messages":["a","b"]}"#),
+            ["a", "b"]
+        );
+        assert_eq!(
+            parse(r#"{"is_compatible":false,"reason":"tier at /fields/1"}"#),
+            ["tier at /fields/1"]
+        );
+        assert!(parse(r#"{"is_compatible":true,"reason":null}"#).is_empty());
     }
 }

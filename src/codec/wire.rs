@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
 use super::mongo::{encode_generic_datum, ChangeContext};
-use super::registry::RegistryClient;
+use super::registry::{RegistryClient, RegistryError};
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
 use crate::error::{retry_transient, Endpoint, Error};
@@ -260,7 +260,21 @@ async fn register_or_look_up(
     auto_register: bool,
 ) -> Result<u32, Error> {
     if auto_register {
-        return Ok(registry.register(subject, &schema.registry_json).await?);
+        return match registry.register(subject, &schema.registry_json).await {
+            Err(RegistryError::Incompatible {
+                url,
+                subject,
+                message,
+                ..
+            }) => Err(RegistryError::Incompatible {
+                payload: payload_breaks(registry, &subject, schema).await,
+                url,
+                subject,
+                message,
+            }
+            .into()),
+            answer => Ok(answer?),
+        };
     }
     registry
         .lookup(subject, &schema.registry_json)
@@ -272,6 +286,17 @@ async fn register_or_look_up(
                 registry.base_url()
             ))
         })
+}
+
+/// Why `schema`'s payload cannot read the latest version under `subject`, naming the field;
+/// `None` when that cannot be said (no answer, not a dualsync envelope).
+pub async fn payload_breaks(
+    registry: &RegistryClient,
+    subject: &str,
+    schema: &EventSchema,
+) -> Option<String> {
+    let latest = registry.latest(subject).await.ok()??;
+    super::compat::payload_breaks(&latest.schema, &schema.payload)
 }
 
 /// `00` + the 4-byte big-endian schema id + the datum.

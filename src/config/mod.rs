@@ -65,27 +65,24 @@ impl fmt::Display for Secret {
 
 /// Shows a URL without its password (`postgres://user:***@host/db`); anything that is not a URL
 /// with credentials is hidden entirely, since it may be a bare secret.
+///
+/// The user information ends at the *last* `@`: a password typed with an unencoded `/`, `?`
+/// or `@` stays inside the hidden part. (Drivers refuse such URLs, and the error that says so
+/// must not print them.) An `@` further on, in the path or query, hides more than the
+/// password: ambiguous text is hidden, never shown.
 pub fn redact_url(value: &str) -> String {
     let Some(scheme_end) = value.find("://") else {
         return "***".to_string();
     };
-    let rest = &value[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let redacted_userinfo = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            let tail = &rest[at + 1..];
-            let tail = redact_query_secrets(tail);
-            format!("{}{}@{}", &value[..scheme_end + 3], redacted_userinfo, tail)
+    let (scheme, rest) = value.split_at(scheme_end + 3);
+    match rest.rfind('@') {
+        Some(at) if rest[..at].contains(':') => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            let tail = redact_query_secrets(&rest[at + 1..]);
+            format!("{scheme}{user}:***@{tail}")
         }
-        None => format!("{}{}", &value[..scheme_end + 3], redact_query_secrets(rest)),
+        // No password in the user information.
+        _ => format!("{scheme}{}", redact_query_secrets(rest)),
     }
 }
 

@@ -101,6 +101,41 @@ fn bad_values_name_their_key() {
     assert_eq!(c.outbox_source().unwrap().max_batches_in_flight, 4);
 }
 
+/// Issue #23 9(d): a password containing `/` or `?` (unencoded, as people type them) must
+/// not be printed by a `check_url` error.
+#[test]
+fn redact_url_hides_passwords_containing_slash_or_question_mark() {
+    for (url, shown) in [
+        (
+            "postgres://app:pa/ss@db:5432/app",
+            "postgres://app:***@db:5432/app",
+        ),
+        ("postgres://app:pa?ss@db/app", "postgres://app:***@db/app"),
+        (
+            "mongodb://u:a/b?c@h1,h2/?tls=true",
+            "mongodb://u:***@h1,h2/?tls=true",
+        ),
+        ("mysql://u:p@ss/w?rd@h/db", "mysql://u:***@h/db"),
+        // An `@` after the host could be the password's: hidden with it.
+        (
+            "postgres://u:pw@h/db?application_name=a@b",
+            "postgres://u:***@b",
+        ),
+        (
+            "postgres://h/db?password=x@y&sslmode=require",
+            "postgres://h/db?password=***&sslmode=require",
+        ),
+    ] {
+        assert_eq!(redact_url(url), shown, "{url}");
+    }
+    let e = parse(
+        MINIMAL,
+        vec![("DUALSYNC_SOURCE__URL", "mysql://u:hun/ter?2@x")],
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("ter"), "{e}");
+}
+
 #[test]
 fn secrets_never_print() {
     let c = parse(MINIMAL, vec![]).unwrap();

@@ -97,7 +97,7 @@ impl Leader<'_> {
         loop {
             if self.control.is_paused() {
                 tracing::info!("paused: the change stream is not read until resumed");
-                self.control.wait_resumed(cancel).await;
+                self.wait_resumed_keeping_the_lease(source).await?;
                 tracing::info!("resumed");
             }
             let changes = match source.next_batch(cancel).await {
@@ -152,6 +152,17 @@ impl Leader<'_> {
             source.ack(&changes).await?;
             super::count_acked(metrics, per_topic, dead);
             tracing::debug!(changes = changes.len(), "batch published");
+        }
+    }
+
+    /// Waits until resumed (or cancelled), renewing the lease meanwhile: a paused leader is
+    /// still the leader, and a standby that took over would publish what pause holds back.
+    async fn wait_resumed_keeping_the_lease(&self, source: &mut MongoSource) -> Result<(), Error> {
+        loop {
+            tokio::select! {
+                _ = self.control.wait_resumed(self.cancel) => return Ok(()),
+                _ = tokio::time::sleep(source.renewal_interval()) => source.renew_if_due().await?,
+            }
         }
     }
 

@@ -37,8 +37,8 @@ use crate::source::Source;
 
 /// How often the leader samples the outbox backlog for the metrics.
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-/// How often published rows past their retention are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the purger waits once no published row is past its retention.
+const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 /// On shutdown, how long the leader waits for the acknowledgements of batches in flight
 /// before it exits leaving them unmarked (they are published again by the next leader).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
@@ -99,7 +99,19 @@ impl Leader<'_> {
         let (metrics, cancel) = (self.metrics, self.cancel);
         let depth = self.source_config.max_batches_in_flight;
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
-        let mut last_purge = Instant::now();
+        // The purge runs beside the leader for as long as it leads (retention 0 deletes rows
+        // as they are marked instead).
+        let purger = (self.source_config.retention_secs > 0).then(|| {
+            let stop = cancel.child_token();
+            tokio::spawn(crate::source::outbox::purge_published(
+                self.source_config.url.expose().to_string(),
+                self.source_config.retention_secs,
+                PURGE_INTERVAL,
+                stop.clone(),
+            ));
+            stop.drop_guard()
+        });
+        let _purger = purger;
         let mut last_sample: Option<Instant> = None;
         loop {
             if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
@@ -107,10 +119,6 @@ impl Leader<'_> {
                 let (rows, oldest) = source.backlog().await?;
                 metrics.outbox_backlog.set(rows);
                 metrics.outbox_oldest_age.set(oldest);
-            }
-            if last_purge.elapsed() >= PURGE_INTERVAL {
-                last_purge = Instant::now();
-                self.purge(&source).await?;
             }
             let paused = self.control.is_paused();
             if paused && in_flight.is_empty() {
@@ -284,18 +292,6 @@ impl Leader<'_> {
                     break;
                 }
             }
-        }
-        Ok(())
-    }
-
-    async fn purge(&self, source: &OutboxSource) -> Result<(), Error> {
-        let purged = source.purge_published().await?;
-        if purged > 0 {
-            tracing::info!(
-                purged,
-                retention_secs = self.source_config.retention_secs,
-                "purged published outbox rows"
-            );
         }
         Ok(())
     }

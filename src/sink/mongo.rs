@@ -2,16 +2,24 @@
 //! sub-document `{version, deleted, updated_at}` on every record.
 //!
 //! A batch is one `update` command of upserts whose filter is `{_id, "_dualsync.version":
-//! {$lt: v}}`. When the stored version is newer the filter matches nothing and the upsert's
-//! insert collides on `_id` (E11000): that collision *is* the stale no-op, never an error that
-//! retries. Because [`newest_per_key`] leaves one record per key, the statements are
-//! independent and the command runs unordered, so one rejected document does not hold back the
-//! rest of the batch.
+//! {$lt: v}}`, sent with the connection string's write concern. Because [`newest_per_key`]
+//! leaves one record per key, the statements are independent and the command runs unordered,
+//! so one rejected document does not hold back the rest of the batch.
+//!
+//! When the filter matches nothing the upsert inserts, and the insert collides on `_id`
+//! (E11000) if the document exists: either its stored version is at least `v` (the record is
+//! stale), or another writer inserted it after the filter looked (two apply processes during a
+//! rebalance). The stored versions of the collided keys decide: at least `v` is stale, older
+//! is upserted again. Every other per-document error goes through [`classify`]: transient
+//! ones (not primary, write conflict) fail the batch so it is retried, permanent ones are
+//! dead-lettered, fatal ones stop apply. A write-concern error is classified the same way.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::options::{ReadPreference, SelectionCriteria};
 use mongodb::{Client, Database};
 use tokio::sync::Mutex;
 
@@ -19,26 +27,73 @@ use futures::TryStreamExt;
 
 use super::{newest_per_key, ApplyOutcome, Sink, SinkRecord, StoredRecord};
 use crate::config::MongoSinkConfig;
-use crate::error::Error;
+use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 
 /// Field holding dualsync's bookkeeping in every document.
 pub const META_FIELD: &str = "_dualsync";
-const DUPLICATE_KEY: i32 = 11000;
+
+/// Collection of the purge horizons: per collection (`_id`), the highest version of any
+/// tombstone ever purged (`version`). An event at or below it may be older than a purged
+/// delete, so it may update a document that exists but never insert one: a late event or a
+/// replay cannot bring a deleted record back.
+pub const HORIZON_COLLECTION: &str = "dualsync_purge_horizon";
+
+/// Rounds of upserts for keys whose insert keeps colliding with a document older than the
+/// record: the first collision is a race with another writer, which one more round settles;
+/// a collision that outlasts the rounds is a unique secondary index, and the record is poison.
+const UPSERT_ROUNDS: usize = 3;
+
+/// Fault-injection seam for tests: sees every write command as it would be sent and may answer
+/// it in the server's place (`Some(reply)`: the command is not sent). Only for faults a
+/// one-node test server cannot produce (not-primary, write conflicts, write-concern errors);
+/// everything after the reply is the real code path.
+pub type CommandInterceptor = Arc<dyn Fn(&Document) -> Option<Document> + Send + Sync>;
 
 pub struct MongoSink {
     db: Database,
     seen: Mutex<HashSet<String>>,
+    /// The connection string's write concern, as the command's `writeConcern` field:
+    /// `run_command` does not add the client's on its own.
+    write_concern: Option<Document>,
+    intercept: Option<CommandInterceptor>,
 }
+
+/// A statement of the batch: (index into the caller's batch, the document to write).
+type Statement = (usize, Document);
 
 impl MongoSink {
     pub async fn connect(config: &MongoSinkConfig) -> Result<Self, Error> {
         let client = Client::with_uri_str(config.url.expose()).await?;
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
+        let write_concern = match db.write_concern() {
+            Some(wc) => Some(mongodb::bson::to_document(wc).map_err(|e| {
+                Error::Setup(format!("write concern of the MongoDB sink's URL: {e}"))
+            })?),
+            None => None,
+        }
+        .filter(|d| !d.is_empty());
         Ok(Self {
             db,
             seen: Mutex::new(HashSet::new()),
+            write_concern,
+            intercept: None,
         })
+    }
+
+    /// Installs a [`CommandInterceptor`] (tests only).
+    #[doc(hidden)]
+    pub fn with_interceptor(mut self, intercept: CommandInterceptor) -> Self {
+        self.intercept = Some(intercept);
+        self
+    }
+
+    /// Runs a write command, unless the interceptor answers it.
+    async fn write_command(&self, command: Document) -> Result<Document, Error> {
+        if let Some(reply) = self.intercept.as_ref().and_then(|f| f(&command)) {
+            return Ok(reply);
+        }
+        Ok(self.db.run_command(command).await?)
     }
 
     pub fn database(&self) -> &Database {
@@ -79,6 +134,209 @@ fn to_document(record: &SinkRecord) -> Result<Document, Error> {
     Ok(out)
 }
 
+impl MongoSink {
+    /// Writes one collection's statements, settling `_id` collisions (see the module doc).
+    async fn write_collection(
+        &self,
+        collection: &str,
+        batch: &[SinkRecord],
+        todo: Vec<Statement>,
+        outcome: &mut ApplyOutcome,
+    ) -> Result<(), Error> {
+        let horizon = self.horizon(collection).await?;
+        let (bounded, mut todo): (Vec<Statement>, Vec<Statement>) = todo
+            .into_iter()
+            .partition(|(i, _)| horizon.is_some_and(|h| batch[*i].version <= h));
+        if !bounded.is_empty() {
+            self.update_existing(collection, batch, &bounded, outcome)
+                .await?;
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        for round in 1..=UPSERT_ROUNDS {
+            let collided = self.upsert(collection, batch, &todo, outcome).await?;
+            if collided.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<&str> = collided
+                .iter()
+                .map(|(s, _)| batch[s.0].key.as_str())
+                .collect();
+            let stored = self.stored_versions(collection, &keys).await?;
+            todo = Vec::new();
+            for ((i, d), message) in collided {
+                let record = &batch[i];
+                if stored
+                    .get(&record.key)
+                    .is_some_and(|v| *v >= record.version)
+                {
+                    outcome.stale += 1;
+                } else if round == UPSERT_ROUNDS {
+                    outcome
+                        .rejected
+                        .push((i, mongo_write_error(MONGO_DUPLICATE_KEY, message)));
+                } else {
+                    todo.push((i, d));
+                }
+            }
+            if todo.is_empty() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// One unordered `update` command of guarded upserts. Counts what was written, puts what
+    /// the server refused for good into `rejected`, and returns the statements whose insert
+    /// collided (E11000) with the server's message. A transient or fatal error (per document
+    /// or of the write concern) fails the call: the batch is retried (what did go in is stale
+    /// then) or apply stops.
+    async fn upsert(
+        &self,
+        collection: &str,
+        batch: &[SinkRecord],
+        statements: &[Statement],
+        outcome: &mut ApplyOutcome,
+    ) -> Result<Vec<(Statement, String)>, Error> {
+        let updates: Vec<Document> = statements
+            .iter()
+            .map(|(i, d)| {
+                doc! {
+                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
+                    "u": d,
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
+        if let Some(wc) = &self.write_concern {
+            command.insert("writeConcern", wc.clone());
+        }
+        let reply = self.write_command(command).await?;
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(write_concern_error(wce));
+        }
+        let mut collided = Vec::new();
+        let mut refused = 0u64;
+        for e in reply
+            .get_array("writeErrors")
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Bson::as_document)
+        {
+            let index = e.get_i32("index").unwrap_or(-1);
+            let Some(statement) = usize::try_from(index).ok().and_then(|i| statements.get(i))
+            else {
+                return Err(Error::Setup(format!(
+                    "mongodb update reply has a bad writeErrors index: {e}"
+                )));
+            };
+            refused += 1;
+            let code = e.get_i32("code").unwrap_or(0);
+            let message = e.get_str("errmsg").unwrap_or("").to_string();
+            if code == MONGO_DUPLICATE_KEY {
+                collided.push((statement.clone(), message));
+                continue;
+            }
+            let error = mongo_write_error(code, message);
+            match classify(&error) {
+                Disposition::DeadLetter => outcome.rejected.push((statement.0, error)),
+                Disposition::Retry | Disposition::Fatal => return Err(error),
+            }
+        }
+        outcome.applied += statements.len() as u64 - refused;
+        Ok(collided)
+    }
+
+    /// The purge horizon of `collection` (see [`HORIZON_COLLECTION`]), from the primary.
+    async fn horizon(&self, collection: &str) -> Result<Option<i64>, Error> {
+        let found = self
+            .db
+            .collection::<Document>(HORIZON_COLLECTION)
+            .find_one(doc! {"_id": collection})
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .await?;
+        Ok(found.and_then(|d| d.get_i64("version").ok()))
+    }
+
+    /// Statements at or below the purge horizon: written only over a document that exists
+    /// with an older version (no upsert), stale otherwise.
+    async fn update_existing(
+        &self,
+        collection: &str,
+        batch: &[SinkRecord],
+        statements: &[Statement],
+        outcome: &mut ApplyOutcome,
+    ) -> Result<(), Error> {
+        let updates: Vec<Document> = statements
+            .iter()
+            .map(|(i, d)| {
+                doc! {
+                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
+                    "u": d,
+                    "upsert": false,
+                }
+            })
+            .collect();
+        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
+        if let Some(wc) = &self.write_concern {
+            command.insert("writeConcern", wc.clone());
+        }
+        let reply = self.write_command(command).await?;
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(write_concern_error(wce));
+        }
+        if let Some(e) = reply
+            .get_array("writeErrors")
+            .ok()
+            .and_then(|a| a.first())
+            .and_then(Bson::as_document)
+        {
+            let error = mongo_write_error(
+                e.get_i32("code").unwrap_or(0),
+                e.get_str("errmsg").unwrap_or("").to_string(),
+            );
+            return Err(error);
+        }
+        let matched = reply
+            .get_i32("n")
+            .map(i64::from)
+            .or_else(|_| reply.get_i64("n"))
+            .unwrap_or(0) as u64;
+        outcome.applied += matched;
+        outcome.stale += statements.len() as u64 - matched.min(statements.len() as u64);
+        Ok(())
+    }
+
+    /// The stored versions of `keys` (tombstones included) in `collection`, read from the
+    /// primary: a lagging secondary would show an older version, and a stale record would be
+    /// upserted again until it counted as poison.
+    async fn stored_versions(
+        &self,
+        collection: &str,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, i64>, Error> {
+        let found: Vec<Document> = self
+            .db
+            .collection::<Document>(collection)
+            .find(doc! {"_id": {"$in": keys}})
+            .projection(doc! {format!("{META_FIELD}.version"): 1})
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|d| {
+                let (key, version, _) = stored(d);
+                (key, version)
+            })
+            .collect())
+    }
+}
+
 impl Sink for MongoSink {
     async fn apply(&self, batch: &[SinkRecord]) -> Result<ApplyOutcome, Error> {
         let (kept, dropped) = newest_per_key(batch);
@@ -96,51 +354,8 @@ impl Sink for MongoSink {
         }
         for (collection, docs) in by_collection {
             self.seen.lock().await.insert(collection.to_string());
-            let updates: Vec<Document> = docs
-                .iter()
-                .map(|(i, d)| {
-                    doc! {
-                        "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
-                        "u": d,
-                        "upsert": true,
-                    }
-                })
-                .collect();
-            let reply = self
-                .db
-                .run_command(doc! {"update": collection, "updates": updates, "ordered": false})
+            self.write_collection(collection, batch, docs, &mut outcome)
                 .await?;
-            let mut failed = 0u64;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for e in errors.iter().filter_map(Bson::as_document) {
-                    let index = e.get_i32("index").unwrap_or(-1);
-                    let code = e.get_i32("code").unwrap_or(0);
-                    let Some((batch_index, _)) =
-                        usize::try_from(index).ok().and_then(|i| docs.get(i))
-                    else {
-                        return Err(Error::Setup(format!(
-                            "mongodb update reply has a bad writeErrors index: {e}"
-                        )));
-                    };
-                    failed += 1;
-                    if code == DUPLICATE_KEY
-                        && e.get_str("errmsg")
-                            .map(|m| m.contains("_id_"))
-                            .unwrap_or(true)
-                    {
-                        outcome.stale += 1;
-                    } else {
-                        let message = e.get_str("errmsg").unwrap_or("").to_string();
-                        outcome
-                            .rejected
-                            .push((*batch_index, mongo_write_error(code, message)));
-                    }
-                }
-            }
-            if let Ok(wce) = reply.get_document("writeConcernError") {
-                return Err(Error::Setup(format!("mongodb write concern error: {wce}")));
-            }
-            outcome.applied += docs.len() as u64 - failed;
         }
         outcome.rejected.sort_by_key(|(i, _)| *i);
         Ok(outcome)
@@ -153,13 +368,30 @@ impl Sink for MongoSink {
         let collections: Vec<String> = self.seen.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for c in collections {
+            let old_tombstones = doc! {
+                format!("{META_FIELD}.deleted"): true,
+                format!("{META_FIELD}.updated_at"): {"$lt": cutoff},
+            };
+            // The horizon moves first: a crash between the two leaves it ahead of the purge,
+            // which only makes more late events stale, never resurrects one.
+            let newest: Option<Document> = self
+                .db
+                .collection::<Document>(&c)
+                .find_one(old_tombstones.clone())
+                .sort(doc! {format!("{META_FIELD}.version"): -1})
+                .projection(doc! {format!("{META_FIELD}.version"): 1})
+                .await?;
+            let Some(newest) = newest else { continue };
+            let (_, version, _) = stored(newest);
+            self.db
+                .collection::<Document>(HORIZON_COLLECTION)
+                .update_one(doc! {"_id": &c}, doc! {"$max": {"version": version}})
+                .upsert(true)
+                .await?;
             let r = self
                 .db
                 .collection::<Document>(&c)
-                .delete_many(doc! {
-                    format!("{META_FIELD}.deleted"): true,
-                    format!("{META_FIELD}.updated_at"): {"$lt": cutoff},
-                })
+                .delete_many(old_tombstones)
                 .await?;
             purged += r.deleted_count;
         }
@@ -218,6 +450,19 @@ fn stored(mut d: Document) -> StoredRecord {
         return (key, version, None);
     }
     (key, version, Some(Bson::Document(d).into_relaxed_extjson()))
+}
+
+/// A `writeConcernError` of a reply, as an [`Error`] the classifier understands.
+fn write_concern_error(wce: &Document) -> Error {
+    match mongodb::bson::from_document::<mongodb::error::WriteConcernError>(wce.clone()) {
+        Ok(failure) => Error::Mongo(
+            mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(
+                failure,
+            ))
+            .into(),
+        ),
+        Err(e) => Error::Setup(format!("mongodb write concern error: {wce} ({e})")),
+    }
 }
 
 /// A per-document write error from the server, as an [`Error`] the classifier understands.

@@ -120,6 +120,13 @@ impl PostgresSink {
             ))
             .await
             .or_else(ignore_concurrent_create)?;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (namespace text PRIMARY KEY, version bigint NOT NULL)",
+                sink.horizon_table()
+            ))
+            .await
+            .or_else(ignore_concurrent_create)?;
         Ok(sink)
     }
 
@@ -134,6 +141,13 @@ impl PostgresSink {
         let client = Arc::new(crate::pg::connect(&self.url).await?);
         *guard = Some(client.clone());
         Ok(client)
+    }
+
+    /// Per aggregate type, the highest version of any tombstone ever purged: an event at or
+    /// below it for a key the table no longer holds is stale (it may be older than the purged
+    /// delete), so a late event or a replay cannot bring a deleted record back.
+    fn horizon_table(&self) -> String {
+        format!("{}.dualsync_purge_horizon", quote_ident(&self.schema))
     }
 
     fn layout(&self, namespace: &str) -> Layout<'_> {
@@ -253,7 +267,7 @@ impl Sink for PostgresSink {
                 records.iter().map(|r| r.document.as_ref()).collect();
             let versions: Vec<i64> = records.iter().map(|r| r.version).collect();
             let deleted: Vec<bool> = records.iter().map(|r| r.document.is_none()).collect();
-            let (columns, values) = layout.value_columns("u.doc", 5);
+            let (columns, values) = layout.value_columns("u.doc", 6);
             let updates: Vec<String> = columns
                 .iter()
                 .map(|c| format!("{c} = EXCLUDED.{c}"))
@@ -262,18 +276,22 @@ impl Sink for PostgresSink {
                 "INSERT INTO {t} AS t ({key}, {columns}, version, deleted, updated_at)
                  SELECT u.id, {values}, u.version, u.deleted, now()
                  FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::bool[]) AS u(id, doc, version, deleted)
+                 WHERE u.version > COALESCE((SELECT h.version FROM {horizon} h WHERE h.namespace = $5), -1)
+                    OR EXISTS (SELECT 1 FROM {t} e WHERE e.{key} = u.id)
                  ON CONFLICT ({key}) DO UPDATE
                    SET {updates}, version = EXCLUDED.version,
                        deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
                    WHERE t.version < EXCLUDED.version",
                 t = self.table(namespace),
+                horizon = self.horizon_table(),
                 key = layout.key_column(),
                 columns = columns.join(", "),
                 values = values.join(", "),
                 updates = updates.join(", "),
             );
             let paths = layout.paths();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids, &docs, &versions, &deleted];
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&ids, &docs, &versions, &deleted, &namespace];
             params.extend(paths.iter().map(|p| p as &(dyn ToSql + Sync)));
             let written = client.execute(&sql, &params).await?;
             outcome.applied += written;
@@ -287,15 +305,27 @@ impl Sink for PostgresSink {
         let tables: Vec<String> = self.known_tables.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for namespace in tables {
-            purged += client
-                .execute(
+            // The purge and the horizon move together: one statement, one transaction.
+            let row = client
+                .query_one(
                     &format!(
-                        "DELETE FROM {} WHERE deleted AND updated_at < now() - make_interval(secs => $1)",
-                        self.table(&namespace)
+                        "WITH purged AS (
+                            DELETE FROM {t} WHERE deleted AND updated_at < now() - make_interval(secs => $1)
+                            RETURNING version),
+                         horizon AS (
+                            INSERT INTO {horizon} (namespace, version)
+                            SELECT $2, max(version) FROM purged HAVING count(*) > 0
+                            ON CONFLICT (namespace) DO UPDATE
+                              SET version = GREATEST({horizon}.version, EXCLUDED.version)
+                            RETURNING 1)
+                         SELECT count(*) FROM purged",
+                        t = self.table(&namespace),
+                        horizon = self.horizon_table(),
                     ),
-                    &[&(older_than.as_secs_f64())],
+                    &[&(older_than.as_secs_f64()), &namespace],
                 )
                 .await?;
+            purged += row.get::<_, i64>(0) as u64;
         }
         Ok(purged)
     }

@@ -4,6 +4,7 @@ pub mod mongo;
 pub mod mongo_change;
 pub mod mongo_offsets;
 pub mod outbox;
+pub mod resume_token;
 
 use std::future::Future;
 

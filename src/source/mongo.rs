@@ -31,7 +31,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
-use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position};
+use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position, TxnPlace};
+use super::resume_token;
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
 use crate::error::Error;
@@ -115,6 +116,8 @@ pub struct MongoSource {
     phase: Phase,
     last_renewal: Instant,
     saved_token: Option<Document>,
+    /// Cluster time and position in its transaction of the last change read from the stream.
+    placed: Option<TxnPlace>,
     /// An error the reader reported after changes still to publish; returned next time.
     deferred: Option<Error>,
 }
@@ -180,12 +183,14 @@ impl MongoSource {
             },
             last_renewal: Instant::now(),
             saved_token: None,
+            placed: None,
             deferred: None,
         };
         match read_position(&source.offsets, pipeline).await? {
-            Some(Position::After(token)) => {
+            Some(Position::After(token, place)) => {
                 tracing::info!(pipeline, "resuming the change stream after the saved token");
                 source.saved_token = Some(token.clone());
+                source.placed = place;
                 match source.open(Some(token), None).await {
                     Ok(reader) => source.phase = Phase::Streaming(reader),
                     Err(Error::HistoryLost(why))
@@ -223,6 +228,7 @@ impl MongoSource {
     /// Starts (or restarts, after lost history) with a snapshot of the watched collections.
     pub async fn begin_snapshot(&mut self) -> Result<(), Error> {
         let start_at = cluster_time(&self.db).await?;
+        self.placed = None;
         let pending: VecDeque<String> = self.watched_collections().await?.into();
         tracing::info!(collections = ?pending, ?start_at, "snapshot of the watched collections started");
         self.phase = Phase::Snapshot {
@@ -330,9 +336,15 @@ impl MongoSource {
         }
     }
 
-    /// Renews the lease when a third of it has passed.
-    async fn renew_if_due(&mut self) -> Result<(), Error> {
-        if self.last_renewal.elapsed() < Duration::from_secs(self.config.lease_secs) / 3 {
+    /// How often the lease is renewed: a third of it.
+    pub fn renewal_interval(&self) -> Duration {
+        Duration::from_secs(self.config.lease_secs) / 3
+    }
+
+    /// Renews the lease when a third of it has passed; [`Error::LeaseLost`] when another relay
+    /// took it. Called for every batch, and while paused (a paused leader is still the leader).
+    pub async fn renew_if_due(&mut self) -> Result<(), Error> {
+        if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
         if !try_lease(
@@ -353,8 +365,14 @@ impl MongoSource {
     /// relay took over.
     async fn save(&mut self, position: Position) -> Result<(), Error> {
         let set = match &position {
-            Position::After(token) => doc! {"token": token.clone(), "start_at": Bson::Null},
-            Position::At(at) => doc! {"token": Bson::Null, "start_at": *at},
+            Position::After(token, place) => doc! {
+                "token": token.clone(),
+                "start_at": Bson::Null,
+                "txn_place": place.map_or(Bson::Null, |(t, i)| Bson::Document(doc! {"t": t, "i": i as i64})),
+            },
+            Position::At(at) => {
+                doc! {"token": Bson::Null, "start_at": *at, "txn_place": Bson::Null}
+            }
         };
         let mut set = set;
         set.insert("updated_at", DateTime::now());
@@ -370,7 +388,7 @@ impl MongoSource {
             return Err(self.why_not_saved().await);
         }
         self.last_renewal = Instant::now();
-        if let Position::After(token) = position {
+        if let Position::After(token, _) = position {
             self.saved_token = Some(token);
         }
         Ok(())
@@ -453,7 +471,15 @@ impl MongoSource {
                 Some(Ok(StreamItem::Change(raw))) => raw,
             };
             match parse_event(&raw).map_err(Error::Setup)? {
-                Ok(change) => batch.push(change),
+                Ok(mut change) => {
+                    change.txn_index = resume_token::place(
+                        change.token.as_ref(),
+                        change.cluster_time,
+                        self.placed,
+                    );
+                    self.placed = Some((change.cluster_time, change.txn_index));
+                    batch.push(change);
+                }
                 Err(NotPublished::Invalidated) if batch.is_empty() => {
                     return Err(Error::HistoryLost(
                         "the change stream was invalidated (the database was dropped or renamed)"
@@ -482,9 +508,10 @@ impl MongoSource {
         }
         // Idle with every earlier change acknowledged: move the saved position up to the
         // stream's post-batch token, so it never ages out of the oplog.
+        // (An empty round trip means every change of a transaction was delivered: no place.)
         if let (true, Some(token)) = (batch.is_empty(), idle_token) {
             if self.saved_token.as_ref() != Some(&token) {
-                self.save(Position::After(token)).await?;
+                self.save(Position::After(token, None)).await?;
             }
         }
         Ok(batch)
@@ -512,8 +539,12 @@ impl Source for MongoSource {
             }
             return Ok(());
         }
-        if let Some(token) = changes.iter().rev().find_map(|c| c.token.clone()) {
-            self.save(Position::After(token)).await?;
+        let last = changes
+            .iter()
+            .rev()
+            .find_map(|c| Some((c.token.clone()?, (c.cluster_time, c.txn_index))));
+        if let Some((token, place)) = last {
+            self.save(Position::After(token, Some(place))).await?;
         }
         Ok(())
     }
@@ -531,6 +562,7 @@ impl MongoSource {
             "snapshot published; streaming changes from its start"
         );
         self.save(Position::At(start_at)).await?;
+        self.placed = None;
         self.phase = Phase::Streaming(self.open(None, Some(start_at)).await?);
         Ok(())
     }

@@ -2,9 +2,12 @@
 //! MongoDB source, kept apart so its rules are unit- and property-tested.
 //!
 //! - Key: the document's `_id` in canonical string form ([`canonical_key`]).
-//! - Version: the operation's cluster time, `seconds << 31 | increment` ([`version_of`]), which
+//! - Version: the operation's cluster time and its position in its transaction,
+//!   `seconds << 31 | increment << 11 | position` ([`version_of`]). The changes of one
+//!   multi-document transaction share its cluster time; the position orders them as the oplog
+//!   does, so a document the transaction changed several times ends at its last change. This
 //!   orders every change of the replica set in commit order, so apply's version guard works
-//!   unchanged; snapshot documents read after time `T` get `version_of(T) - 1`, below every
+//!   unchanged; snapshot documents read after time `T` get `version_of(T, 0) - 1`, below every
 //!   change the stream delivers from `T` on.
 //! - Payload: the full document without `_id` (the key carries it). For a collection with a
 //!   schema it is [`simplified_json`] (validated against the schema); otherwise canonical
@@ -60,6 +63,8 @@ pub struct MongoChange {
     pub document_before_change: Option<Document>,
     pub update_description: Option<Document>,
     pub cluster_time: Timestamp,
+    /// Position among the changes of its transaction (0 outside one); set by the source.
+    pub txn_index: u64,
     pub wall_time_micros: i64,
 }
 
@@ -128,6 +133,7 @@ pub fn parse_event(raw: &Document) -> Result<Result<MongoChange, NotPublished>, 
         document_before_change: raw.get_document("fullDocumentBeforeChange").ok().cloned(),
         update_description: raw.get_document("updateDescription").ok().cloned(),
         cluster_time,
+        txn_index: 0,
         wall_time_micros,
     }))
 }
@@ -138,10 +144,23 @@ fn canonical_text(document: &Document) -> String {
         .to_string()
 }
 
-/// The version of a change at `cluster_time`: `seconds << 31 | increment`. Increasing in
-/// cluster time until the year 2106 (an increment never reaches 2^31 within one second).
-pub fn version_of(cluster_time: Timestamp) -> i64 {
-    (i64::from(cluster_time.time) << 31) | i64::from(cluster_time.increment.min(0x7fff_ffff))
+/// Bits of a version below the increment: the position within a transaction.
+const TXN_INDEX_BITS: u32 = 11;
+/// Positions in one transaction ordered exactly; later ones share this one's version.
+pub const MAX_TXN_INDEX: u64 = (1 << TXN_INDEX_BITS) - 1;
+/// Increments in one second ordered exactly (oplog entries per second); later ones share it.
+pub const MAX_INCREMENT: u32 = (1 << (31 - TXN_INDEX_BITS)) - 1;
+
+/// The version of a change at `cluster_time`, `txn_index`-th of its transaction:
+/// `seconds << 31 | increment << 11 | txn_index`. Increasing in (cluster time, position)
+/// until the year 2106, for up to [`MAX_INCREMENT`] oplog entries per second and
+/// [`MAX_TXN_INDEX`] + 1 changes per transaction. The seconds keep their place of the former
+/// `seconds << 31 | increment`, so versions written before are still ordered against these.
+pub fn version_of(cluster_time: Timestamp, txn_index: u64) -> i64 {
+    let increment = cluster_time.increment.min(MAX_INCREMENT);
+    (i64::from(cluster_time.time) << 31)
+        | (i64::from(increment) << TXN_INDEX_BITS)
+        | txn_index.min(MAX_TXN_INDEX) as i64
 }
 
 /// The `_id` as the message key and aggregate id: a string as itself, an ObjectId as its 24
@@ -188,7 +207,7 @@ pub fn simplified_json(value: &Bson) -> Json {
 /// The version of every document a snapshot starting at `start_at` reads: just below any
 /// change the stream delivers from `start_at` on.
 pub fn snapshot_version(start_at: Timestamp) -> i64 {
-    version_of(start_at) - 1
+    version_of(start_at, 0) - 1
 }
 
 impl MongoChange {
@@ -209,16 +228,17 @@ impl MongoChange {
             document_before_change: None,
             update_description: None,
             cluster_time: start_at,
+            txn_index: 0,
             wall_time_micros: mongodb::bson::DateTime::now().timestamp_millis() * 1000,
         }
     }
 
-    /// The version it is published with: its cluster time, or for a snapshot document
-    /// [`snapshot_version`].
+    /// The version it is published with: its cluster time and position in its transaction,
+    /// or for a snapshot document [`snapshot_version`].
     pub fn version(&self) -> i64 {
         match self.operation {
             Operation::Snapshot => snapshot_version(self.cluster_time),
-            _ => version_of(self.cluster_time),
+            _ => version_of(self.cluster_time, self.txn_index),
         }
     }
 
@@ -322,15 +342,21 @@ mod tests {
     }
 
     proptest! {
-        /// Cluster-time order is version order (the guard's premise).
+        /// (cluster time, position in the transaction) order is version order (the guard's
+        /// premise), within the documented limits.
         #[test]
-        fn version_preserves_cluster_time_order(a in (any::<u32>(), 0u32..0x7fff_ffff), b in (any::<u32>(), 0u32..0x7fff_ffff)) {
+        fn version_preserves_cluster_time_and_transaction_order(
+            a in (any::<u32>(), 0..=MAX_INCREMENT, 0..=MAX_TXN_INDEX),
+            b in (any::<u32>(), 0..=MAX_INCREMENT, 0..=MAX_TXN_INDEX),
+        ) {
             let (va, vb) = (
-                version_of(Timestamp { time: a.0, increment: a.1 }),
-                version_of(Timestamp { time: b.0, increment: b.1 }),
+                version_of(Timestamp { time: a.0, increment: a.1 }, a.2),
+                version_of(Timestamp { time: b.0, increment: b.1 }, b.2),
             );
             prop_assert_eq!(a.cmp(&b), va.cmp(&vb));
             prop_assert!(va >= 0);
+            // Never below the former `seconds << 31 | increment` of the same cluster time.
+            prop_assert!(va >= (i64::from(a.0) << 31) | i64::from(a.1));
         }
 
         /// The same change always gets the same event id; different tokens different ids.
@@ -338,7 +364,7 @@ mod tests {
         fn event_ids_are_stable(t in any::<u32>(), i in 0u32..1000) {
             let a = parse_event(&raw("insert", t, i)).unwrap().unwrap();
             let b = parse_event(&raw("insert", t, i + 1)).unwrap().unwrap();
-            let v = version_of(a.cluster_time);
+            let v = version_of(a.cluster_time, 0);
             prop_assert_eq!(a.to_event(v, false).event_id, a.clone().to_event(v, false).event_id);
             prop_assert_ne!(a.to_event(v, false).event_id, b.to_event(v, false).event_id);
         }

@@ -1,5 +1,6 @@
 //! Where a MongoDB relay keeps its position and its lease: one document per pipeline in
-//! `source.offsets_collection` (`{_id: <pipeline>, owner, expires_at, token | start_at}`).
+//! `source.offsets_collection` (`{_id: <pipeline>, owner, expires_at, token | start_at,
+//! txn_place}`).
 //! Every write of the position is filtered on `owner`, so a relay that lost its lease cannot
 //! move it; see [`super::mongo`] for why the position lives in the source database.
 
@@ -7,13 +8,18 @@ use mongodb::bson::{doc, DateTime, Document, Timestamp};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
-use crate::error::Error;
+use crate::error::{Error, MONGO_DUPLICATE_KEY};
+
+/// Cluster time and position in its transaction of the change a token was saved after, so a
+/// relay resuming in the middle of a transaction numbers the rest of it as before (for servers
+/// whose tokens do not carry the position; see [`super::resume_token`]).
+pub type TxnPlace = (Timestamp, u64);
 
 /// The saved position of a pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Position {
     /// Resume after this token.
-    After(Document),
+    After(Document, Option<TxnPlace>),
     /// Start at this cluster time (a snapshot finished, no change published yet).
     At(Timestamp),
 }
@@ -51,8 +57,8 @@ pub(super) async fn try_lease(
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
-        ErrorKind::Command(c) => c.code == 11000,
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == MONGO_DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == MONGO_DUPLICATE_KEY,
         _ => false,
     }
 }
@@ -66,7 +72,13 @@ pub async fn read_position(
         return Ok(None);
     };
     if let Ok(token) = saved.get_document("token") {
-        return Ok(Some(Position::After(token.clone())));
+        let place = saved.get_document("txn_place").ok().and_then(|p| {
+            Some((
+                p.get_timestamp("t").ok()?,
+                u64::try_from(p.get_i64("i").ok()?).ok()?,
+            ))
+        });
+        return Ok(Some(Position::After(token.clone(), place)));
     }
     Ok(saved.get_timestamp("start_at").ok().map(Position::At))
 }

@@ -208,19 +208,6 @@ impl OutboxSource {
             .collect())
     }
 
-    /// Deletes rows published longer ago than the retention; returns how many.
-    pub async fn purge_published(&self) -> Result<u64, Error> {
-        Ok(self
-            .client
-            .execute(
-                "DELETE FROM dualsync.outbox WHERE seq IN (
-                    SELECT seq FROM dualsync.outbox
-                    WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)",
-                &[&(self.config.retention_secs as f64)],
-            )
-            .await?)
-    }
-
     /// Rows still waiting to be published (a gauge for operators).
     /// Unpublished rows and the age in seconds of the oldest one (0 when none).
     pub async fn backlog(&self) -> Result<(i64, f64), Error> {
@@ -281,5 +268,59 @@ impl Source for OutboxSource {
             self.pending.remove(seq);
         }
         Ok(())
+    }
+}
+
+/// Rows one purge statement deletes: a short transaction that holds few locks.
+const PURGE_CHUNK: i64 = 5_000;
+
+/// Deletes published rows older than `retention_secs` on a connection of its own, beside the
+/// leader: a full chunk is followed at once by the next, so purging keeps pace with any
+/// publish rate without delaying the leader's reads and marks; once caught up it waits
+/// `interval`. Failures are logged and tried again at the next interval (rows not purged yet
+/// only take space). Returns when `cancel` fires.
+pub async fn purge_published(
+    url: String,
+    retention_secs: u64,
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut client = None;
+    loop {
+        if client.as_ref().is_none_or(|c: &Client| c.is_closed()) {
+            client = crate::pg::connect(&url).await.ok();
+        }
+        let mut purged = 0u64;
+        if let Some(c) = &client {
+            loop {
+                let deleted = c
+                    .execute(
+                        "DELETE FROM dualsync.outbox WHERE seq IN (
+                            SELECT seq FROM dualsync.outbox
+                            WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+                        &[&(retention_secs as f64), &PURGE_CHUNK],
+                    )
+                    .await;
+                match deleted {
+                    Ok(n) => {
+                        purged += n;
+                        if (n as i64) < PURGE_CHUNK || cancel.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %Error::from(e), "outbox purge failed; trying again later");
+                        break;
+                    }
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, retention_secs, "purged published outbox rows");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
     }
 }

@@ -354,3 +354,103 @@ async fn an_outbox_row_too_large_for_kafka_is_dead_lettered_and_the_relay_goes_o
     cancel.cancel();
     relay.await.unwrap().unwrap();
 }
+
+/// Apply never trusts the envelope over the topic: an `orders` event produced to the
+/// `customers` topic, and a customers-schema event claiming an aggregate type the pipeline
+/// does not carry (on the customers topic and on a topic of its own that matches the
+/// subscription), are dead-lettered with classes of their own. No table is created for the
+/// unknown type and no orders record is written (nor pinned by its huge version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_that_do_not_route_to_their_topic_or_type_are_poison() {
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
+    let customers_topic = config.kafka.topic_for("customers");
+    let widgets_topic = config.kafka.topic_for("widgets");
+    let schemas = schemas();
+    let huge = 1i64 << 62;
+    let order = dualsync::codec::OutboxEvent {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "OrderPlaced".into(),
+        aggregate_type: "orders".into(),
+        aggregate_id: "o1".into(),
+        version: huge,
+        created_at_micros: 0,
+        payload: Some(
+            json!({"id": "o1", "customer_id": "c1", "status": "NEW", "total_cents": 5, "lines": [], "note": null}),
+        ),
+    };
+    let order_value = schemas.encode(&order).unwrap();
+    // A customers-schema datum whose aggregate_type field says "widgets" (Avro strings are
+    // length-prefixed: zigzag 9 = 0x12 for "customers", 7 = 0x0e for "widgets").
+    let customer_value = schemas.encode(&event("w1", huge)).unwrap();
+    let at = customer_value
+        .windows(10)
+        .position(|w| w == b"\x12customers")
+        .expect("aggregate_type in the datum");
+    let mut widget_value = customer_value[..at].to_vec();
+    widget_value.extend_from_slice(b"\x0ewidgets");
+    widget_value.extend_from_slice(&customer_value[at + 10..]);
+
+    let publisher = dualsync::publish::Publisher::new(&config.kafka).unwrap();
+    for topic in [&customers_topic, &widgets_topic] {
+        publisher.ensure_topic(topic).await.unwrap();
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .create()
+        .unwrap();
+    produce_in_order(
+        &producer,
+        &customers_topic,
+        &[("o1", &order_value), ("w1", &widget_value)],
+    )
+    .await;
+    produce_in_order(&producer, &widgets_topic, &[("w1", &widget_value)]).await;
+    let after = schemas.encode(&event("c1", 1)).unwrap();
+    produce_in_order(&producer, &customers_topic, &[("c1", &after)]).await;
+
+    let cancel = CancellationToken::new();
+    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
+    let SinkConfig::Postgres(p) = &config.sinks["postgres"] else {
+        unreachable!()
+    };
+    let sink = PostgresSink::connect(p).await.unwrap();
+    eventually(
+        "the good event after the misrouted ones is applied",
+        || async { sink.get("customers", "c1").await.unwrap().is_some() },
+    )
+    .await;
+    let classes = |letters: &[rdkafka::message::OwnedMessage]| -> Vec<String> {
+        letters
+            .iter()
+            .map(|l| header(l, dlq::CLASS).unwrap_or_default())
+            .collect()
+    };
+    let letters = read_topic(&servers.kafka, &format!("{customers_topic}.dlq"), 2).await;
+    assert_eq!(
+        classes(&letters),
+        ["decode.wrong_topic", "decode.unknown_aggregate_type"]
+    );
+    let letters = read_topic(&servers.kafka, &format!("{widgets_topic}.dlq"), 1).await;
+    assert_eq!(classes(&letters), ["decode.unknown_aggregate_type"]);
+    let tables: Vec<String> = dualsync::pg::connect(&sink_url)
+        .await
+        .unwrap()
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'replica'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !tables.iter().any(|t| t == "orders" || t == "widgets"),
+        "no table for orders or widgets: {tables:?}"
+    );
+    assert_eq!(sink.get("customers", "w1").await.unwrap(), None);
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}

@@ -3,8 +3,10 @@
 //! exactly the calls dualsync makes: register, look up, fetch by id, check compatibility.
 //! Compatibility is BACKWARD (the registry's default), decided by apache-avro's checker; error
 //! bodies carry the documented `error_code`s (40401 subject not found, 40403 schema not found,
-//! 409 incompatible, 42201 invalid schema). It is a stand-in for tests, not a registry:
-//! docker-compose's Redpanda is the real one for users.
+//! 409 incompatible, 42201 invalid schema). It is a stand-in, kept only for faults the real
+//! registry of the tests (Apicurio, started by `make up`) does not produce on demand: 503s
+//! for a while (`fail_next`) and refused credentials (the local Apicurio has no
+//! authentication). Every other registry test runs against the real one.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -91,15 +93,6 @@ impl FakeRegistry {
     pub fn subjects(&self) -> Vec<String> {
         let registry = self.shared.registry.lock().unwrap();
         registry.subjects.keys().cloned().collect()
-    }
-
-    /// Registers directly (as another team's producer would), returning the global id.
-    pub fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
-        let mut registry = self.shared.registry.lock().unwrap();
-        match registry.register(subject, schema) {
-            Ok(id) => Ok(id),
-            Err((_, body)) => Err(body.to_string()),
-        }
     }
 }
 

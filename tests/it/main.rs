@@ -1,5 +1,6 @@
 //! Integration tests against the real servers started by `make up` (PostgreSQL, Apache Kafka,
-//! the SecantusDB MongoDB server). One binary for all of them, to link once.
+//! the SecantusDB MongoDB server, the Apicurio schema registry).
+//! One binary for all of them, to link once.
 
 mod chaos;
 mod column_tables;
@@ -9,8 +10,12 @@ mod dead_letters;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod fingerprints;
+mod interop;
+mod interop_confluent;
 mod kafka;
 mod logs;
+mod mongo_delivery;
 mod mongo_source;
 mod operations;
 mod outbox_order;
@@ -18,7 +23,10 @@ mod private_kafka;
 mod private_servers;
 mod processes;
 mod progress;
+mod real_registry;
 mod reconcile;
 mod registry;
+mod registry_faults;
+mod schema_evolution;
 mod sink_outage;
 mod sinks;

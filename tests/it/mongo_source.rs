@@ -28,25 +28,25 @@ use crate::processes::{spawn, write_config};
 
 /// Collections of the tests: `customers` has a schema in `schemas/` (typed path), `carts`
 /// does not (generic envelope).
-const TYPED: &str = "customers";
-const GENERIC: &str = "carts";
+pub(crate) const TYPED: &str = "customers";
+pub(crate) const GENERIC: &str = "carts";
 
-struct MongoPipeline {
-    toml: String,
-    config: Config,
-    prefix: String,
-    source_db: mongodb::Database,
+pub(crate) struct MongoPipeline {
+    pub(crate) toml: String,
+    pub(crate) config: Config,
+    pub(crate) prefix: String,
+    pub(crate) source_db: mongodb::Database,
 }
 
 impl MongoPipeline {
-    fn topic(&self, collection: &str) -> String {
+    pub(crate) fn topic(&self, collection: &str) -> String {
         format!("{}.{collection}", self.prefix)
     }
 }
 
 /// A pipeline from database `source_db` at `source_url` to a PostgreSQL sink and a MongoDB
 /// sink, with unique topics; `source_extra` goes into `[source]`.
-async fn mongo_pipeline(
+pub(crate) async fn mongo_pipeline(
     servers: &Servers,
     source_url: &str,
     source_extra: &str,
@@ -111,7 +111,10 @@ database = "{mongo_db}"
 }
 
 /// The source's documents of `collection` as the sinks should hold them.
-async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn source_state(
+    db: &mongodb::Database,
+    collection: &str,
+) -> BTreeMap<String, Json> {
     use futures::TryStreamExt;
     let docs: Vec<Document> = db
         .collection::<Document>(collection)
@@ -136,7 +139,7 @@ async fn source_state(db: &mongodb::Database, collection: &str) -> BTreeMap<Stri
 }
 
 /// The live documents a sink holds for `collection`.
-async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -153,7 +156,7 @@ async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Jso
 }
 
 /// Connects to both sinks of `config`.
-async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
+pub(crate) async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
     let (SinkConfig::Postgres(p), SinkConfig::Mongodb(m)) =
         (&config.sinks["postgres"], &config.sinks["mongo"])
     else {
@@ -167,7 +170,7 @@ async fn sinks(config: &Config) -> (PostgresSink, MongoSink) {
 
 /// Waits until both sinks hold exactly the source's documents of `collections`, except the
 /// keys in `skip` (dead-lettered on purpose).
-async fn converged(p: &MongoPipeline, collections: &[&str], skip: &[&str]) {
+pub(crate) async fn converged(p: &MongoPipeline, collections: &[&str], skip: &[&str]) {
     let (pg, mongo) = sinks(&p.config).await;
     let last = std::sync::Mutex::new(String::new());
     let ok = dualsync::demo::wait_until(DEADLINE, || {
@@ -231,7 +234,7 @@ async fn topic_exists(brokers: &str, topic: &str) -> bool {
 }
 
 /// Waits until the relay holds the lease and its stream is open.
-async fn leads(metrics: &dualsync::metrics::Metrics) {
+pub(crate) async fn leads(metrics: &dualsync::metrics::Metrics) {
     eventually("the relay leads", || async {
         metrics.relay_leader.get() == 1
     })
@@ -756,13 +759,13 @@ async fn snapshot_command_publishes_the_watched_collections() {
     assert_eq!(dead.len(), 1);
 }
 
-/// With a schema registry (the stand-in that follows the Confluent API, see fake_registry.rs)
-/// the relay registers each collection's schema as it first sees the collection: the
+/// With a schema registry (the real one `make up` starts, see real_registry.rs) the relay
+/// registers each collection's schema as it first sees the collection: the
 /// collection's own envelope, or the generic one; apply reads the Confluent frames back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     let servers = servers();
-    let registry = crate::fake_registry::FakeRegistry::start(None).await;
+    let registry = crate::real_registry::RealRegistry::from_env();
     let p = mongo_pipeline(
         &servers,
         &servers.mongo,
@@ -798,16 +801,15 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
     converged(&p, &[GENERIC, TYPED], &[]).await;
     for collection in [GENERIC, TYPED] {
         let topic = p.topic(collection);
-        assert_eq!(
-            registry.versions(&format!("{topic}-value")).len(),
-            1,
-            "{topic} registered once"
-        );
+        let ids = registry.versions(&format!("{topic}-value")).await;
+        assert_eq!(ids.len(), 1, "{topic} registered once");
         let messages = read_topic(&servers.kafka, &topic, 1).await;
+        let value = messages[0].payload().unwrap();
+        assert_eq!(value[0], 0, "Confluent wire format");
         assert_eq!(
-            messages[0].payload().unwrap()[0],
-            0,
-            "Confluent wire format"
+            value[1..5],
+            ids[0].to_be_bytes(),
+            "framed with the registered id"
         );
     }
     assert!(!topic_exists(&servers.kafka, &p.topic("audit")).await);

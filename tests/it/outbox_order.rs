@@ -321,3 +321,38 @@ async fn read_plan(client: &tokio_postgres::Client) -> String {
         .unwrap();
     row.get::<_, serde_json::Value>(0).to_string()
 }
+
+/// `retention_secs > 0` under a sustained rate far above the old purge limit (10,000 rows a
+/// minute): published rows past their retention are deleted in chunks as fast as they are
+/// published, so the outbox on the primary stays bounded and empties soon after the writers
+/// stop; rows not yet published are never purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn published_rows_are_purged_as_fast_as_they_are_published() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
+    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+        s.retention_secs = 1;
+    }
+    let setup = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&setup).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(&config, &cancel);
+    let written = dualsync::demo::generate(&source_url, 200, 2000, 15_000, 4, 11)
+        .await
+        .unwrap();
+    assert!(written > 0);
+    let published = || dualsync::metrics::total(&metrics.published);
+    eventually("every event is published", || async {
+        dualsync::demo::outbox_counts(&setup).await.unwrap().1 == 0
+    })
+    .await;
+    assert!(published() > 15_000, "{} published", published());
+    eventually(
+        "every published row past its retention is purged",
+        || async { dualsync::demo::outbox_counts(&setup).await.unwrap().0 == 0 },
+    )
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}

@@ -1,7 +1,8 @@
-//! The schema-registry path: Confluent wire format out of the relay, registry-resolved decoding
-//! and schema evolution in apply, `dualsync schema check`. The registry is [`FakeRegistry`],
-//! which follows the documented Confluent REST API for the calls dualsync makes; the broker,
-//! PostgreSQL and the processes are real.
+//! The schema-registry path against the real registry `make up` starts ([`RealRegistry`],
+//! Apicurio's Confluent-compatible API): TopicNameStrategy subjects, registration, Confluent
+//! frames out of the relay, lookup by id and schema evolution in apply, `dualsync schema
+//! list|check`. Faults a real registry does not produce on demand (503s, refused credentials)
+//! are in `registry_faults.rs`, against the stand-in.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,15 +24,15 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
 
 use crate::common::*;
-use crate::fake_registry::FakeRegistry;
+use crate::real_registry::RealRegistry;
 
-fn registry_section(url: &str, extra: &str) -> String {
+pub fn registry_section(url: &str, extra: &str) -> String {
     format!("[schema_registry]\nurl = \"{url}\"\n{extra}\n")
 }
 
 /// The customers payload schema of `schemas/`, plus a `tier` field with a default: a
 /// compatible evolution in both directions.
-fn customers_with_tier() -> String {
+pub fn customers_with_tier() -> String {
     let text = std::fs::read_to_string(Path::new(&schemas_dir()).join("customers.avsc")).unwrap();
     let mut schema: serde_json::Value = serde_json::from_str(&text).unwrap();
     schema["fields"]
@@ -41,23 +42,26 @@ fn customers_with_tier() -> String {
     schema.to_string()
 }
 
-fn store_with(customers: &str) -> Arc<SchemaStore> {
+pub fn store_with(customers: &str) -> Arc<SchemaStore> {
     let mut store = SchemaStore::default();
     store.add("customers", customers).unwrap();
     Arc::new(store)
 }
 
-fn customer(id: &str, version: i64, payload: serde_json::Value) -> OutboxEvent {
+pub fn customer(id: &str, version: i64, payload: serde_json::Value) -> OutboxEvent {
     customer_event(id, version, Some(payload))
 }
 
 /// The 4-byte big-endian schema id of a Confluent frame.
-fn frame_id(value: &[u8]) -> u32 {
+pub fn frame_id(value: &[u8]) -> u32 {
     assert_eq!(value[0], 0, "Confluent magic byte");
     u32::from_be_bytes(value[1..5].try_into().unwrap())
 }
 
-async fn publishing_codec(config: &Config, store: Arc<SchemaStore>) -> Result<EventCodec, Error> {
+pub async fn publishing_codec(
+    config: &Config,
+    store: Arc<SchemaStore>,
+) -> Result<EventCodec, Error> {
     EventCodec::for_publishing(config, store, &CancellationToken::new())
         .await
         .map(|c| c.expect("not cancelled"))
@@ -65,16 +69,11 @@ async fn publishing_codec(config: &Config, store: Arc<SchemaStore>) -> Result<Ev
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_writes_confluent_frames_with_registered_ids_and_apply_converges() {
-    let registry = FakeRegistry::start(Some(("dualsync", "registry-s3cret"))).await;
-    let password_env = format!("DUALSYNC_TEST_{}", unique("pw").to_uppercase());
-    std::env::set_var(&password_env, "registry-s3cret");
+    let registry = RealRegistry::from_env();
     let servers = servers();
     let source_url = create_database(&servers).await;
     let sink_url = create_database(&servers).await;
-    let extra = registry_section(
-        &registry.url,
-        &format!("username = \"dualsync\"\npassword_env = \"{password_env}\""),
-    );
+    let extra = registry_section(&registry.url, "");
     let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), &extra);
     let source = dualsync::pg::connect(&source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();
@@ -100,8 +99,7 @@ async fn relay_writes_confluent_frames_with_registered_ids_and_apply_converges()
     })
     .await;
 
-    let mut subjects = registry.subjects();
-    subjects.sort();
+    let subjects = registry.subjects(&config.pipeline.name).await;
     let customers_subject = format!("{}-value", config.kafka.topic_for("customers"));
     let orders_subject = format!("{}-value", config.kafka.topic_for("orders"));
     assert_eq!(
@@ -112,8 +110,15 @@ async fn relay_writes_confluent_frames_with_registered_ids_and_apply_converges()
         ("customers", &customers_subject),
         ("orders", &orders_subject),
     ] {
-        let ids = registry.versions(subject);
+        let ids = registry.versions(subject).await;
         assert_eq!(ids.len(), 1, "one version under {subject}");
+        // What the registry holds under the id is the envelope the relay wrote with.
+        let held = registry.schema(ids[0]).await;
+        let local = schemas();
+        let local: serde_json::Value =
+            serde_json::from_str(&local.for_type(aggregate).unwrap().registry_json).unwrap();
+        assert_eq!(held["name"], local["name"], "{subject}");
+        assert_eq!(held["fields"], local["fields"], "{subject}");
         let topic = config.kafka.topic_for(aggregate);
         let messages = read_topic(&servers.kafka, &topic, 1).await;
         assert!(!messages.is_empty());
@@ -128,9 +133,12 @@ async fn relay_writes_confluent_frames_with_registered_ids_and_apply_converges()
     apply.await.unwrap().unwrap();
 }
 
+/// An id no test registers: the registry answers "not found" for it.
+const UNKNOWN_ID: u32 = 2_000_000_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_retried() {
-    let registry = FakeRegistry::start(None).await;
+async fn evolved_writers_decode_and_unknown_ids_are_dead_lettered() {
+    let registry = RealRegistry::from_env();
     let servers = servers();
     let sink_url = create_database(&servers).await;
     let config = pipeline(
@@ -148,8 +156,8 @@ async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_re
     let evolved = publishing_codec(&config, store_with(&customers_with_tier()))
         .await
         .unwrap();
-    let [current_id, evolved_id] = registry.versions(&subject)[..] else {
-        panic!("two versions expected: {:?}", registry.versions(&subject))
+    let [current_id, evolved_id] = registry.versions(&subject).await[..] else {
+        panic!("two versions expected under {subject}")
     };
     assert_ne!(current_id, evolved_id);
 
@@ -164,7 +172,7 @@ async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_re
         .unwrap();
     assert_eq!(frame_id(&from_current), current_id);
     let mut unknown_id = from_current.clone();
-    unknown_id[1..5].copy_from_slice(&9_999u32.to_be_bytes());
+    unknown_id[1..5].copy_from_slice(&UNKNOWN_ID.to_be_bytes());
     let last = current
         .encode(&customer("c1", 2, payload("c1", "last")))
         .unwrap();
@@ -191,8 +199,6 @@ async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_re
     publisher.ensure_topic(&topic).await.unwrap();
     produce_in_order(&producer, &topic, &messages).await;
 
-    // Apply meets a registry that answers 503 for a while: it waits, it does not dead-letter.
-    registry.fail_next(3);
     let cancel = CancellationToken::new();
     let (apply, stats) = spawn_apply(&config, "postgres", &cancel);
     let SinkConfig::Postgres(p) = &config.sinks["postgres"] else {
@@ -206,7 +212,6 @@ async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_re
             && matches!(&c2, Some((1, Some(doc))) if doc["name"] == "second")
     })
     .await;
-    assert_eq!(registry.failures_served(), 3);
     let letters = read_topic(&servers.kafka, &format!("{topic}.dlq"), 1).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(
@@ -215,52 +220,38 @@ async fn evolved_writers_decode_unknown_ids_are_dead_lettered_and_outages_are_re
     );
     assert_eq!(letters[0].key(), Some(&b"c3"[..]));
     assert_eq!(letters[0].payload(), Some(unknown_id.as_slice()));
-    assert!(header(&letters[0], dlq::MESSAGE).is_some_and(|m| m.contains("9999")));
+    assert!(header(&letters[0], dlq::MESSAGE).is_some_and(|m| m.contains(&UNKNOWN_ID.to_string())));
     assert_eq!(total(&stats.dead_lettered), 1);
-    assert!(total(&stats.retries) >= 1, "the outage shows as retries");
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_refusals_stop_start_up_with_a_named_cause() {
-    let registry = FakeRegistry::start(Some(("dualsync", "right"))).await;
+async fn auto_register_off_refuses_a_subject_without_the_schema_by_name() {
+    let registry = RealRegistry::from_env();
     let servers = servers();
-    let wrong_env = format!("DUALSYNC_TEST_{}", unique("pw").to_uppercase());
-    std::env::set_var(&wrong_env, "wrong");
     let config = pipeline(
         &servers,
         "postgres://unused",
         "postgres://unused",
         "unused",
-        &registry_section(
-            &registry.url,
-            &format!("username = \"dualsync\"\npassword_env = \"{wrong_env}\""),
-        ),
-    );
-    let e = publishing_codec(&config, schemas()).await.err().unwrap();
-    assert_eq!(classify(&e), Disposition::Fatal, "{e}");
-    assert!(e.to_string().contains("401"), "{e}");
-
-    let open = FakeRegistry::start(None).await;
-    let config = pipeline(
-        &servers,
-        "postgres://unused",
-        "postgres://unused",
-        "unused",
-        &registry_section(&open.url, "auto_register = false"),
+        &registry_section(&registry.url, "auto_register = false"),
     );
     let e = publishing_codec(&config, schemas()).await.err().unwrap();
     let subject = format!("{}-value", config.kafka.topic_for("customers"));
     assert!(matches!(e, Error::Setup(_)), "{e}");
+    assert_eq!(classify(&e), Disposition::Fatal, "{e}");
     assert!(e.to_string().contains(&subject), "{e}");
-    assert!(open.subjects().is_empty(), "nothing registered");
+    assert!(
+        registry.subjects(&config.pipeline.name).await.is_empty(),
+        "nothing registered"
+    );
 }
 
-/// Runs `dualsync schema check`: (exit success, stdout, stderr).
-fn schema_check(config_path: &Path, json: bool) -> (bool, String, String) {
+/// Runs `dualsync schema <verb>`: (exit success, stdout, stderr).
+fn schema_command(verb: &str, config_path: &Path, json: bool) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dualsync"));
-    cmd.args(["schema", "check", "--config"]).arg(config_path);
+    cmd.args(["schema", verb, "--config"]).arg(config_path);
     if json {
         cmd.arg("--json");
     }
@@ -272,9 +263,13 @@ fn schema_check(config_path: &Path, json: bool) -> (bool, String, String) {
     )
 }
 
+fn schema_check(config_path: &Path, json: bool) -> (bool, String, String) {
+    schema_command("check", config_path, json)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_check_tells_new_registered_compatible_and_incompatible_apart() {
-    let registry = FakeRegistry::start(None).await;
+async fn schema_list_and_check_tell_new_registered_compatible_and_incompatible_apart() {
+    let registry = RealRegistry::from_env();
     let servers = servers();
     let text = pipeline_toml(
         &servers,
@@ -288,6 +283,30 @@ async fn schema_check_tells_new_registered_compatible_and_incompatible_apart() {
     let config = Config::from_toml(&path, &text, Vec::new()).unwrap();
     let subject = |a: &str| format!("{}-value", config.kafka.topic_for(a));
 
+    // `schema list` names each type's TopicNameStrategy subject.
+    let (ok, out, err) = schema_command("list", &path, false);
+    assert!(ok, "{out}{err}");
+    let listed: BTreeMap<&str, &str> = out
+        .lines()
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            (cols[0], cols[3])
+        })
+        .collect();
+    let expected: BTreeMap<&str, String> = [
+        ("customers", subject("customers")),
+        ("orders", subject("orders")),
+    ]
+    .into();
+    assert_eq!(
+        listed,
+        expected
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<BTreeMap<_, _>>(),
+        "{out}"
+    );
+
     let (ok, out, err) = schema_check(&path, false);
     assert!(ok, "{out}{err}");
     assert_eq!(out.matches("new subject").count(), 2, "{out}");
@@ -300,6 +319,7 @@ async fn schema_check_tells_new_registered_compatible_and_incompatible_apart() {
             &subject("orders"),
             &local.for_type("orders").unwrap().registry_json,
         )
+        .await
         .unwrap();
     let evolved = store_with(&customers_with_tier());
     registry
@@ -307,6 +327,7 @@ async fn schema_check_tells_new_registered_compatible_and_incompatible_apart() {
             &subject("customers"),
             &evolved.for_type("customers").unwrap().registry_json,
         )
+        .await
         .unwrap();
     let (ok, out, err) = schema_check(&path, false);
     assert!(ok, "{out}{err}");
@@ -315,27 +336,31 @@ async fn schema_check_tells_new_registered_compatible_and_incompatible_apart() {
         "{out}"
     );
     assert!(out.contains("\tcompatible"), "{out}");
-    assert!(
-        registry.versions(&subject("customers")).len() == 1,
+    assert_eq!(
+        registry.versions(&subject("customers")).await.len(),
+        1,
         "check registers nothing"
     );
 
-    // Then a version without `email`, which the local schema requires with no default.
+    // Then a version without `email` (BACKWARD allows dropping a field), which the local schema
+    // cannot read: it requires `email` and has no default for it.
     let mut older: serde_json::Value =
         serde_json::from_str(&local.for_type("customers").unwrap().registry_json).unwrap();
     older["fields"].as_array_mut().unwrap()[7]["type"][1]["fields"]
         .as_array_mut()
         .unwrap()
-        .retain(|f| f["name"] != "email");
+        .retain(|f| f["name"] != "email" && f["name"] != "tier");
     registry
         .register(&subject("customers"), &older.to_string())
+        .await
         .unwrap();
     let (ok, out, err) = schema_check(&path, false);
     assert!(!ok, "an incompatible schema fails the check: {out}");
     assert!(out.contains("INCOMPATIBLE"), "{out}");
-    // The stand-in's reason comes from apache-avro's checker, which names the outer field.
+    // The registry's reason, indented under its schema, names the field at fault.
     assert!(
-        out.contains("    Incompatible schemata! Field 'payload'"),
+        out.lines()
+            .any(|l| l.starts_with("    ") && l.contains("email")),
         "the registry's reason is shown, indented under its schema: {out}"
     );
     assert!(err.contains("incompatible"), "{err}");

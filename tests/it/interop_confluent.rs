@@ -1,0 +1,117 @@
+//! A consumer we did not write reads a run in the Confluent framing: confluent-kafka's
+//! `DeserializingConsumer` with its `AvroDeserializer` (tests/interop/consume_confluent.py),
+//! resolving schema ids at the real registry. Every event of the run must decode with the key
+//! equal to the envelope's `aggregate_id` and the `dualsync.*` headers equal to the envelope.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+use crate::real_registry::RealRegistry;
+use crate::registry::registry_section;
+
+/// The interop venv's python (scripts/interop.sh creates it once).
+fn interop_python() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/interop.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/interop.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
+    let registry = RealRegistry::from_env();
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let config = pipeline(
+        &servers,
+        &source_url,
+        "postgres://unused",
+        &unique("t"),
+        &registry_section(&registry.url, ""),
+    );
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&config, &cancel);
+    // Order changes include cancellations: deletes, with no payload.
+    dualsync::demo::generate(&source_url, 4, 10, 120, 2, 25)
+        .await
+        .unwrap();
+    eventually("the relay has published the whole outbox", || async {
+        let (_, unpublished) = dualsync::demo::outbox_counts(&source).await.unwrap();
+        unpublished == 0
+    })
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+
+    let written: BTreeSet<(String, String, i64)> = source
+        .query(
+            "SELECT aggregatetype, aggregateid, seq FROM dualsync.outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (config.kafka.topic_for(r.get(0)), r.get(1), r.get(2)))
+        .collect();
+    let deletes: i64 = source
+        .query_one(
+            "SELECT count(*) FROM dualsync.outbox WHERE payload IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deletes > 0, "the run has deletes");
+
+    let topics = [
+        config.kafka.topic_for("customers"),
+        config.kafka.topic_for("orders"),
+    ];
+    let out = Command::new(interop_python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/consume_confluent.py"))
+        .args(["--bootstrap", &servers.kafka, "--registry", &registry.url])
+        .args(&topics)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "consume_confluent.py: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{stderr}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(summary["failures"], serde_json::json!([]), "{summary}");
+    assert_eq!(summary["decoded"], summary["messages"]);
+    let read: BTreeSet<(String, String, i64)> = summary["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e[0].as_str().unwrap().to_string(),
+                e[1].as_str().unwrap().to_string(),
+                e[2].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        read, written,
+        "every outbox row, decoded by confluent-kafka"
+    );
+    println!(
+        "confluent-kafka decoded {} of {} messages ({} outbox rows, {deletes} deletes)",
+        summary["decoded"],
+        summary["messages"],
+        written.len()
+    );
+}
