@@ -3,7 +3,8 @@
 # docker-compose.yml (`dualsync relay ...`, `dualsync apply ...`).
 
 # ---- build ------------------------------------------------------------------
-FROM rust:1-bookworm AS builder
+# Pinned: the toolchain the repository is tested with locally (rustc 1.95.0).
+FROM rust:1.95.0-bookworm AS builder
 WORKDIR /src
 # rdkafka-sys builds librdkafka from source with its ./configure script
 # (make, C/C++ compiler, pkg-config, zlib and OpenSSL headers: all already in
@@ -16,7 +17,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/dualsync /out/dualsync
 
 # ---- runtime ----------------------------------------------------------------
-FROM debian:bookworm-slim
+FROM debian:12.8-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libssl3 curl \
     && rm -rf /var/lib/apt/lists/* \

@@ -19,6 +19,7 @@ COMPOSE ?= docker compose
 
 help: ## Show this help
 	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo registry\"]"
+	@echo "  (SERVERS=prometheus: the optional Prometheus with dualsync's alert rules, docs/operations.md)"
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -26,7 +27,7 @@ help: ## Show this help
 install: ## Install missing local servers (PostgreSQL, Apache Kafka, SecantusDB Mongo, Apicurio registry)
 	bash scripts/install.sh $(SERVERS)
 
-up: ## Start local servers (installs what is missing) and write .local/env
+up: ## Start local servers (installs what is missing) and write .local/env; SERVERS="all prometheus" adds Prometheus on 127.0.0.1:19090
 	bash scripts/up.sh $(SERVERS)
 
 down: ## Stop local servers
@@ -71,7 +72,7 @@ compose-down: ## Stop the Docker Compose stack and delete its volumes
 	$(COMPOSE) down -v
 
 clean-state: ## Stop local servers and delete all local state (.local)
-	bash scripts/down.sh all
+	bash scripts/down.sh all prometheus
 	@# up.sh leaves a symlink when the data dir had to live outside the repo.
 	@if [ -L "$(STATE_DIR)/pg" ]; then target="$$(readlink "$(STATE_DIR)/pg")"; \
 		echo "rm -rf $${target%/pg}"; rm -rf "$${target%/pg}"; fi

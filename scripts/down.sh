@@ -5,6 +5,8 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/prometheus.sh
+. "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh"
 
 down_postgres() {
     local pid bin

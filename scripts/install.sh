@@ -17,6 +17,8 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/prometheus.sh
+. "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh"
 
 run_as_root() {
     if [[ "$(id -u)" -eq 0 ]]; then

@@ -101,8 +101,10 @@ parse_servers() {
             kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
             registry | apicurio) echo registry ;;
+            # Optional, never part of `all`: see scripts/prometheus.sh.
+            prometheus) echo prometheus ;;
             *)
-                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|all)" >&2
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|prometheus|all)" >&2
                 return 2
                 ;;
         esac
@@ -113,7 +115,7 @@ parse_servers() {
 servers_from_args() {
     local out
     if ! out="$(parse_servers "$@")"; then
-        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|all]..."
+        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|prometheus|all]..."
     fi
     printf '%s\n' "$out"
 }

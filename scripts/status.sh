@@ -7,11 +7,17 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/prometheus.sh
+. "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh"
 
 main() {
     local servers server pid state rc=0 port note
     servers="$(servers_from_args "$@")"
     for server in $servers; do
+        if [[ "$server" == prometheus ]]; then
+            status_prometheus || rc=3
+            continue
+        fi
         if [[ "$server" == kafka ]]; then
             KAFKA_NODES="$(kafka_started_nodes)"
             local n

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
-# Apicurio schema registry) and the interop tests' Python venv (scripts/interop.sh), then
-# runs every test (unit, property and integration) against those real servers.
+# Apicurio schema registry; Prometheus and promtool from Debian) and the interop tests' Python
+# venv (scripts/interop.sh), runs the alert rules' promtool unit tests, then every test (unit,
+# property and integration) against those real servers.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 
 bash scripts/up.sh all
+# Prometheus and promtool (Debian package): the alert rules' unit tests and the live dashboard
+# test (tests/it/dashboard.rs, which starts its own Prometheus) need them.
+# shellcheck source=scripts/prometheus.sh
+. scripts/prometheus.sh
+install_prometheus
+log "alert rules: promtool check rules and promtool test rules"
+test_prometheus_rules
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 

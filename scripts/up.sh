@@ -8,6 +8,8 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/prometheus.sh
+. "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh"
 
 # --------------------------------------------------------------------------
 # PostgreSQL: private cluster in $STATE_DIR/pg (or a /var/tmp fallback)

@@ -193,7 +193,17 @@ pub async fn replay(
         .filter(|m| filter.matches(m))
         .take(limit)
         .collect();
-    let outcomes = replay::replay(config, codec, topic, selected, dry_run, force).await?;
+    let progress = crate::progress::Progress::new(
+        &format!("replay {topic}"),
+        "letters",
+        Some(selected.len() as u64),
+    );
+    let outcomes =
+        replay::replay_with_progress(config, codec, topic, selected, dry_run, force, &|n| {
+            progress.inc(n)
+        })
+        .await?;
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
         return Ok(());

@@ -163,11 +163,56 @@ pub fn classify(err: &Error) -> Disposition {
     }
 }
 
+/// Which configured connection an error came from, and the key that configures it: the first
+/// two questions of whoever reads the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    /// The primary database (outbox or change stream).
+    Source,
+    /// The named `[sinks.NAME]`.
+    Sink(&'a str),
+    Broker,
+    Registry,
+}
+
+impl Endpoint<'_> {
+    pub fn config_key(&self) -> String {
+        match self {
+            Endpoint::Source => "source.url".into(),
+            Endpoint::Sink(name) => format!("sinks.{name}.url"),
+            Endpoint::Broker => "kafka.brokers".into(),
+            Endpoint::Registry => "schema_registry.url".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Source => f.write_str("source"),
+            Endpoint::Sink(name) => write!(f, "sink {name}"),
+            Endpoint::Broker => f.write_str("Kafka broker"),
+            Endpoint::Registry => f.write_str("schema registry"),
+        }
+    }
+}
+
+/// The connection `err` is about, in a process whose database is `database` (the source for
+/// a relay, its sink for apply); `None` when the error is not about a connection.
+pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
+    match err {
+        Error::Postgres(_) | Error::Mongo(_) => Some(database),
+        Error::Kafka(_) => Some(Endpoint::Broker),
+        Error::Registry(_) => Some(Endpoint::Registry),
+        _ => None,
+    }
+}
+
 /// Runs `attempt` until it succeeds, waiting out errors [`classify`] calls transient with
 /// exponential backoff (at most 10 s apart) for as long as it takes: a server that is down at
 /// start-up is waited for, not a reason to exit. `Ok(None)` when `cancel` fires first.
 pub async fn retry_transient<T, F, Fut>(
-    what: &str,
+    what: Endpoint<'_>,
     cancel: &tokio_util::sync::CancellationToken,
     attempt: F,
 ) -> Result<Option<T>, Error>
@@ -188,7 +233,9 @@ where
                 let delay = policy
                     .next_backoff()
                     .unwrap_or(std::time::Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in = ?delay, "{what} unavailable; retrying");
+                let at = endpoint(&e, what).unwrap_or(what);
+                tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
+                    config_key = %at.config_key(), "{at} unavailable ({}); retrying", at.config_key());
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}

@@ -130,6 +130,12 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let ready = s
+        .metrics
+        .health
+        .not_ready(Duration::from_secs(s.config.stuck_after_secs))
+        .is_empty();
+    s.metrics.ready.set(i64::from(ready));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use dualsync::apply;
 use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::{Config, SinkConfig};
-use dualsync::error::Error;
+use dualsync::error::{Endpoint, Error};
 use dualsync::http::Control;
 use dualsync::metrics::Metrics;
 use dualsync::relay;
@@ -22,6 +22,7 @@ use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
 
 mod dlq_cmd;
+mod progress;
 mod reconcile_cmd;
 mod report;
 mod schema_cmd;
@@ -33,8 +34,13 @@ mod schema_cmd;
     about = "Outbox → Kafka → secondary store, without dual writes"
 )]
 struct Cli {
-    #[arg(long, value_enum, default_value = "human", global = true)]
+    /// Log lines on stderr: `text` (colours only on a terminal) or `json`, one object a line.
+    #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
+    /// snapshot, verify and dlq replay: how often to print a progress line when stderr is
+    /// not a terminal (on a terminal they show a bar).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    progress_interval: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -225,6 +231,7 @@ enum DemoCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    progress::set_interval(cli.progress_interval);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -237,9 +244,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Logged once, here, where the process decides to exit: in the chosen log format, so
+        // a supervisor's file keeps one parseable line for it.
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -283,7 +291,7 @@ fn shutdown_token() -> CancellationToken {
 /// Connects a sink, retrying transient failures until `cancel` (a sink that is down at
 /// start-up is waited for, not a reason to exit).
 async fn connect_sink<S, F, Fut>(
-    what: &str,
+    sink: &str,
     cancel: &CancellationToken,
     connect: F,
 ) -> anyhow::Result<Option<S>>
@@ -291,9 +299,10 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<S, Error>>,
 {
-    dualsync::error::retry_transient(what, cancel, connect)
+    let at = Endpoint::Sink(sink);
+    dualsync::error::retry_transient(at, cancel, connect)
         .await
-        .with_context(|| format!("cannot connect to {what}"))
+        .with_context(|| format!("cannot connect to {at} ({})", at.config_key()))
 }
 
 /// Starts the process's HTTP endpoint unless disabled; returns the shared metrics and control.
@@ -332,13 +341,13 @@ struct ApplyRun<'a> {
 
 impl ApplyRun<'_> {
     /// Connects the sink (waiting out transient failures) and runs the consumer group on it.
-    async fn run<S, F, Fut>(self, what: &str, connect: F) -> anyhow::Result<()>
+    async fn run<S, F, Fut>(self, connect: F) -> anyhow::Result<()>
     where
         S: dualsync::sink::Sink,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<S, Error>>,
     {
-        let Some(sink) = connect_sink(what, &self.cancel, connect).await? else {
+        let Some(sink) = connect_sink(self.sink_name, &self.cancel, connect).await? else {
             return Ok(());
         };
         apply::run(
@@ -398,13 +407,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cancel,
             };
             match sink_config.clone() {
-                SinkConfig::Postgres(p) => {
-                    run.run("postgres sink", || PostgresSink::connect(&p))
-                        .await?
-                }
-                SinkConfig::Mongodb(m) => {
-                    run.run("mongodb sink", || MongoSink::connect(&m)).await?
-                }
+                SinkConfig::Postgres(p) => run.run(|| PostgresSink::connect(&p)).await?,
+                SinkConfig::Mongodb(m) => run.run(|| MongoSink::connect(&m)).await?,
             }
             tracing::info!("apply stopped");
             Ok(())

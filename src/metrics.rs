@@ -34,6 +34,11 @@ pub mod names {
     pub const ASSIGNED_PARTITIONS: &str = "dualsync_assigned_partitions";
     pub const PAUSED: &str = "dualsync_paused";
     pub const UP: &str = "dualsync_up";
+    /// 1 while `/readyz` would answer 200 (set at each scrape).
+    pub const READY: &str = "dualsync_ready";
+    /// Standard process metrics (the names every Prometheus client library uses), Linux only.
+    pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+    pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 }
 
 /// Which pipeline stage counted something (the `stage` label).
@@ -60,6 +65,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub paused: IntGauge,
+    pub ready: IntGauge,
     pub health: Health,
 }
 
@@ -94,6 +100,15 @@ impl Metrics {
             |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("valid metric"));
         let up = gauge(names::UP, "1 while the process runs");
         up.set(1);
+        #[cfg(target_os = "linux")]
+        register(r, process::ProcessCollector::new());
+        let retries = counter_vec(
+            names::RETRIES,
+            "Transient failures retried with backoff",
+            &["stage"],
+        );
+        // A series at 0 from the start, so rate() and alerts see the first retry.
+        retries.with_label_values(&[role]);
         Self {
             outbox_rows_read: counter(
                 names::OUTBOX_ROWS_READ,
@@ -131,11 +146,7 @@ impl Metrics {
                 "Events sent to a dead-letter topic",
                 &["stage", "topic", "class"],
             ),
-            retries: counter_vec(
-                names::RETRIES,
-                "Transient failures retried with backoff",
-                &["stage"],
-            ),
+            retries,
             retries_in_progress: gauge(
                 names::RETRIES_IN_PROGRESS,
                 "Workers currently backing off after a transient failure",
@@ -194,6 +205,7 @@ impl Metrics {
                 "Partitions assigned to this consumer",
             ),
             paused: gauge(names::PAUSED, "1 while paused through the HTTP API"),
+            ready: gauge(names::READY, "1 while ready (GET /readyz answers 200)"),
             health: Health::default(),
             registry,
         }
@@ -212,6 +224,82 @@ impl Metrics {
         self.dead_lettered
             .with_label_values(&[stage, topic, class])
             .inc();
+    }
+}
+
+/// Resident memory and CPU time of this process from /proc/self, read at each scrape (the
+/// `prometheus` crate's own collector would pull in `procfs` for two numbers).
+#[cfg(target_os = "linux")]
+mod process {
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use prometheus::{Counter, Gauge};
+
+    use super::names;
+
+    /// Clock ticks per second of /proc times: USER_HZ, 100 on every Linux architecture.
+    const USER_HZ: f64 = 100.0;
+
+    #[derive(Clone)]
+    pub struct ProcessCollector {
+        rss: Gauge,
+        cpu: Counter,
+    }
+
+    impl ProcessCollector {
+        pub fn new() -> Self {
+            Self {
+                rss: Gauge::new(names::PROCESS_RSS, "Resident memory size in bytes")
+                    .expect("valid metric"),
+                cpu: Counter::new(
+                    names::PROCESS_CPU,
+                    "Total user and system CPU time spent in seconds",
+                )
+                .expect("valid metric"),
+            }
+        }
+    }
+
+    /// VmRSS of /proc/self/status, in bytes.
+    fn rss_bytes() -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024.0)
+    }
+
+    /// utime + stime of /proc/self/stat, in seconds. Fields after the `(comm)`, which may
+    /// hold spaces: state is the 1st, utime the 12th, stime the 13th.
+    fn cpu_seconds() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) / USER_HZ)
+    }
+
+    impl Collector for ProcessCollector {
+        fn desc(&self) -> Vec<&Desc> {
+            let mut d = self.rss.desc();
+            d.extend(self.cpu.desc());
+            d
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            if let Some(rss) = rss_bytes() {
+                self.rss.set(rss);
+            }
+            if let Some(cpu) = cpu_seconds() {
+                let delta = cpu - self.cpu.get();
+                if delta > 0.0 {
+                    self.cpu.inc_by(delta);
+                }
+            }
+            let mut out = self.rss.collect();
+            out.extend(self.cpu.collect());
+            out
+        }
     }
 }
 
@@ -333,6 +421,27 @@ mod tests {
             line.contains(r#"pipeline="p""#) && line.ends_with(" 2"),
             "{line}"
         );
+    }
+
+    /// Dashboards and alerts need these series before anything happened.
+    #[test]
+    fn retries_and_process_series_exist_from_the_start() {
+        let text = Metrics::new("p", "apply").render();
+        let has = |prefix: &str| text.lines().any(|l| l.starts_with(prefix));
+        assert!(has(r#"dualsync_retries_total{stage="apply""#), "{text}");
+        assert!(has(names::READY), "{text}");
+        #[cfg(target_os = "linux")]
+        {
+            let value = |name: &str| -> f64 {
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_else(|| panic!("no {name} in {text}"));
+                line.rsplit_once(' ').unwrap().1.parse().unwrap()
+            };
+            assert!(value(names::PROCESS_RSS) > 1_000_000.0, "{text}");
+            assert!(value(names::PROCESS_CPU) >= 0.0, "{text}");
+        }
     }
 
     #[test]

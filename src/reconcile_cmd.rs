@@ -1,6 +1,5 @@
-//! `dualsync verify` and `dualsync snapshot`: progress bars on stderr, results on stdout.
-
-use indicatif::{ProgressBar, ProgressStyle};
+//! `dualsync verify` and `dualsync snapshot`: progress on stderr (see [`Progress`]), results on
+//! stdout.
 
 use dualsync::config::{Config, ReconcileConfig, SinkConfig};
 use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
@@ -8,16 +7,7 @@ use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} ({per_sec}, {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
+use crate::progress::Progress;
 
 /// The aggregates to work on: the named ones (each must have a `[reconcile.X]`), or all.
 fn aggregates<'a>(
@@ -86,15 +76,35 @@ async fn verify_with<S: Sink>(
     let mut repaired = 0;
     for (aggregate, rc) in aggregates(config, only)? {
         let total = reconcile::primary_count(&source, rc).await?;
-        let progress = bar(total, &format!("{aggregate} vs {sink_name}"));
+        // Both sides are read and the sink holds about as many rows as the primary.
+        let progress = Progress::new(
+            &format!("verify {aggregate} vs {sink_name}"),
+            "rows",
+            Some(2 * total),
+        );
         let report = reconcile::verify(&source, sink, aggregate, rc, &|n| progress.inc(n)).await?;
-        progress.finish_and_clear();
+        progress.finish();
         if repair && !report.mismatches.is_empty() {
             let mut keys: Vec<String> = report.mismatches.iter().map(|m| m.key.clone()).collect();
             keys.sort();
-            repaired +=
-                reconcile::emit_current_state(&mut source, aggregate, rc, &keys, REPAIR_EVENT_TYPE)
-                    .await?;
+            let progress = Progress::new(
+                &format!("repair {aggregate}"),
+                "keys",
+                Some(keys.len() as u64),
+            );
+            // Re-emitted in chunks, so the progress moves on big repairs.
+            for chunk in keys.chunks(500) {
+                repaired += reconcile::emit_current_state(
+                    &mut source,
+                    aggregate,
+                    rc,
+                    chunk,
+                    REPAIR_EVENT_TYPE,
+                )
+                .await?;
+                progress.inc(chunk.len() as u64);
+            }
+            progress.finish();
         }
         reports.push(report);
     }
@@ -180,12 +190,12 @@ pub async fn snapshot(
     let mut reports = Vec::new();
     for (aggregate, rc) in aggregates(config, only)? {
         let total = reconcile::primary_count(&source, rc).await?;
-        let progress = bar(total, &format!("snapshot {aggregate}"));
+        let progress = Progress::new(&format!("snapshot {aggregate}"), "rows", Some(total));
         let report = reconcile::snapshot(&mut source, aggregate, rc, batch, restart, &|n| {
             progress.inc(n)
         })
         .await?;
-        progress.finish_and_clear();
+        progress.finish();
         if !json {
             println!(
                 "{}: {} rows emitted as {} events{}",

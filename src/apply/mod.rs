@@ -38,6 +38,8 @@ pub use partition::PartitionResult;
 /// Everything a partition worker needs, shared by all of them.
 pub struct ApplyContext<S: Sink> {
     pub sink: Arc<S>,
+    /// The `[sinks.NAME]` it writes to, for log lines.
+    pub sink_name: String,
     pub codec: EventCodec,
     pub dlq: Publisher,
     pub config: Config,
@@ -213,6 +215,7 @@ pub async fn run<S: Sink>(
 
     let ctx = Arc::new(ApplyContext {
         sink,
+        sink_name: sink_name.to_string(),
         codec,
         dlq,
         config: config.clone(),

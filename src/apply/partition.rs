@@ -12,7 +12,7 @@ use super::ApplyContext;
 use crate::codec::DecodeError;
 use crate::config::{OnInvalid, SourceConfig};
 use crate::dlq::{self, Failure};
-use crate::error::{classify, Disposition, Error};
+use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
 use crate::sink::{Sink, SinkRecord};
 
@@ -177,7 +177,10 @@ async fn write<S: Sink>(
             Err(e) => match classify(&e) {
                 Disposition::Retry => {
                     retrying.begin();
-                    tracing::warn!(error = %e, attempts, "sink write failed; retrying with backoff");
+                    let at = endpoint(&e, Endpoint::Sink(&ctx.sink_name))
+                        .unwrap_or(Endpoint::Sink(&ctx.sink_name));
+                    tracing::warn!(error = %e, attempts, connection = %at, config_key = %at.config_key(),
+                        "sink write failed ({at}, {}); retrying with backoff", at.config_key());
                     if !pause(ctx, &mut policy).await {
                         return Ok(false);
                     }

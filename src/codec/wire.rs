@@ -23,7 +23,7 @@ use super::mongo::{encode_generic_datum, ChangeContext};
 use super::registry::{RegistryClient, RegistryError};
 use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
 use crate::config::Config;
-use crate::error::{retry_transient, Error};
+use crate::error::{retry_transient, Endpoint, Error};
 
 /// How often an unknown fingerprint may make the codec read the schemas folder again.
 const SCHEMA_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,7 +90,8 @@ impl EventCodec {
         if codec.registry.is_none() {
             return Ok(Some(codec));
         }
-        let ids = retry_transient("schema registry", cancel, || codec.register_all(config)).await?;
+        let ids =
+            retry_transient(Endpoint::Registry, cancel, || codec.register_all(config)).await?;
         Ok(ids.map(|ids| {
             codec.publish_ids = Some(Mutex::new(ids));
             codec

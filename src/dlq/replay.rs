@@ -165,6 +165,19 @@ pub async fn replay(
     dry_run: bool,
     force: bool,
 ) -> Result<Vec<Outcome>, Error> {
+    replay_with_progress(config, codec, dlq_topic, letters, dry_run, force, &|_| {}).await
+}
+
+/// [`replay`], calling `on_progress(1)` as each letter is decided.
+pub async fn replay_with_progress(
+    config: &Config,
+    codec: &EventCodec,
+    dlq_topic: &str,
+    letters: Vec<DeadLetter>,
+    dry_run: bool,
+    force: bool,
+    on_progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Outcome>, Error> {
     let done = {
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))
@@ -212,6 +225,7 @@ pub async fn replay(
             });
             to_send.push(message);
         }
+        on_progress(1);
         outcomes.push(Outcome {
             topic: letter.topic.clone(),
             partition: letter.partition,

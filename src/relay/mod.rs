@@ -21,7 +21,7 @@ mod outbox;
 use crate::codec::{EventCodec, OutboxEvent, SchemaStore};
 use crate::config::{Config, SourceConfig};
 use crate::dlq::{self, Failure};
-use crate::error::{classify, Disposition, Error};
+use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
@@ -128,7 +128,14 @@ where
                     metrics.health.set_database_up(false);
                 }
                 let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in = ?delay, "relay lost its connection or lease; reconnecting");
+                match endpoint(&e, Endpoint::Source) {
+                    Some(at) => tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
+                        config_key = %at.config_key(),
+                        "relay lost its connection to the {at} ({}); reconnecting", at.config_key()),
+                    None => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "relay lost its lease; reconnecting")
+                    }
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}

@@ -43,7 +43,9 @@ fn parse_metrics(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
             let mut parts = comment.splitn(3, ' ');
             assert!(matches!(parts.next(), Some("HELP" | "TYPE")), "{line}");
             assert!(
-                parts.next().is_some_and(|n| n.starts_with("dualsync_")),
+                parts
+                    .next()
+                    .is_some_and(|n| n.starts_with("dualsync_") || n.starts_with("process_")),
                 "{line}"
             );
             continue;

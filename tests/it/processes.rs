@@ -30,7 +30,7 @@ pub fn spawn(args: &[&str], log: &str) -> Child {
 }
 
 /// Waits for the process to exit (deadline-bounded) and returns its exit status.
-fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+pub fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
     let end = Instant::now() + deadline;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -45,7 +45,7 @@ fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus 
     }
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -234,7 +234,7 @@ async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_resta
 }
 
 /// Waits (deadline-bounded) until the log file `name` contains `needle`.
-fn wait_for_log(name: &str, needle: &str) -> String {
+pub fn wait_for_log(name: &str, needle: &str) -> String {
     let path = std::env::temp_dir().join(name);
     let end = Instant::now() + DEADLINE;
     loop {
@@ -299,11 +299,11 @@ database = "replica"
         (vec!["relay", "-c", path], "relay lost its connection"),
         (
             vec!["apply", "-c", path, "--sink", "pg"],
-            "postgres sink unavailable",
+            "sink pg unavailable",
         ),
         (
             vec!["apply", "-c", path, "--sink", "mongo"],
-            "mongodb sink unavailable",
+            "sink mongo unavailable",
         ),
     ];
     let mut logs = Vec::new();
