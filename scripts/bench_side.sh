@@ -25,7 +25,7 @@ DRAIN_EVENTS="${BENCH_DRAIN_EVENTS:-100000}"
 FIXED_RATE="${BENCH_FIXED_RATE:-1000}"
 FIXED_SECONDS="${BENCH_FIXED_SECONDS:-600}"
 LOAD_CLIENTS="${BENCH_LOAD_CLIENTS:-4}"
-LOAD_BATCH="${BENCH_LOAD_BATCH:-100}" # events per load transaction at full speed
+LOAD_BATCH="${BENCH_LOAD_BATCH:-250}" # events per load transaction at full speed
 # One event per transaction, each waiting for its commit's WAL flush: enough connections that
 # the rate is kept on a busy machine (pgbench reports its schedule lag in the logs).
 FIXED_CLIENTS="${BENCH_FIXED_CLIENTS:-16}"
