@@ -30,7 +30,7 @@ LOAD_BATCH="${BENCH_LOAD_BATCH:-250}" # events per load transaction at full spee
 # the rate is kept on a busy machine (pgbench reports its schedule lag in the logs).
 FIXED_CLIENTS="${BENCH_FIXED_CLIENTS:-16}"
 PIPELINES="${BENCH_PIPELINES:-dualsync debezium}"
-BIN="$REPO_ROOT/target/release/dualsync"
+BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync"
 CONFIG=connectors/demo.toml
 PY_HOME="$TOOLS_DIR/bench-py-1"
 PY="$PY_HOME/bin/python"
@@ -95,7 +95,8 @@ new_db() {
 }
 # Every order at its latest event in the sink.
 caught_up() {
-    wait_sql "SELECT to_regclass('$SINK') IS NOT NULL AND NOT EXISTS (
+    wait_sql "SELECT to_regclass('$SINK') IS NOT NULL" # apply creates dualsync's sink tables
+    wait_sql "SELECT NOT EXISTS (
         SELECT 1 FROM (SELECT aggregateid, max(seq) AS seq FROM dualsync.outbox GROUP BY aggregateid) o
         LEFT JOIN $SINK r ON r.id = o.aggregateid WHERE r.$VERSION IS DISTINCT FROM o.seq)"
 }
