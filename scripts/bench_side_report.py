@@ -2,6 +2,7 @@
 """bench/side.json and the side-by-side table bench/side.md from scripts/bench_side.sh's pieces.
 
 usage: bench_side_report.py WORK_DIR OUT.json OUT.md FIXED_SECONDS LOAD_CLIENTS LOAD_BATCH DBZ_POLL_MS
+                            FIXED_CLIENTS FIXED_BATCH
 """
 import json
 import os
@@ -42,7 +43,7 @@ def ratio(a, b, higher_is_better):
 
 def main():
     work, out_json, out_md = sys.argv[1:4]
-    fixed_s, clients, batch, poll_ms = sys.argv[4:8]
+    fixed_s, clients, batch, poll_ms, fixed_clients, fixed_batch = sys.argv[4:10]
     res = {p: {"drain": load(work, f"{p}-drain.json"), "fixed_rate": load(work, f"{p}-fixed.json")}
            for p in PIPELINES}
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
@@ -50,8 +51,9 @@ def main():
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "settings": {
-            "load_generator": f"pgbench, {clients} connections, {batch} events per transaction "
-                              "(one multi-row upsert of shop.orders + its outbox rows)",
+            "load_generator": f"pgbench; backlog: {clients} connections, {batch} events per transaction "
+                              "(one multi-row upsert of shop.orders + its outbox rows); fixed rate: "
+                              f"{fixed_clients} connections, {fixed_batch} new orders per transaction",
             "fixed_rate_seconds": int(fixed_s),
             "debezium": {"connect": "Kafka Connect 4.3.2 standalone", "postgres_connector": "3.6.1.Final",
                          "jdbc_sink": "3.6.0.Final", "converter": "JSON (schemas.enable=true)",
