@@ -19,7 +19,7 @@ def bars(x0, y0, width, height, title, unit, items):
     label_w = 230
     for i, (label, value, colour) in enumerate(items):
         y = y0 + i * row
-        w = (width - label_w - 120) * value / top
+        w = (width - label_w - 150) * value / top
         out.append(f'<text x="{x0}" y="{y + row * 0.6}" font-size="13">{escape(label)}</text>')
         out.append(f'<rect x="{x0 + label_w}" y="{y + row * 0.15}" width="{w:.1f}" '
                    f'height="{row * 0.6:.1f}" fill="{colour}"/>')
@@ -34,6 +34,7 @@ def side_panels(side, width):
             if side.get(name.lower(), {}).get("drain") or side.get(name.lower(), {}).get("fixed_rate")]
     drain = []
     for key, label in (("to_last_on_topic_events_per_s", "start → last on topic"),
+                       ("first_to_last_on_topic_events_per_s", "first → last on topic"),
                        ("to_last_applied_events_per_s", "start → last applied")):
         drain += [(f"{n}: {label}", (r["drain"] or {}).get(key), c) for n, c, r in both]
     lat = []
@@ -42,9 +43,9 @@ def side_panels(side, width):
             lat += [(f"{n}: {label} {q}", ((r["fixed_rate"] or {}).get(key) or {}).get(q), c) for n, c, r in both]
     events = next(((r["drain"] or {}).get("events") for _, _, r in both if r["drain"]), 0)
     fixed = next((r["fixed_rate"] for _, _, r in both if r["fixed_rate"]), {}) or {}
-    out = bars(20, 590, width, 140, f"Side by side: drain of a {events:,}-event backlog (JSON converter for "
-               "Debezium, Avro for dualsync)", "events/s", drain)
-    out += bars(20, 790, width, 250, f"Side by side: latency at {fixed.get('committed_events_per_s', '?')} "
+    out = bars(20, 590, width, 190, f"Side by side: draining {events:,} events (Debezium: JSON; dualsync: Avro)",
+               "events/s", drain)
+    out += bars(20, 840, width, 250, f"Side by side: latency at {fixed.get('committed_events_per_s', '?')} "
                 "events/s", "ms", lat)
     return out
 
@@ -55,7 +56,7 @@ def main():
     pub, app = lat["commit_to_published_ms"], lat["commit_to_applied_postgres_ms"]
     width = 820
     side = results.get("side_by_side")
-    height = 1060 if side else 560
+    height = 1110 if side else 560
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            'font-family="sans-serif">',
            '<rect width="100%" height="100%" fill="white"/>',
