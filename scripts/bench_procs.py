@@ -2,7 +2,9 @@
 """CPU seconds and peak RSS of the processes of one bench phase, from /proc (`make bench`).
 
 usage: bench_procs.py OUT.json NAME=PID [NAME=PID...]
-Samples every 0.2 s until SIGTERM, then writes {NAME: {"cpu_s": .., "peak_rss_kib": ..}}.
+Samples every 0.2 s until SIGTERM, then writes {NAME: {"cpu_s": .., "peak_rss_kib": ..}} and
+"machine": the mean and max of the 1-minute load average while sampling, and the machine's CPU
+seconds busy in that time (other work on a shared machine shows here).
 cpu_s is the CPU time used during the sampling (user + system) by the process and all its
 descendants, including children that ended meanwhile (PostgreSQL's backends: their time is
 in the postmaster's cutime/cstime once reaped). peak_rss_kib is the largest RSS seen of the
@@ -69,10 +71,20 @@ def resolve(spec):
     return int(spec)
 
 
+def machine():
+    """(1-minute load average, busy CPU ticks of the whole machine)."""
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return load, sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
+
+
 def main():
     out, specs = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
     first, last, peak = {}, {}, {}
     stop, started = [], False
+    loads, busy0 = [], machine()[1]
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while True:
         procs = tree()
@@ -85,11 +97,14 @@ def main():
             first.setdefault(name, m[0] if not started else 0)
             last[name] = m[0]
             peak[name] = max(peak.get(name, 0), m[1])
+        loads.append(machine()[0])
         started = True
         if stop:
             break
         time.sleep(0.2)
     result = {n: {"cpu_s": round((last[n] - first[n]) / TICK, 2), "peak_rss_kib": peak[n]} for n in last}
+    result["machine"] = {"load_avg_1m_mean": round(sum(loads) / len(loads), 1), "load_avg_1m_max": round(max(loads), 1),
+                         "busy_cpu_s": round((machine()[1] - busy0) / TICK, 1)}
     with open(out, "w") as f:
         json.dump(result, f)
 

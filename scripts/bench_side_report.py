@@ -109,6 +109,10 @@ def main():
         row(f"{phase_name}: peak RSS MiB, PostgreSQL (all processes, shared memory counted per process) / broker",
             f"{fmt(rss_mib(a, 'postgres'))} / {fmt(rss_mib(a, 'broker'))}",
             f"{fmt(rss_mib(b, 'postgres'))} / {fmt(rss_mib(b, 'broker'))}")
+    for phase_name, a, b in (("drain", dd, zd), ("fixed rate", df, zf)):
+        m = lambda x: (x.get("processes") or {}).get("machine") or {}
+        fm = lambda x: f"{m(x)['load_avg_1m_mean']} / {m(x)['busy_cpu_s']}" if m(x) else None
+        row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)", fm(a), fm(b))
     md = [f"Side by side ({side['date']}, {side['machine']}; shared, noisy machine). dualsync: Avro values; "
           f"Debezium: JSON converter with schemas, Kafka Connect 4.3.2, PostgreSQL connector 3.6.1.Final "
           f"(pgoutput, EventRouter), JDBC sink 3.6.0.Final (upsert), poll.interval.ms {poll_ms}. "
