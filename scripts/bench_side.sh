@@ -12,7 +12,8 @@
 #   drain:  BENCH_DRAIN_EVENTS events committed at full speed with the pipeline stopped (the
 #           load generator's rate is measured here), then the pipeline is started.
 #   fixed:  BENCH_FIXED_RATE events/s for BENCH_FIXED_SECONDS, BENCH_FIXED_BATCH new orders per
-#           transaction (every event keeps its own sink row), after a warm-up not counted.
+#           transaction (every event keeps its own sink row), after BENCH_FIXED_WARMUP_SECONDS
+#           at that rate that are not counted.
 # CPU and peak RSS of each process come from /proc (scripts/bench_procs.py).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -24,6 +25,7 @@ cd "$REPO_ROOT"
 DRAIN_EVENTS="${BENCH_DRAIN_EVENTS:-100000}"
 FIXED_RATE="${BENCH_FIXED_RATE:-1000}"
 FIXED_SECONDS="${BENCH_FIXED_SECONDS:-600}"
+FIXED_WARMUP="${BENCH_FIXED_WARMUP_SECONDS:-120}"
 LOAD_CLIENTS="${BENCH_LOAD_CLIENTS:-4}"
 LOAD_BATCH="${BENCH_LOAD_BATCH:-250}" # events per load transaction at full speed
 # Events per transaction at the fixed rate. Not 1: the outbox's NOTIFY trigger serialises
@@ -199,9 +201,14 @@ fixed() { # fixed PIPELINE
     local p="$1" warm
     new_db "$p" fixed
     start_pipeline "$p"
-    # Warm-up, not counted: topics and sink reached, the JVM past its first batches.
+    # Warm-up, not counted: topics and sink reached, then BENCH_FIXED_WARMUP_SECONDS at the rate
+    # (the JVM compiles its hot paths in the first minutes: in the first 600 s run the peer's
+    # p99 was 8-16 s in minutes 0-2 and 86-330 ms after, on a machine at load 15-25).
     load order_new.sql -c 1 -j 1 -t 50 -D k="$FIXED_BATCH"
     caught_up
+    if ((FIXED_WARMUP > 0)); then
+        load order_new.sql -c "$FIXED_CLIENTS" -j 2 -R "$((FIXED_RATE / FIXED_BATCH))" -T "$FIXED_WARMUP" -D k="$FIXED_BATCH"
+    fi
     warm=$(sql "SELECT max(seq) FROM dualsync.outbox")
     log "side by side, $p: $FIXED_RATE events/s for $FIXED_SECONDS s"
     start_sampler "$p" "$WORK/$DB-procs.json"
@@ -238,5 +245,5 @@ for p in $PIPELINES; do drain "$p"; done
 for p in $PIPELINES; do fixed "$p"; done
 DB=
 python3 scripts/bench_side_report.py "$WORK" "$REPO_ROOT/bench/side.json" "$REPO_ROOT/bench/side.md" \
-    "$FIXED_SECONDS" "$LOAD_CLIENTS" "$LOAD_BATCH" "$DBZ_POLL_MS" "$FIXED_CLIENTS" "$FIXED_BATCH"
+    "$FIXED_SECONDS" "$LOAD_CLIENTS" "$LOAD_BATCH" "$DBZ_POLL_MS" "$FIXED_CLIENTS" "$FIXED_BATCH" "$FIXED_WARMUP"
 cat "$REPO_ROOT/bench/side.md"
