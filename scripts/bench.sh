@@ -22,6 +22,8 @@
 #      commit→publish, and where the relay's time goes (scripts/bench_breakdown.py).
 #   4. end to end: relay and apply → PostgreSQL running while BENCH_CHANGES order changes are
 #      committed at full speed: events/s from the first commit to the last row applied.
+#   5. side by side with Debezium (scripts/bench_side.sh, docs/benchmarks-method.md): backlog
+#      drain and fixed-rate latency of both pipelines, CPU and RSS per process.
 # Timing is taken from the databases' own clocks; nothing here asserts a number.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -280,8 +282,19 @@ cat >"$OUT_DIR/summary.md" <<MD
 | light load, the relay's batches (p50 / p99): oldest row inserted → read; handed to the producer → acknowledged; acknowledged → marked published | $BREAKDOWN_MD ms |
 | peak RSS relay / apply-postgres / apply-mongo | $((RELAY_RSS / 1024)) / $((RSS_PG / 1024)) / $((RSS_MONGO / 1024)) MiB |
 MD
-if command -v python3 >/dev/null; then
-    python3 scripts/bench_chart.py "$OUT_DIR/results.json" "$OUT_DIR/chart.svg"
-fi
+
+# ---- 5: side by side with Debezium ------------------------------------------------------
+# scripts/bench_side.sh: dualsync and the Debezium peer, same outbox, broker and load
+# generator; its results go into results.json ("side_by_side") and below the summary.
+stop_all
+bash scripts/bench_side.sh
+python3 - "$OUT_DIR/results.json" "$OUT_DIR/side.json" <<'PY'
+import json, sys
+results = json.load(open(sys.argv[1]))
+results["side_by_side"] = json.load(open(sys.argv[2]))
+json.dump(results, open(sys.argv[1], "w"), indent=1)
+PY
+{ echo; cat "$OUT_DIR/side.md"; } >>"$OUT_DIR/summary.md"
+python3 scripts/bench_chart.py "$OUT_DIR/results.json" "$OUT_DIR/chart.svg"
 cat "$OUT_DIR/summary.md"
 log "results in bench/results.json, bench/summary.md and bench/chart.svg"
