@@ -353,3 +353,34 @@ fn the_mongodb_connector_example_is_valid() {
     assert!(matches!(c.source, Some(SourceConfig::Mongodb(_))));
     assert_eq!(c.kafka.topic_for("orders"), "mongo.shop.orders");
 }
+
+/// docs/configuration.md is the configuration reference: every `toml` block in it must parse
+/// (unknown keys are refused), and dropping its `# default` lines must change nothing, so a
+/// key or a default cannot be documented wrong.
+#[test]
+fn configuration_reference_matches_the_config_types() {
+    let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"));
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().expect("closed block"))
+        .collect();
+    assert!(blocks.len() >= 3, "found {} toml blocks", blocks.len());
+    for (i, block) in blocks.iter().enumerate() {
+        let full = parse(block, vec![])
+            .unwrap_or_else(|e| panic!("toml block {} of docs/configuration.md: {e}", i + 1));
+        let without_defaults: String = block
+            .lines()
+            .filter(|l| !l.contains("# default"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let defaulted = parse(&without_defaults, vec![])
+            .unwrap_or_else(|e| panic!("block {} without its defaults: {e}", i + 1));
+        assert_eq!(
+            format!("{full:?}"),
+            format!("{defaulted:?}"),
+            "toml block {} documents a default the code does not have",
+            i + 1
+        );
+    }
+}
