@@ -182,6 +182,10 @@ impl Config {
                     "must start with ^ (librdkafka regex form)",
                 );
             }
+            // `dlq list` matches topics with it too (which topics are this pipeline's).
+            if let Err(e) = regex_lite::Regex::new(re) {
+                return err("apply.topic_regex", &format!("is not a valid regex: {e}"));
+            }
         }
         for (name, sink) in &self.sinks {
             match sink {

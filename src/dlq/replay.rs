@@ -164,6 +164,7 @@ pub async fn replay(
     dry_run: bool,
     force: bool,
 ) -> Result<Vec<Outcome>, Error> {
+    super::inspect::ensure_own_dead_letter_topic(config, dlq_topic)?;
     let done = {
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))

@@ -12,6 +12,7 @@ mod kafka;
 mod mongo_source;
 mod operations;
 mod outbox_order;
+mod pipeline_scope;
 mod private_kafka;
 mod private_servers;
 mod processes;
