@@ -105,6 +105,7 @@ impl Leader<'_> {
             let stop = cancel.child_token();
             tokio::spawn(crate::source::outbox::purge_published(
                 self.source_config.url.expose().to_string(),
+                crate::source::outbox::AggregateFilter::new(self.source_config),
                 self.source_config.retention_secs,
                 PURGE_INTERVAL,
                 stop.clone(),
@@ -132,6 +133,7 @@ impl Leader<'_> {
                 && in_flight.len() < depth
                 && !in_flight.back().is_some_and(|b| b.refused_too_large);
             let read_started = Instant::now();
+            let next_sample = last_sample.map_or(read_started, |t| t + BACKLOG_SAMPLE_INTERVAL);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return self.drain_on_shutdown(&mut source, in_flight).await,
@@ -147,6 +149,9 @@ impl Leader<'_> {
                         in_flight.push_back(self.send(rows, ms(read_started, Instant::now())).await?);
                     }
                 }
+                // An idle read never returns: without this the backlog gauges would keep the
+                // sample taken before the last burst was published (cancelling the read is safe).
+                _ = tokio::time::sleep_until(next_sample.into()) => {}
             }
         }
     }

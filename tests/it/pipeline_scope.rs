@@ -6,6 +6,8 @@ use std::process::Command;
 
 use rdkafka::message::OwnedHeaders;
 
+use tokio_util::sync::CancellationToken;
+
 use dualsync::config::Config;
 use dualsync::dlq::inspect;
 use dualsync::publish::{Outgoing, Publisher};
@@ -129,4 +131,130 @@ async fn dlq_list_shows_only_this_pipelines_dead_letters_and_show_replay_refuse_
     let (ok, stdout, stderr) = run(&["dlq", "show", "-c", path_a, "--topic", &own_a[1]]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("key=k1"), "{stdout}");
+}
+
+/// `[source]` settings for [`pipeline_toml`] (its `[source]` section ends with the poll
+/// interval).
+pub fn with_source(text: &str, settings: &str) -> String {
+    text.replacen(
+        "poll_interval_ms = 200\n",
+        &format!("poll_interval_ms = 200\n{settings}\n"),
+        1,
+    )
+}
+
+async fn outbox_rows(client: &tokio_postgres::Client, aggregate_type: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL)
+             FROM dualsync.outbox WHERE aggregatetype = $1",
+            &[&aggregate_type],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn insert_rows(client: &tokio_postgres::Client, ids: std::ops::Range<i32>) {
+    client
+        .execute(
+            r#"INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
+               SELECT 'customers', 'c' || i, 'CustomerUpserted',
+                      jsonb_build_object('id', 'c' || i, 'name', 'n', 'email', 'e', 'order_count', 0)
+               FROM generate_series($1::int, $2::int - 1) i
+               UNION ALL
+               SELECT 'orders', 'o' || i, 'OrderPlaced',
+                      jsonb_build_object('id', 'o' || i, 'customer_id', 'c' || i, 'status', 'NEW',
+                                         'total_cents', 100, 'lines', '[]'::jsonb)
+               FROM generate_series($1::int, $2::int - 1) i"#,
+            &[&ids.start, &ids.end],
+        )
+        .await
+        .unwrap();
+}
+
+/// Two pipelines share one outbox with disjoint aggregate types (A includes `cust*`, B
+/// excludes `customers`): each publishes exactly its own rows; A leaves B's rows unpublished
+/// (not blocking its own) and its backlog does not count them; A's short retention purges
+/// only A's published rows, never B's unpublished nor B's published ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelines_sharing_an_outbox_publish_and_purge_only_their_own_aggregate_types() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let text_a = with_source(
+        &pipeline_toml(&servers, &source_url, &sink_url, &unique("m"), ""),
+        "retention_secs = 1\ninclude_aggregates = [\"cust*\"]",
+    );
+    let text_b = with_source(
+        &pipeline_toml(&servers, &source_url, &sink_url, &unique("m"), ""),
+        "retention_secs = 3600\nexclude_aggregates = [\"customers\"]",
+    );
+    let (a, b) = (parse(&text_a), parse(&text_b));
+    // Orders first in seq order: A must not be blocked behind them.
+    insert_rows(&source, 0..5).await;
+
+    let cancel = CancellationToken::new();
+    let (relay_a, metrics_a) = spawn_relay(&a, &cancel);
+    let a_customers = read_topic(&a.kafka.brokers, &a.kafka.topic_for("customers"), 5).await;
+    assert_eq!(a_customers.len(), 5);
+    // A's published rows are purged after its 1 s retention; B's rows stay unpublished.
+    eventually("A purges its published customers rows", || async {
+        outbox_rows(&source, "customers").await == (0, 0)
+    })
+    .await;
+    assert_eq!(outbox_rows(&source, "orders").await, (5, 5));
+    // Sampled every few seconds; counting B's rows it would stay at 5.
+    eventually("A's backlog counts only its own types", || async {
+        metrics_a.outbox_backlog.get() == 0
+    })
+    .await;
+
+    let (relay_b, _) = spawn_relay(&b, &cancel);
+    let b_orders = read_topic(&b.kafka.brokers, &b.kafka.topic_for("orders"), 5).await;
+    assert_eq!(b_orders.len(), 5);
+    eventually("B marks its orders rows", || async {
+        outbox_rows(&source, "orders").await == (5, 0)
+    })
+    .await;
+    // A's purger runs again after B's marks are older than A's retention: c5 published after
+    // them and purged by A means A's purge statement also saw B's rows, and left them.
+    insert_rows(&source, 5..6).await;
+    eventually("A publishes and purges c5", || async {
+        outbox_rows(&source, "customers").await == (0, 0)
+            && outbox_rows(&source, "orders").await.0 == 6
+    })
+    .await;
+    eventually("B publishes o5", || async {
+        outbox_rows(&source, "orders").await == (6, 0)
+    })
+    .await;
+    assert_eq!(
+        outbox_rows(&source, "orders").await,
+        (6, 0),
+        "B's rows are never purged by A"
+    );
+
+    // Neither published the other's types.
+    let a_all = read_topic(&a.kafka.brokers, &a.kafka.topic_for("customers"), 6).await;
+    assert_eq!(a_all.len(), 6);
+    let b_all = read_topic(&b.kafka.brokers, &b.kafka.topic_for("orders"), 6).await;
+    assert_eq!(b_all.len(), 6);
+    let exists = |config: &Config, topic: String| {
+        let config = config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || inspect::topic_exists(&config, &topic))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert!(!exists(&a, a.kafka.topic_for("orders")).await);
+    assert!(!exists(&b, b.kafka.topic_for("customers")).await);
+
+    cancel.cancel();
+    relay_a.await.unwrap().unwrap();
+    relay_b.await.unwrap().unwrap();
 }
