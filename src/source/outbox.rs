@@ -72,6 +72,8 @@ pub struct OutboxSource {
     config: OutboxSourceConfig,
     /// Rows returned by `next_batch` and not yet marked by `ack`, by `seq`.
     pending: std::collections::BTreeSet<i64>,
+    /// When the last read found nothing: the next one waits for NOTIFY or the poll interval.
+    last_empty_read: Option<std::time::Instant>,
     /// The aggregate types this pipeline publishes, and its read statement with them.
     filter: AggregateFilter,
     read_sql: String,
@@ -132,6 +134,7 @@ impl OutboxSource {
             connection_task,
             config: config.clone(),
             pending: Default::default(),
+            last_empty_read: None,
             read_sql: READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", filter.condition(3))),
             filter,
         };
@@ -239,18 +242,30 @@ impl OutboxSource {
 impl Source for OutboxSource {
     type Event = OutboxRow;
 
-    /// Cancel-safe: a read cancelled before it returned leaves nothing pending.
+    /// Cancel-safe: a read cancelled before it returned leaves nothing pending, and a wait
+    /// cancelled (the relay wakes up every few seconds to sample the backlog) keeps its poll
+    /// deadline, so the outbox is still read only on NOTIFY or once per poll interval.
     async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Vec<OutboxRow>, Error> {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
         loop {
-            let rows = self.read().await?;
-            if !rows.is_empty() {
-                self.pending.extend(rows.iter().map(|r| r.seq));
-                return Ok(rows);
+            let wait = self
+                .last_empty_read
+                .map_or(Duration::ZERO, |t| poll.saturating_sub(t.elapsed()));
+            if wait.is_zero() {
+                let rows = self.read().await?;
+                if !rows.is_empty() {
+                    self.last_empty_read = None;
+                    self.pending.extend(rows.iter().map(|r| r.seq));
+                    return Ok(rows);
+                }
+                self.last_empty_read = Some(std::time::Instant::now());
+                continue;
             }
-            let poll = Duration::from_millis(self.config.poll_interval_ms);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(Vec::new()),
                 woke = self.wakeups.recv() => {
+                    // Before the linger: a wait cancelled during it must still read.
+                    self.last_empty_read = None;
                     if woke.is_none() {
                         continue; // connection ended: the next read reports it
                     }
@@ -259,7 +274,7 @@ impl Source for OutboxSource {
                         tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
                     }
                 }
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(wait) => self.last_empty_read = None,
             }
         }
     }
