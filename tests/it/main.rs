@@ -21,3 +21,4 @@ mod registry;
 mod relay_contract;
 mod sink_outage;
 mod sinks;
+mod subscriptions;
