@@ -114,6 +114,7 @@ impl Leader<'_> {
         });
         let _purger = purger;
         let mut last_sample: Option<Instant> = None;
+        let mut was_paused = false;
         loop {
             if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
                 last_sample = Some(Instant::now());
@@ -123,10 +124,25 @@ impl Leader<'_> {
             }
             let paused = self.control.is_paused();
             if paused && in_flight.is_empty() {
-                tracing::info!("paused: the outbox is not read until resumed");
-                self.control.wait_resumed(cancel).await;
-                tracing::info!("resumed");
+                if !was_paused {
+                    tracing::info!("paused: the outbox is not read until resumed");
+                }
+                was_paused = true;
+                // Waking to sample: a paused relay's backlog is what operators watch grow.
+                let next_sample =
+                    last_sample.map_or(Instant::now(), |t| t + BACKLOG_SAMPLE_INTERVAL);
+                tokio::select! {
+                    _ = self.control.wait_resumed(cancel) => {}
+                    _ = tokio::time::sleep_until(next_sample.into()) => {}
+                }
+                if cancel.is_cancelled() {
+                    return self.drain_on_shutdown(&mut source, in_flight).await;
+                }
                 continue;
+            }
+            if was_paused && !paused {
+                tracing::info!("resumed");
+                was_paused = false;
             }
             // A batch waiting to be republished row by row goes before anything newer.
             let can_read = !paused

@@ -1,6 +1,7 @@
 //! Integration tests against the real servers started by `make up` (PostgreSQL, Apache Kafka,
 //! the SecantusDB MongoDB server). One binary for all of them, to link once.
 
+mod backlog;
 mod chaos;
 mod column_tables;
 mod common;
@@ -10,7 +11,7 @@ mod end_to_end;
 mod fake_registry;
 mod kafka;
 mod mongo_source;
-mod operations;
+pub mod operations;
 mod outbox_order;
 pub mod pipeline_scope;
 mod private_kafka;
