@@ -13,6 +13,7 @@ mod kafka;
 mod mongo_source;
 pub mod operations;
 mod outbox_order;
+mod outbox_purge;
 pub mod pipeline_scope;
 mod private_kafka;
 mod private_servers;
