@@ -21,6 +21,7 @@ mod processes;
 mod reconcile;
 mod registry;
 mod relay_contract;
+mod shutdown;
 mod sink_outage;
 mod sinks;
 mod subscriptions;

@@ -30,7 +30,7 @@ pub fn spawn(args: &[&str], log: &str) -> Child {
 }
 
 /// Waits for the process to exit (deadline-bounded) and returns its exit status.
-fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+pub fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
     let end = Instant::now() + deadline;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -45,7 +45,7 @@ fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus 
     }
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
