@@ -133,12 +133,11 @@ async fn dlq_list_shows_only_this_pipelines_dead_letters_and_show_replay_refuse_
     assert!(stdout.contains("key=k1"), "{stdout}");
 }
 
-/// `[source]` settings for [`pipeline_toml`] (its `[source]` section ends with the poll
-/// interval).
+/// `[source]` settings for [`pipeline_toml`]'s text.
 pub fn with_source(text: &str, settings: &str) -> String {
     text.replacen(
-        "poll_interval_ms = 200\n",
-        &format!("poll_interval_ms = 200\n{settings}\n"),
+        "kind = \"postgres_outbox\"\n",
+        &format!("kind = \"postgres_outbox\"\n{settings}\n"),
         1,
     )
 }

@@ -40,9 +40,12 @@ async fn insert_customer(client: &tokio_postgres::Client, id: &str) {
 async fn notify_wakes_the_relay_despite_a_poll_interval_of_minutes() {
     let servers = servers();
     let (url, client) = outbox_source(&servers).await;
-    let text = pipeline_toml(&servers, &url, &url, &unique("m"), "")
-        .replace("poll_interval_ms = 200\n", "");
-    let config = parse_config(&with_source(&text, "poll_interval_ms = 600000"));
+    let config = parse_config(&with_source(
+        &pipeline_toml(&servers, &url, &url, &unique("m"), "")
+            .replace("poll_interval_ms = 200\n", ""),
+        "poll_interval_ms = 600000",
+    ));
+    assert_eq!(config.outbox_source().unwrap().poll_interval_ms, 600_000);
     insert_customer(&client, "c1").await;
     let cancel = CancellationToken::new();
     let (relay, _) = spawn_relay(&config, &cancel);
