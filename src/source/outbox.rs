@@ -135,7 +135,7 @@ impl OutboxSource {
             config: config.clone(),
             pending: Default::default(),
             last_empty_read: None,
-            read_sql: READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", filter.condition(3))),
+            read_sql: filter.read_batch_sql(),
             filter,
         };
         source.check_outbox().await?;
@@ -401,6 +401,12 @@ impl AggregateFilter {
             sql.push_str(&format!("AND NOT aggregatetype LIKE ANY(${n}::text[]) "));
         }
         sql
+    }
+
+    /// The leader's read ([`READ_BATCH`]) with this filter; its parameters are the limit,
+    /// the pending seqs, then [`AggregateFilter::params`].
+    pub fn read_batch_sql(&self) -> String {
+        READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", self.condition(3)))
     }
 
     /// The parameters of [`AggregateFilter::condition`], in order.
