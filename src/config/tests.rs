@@ -353,3 +353,33 @@ fn the_mongodb_connector_example_is_valid() {
     assert!(matches!(c.source, Some(SourceConfig::Mongodb(_))));
     assert_eq!(c.kafka.topic_for("orders"), "mongo.shop.orders");
 }
+
+#[test]
+fn outbox_aggregate_filters_are_validated_naming_the_key() {
+    let with = |s: &str| MINIMAL.replace("[kafka]", &format!("{s}\n[kafka]"));
+    let c = parse(
+        &with("include_aggregates = [\"order*\"]\nexclude_aggregates = [\"orders_audit\"]"),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(c.outbox_source().unwrap().include_aggregates, ["order*"]);
+    let e = parse(&with("include_aggregates = [\"\"]"), vec![]).unwrap_err();
+    assert_eq!(e.key, "source.include_aggregates");
+    let e = parse(
+        &with("include_aggregates = [\"a\"]\nexclude_aggregates = [\"a\"]"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "source.exclude_aggregates");
+    assert!(parse(&with("include_aggregate = [\"a\"]"), vec![]).is_err());
+}
+
+#[test]
+fn apply_topic_regex_must_compile() {
+    let e = parse(
+        &format!("{MINIMAL}\n[apply]\ntopic_regex = \"^orders(\"\n"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "apply.topic_regex");
+}
