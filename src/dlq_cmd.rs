@@ -60,6 +60,7 @@ async fn read(config: &Config, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
 
 async fn topics(config: &Config, only: Option<&str>) -> anyhow::Result<Vec<String>> {
     if let Some(t) = only {
+        inspect::ensure_own_dead_letter_topic(config, t)?;
         return Ok(vec![t.to_string()]);
     }
     let config = config.clone();
@@ -187,6 +188,7 @@ pub async fn replay(
     json: bool,
 ) -> anyhow::Result<()> {
     let filter = filter.filter()?;
+    inspect::ensure_own_dead_letter_topic(config, topic)?;
     let selected: Vec<DeadLetter> = read(config, topic)
         .await?
         .into_iter()

@@ -64,6 +64,10 @@ pub enum Error {
     /// Another relay took over this pipeline's lease: step down and wait as standby.
     #[error("relay lease of pipeline {0:?} was taken over by another relay")]
     LeaseLost(String),
+    /// A dead-letter tool was pointed at a topic that is not one of this pipeline's dead-letter
+    /// topics (another pipeline's letters on a shared cluster, or not a dead-letter topic).
+    #[error("topic {topic:?} is not a dead-letter topic of pipeline {pipeline:?} (its relay dead-letter topic, or one of its event topics followed by apply.dead_letter_suffix); `dualsync dlq list` shows this pipeline's")]
+    ForeignTopic { topic: String, pipeline: String },
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -128,6 +132,7 @@ impl Error {
             Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
+            Error::ForeignTopic { .. } => "dlq.foreign_topic",
             Error::Halted(_) => "halted",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
@@ -138,9 +143,11 @@ impl Error {
 /// The single classification of errors into retry / dead-letter / fatal.
 pub fn classify(err: &Error) -> Disposition {
     match err {
-        Error::Config(_) | Error::Setup(_) | Error::Halted(_) | Error::HistoryLost(_) => {
-            Disposition::Fatal
-        }
+        Error::Config(_)
+        | Error::Setup(_)
+        | Error::Halted(_)
+        | Error::HistoryLost(_)
+        | Error::ForeignTopic { .. } => Disposition::Fatal,
         Error::LeaseLost(_) => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),

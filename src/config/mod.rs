@@ -238,6 +238,16 @@ pub struct OutboxSourceConfig {
     /// loop strictly sequential (read, publish, wait, mark).
     #[serde(default = "defaults::max_batches_in_flight")]
     pub max_batches_in_flight: usize,
+    /// Aggregate types this pipeline publishes (exact names or `*`/`?` globs such as
+    /// `order*`); empty means all. For one outbox shared by several pipelines: rows of other
+    /// types are left unpublished for the pipeline that carries them (see
+    /// `source::outbox::AggregateFilter`).
+    #[serde(default)]
+    pub include_aggregates: Vec<String>,
+    /// Aggregate types this pipeline never publishes (names or globs), applied after
+    /// `include_aggregates`.
+    #[serde(default)]
+    pub exclude_aggregates: Vec<String>,
 }
 
 #[derive(Clone, Deserialize)]

@@ -354,12 +354,45 @@ fn the_mongodb_connector_example_is_valid() {
     assert_eq!(c.kafka.topic_for("orders"), "mongo.shop.orders");
 }
 
+#[test]
+fn outbox_aggregate_filters_are_validated_naming_the_key() {
+    let with = |s: &str| MINIMAL.replace("[kafka]", &format!("{s}\n[kafka]"));
+    let c = parse(
+        &with("include_aggregates = [\"order*\"]\nexclude_aggregates = [\"orders_audit\"]"),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(c.outbox_source().unwrap().include_aggregates, ["order*"]);
+    let e = parse(&with("include_aggregates = [\"\"]"), vec![]).unwrap_err();
+    assert_eq!(e.key, "source.include_aggregates");
+    let e = parse(
+        &with("include_aggregates = [\"a\"]\nexclude_aggregates = [\"a\"]"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "source.exclude_aggregates");
+    assert!(parse(&with("include_aggregate = [\"a\"]"), vec![]).is_err());
+}
+
+#[test]
+fn apply_topic_regex_must_compile() {
+    let e = parse(
+        &format!("{MINIMAL}\n[apply]\ntopic_regex = \"^orders(\"\n"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "apply.topic_regex");
+}
+
 /// docs/configuration.md is the configuration reference: every `toml` block in it must parse
 /// (unknown keys are refused), and dropping its `# default` lines must change nothing, so a
 /// key or a default cannot be documented wrong.
 #[test]
 fn configuration_reference_matches_the_config_types() {
-    let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"));
+    let doc = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ));
     let blocks: Vec<&str> = doc
         .split("```toml\n")
         .skip(1)

@@ -64,6 +64,29 @@ impl Config {
                 &["postgres", "postgresql"],
             )?;
         }
+        if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {
+            for (key, patterns) in [
+                ("source.include_aggregates", &s.include_aggregates),
+                ("source.exclude_aggregates", &s.exclude_aggregates),
+            ] {
+                if let Some(bad) = patterns.iter().find(|p| p.trim().is_empty()) {
+                    return err(
+                        key,
+                        &format!("{bad:?} is not an aggregate type or a pattern like \"order*\""),
+                    );
+                }
+            }
+            if let Some(both) = s
+                .exclude_aggregates
+                .iter()
+                .find(|p| s.include_aggregates.contains(p))
+            {
+                return err(
+                    "source.exclude_aggregates",
+                    &format!("{both:?} is also in source.include_aggregates"),
+                );
+            }
+        }
         if let Some(SourceConfig::Mongodb(s)) = &self.source {
             if s.batch_size == 0 || s.batch_size > 100_000 {
                 return err("source.batch_size", "must be between 1 and 100000");
@@ -181,6 +204,10 @@ impl Config {
                     "apply.topic_regex",
                     "must start with ^ (librdkafka regex form)",
                 );
+            }
+            // `dlq list` matches topics with it too (which topics are this pipeline's).
+            if let Err(e) = regex_lite::Regex::new(re) {
+                return err("apply.topic_regex", &format!("is not a valid regex: {e}"));
             }
         }
         for (name, sink) in &self.sinks {

@@ -99,8 +99,9 @@ impl Filter {
     }
 }
 
-/// The dead-letter topics of a pipeline that exist on the broker: the relay's, and every
-/// topic ending in the apply suffix.
+/// The dead-letter topics of this pipeline that exist on the broker: its relay's, and the
+/// apply dead-letter topic of each of its own event topics. A shared cluster holds other
+/// pipelines' letters too; they are not listed (see [`is_own_dead_letter_topic`]).
 pub fn dead_letter_topics(config: &Config) -> Result<Vec<String>, Error> {
     let consumer = tool_consumer(config)?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
@@ -108,13 +109,42 @@ pub fn dead_letter_topics(config: &Config) -> Result<Vec<String>, Error> {
         .topics()
         .iter()
         .map(|t| t.name().to_string())
-        .filter(|name| {
-            *name == config.relay.dead_letter_topic
-                || name.ends_with(config.apply.dead_letter_suffix.as_str())
-        })
+        .filter(|name| is_own_dead_letter_topic(config, name))
         .collect();
     topics.sort();
     Ok(topics)
+}
+
+/// Whether `topic` holds this pipeline's dead letters: the relay's topic, or an event topic
+/// apply consumes (its `apply.topics`, its `apply.topic_regex`, or else the topic template)
+/// followed by `apply.dead_letter_suffix`.
+pub fn is_own_dead_letter_topic(config: &Config, topic: &str) -> bool {
+    if topic == config.relay.dead_letter_topic {
+        return true;
+    }
+    let Some(event_topic) = topic.strip_suffix(config.apply.dead_letter_suffix.as_str()) else {
+        return false;
+    };
+    if !config.apply.topics.is_empty() {
+        return config.apply.topics.iter().any(|t| t == event_topic);
+    }
+    if let Some(re) = &config.apply.topic_regex {
+        // validate() has compiled it already.
+        return regex_lite::Regex::new(re).is_ok_and(|re| re.is_match(event_topic));
+    }
+    config.kafka.is_event_topic(event_topic)
+}
+
+/// Refuses a topic that is not one of this pipeline's dead-letter topics, so `dlq show` and
+/// `dlq replay` cannot be pointed at another pipeline's letters.
+pub fn ensure_own_dead_letter_topic(config: &Config, topic: &str) -> Result<(), Error> {
+    if is_own_dead_letter_topic(config, topic) {
+        return Ok(());
+    }
+    Err(Error::ForeignTopic {
+        topic: topic.to_string(),
+        pipeline: config.pipeline.name.clone(),
+    })
 }
 
 /// Whether `topic` exists on the broker. Blocking.

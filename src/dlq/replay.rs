@@ -178,6 +178,7 @@ pub async fn replay_with_progress(
     force: bool,
     on_progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<Outcome>, Error> {
+    super::inspect::ensure_own_dead_letter_topic(config, dlq_topic)?;
     let done = {
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))

@@ -105,6 +105,7 @@ impl Leader<'_> {
             let stop = cancel.child_token();
             tokio::spawn(crate::source::outbox::purge_published(
                 self.source_config.url.expose().to_string(),
+                crate::source::outbox::AggregateFilter::new(self.source_config),
                 self.source_config.retention_secs,
                 PURGE_INTERVAL,
                 stop.clone(),
@@ -113,6 +114,7 @@ impl Leader<'_> {
         });
         let _purger = purger;
         let mut last_sample: Option<Instant> = None;
+        let mut was_paused = false;
         loop {
             if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
                 last_sample = Some(Instant::now());
@@ -122,16 +124,32 @@ impl Leader<'_> {
             }
             let paused = self.control.is_paused();
             if paused && in_flight.is_empty() {
-                tracing::info!("paused: the outbox is not read until resumed");
-                self.control.wait_resumed(cancel).await;
-                tracing::info!("resumed");
+                if !was_paused {
+                    tracing::info!("paused: the outbox is not read until resumed");
+                }
+                was_paused = true;
+                // Waking to sample: a paused relay's backlog is what operators watch grow.
+                let next_sample =
+                    last_sample.map_or(Instant::now(), |t| t + BACKLOG_SAMPLE_INTERVAL);
+                tokio::select! {
+                    _ = self.control.wait_resumed(cancel) => {}
+                    _ = tokio::time::sleep_until(next_sample.into()) => {}
+                }
+                if cancel.is_cancelled() {
+                    return self.drain_on_shutdown(&mut source, in_flight).await;
+                }
                 continue;
+            }
+            if was_paused && !paused {
+                tracing::info!("resumed");
+                was_paused = false;
             }
             // A batch waiting to be republished row by row goes before anything newer.
             let can_read = !paused
                 && in_flight.len() < depth
                 && !in_flight.back().is_some_and(|b| b.refused_too_large);
             let read_started = Instant::now();
+            let next_sample = last_sample.map_or(read_started, |t| t + BACKLOG_SAMPLE_INTERVAL);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return self.drain_on_shutdown(&mut source, in_flight).await,
@@ -147,6 +165,9 @@ impl Leader<'_> {
                         in_flight.push_back(self.send(rows, ms(read_started, Instant::now())).await?);
                     }
                 }
+                // An idle read never returns: without this the backlog gauges would keep the
+                // sample taken before the last burst was published (cancelling the read is safe).
+                _ = tokio::time::sleep_until(next_sample.into()) => {}
             }
         }
     }

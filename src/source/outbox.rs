@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +72,11 @@ pub struct OutboxSource {
     config: OutboxSourceConfig,
     /// Rows returned by `next_batch` and not yet marked by `ack`, by `seq`.
     pending: std::collections::BTreeSet<i64>,
+    /// When the last read found nothing: the next one waits for NOTIFY or the poll interval.
+    last_empty_read: Option<std::time::Instant>,
+    /// The aggregate types this pipeline publishes, and its read statement with them.
+    filter: AggregateFilter,
+    read_sql: String,
 }
 
 impl Drop for OutboxSource {
@@ -121,12 +127,16 @@ impl OutboxSource {
                 }
             }
         });
+        let filter = AggregateFilter::new(config);
         let source = Self {
             client,
             wakeups,
             connection_task,
             config: config.clone(),
             pending: Default::default(),
+            last_empty_read: None,
+            read_sql: filter.read_batch_sql(),
+            filter,
         };
         source.check_outbox().await?;
         // The read must walk the `outbox_unpublished` index in `seq` order and stop after a
@@ -192,7 +202,9 @@ impl OutboxSource {
     async fn read(&self) -> Result<Vec<OutboxRow>, Error> {
         let limit = self.config.batch_size as i64;
         let pending: Vec<i64> = self.pending.iter().copied().collect();
-        let rows = self.client.query(READ_BATCH, &[&limit, &pending]).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&limit, &pending];
+        params.extend(self.filter.params());
+        let rows = self.client.query(&self.read_sql, &params).await?;
         Ok(rows
             .into_iter()
             .map(|r| OutboxRow {
@@ -208,16 +220,19 @@ impl OutboxSource {
             .collect())
     }
 
-    /// Rows still waiting to be published (a gauge for operators).
-    /// Unpublished rows and the age in seconds of the oldest one (0 when none).
+    /// Rows of this pipeline's aggregate types still waiting to be published (a gauge for
+    /// operators): unpublished rows and the age in seconds of the oldest one (0 when none).
     pub async fn backlog(&self) -> Result<(i64, f64), Error> {
         let row = self
             .client
             .query_one(
-                "SELECT count(*),
+                &format!(
+                    "SELECT count(*),
                         coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
-                 FROM dualsync.outbox WHERE published_at IS NULL",
-                &[],
+                     FROM dualsync.outbox WHERE published_at IS NULL {}",
+                    self.filter.condition(1)
+                ),
+                &self.filter.params(),
             )
             .await?;
         Ok((row.get(0), row.get(1)))
@@ -227,18 +242,30 @@ impl OutboxSource {
 impl Source for OutboxSource {
     type Event = OutboxRow;
 
-    /// Cancel-safe: a read cancelled before it returned leaves nothing pending.
+    /// Cancel-safe: a read cancelled before it returned leaves nothing pending, and a wait
+    /// cancelled (the relay wakes up every few seconds to sample the backlog) keeps its poll
+    /// deadline, so the outbox is still read only on NOTIFY or once per poll interval.
     async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Vec<OutboxRow>, Error> {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
         loop {
-            let rows = self.read().await?;
-            if !rows.is_empty() {
-                self.pending.extend(rows.iter().map(|r| r.seq));
-                return Ok(rows);
+            let wait = self
+                .last_empty_read
+                .map_or(Duration::ZERO, |t| poll.saturating_sub(t.elapsed()));
+            if wait.is_zero() {
+                let rows = self.read().await?;
+                if !rows.is_empty() {
+                    self.last_empty_read = None;
+                    self.pending.extend(rows.iter().map(|r| r.seq));
+                    return Ok(rows);
+                }
+                self.last_empty_read = Some(std::time::Instant::now());
+                continue;
             }
-            let poll = Duration::from_millis(self.config.poll_interval_ms);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(Vec::new()),
                 woke = self.wakeups.recv() => {
+                    // Before the linger: a wait cancelled during it must still read.
+                    self.last_empty_read = None;
                     if woke.is_none() {
                         continue; // connection ended: the next read reports it
                     }
@@ -247,7 +274,7 @@ impl Source for OutboxSource {
                         tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
                     }
                 }
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(wait) => self.last_empty_read = None,
             }
         }
     }
@@ -274,13 +301,15 @@ impl Source for OutboxSource {
 /// Rows one purge statement deletes: a short transaction that holds few locks.
 const PURGE_CHUNK: i64 = 5_000;
 
-/// Deletes published rows older than `retention_secs` on a connection of its own, beside the
+/// Deletes published rows (of this pipeline's aggregate types) older than `retention_secs`
+/// on a connection of its own, beside the
 /// leader: a full chunk is followed at once by the next, so purging keeps pace with any
 /// publish rate without delaying the leader's reads and marks; once caught up it waits
 /// `interval`. Failures are logged and tried again at the next interval (rows not purged yet
 /// only take space). Returns when `cancel` fires.
 pub async fn purge_published(
     url: String,
+    filter: AggregateFilter,
     retention_secs: u64,
     interval: std::time::Duration,
     cancel: tokio_util::sync::CancellationToken,
@@ -293,12 +322,19 @@ pub async fn purge_published(
         let mut purged = 0u64;
         if let Some(c) = &client {
             loop {
+                let retention = retention_secs as f64;
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&retention, &PURGE_CHUNK];
+                params.extend(filter.params());
                 let deleted = c
                     .execute(
-                        "DELETE FROM dualsync.outbox WHERE seq IN (
-                            SELECT seq FROM dualsync.outbox
-                            WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
-                        &[&(retention_secs as f64), &PURGE_CHUNK],
+                        &format!(
+                            "DELETE FROM dualsync.outbox WHERE seq IN (
+                                SELECT seq FROM dualsync.outbox
+                                WHERE published_at < now() - make_interval(secs => $1) {}
+                                LIMIT $2)",
+                            filter.condition(3)
+                        ),
+                        &params,
                     )
                     .await;
                 match deleted {
@@ -322,5 +358,94 @@ pub async fn purge_published(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// The aggregate types one pipeline publishes from an outbox it may share with others
+/// (`source.include_aggregates` / `exclude_aggregates`), as SQL `LIKE` patterns.
+///
+/// Rows of other types are neither published nor marked: the read skips them in its `WHERE`,
+/// so they never block this pipeline's rows, and they stay unpublished for the pipeline that
+/// carries them (its backlog, not this one's). The pipelines sharing an outbox must carry
+/// disjoint types: `published_at` is one column, so the first pipeline to publish a row marks
+/// it for all, and a second pipeline carrying the same type would miss it. Each pipeline
+/// purges only its own types' published rows (with its own `retention_secs`); rows another
+/// pipeline has not published are unmarked, so no purge ever deletes them. The read still
+/// walks the unpublished index past other types' rows, so a long backlog of another
+/// pipeline's rows ahead of this one's costs index reads (not sorts, nor blocking).
+#[derive(Debug, Clone, Default)]
+pub struct AggregateFilter {
+    include: Vec<String>,
+    exclude: Vec<String>,
+}
+
+impl AggregateFilter {
+    pub fn new(config: &OutboxSourceConfig) -> Self {
+        let like = |globs: &[String]| globs.iter().map(|g| like_pattern(g)).collect();
+        Self {
+            include: like(&config.include_aggregates),
+            exclude: like(&config.exclude_aggregates),
+        }
+    }
+
+    /// `AND ...` conditions on `aggregatetype` whose parameters are numbered from `$first`
+    /// (empty when every type is carried, so the default statements stay as they were).
+    pub fn condition(&self, first: usize) -> String {
+        let mut sql = String::new();
+        let mut n = first;
+        if !self.include.is_empty() {
+            sql.push_str(&format!("AND aggregatetype LIKE ANY(${n}::text[]) "));
+            n += 1;
+        }
+        if !self.exclude.is_empty() {
+            sql.push_str(&format!("AND NOT aggregatetype LIKE ANY(${n}::text[]) "));
+        }
+        sql
+    }
+
+    /// The leader's read ([`READ_BATCH`]) with this filter; its parameters are the limit,
+    /// the pending seqs, then [`AggregateFilter::params`].
+    pub fn read_batch_sql(&self) -> String {
+        READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", self.condition(3)))
+    }
+
+    /// The parameters of [`AggregateFilter::condition`], in order.
+    pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if !self.include.is_empty() {
+            params.push(&self.include);
+        }
+        if !self.exclude.is_empty() {
+            params.push(&self.exclude);
+        }
+        params
+    }
+}
+
+/// A glob (`*` any run, `?` one character, everything else literal) as a `LIKE` pattern.
+fn like_pattern(glob: &str) -> String {
+    let mut out = String::with_capacity(glob.len());
+    for c in glob.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn globs_become_like_patterns_with_literals_escaped() {
+        assert_eq!(super::like_pattern("order*"), "order%");
+        assert_eq!(super::like_pattern("a?c"), "a_c");
+        assert_eq!(super::like_pattern("order_lines"), "order\\_lines");
+        assert_eq!(super::like_pattern("50%"), "50\\%");
     }
 }

@@ -2,6 +2,7 @@
 //! the SecantusDB MongoDB server, the Apicurio schema registry).
 //! One binary for all of them, to link once.
 
+mod backlog;
 mod chaos;
 mod column_tables;
 mod common;
@@ -17,8 +18,10 @@ mod kafka;
 mod logs;
 mod mongo_delivery;
 mod mongo_source;
-mod operations;
+pub mod operations;
 mod outbox_order;
+mod outbox_purge;
+pub mod pipeline_scope;
 mod private_kafka;
 mod private_servers;
 mod processes;
@@ -27,7 +30,10 @@ mod real_registry;
 mod reconcile;
 mod registry;
 mod registry_faults;
+mod relay_contract;
 mod schema_evolution;
 mod schema_folder;
+mod shutdown;
 mod sink_outage;
 mod sinks;
+mod subscriptions;

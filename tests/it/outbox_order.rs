@@ -308,6 +308,31 @@ async fn a_backlog_with_stale_statistics_is_read_along_the_index() {
         settled.contains("\"Index Scan\"") && !settled.contains("\"Sort\""),
         "the leader's read walks the index: {settled}"
     );
+    // So does the read of a pipeline that carries only some aggregate types.
+    let text = pipeline_toml(&servers, &source_url, &source_url, "m", "").replacen(
+        "kind = \"postgres_outbox\"\n",
+        "kind = \"postgres_outbox\"\ninclude_aggregates = [\"cust*\"]\nexclude_aggregates = [\"x\"]\n",
+        1,
+    );
+    let config =
+        dualsync::config::Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new())
+            .unwrap();
+    let filter = dualsync::source::outbox::AggregateFilter::new(config.outbox_source().unwrap());
+    let (limit, pending) = (1000i64, vec![1i64, 2, 3]);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&limit, &pending];
+    params.extend(filter.params());
+    let row = client
+        .query_one(
+            &format!("EXPLAIN (FORMAT JSON) {}", filter.read_batch_sql()),
+            &params,
+        )
+        .await
+        .unwrap();
+    let filtered = row.get::<_, serde_json::Value>(0).to_string();
+    assert!(
+        filtered.contains("\"Index Scan\"") && !filtered.contains("\"Sort\""),
+        "the filtered read walks the index: {filtered}"
+    );
 }
 
 async fn read_plan(client: &tokio_postgres::Client) -> String {

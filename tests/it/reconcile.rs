@@ -70,9 +70,14 @@ impl Running {
 
 /// `dualsync verify --json` on the running pipeline's file: (exit status, report).
 fn verify_cli(run: &Running) -> (std::process::ExitStatus, serde_json::Value) {
+    verify_cli_with(run, &[])
+}
+
+fn verify_cli_with(run: &Running, more: &[&str]) -> (std::process::ExitStatus, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualsync"))
         .args(["verify", "--sink", "postgres", "--json", "-c"])
         .arg(&run.config_file)
+        .args(more)
         .output()
         .unwrap();
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -218,5 +223,73 @@ async fn snapshot_backfills_rows_without_events_resumably_under_concurrent_write
             .is_empty()
     })
     .await;
+    run.stop().await;
+}
+
+/// `dualsync verify --repair` as a command: it reports the drift, writes one repair event per
+/// mismatch (its JSON says how many) and exits 0, every mismatch being repaired; a plain
+/// `verify` exits 1 until the pipeline applied them, then 0 with nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_repair_command_writes_one_event_per_mismatch_and_the_sink_converges() {
+    let run = start().await;
+    dualsync::demo::generate(&run.source_url, 3, 5, 20, 2, 7)
+        .await
+        .unwrap();
+    eventually("the sink converges", || async {
+        verify_all(&run.source, &run.sink, &run.config)
+            .await
+            .is_empty()
+    })
+    .await;
+    let SinkConfig::Postgres(pg) = &run.config.sinks["postgres"] else {
+        unreachable!()
+    };
+    let replica = dualsync::pg::connect(pg.url.expose()).await.unwrap();
+    replica
+        .batch_execute(
+            "DELETE FROM replica.customers WHERE id = 'c0';
+             INSERT INTO replica.orders (id, doc, version) VALUES ('o-extra', '{\"id\": \"o-extra\"}', 1);",
+        )
+        .await
+        .unwrap();
+    let before: i64 = run
+        .source
+        .query_one(
+            "SELECT count(*) FROM dualsync.outbox WHERE type = $1",
+            &[&REPAIR_EVENT_TYPE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (status, report) = verify_cli(&run);
+    assert_eq!(status.code(), Some(1), "{report}");
+    let (status, report) = verify_cli_with(&run, &["--repair"]);
+    assert_eq!(status.code(), Some(0), "{report}");
+    assert_eq!(report["repaired"], 2, "{report}");
+    let kinds: Vec<&str> = report["aggregates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| a["mismatches"].as_array().unwrap())
+        .map(|m| m["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["missing", "extra"], "{report}");
+    let after: i64 = run
+        .source
+        .query_one(
+            "SELECT count(*) FROM dualsync.outbox WHERE type = $1",
+            &[&REPAIR_EVENT_TYPE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after - before, 2, "one repair event per mismatch");
+    eventually("the repair is applied", || async {
+        verify_cli(&run).0.success()
+    })
+    .await;
+    let (status, report) = verify_cli(&run);
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(report["repaired"], 0, "{report}");
     run.stop().await;
 }
