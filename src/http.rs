@@ -136,6 +136,9 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
         .not_ready(Duration::from_secs(s.config.stuck_after_secs))
         .is_empty();
     s.metrics.ready.set(i64::from(ready));
+    s.metrics
+        .circuit_state
+        .set(s.metrics.health.circuit() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
@@ -220,6 +223,7 @@ fn status_report(s: &AppState) -> serde_json::Value {
         "role": s.role,
         "state": state,
         "ready": not_ready.is_empty(),
+        "circuit": m.health.circuit().as_str(),
         "not_ready": not_ready,
         "paused": s.control.is_paused(),
         "warnings": warnings,

@@ -36,6 +36,7 @@ pub mod names {
     pub const UP: &str = "dualsync_up";
     /// 1 while `/readyz` would answer 200 (set at each scrape).
     pub const READY: &str = "dualsync_ready";
+    pub const CIRCUIT_STATE: &str = "dualsync_circuit_state";
     /// Standard process metrics (the names every Prometheus client library uses), Linux only.
     pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
     pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
@@ -66,6 +67,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub paused: IntGauge,
     pub ready: IntGauge,
+    pub circuit_state: IntGauge,
     pub health: Health,
 }
 
@@ -206,6 +208,10 @@ impl Metrics {
             ),
             paused: gauge(names::PAUSED, "1 while paused through the HTTP API"),
             ready: gauge(names::READY, "1 while ready (GET /readyz answers 200)"),
+            circuit_state: gauge(
+                names::CIRCUIT_STATE,
+                "Circuit breaker of the stage's downstream: 0 closed, 1 open (input paused), 2 half-open (probing)",
+            ),
             health: Health::default(),
             registry,
         }
@@ -335,6 +341,10 @@ pub struct Health {
     broker_down: AtomicBool,
     /// Since when (process-relative millis + 1; 0 = not retrying) the stage has been retrying.
     retrying_since_ms: AtomicI64,
+    /// Failures in a row of the stage's writes (or reads); reset by a success.
+    consecutive_failures: AtomicI64,
+    /// The stage's circuit breaker: a [`Circuit`] as its `u8`.
+    circuit: std::sync::atomic::AtomicU8,
     origin: OnceInstant,
 }
 
@@ -352,6 +362,32 @@ impl OnceInstant {
 /// Why a process is not ready; empty when it is.
 pub type NotReady = Vec<String>;
 
+/// Failures in a row after which the stage's circuit opens.
+pub const CIRCUIT_OPEN_AFTER: i64 = 3;
+
+/// The circuit breaker around a stage's downstream (the sink for apply; the primary and the
+/// broker for the relay). Closed: writes flow. Open: repeated failures; the stage's input is
+/// paused (apply pauses its partitions, the relay stops reading) and nothing is sent but a
+/// probe at each backoff interval. Half-open: a probe is under way; its success closes the
+/// circuit, its failure opens it again. Exposed in `/status`, `/readyz` and
+/// `dualsync_circuit_state` (0 closed, 1 open, 2 half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+impl Circuit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half_open",
+        }
+    }
+}
+
 impl Health {
     pub fn set_started(&self) {
         self.started.store(true, Ordering::Relaxed);
@@ -362,8 +398,36 @@ impl Health {
     pub fn set_broker_up(&self, up: bool) {
         self.broker_down.store(!up, Ordering::Relaxed);
     }
-    /// Marks the start of a retry episode (only the first call of an episode counts).
+    /// The circuit breaker's state.
+    pub fn circuit(&self) -> Circuit {
+        match self.circuit.load(Ordering::Relaxed) {
+            1 => Circuit::Open,
+            2 => Circuit::HalfOpen,
+            _ => Circuit::Closed,
+        }
+    }
+    /// A retry is about to be tried: an open circuit half-opens for it.
+    pub fn probing(&self) {
+        let _ = self.circuit.compare_exchange(
+            Circuit::Open as u8,
+            Circuit::HalfOpen as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    /// Marks a failure to be retried, and the start of a retry episode (only the first call
+    /// of an episode counts for its start). Opens the circuit after [`CIRCUIT_OPEN_AFTER`]
+    /// failures in a row, and again after a failed probe.
     pub fn retrying(&self) {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= CIRCUIT_OPEN_AFTER {
+            if self.circuit.swap(Circuit::Open as u8, Ordering::Relaxed) == Circuit::Closed as u8 {
+                tracing::warn!(
+                    failures,
+                    "circuit open: pausing input, probing at the backoff interval"
+                );
+            }
+        }
         let now = self.origin.elapsed_ms() + 1;
         let _ =
             self.retrying_since_ms
@@ -371,6 +435,10 @@ impl Health {
     }
     pub fn recovered(&self) {
         self.retrying_since_ms.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.circuit.swap(Circuit::Closed as u8, Ordering::Relaxed) != Circuit::Closed as u8 {
+            tracing::info!("circuit closed: writes succeed again");
+        }
     }
     /// How long the current retry episode has lasted, if one is running.
     pub fn retrying_for(&self) -> Option<Duration> {
@@ -393,6 +461,14 @@ impl Health {
         }
         if self.broker_down.load(Ordering::Relaxed) {
             reasons.push("all Kafka brokers unreachable".to_string());
+        }
+        match self.circuit() {
+            Circuit::Closed => {}
+            c => reasons.push(format!(
+                "circuit {}: {} failures in a row; input paused, probing at the backoff interval",
+                c.as_str(),
+                self.consecutive_failures.load(Ordering::Relaxed)
+            )),
         }
         if let Some(d) = self.retrying_for().filter(|d| *d >= stuck_after) {
             reasons.push(format!("retrying a transient failure for {}s", d.as_secs()));

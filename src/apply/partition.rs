@@ -117,6 +117,7 @@ pub async fn process<S: Sink>(
                     if !pause(ctx, &mut policy).await {
                         return Ok(PartitionResult::Abandoned);
                     }
+                    ctx.metrics.health.probing();
                     attempts += 1;
                 }
                 Err(e) if classify(&e) == Disposition::Fatal => return Err(e),
@@ -184,6 +185,7 @@ async fn write<S: Sink>(
                     if !pause(ctx, &mut policy).await {
                         return Ok(false);
                     }
+                    ctx.metrics.health.probing();
                     attempts += 1;
                 }
                 Disposition::DeadLetter if records.len() == 1 => {

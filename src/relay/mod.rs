@@ -140,6 +140,7 @@ where
                     _ = cancel.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
+                metrics.health.probing();
             }
             Err(e) => break Err(e),
         }

@@ -3,7 +3,9 @@
 //! secondary ends at exactly the events' final state: nothing lost, nothing doubled. The
 //! outage is longer than the consumer's (shortened) `max.poll.interval.ms`, and the member
 //! keeps its place in the group throughout: same member id, never evicted, so no other
-//! process is handed its partitions while it retries.
+//! process is handed its partitions while it retries. Its circuit breaker opens after repeated
+//! failures (not ready, partitions paused, a probe per backoff interval) and closes once writes
+//! succeed again.
 //!
 //! Each test runs its own private sink server (a PostgreSQL cluster or a SecantusDB process on
 //! a free port), so stopping it disturbs no other test.
@@ -19,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use dualsync::codec::OutboxEvent;
 use dualsync::config::{Config, SinkConfig};
-use dualsync::metrics::{total, total_where};
+use dualsync::metrics::{total, total_where, Circuit};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::{Sink, StoredRecord};
@@ -166,6 +168,18 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
         stats.retries_in_progress.get() > 0
     })
     .await;
+    eventually("the sink's circuit opens after repeated failures", || async {
+        stats.health.circuit() != Circuit::Closed
+    })
+    .await;
+    assert!(
+        stats
+            .health
+            .not_ready(Duration::from_secs(3600))
+            .iter()
+            .any(|r| r.starts_with("circuit ")),
+        "an open circuit makes the process not ready"
+    );
     tokio::time::sleep(OUTAGE.saturating_sub(stopped.elapsed())).await;
     assert!(
         !apply.is_finished(),
@@ -191,6 +205,7 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
         "writes resumed after the restart"
     );
     assert_eq!(stats.retries_in_progress.get(), 0, "retry episode over");
+    assert_eq!(stats.health.circuit(), Circuit::Closed, "circuit closed again");
     cancel.cancel();
     apply.await.unwrap().unwrap();
     drop(server);
