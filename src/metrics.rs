@@ -420,13 +420,13 @@ impl Health {
     /// failures in a row, and again after a failed probe.
     pub fn retrying(&self) {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= CIRCUIT_OPEN_AFTER {
-            if self.circuit.swap(Circuit::Open as u8, Ordering::Relaxed) == Circuit::Closed as u8 {
-                tracing::warn!(
-                    failures,
-                    "circuit open: pausing input, probing at the backoff interval"
-                );
-            }
+        if failures >= CIRCUIT_OPEN_AFTER
+            && self.circuit.swap(Circuit::Open as u8, Ordering::Relaxed) == Circuit::Closed as u8
+        {
+            tracing::warn!(
+                failures,
+                "circuit open: pausing input, probing at the backoff interval"
+            );
         }
         let now = self.origin.elapsed_ms() + 1;
         let _ =

@@ -168,9 +168,10 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
         stats.retries_in_progress.get() > 0
     })
     .await;
-    eventually("the sink's circuit opens after repeated failures", || async {
-        stats.health.circuit() != Circuit::Closed
-    })
+    eventually(
+        "the sink's circuit opens after repeated failures",
+        || async { stats.health.circuit() != Circuit::Closed },
+    )
     .await;
     assert!(
         stats
@@ -205,7 +206,11 @@ async fn sink_survives_an_outage(mut server: PrivateServer, sink_name: &str) {
         "writes resumed after the restart"
     );
     assert_eq!(stats.retries_in_progress.get(), 0, "retry episode over");
-    assert_eq!(stats.health.circuit(), Circuit::Closed, "circuit closed again");
+    assert_eq!(
+        stats.health.circuit(),
+        Circuit::Closed,
+        "circuit closed again"
+    );
     cancel.cancel();
     apply.await.unwrap().unwrap();
     drop(server);
