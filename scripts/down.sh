@@ -41,10 +41,25 @@ down_simple() {
     log "$server: stopped"
 }
 
+# Every node is asked to stop before any is waited for: a node stopped last, alone, would wait
+# for a controller quorum that is already gone.
 down_kafka() {
-    local n
+    local n pid pids=()
     for ((n = 1; n <= $(kafka_started_nodes); n++)); do
-        down_simple "kafka-$n"
+        if pid="$(server_pid "kafka-$n")"; then
+            log "kafka-$n: stopping (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$n:$pid")
+        else
+            log "kafka-$n: not running"
+        fi
+    done
+    local entry
+    for entry in "${pids[@]}"; do
+        n="${entry%%:*}" pid="${entry#*:}"
+        stop_pid "kafka-$n" "$pid" 30
+        rm -f "$(pid_file "kafka-$n")"
+        log "kafka-$n: stopped"
     done
 }
 down_mongo() { down_simple mongo; }
