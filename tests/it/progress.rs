@@ -141,10 +141,15 @@ async fn long_commands_print_progress_lines_and_a_summary_off_a_terminal() {
     assert_progress(&stderr, "repair orders", "keys", orders, orders);
 
     // Letters without error headers: a dry run decides each as "would fail again".
-    let dlq = format!("{}.orders.dlq", unique("t"));
     let config =
         dualsync::config::Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new())
             .unwrap();
+    // One of this pipeline's own dead-letter topics (others are refused).
+    let dlq = format!(
+        "{}{}",
+        config.kafka.topic_for("orders"),
+        config.apply.dead_letter_suffix
+    );
     dualsync::publish::Publisher::new(&config.kafka)
         .unwrap()
         .ensure_topic(&dlq)
