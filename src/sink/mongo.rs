@@ -199,24 +199,9 @@ impl MongoSink {
         statements: &[Statement],
         outcome: &mut ApplyOutcome,
     ) -> Result<Vec<(Statement, String)>, Error> {
-        let updates: Vec<Document> = statements
-            .iter()
-            .map(|(i, d)| {
-                doc! {
-                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
-                    "u": d,
-                    "upsert": true,
-                }
-            })
-            .collect();
-        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
-        if let Some(wc) = &self.write_concern {
-            command.insert("writeConcern", wc.clone());
-        }
-        let reply = self.write_command(command).await?;
-        if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(write_concern_error(wce));
-        }
+        let reply = self
+            .guarded_update(collection, batch, statements, true)
+            .await?;
         let mut collided = Vec::new();
         let mut refused = 0u64;
         for e in reply
@@ -250,6 +235,36 @@ impl MongoSink {
         Ok(collided)
     }
 
+    /// One unordered `update` command of the statements, each filtered on an older stored
+    /// version, sent with the URL's write concern; a write-concern error fails it.
+    async fn guarded_update(
+        &self,
+        collection: &str,
+        batch: &[SinkRecord],
+        statements: &[Statement],
+        upsert: bool,
+    ) -> Result<Document, Error> {
+        let updates: Vec<Document> = statements
+            .iter()
+            .map(|(i, d)| {
+                doc! {
+                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
+                    "u": d,
+                    "upsert": upsert,
+                }
+            })
+            .collect();
+        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
+        if let Some(wc) = &self.write_concern {
+            command.insert("writeConcern", wc.clone());
+        }
+        let reply = self.write_command(command).await?;
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(write_concern_error(wce));
+        }
+        Ok(reply)
+    }
+
     /// The purge horizon of `collection` (see [`HORIZON_COLLECTION`]), from the primary.
     async fn horizon(&self, collection: &str) -> Result<Option<i64>, Error> {
         let found = self
@@ -270,24 +285,9 @@ impl MongoSink {
         statements: &[Statement],
         outcome: &mut ApplyOutcome,
     ) -> Result<(), Error> {
-        let updates: Vec<Document> = statements
-            .iter()
-            .map(|(i, d)| {
-                doc! {
-                    "q": {"_id": &batch[*i].key, format!("{META_FIELD}.version"): {"$lt": batch[*i].version}},
-                    "u": d,
-                    "upsert": false,
-                }
-            })
-            .collect();
-        let mut command = doc! {"update": collection, "updates": updates, "ordered": false};
-        if let Some(wc) = &self.write_concern {
-            command.insert("writeConcern", wc.clone());
-        }
-        let reply = self.write_command(command).await?;
-        if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(write_concern_error(wce));
-        }
+        let reply = self
+            .guarded_update(collection, batch, statements, false)
+            .await?;
         if let Some(e) = reply
             .get_array("writeErrors")
             .ok()
