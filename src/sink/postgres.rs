@@ -401,7 +401,14 @@ async fn table_exists(client: &Client, table: &str) -> Result<bool, Error> {
 /// on the catalog, which means the object exists — exactly what was asked for.
 fn ignore_concurrent_create(e: tokio_postgres::Error) -> Result<(), tokio_postgres::Error> {
     match e.code() {
-        Some(c) if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => Ok(()),
+        // Two sessions creating the same table at once: the loser fails on the catalog's
+        // unique index, or on the table's row type already existing (42710).
+        Some(c)
+            if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT =>
+        {
+            Ok(())
+        }
         _ => Err(e),
     }
 }
