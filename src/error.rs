@@ -51,6 +51,11 @@ pub enum Error {
         partitions: i32,
         replication: i32,
     },
+    /// The producer reported a message delivered without the broker's offset for it (inferred
+    /// from a later request's success, which does not prove it on a partition the broker holds
+    /// no producer state for): treated as not acknowledged, so it is published again.
+    #[error("kafka did not confirm a message on {topic:?} partition {partition} (delivered without an offset); publishing it again")]
+    UnconfirmedDelivery { topic: String, partition: i32 },
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
@@ -129,6 +134,7 @@ impl Error {
             Error::Kafka(_) => "kafka",
             Error::Registry(_) => "registry",
             Error::TopicCreation { .. } => "kafka.topic_creation",
+            Error::UnconfirmedDelivery { .. } => "kafka.unconfirmed_delivery",
             Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
@@ -148,7 +154,7 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::Halted(_)
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. } => Disposition::Fatal,
-        Error::LeaseLost(_) => Disposition::Retry,
+        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -209,7 +215,7 @@ impl std::fmt::Display for Endpoint<'_> {
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
         Error::Postgres(_) | Error::Mongo(_) => Some(database),
-        Error::Kafka(_) => Some(Endpoint::Broker),
+        Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,
     }

@@ -187,13 +187,25 @@ pub async fn wait_for_cluster(
 /// Resolves when Kafka acknowledged every message of a batch (the first failure otherwise).
 pub type Acks = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
-fn acks(deliveries: Vec<DeliveryFuture>) -> Acks {
+/// The delivery futures of a batch, each with the index of its topic in `topics`.
+fn acks(deliveries: Vec<(DeliveryFuture, usize)>, topics: Vec<String>) -> Acks {
     Box::pin(async move {
-        for delivery in deliveries {
-            delivery
+        for (delivery, topic) in deliveries {
+            let delivered = delivery
                 .await
                 .map_err(|_| Error::Kafka(KafkaError::Canceled))?
                 .map_err(|(e, _)| Error::Kafka(e))?;
+            // librdkafka reports a message without an offset when it inferred the delivery
+            // from a later request's success ("implicit ack"). A broker that holds no state
+            // for this producer on the partition (a partition created a moment ago) accepts
+            // any sequence, so that inference can be wrong: the message may never have been
+            // written. Not a proof, so not an acknowledgement: the batch is published again.
+            if delivered.offset < 0 {
+                return Err(Error::UnconfirmedDelivery {
+                    topic: topics[topic].clone(),
+                    partition: delivered.partition,
+                });
+            }
         }
         Ok(())
     })
@@ -208,12 +220,17 @@ pub struct Outgoing {
     pub headers: OwnedHeaders,
 }
 
+/// How long a topic's first use waits for its partition leaders (see
+/// [`Publisher::wait_until_leaders_serve`]).
+const LEADERS_WAIT: Duration = Duration::from_secs(30);
+
 pub struct Publisher {
     producer: FutureProducer<KafkaHealth>,
     producer_config: ClientConfig,
     admin: AdminClient<DefaultClientContext>,
     kafka: KafkaConfig,
     known_topics: Mutex<HashSet<String>>,
+    leaders_wait: Duration,
 }
 
 impl Publisher {
@@ -255,7 +272,16 @@ impl Publisher {
             admin: client_config(kafka).create()?,
             kafka: kafka.clone(),
             known_topics: Mutex::new(HashSet::new()),
+            leaders_wait: LEADERS_WAIT,
         })
+    }
+
+    /// Publishes to new topics without waiting for their partition leaders: only for tests
+    /// of what the delivery check catches when the wait is not enough.
+    #[doc(hidden)]
+    pub fn without_leaders_wait(mut self) -> Self {
+        self.leaders_wait = Duration::ZERO;
+        self
     }
 
     pub fn producer(&self) -> &FutureProducer<KafkaHealth> {
@@ -315,7 +341,53 @@ impl Publisher {
                 }
             }
         }
+        self.wait_until_leaders_serve(topic).await?;
         self.known_topics.lock().await.insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Waits until the leader of every partition of `topic` answers for it (a ListOffsets
+    /// request succeeds), at most [`LEADERS_WAIT`]. A topic's partitions appear in
+    /// the cluster's metadata a few milliseconds before each leader has created its log, and
+    /// a produce request arriving in between fails; with several requests per partition in
+    /// flight, a later one can then succeed and make the producer take the failed one for
+    /// delivered (see [`acks`]). Those are caught and published again, but waiting here keeps
+    /// that duplicate, and the reordering it brings, from happening on every new topic.
+    async fn wait_until_leaders_serve(&self, topic: &str) -> Result<(), Error> {
+        let wait = self.leaders_wait;
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let client = self.producer.clone();
+        let name = topic.to_string();
+        let ready = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + wait;
+            let timeout = Duration::from_secs(5);
+            loop {
+                let serving = client
+                    .client()
+                    .fetch_metadata(Some(&name), timeout)
+                    .ok()
+                    .and_then(|m| {
+                        let partitions = m.topics().first()?.partitions().len() as i32;
+                        (partitions > 0).then_some(partitions)
+                    })
+                    .is_some_and(|partitions| {
+                        (0..partitions)
+                            .all(|p| client.client().fetch_watermarks(&name, p, timeout).is_ok())
+                    });
+                if serving || std::time::Instant::now() >= deadline {
+                    return serving;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .map_err(|_| Error::Kafka(KafkaError::Canceled))?;
+        if !ready {
+            tracing::warn!(topic, waited = ?wait,
+                "not every partition leader answers yet; publishing anyway (unconfirmed deliveries are published again)");
+        }
         Ok(())
     }
 
@@ -355,14 +427,15 @@ impl Publisher {
     /// with the error.
     pub async fn enqueue(&self, messages: Vec<Outgoing>) -> Result<Acks, (Error, Acks)> {
         let mut deliveries = Vec::with_capacity(messages.len());
-        let mut checked_topic: Option<String> = None;
+        // The batch's topics in order of appearance; the last is the one being sent to.
+        let mut topics: Vec<String> = Vec::new();
         for m in messages {
             // Batches are mostly one topic: ask the topic cache only when it changes.
-            if checked_topic.as_deref() != Some(m.topic.as_str()) {
+            if topics.last() != Some(&m.topic) {
                 if let Err(e) = self.ensure_topic(&m.topic).await {
-                    return Err((e, acks(deliveries)));
+                    return Err((e, acks(deliveries, topics)));
                 }
-                checked_topic = Some(m.topic.clone());
+                topics.push(m.topic.clone());
             }
             let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&m.topic)
                 .payload(&m.value)
@@ -373,18 +446,18 @@ impl Publisher {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(delivery);
+                        deliveries.push((delivery, topics.len() - 1));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err((e, _)) => return Err((e.into(), acks(deliveries))),
+                    Err((e, _)) => return Err((e.into(), acks(deliveries, topics))),
                 }
             }
         }
-        Ok(acks(deliveries))
+        Ok(acks(deliveries, topics))
     }
 
     /// Waits for everything in flight (used on shutdown).
