@@ -50,11 +50,39 @@ BEGIN
 END
 $$;
 
+-- Relays of this outbox, by the key of the advisory lock each holds while it waits for work.
+CREATE TABLE IF NOT EXISTS dualsync.outbox_relays (
+    lock_key       integer     PRIMARY KEY,
+    pipeline       text        NOT NULL,
+    registered_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Wakes a waiting relay, and only a waiting one. A NOTIFY serialises commits: PostgreSQL holds
+-- a database-wide lock from a notifying transaction's pre-commit until its commit is flushed,
+-- which capped one-event transactions at 400-560 commits/s on the benchmark machine (3,800
+-- without). A relay that waits holds an exclusive advisory lock (class 1685289335, "dsyw";
+-- key in dualsync.outbox_relays). A writer that can take that lock in shared mode knows the
+-- relay is busy and skips the NOTIFY; it then holds the shared lock until its transaction ends,
+-- so the relay cannot start waiting (it cannot take the exclusive lock) before that writer's
+-- row is committed and visible to its next read. With no relay registered yet, every insert
+-- notifies, as before. Security definer: writers need no privilege on dualsync.outbox_relays.
 CREATE OR REPLACE FUNCTION dualsync.outbox_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    relay integer;
+    registered boolean := false;
 BEGIN
-    -- Payload-free: PostgreSQL folds identical notifications of one transaction into one.
-    PERFORM pg_notify('dualsync_outbox', '');
+    FOR relay IN SELECT lock_key FROM dualsync.outbox_relays LOOP
+        registered := true;
+        IF NOT pg_try_advisory_xact_lock_shared(1685289335, relay) THEN
+            -- Payload-free: PostgreSQL folds identical notifications of one transaction.
+            PERFORM pg_notify('dualsync_outbox', '');
+            RETURN NULL;
+        END IF;
+    END LOOP;
+    IF NOT registered THEN
+        PERFORM pg_notify('dualsync_outbox', '');
+    END IF;
     RETURN NULL;
 END
 $$;

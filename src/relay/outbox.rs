@@ -126,6 +126,8 @@ impl Leader<'_> {
             if paused && in_flight.is_empty() {
                 if !was_paused {
                     tracing::info!("paused: the outbox is not read until resumed");
+                    // A paused relay is not waiting for rows: writers need not notify it.
+                    source.stop_waiting().await?;
                 }
                 was_paused = true;
                 // Waking to sample: a paused relay's backlog is what operators watch grow.

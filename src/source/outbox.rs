@@ -49,6 +49,21 @@ pub const READ_BATCH: &str =
 pub const SESSION_SETTINGS: &str = "SET enable_sort = off; SET synchronous_commit = off";
 /// First key of the relay's leader lock (the second is derived from the pipeline name).
 const LEADER_LOCK_CLASS: i32 = 0x6473_796e; // "dsyn"
+/// First key of the lock a relay holds while it waits for work, which tells writers to notify
+/// it (connectors/outbox.sql, `outbox_notify`); the second is the leader lock's.
+pub const WAIT_LOCK_CLASS: i32 = 0x6473_7977; // "dsyw"
+/// How soon a relay that cannot start waiting (a writer that did not notify has not committed
+/// yet) looks again.
+const UNNOTIFIED_WRITER_RECHECK: Duration = Duration::from_millis(5);
+/// Takes the wait lock unless this session holds it already (a cancelled call may have taken it
+/// without recording so; taking it twice would need two unlocks).
+const TAKE_WAIT_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+        AND pid = pg_backend_pid() AND classid = $1::int4::oid AND objid = $2::int4::oid
+        AND objsubid = 2 AND granted) OR pg_try_advisory_lock($1, $2)";
+/// Releases the wait lock if this session holds it.
+const RELEASE_WAIT_LOCK: &str = "SELECT pg_advisory_unlock($1, $2) FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = $1::int4::oid
+        AND objid = $2::int4::oid AND objsubid = 2 AND granted";
 
 /// One committed outbox row.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +92,14 @@ pub struct OutboxSource {
     /// The aggregate types this pipeline publishes, and its read statement with them.
     filter: AggregateFilter,
     read_sql: String,
+    /// The second key of this relay's wait lock, registered in `dualsync.outbox_relays`;
+    /// `None` on an outbox migrated before that table existed (every insert notifies there).
+    wait_key: Option<i32>,
+    /// Whether this session holds its wait lock (writers notify it).
+    waiting: bool,
+    /// A lock statement was cancelled before its answer: whether the lock is held is unknown
+    /// until the next (idempotent) take or release.
+    wait_lock_uncertain: bool,
 }
 
 impl Drop for OutboxSource {
@@ -128,7 +151,7 @@ impl OutboxSource {
             }
         });
         let filter = AggregateFilter::new(config);
-        let source = Self {
+        let mut source = Self {
             client,
             wakeups,
             connection_task,
@@ -137,6 +160,9 @@ impl OutboxSource {
             last_empty_read: None,
             read_sql: filter.read_batch_sql(),
             filter,
+            wait_key: None,
+            waiting: false,
+            wait_lock_uncertain: false,
         };
         source.check_outbox().await?;
         // The read must walk the `outbox_unpublished` index in `seq` order and stop after a
@@ -169,6 +195,7 @@ impl OutboxSource {
                     .client
                     .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
                     .await?;
+                source.wait_key = source.register(pipeline, key).await?;
                 return Ok(Some(source));
             }
             if !announced {
@@ -180,6 +207,71 @@ impl OutboxSource {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+    }
+
+    /// Registers this pipeline's wait lock with the outbox's writers. `None` when the outbox
+    /// predates `dualsync.outbox_relays`: writers then notify on every insert.
+    async fn register(&self, pipeline: &str, key: i32) -> Result<Option<i32>, Error> {
+        let exists: bool = self
+            .client
+            .query_one(
+                "SELECT to_regclass('dualsync.outbox_relays') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            tracing::warn!(pipeline, "dualsync.outbox_relays is missing: every outbox insert sends a NOTIFY, which serialises the writers' commits; run `dualsync outbox migrate` to update the outbox");
+            return Ok(None);
+        }
+        self.client
+            .execute(
+                "INSERT INTO dualsync.outbox_relays (lock_key, pipeline) VALUES ($1, $2)
+                 ON CONFLICT (lock_key) DO NOTHING",
+                &[&key, &pipeline],
+            )
+            .await?;
+        Ok(Some(key))
+    }
+
+    /// Starts waiting for work: takes the wait lock, so that writers notify. `false` while a
+    /// writer that skipped its notification has not committed (it holds the lock shared).
+    async fn start_waiting(&mut self) -> Result<bool, Error> {
+        let Some(key) = self.wait_key else {
+            return Ok(true);
+        };
+        if self.waiting && !self.wait_lock_uncertain {
+            return Ok(true);
+        }
+        self.wait_lock_uncertain = true;
+        let taken = self
+            .client
+            .query_one(TAKE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
+            .await?
+            .get(0);
+        self.waiting = taken;
+        self.wait_lock_uncertain = false;
+        Ok(taken)
+    }
+
+    /// Stops waiting (busy, or paused): writers skip the NOTIFY, so their commits do not queue
+    /// behind one another.
+    pub async fn stop_waiting(&mut self) -> Result<(), Error> {
+        let Some(key) = self.wait_key else {
+            return Ok(());
+        };
+        if !self.waiting && !self.wait_lock_uncertain {
+            return Ok(());
+        }
+        // Not waiting any more: read before waiting again (writers stop notifying now).
+        self.last_empty_read = None;
+        self.wait_lock_uncertain = true;
+        self.client
+            .query(RELEASE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
+            .await?;
+        self.waiting = false;
+        self.wait_lock_uncertain = false;
+        Ok(())
     }
 
     async fn check_outbox(&self) -> Result<(), Error> {
@@ -254,9 +346,23 @@ impl Source for OutboxSource {
             if wait.is_zero() {
                 let rows = self.read().await?;
                 if !rows.is_empty() {
+                    // Found by the poll while waiting: busy now. Before the rows become
+                    // pending: cancelled here, they are simply read again.
+                    self.stop_waiting().await?;
                     self.last_empty_read = None;
                     self.pending.extend(rows.iter().map(|r| r.seq));
                     return Ok(rows);
+                }
+                if !self.waiting || self.wait_lock_uncertain {
+                    // Read again once waiting: a writer that committed between the read and
+                    // the lock did not notify.
+                    if !self.start_waiting().await? {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(Vec::new()),
+                            _ = tokio::time::sleep(UNNOTIFIED_WRITER_RECHECK) => {}
+                        }
+                    }
+                    continue;
                 }
                 self.last_empty_read = Some(std::time::Instant::now());
                 continue;
@@ -269,6 +375,8 @@ impl Source for OutboxSource {
                     if woke.is_none() {
                         continue; // connection ended: the next read reports it
                     }
+                    // Busy from here: writers stop notifying.
+                    self.stop_waiting().await?;
                     // Let the rest of a burst commit so batches fill up.
                     if self.config.linger_ms > 0 {
                         tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;

@@ -154,12 +154,21 @@ pub fn spawn_relay(
     config: &Config,
     cancel: &CancellationToken,
 ) -> (JoinHandle<Result<(), Error>>, Arc<Metrics>) {
+    spawn_relay_controlled(config, cancel, Control::default())
+}
+
+/// [`spawn_relay`] with a pause/resume control the test holds.
+pub fn spawn_relay_controlled(
+    config: &Config,
+    cancel: &CancellationToken,
+    control: Control,
+) -> (JoinHandle<Result<(), Error>>, Arc<Metrics>) {
     let metrics = test_metrics(config, "relay");
     let (config, m, c) = (config.clone(), metrics.clone(), cancel.clone());
     (
-        tokio::spawn(async move {
-            relay::run(&config, config_schemas(&config), m, Control::default(), c).await
-        }),
+        tokio::spawn(
+            async move { relay::run(&config, config_schemas(&config), m, control, c).await },
+        ),
         metrics,
     )
 }

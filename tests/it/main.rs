@@ -22,6 +22,7 @@ mod new_topics;
 pub mod operations;
 mod outbox_order;
 mod outbox_purge;
+mod outbox_wakeup;
 pub mod pipeline_scope;
 mod private_kafka;
 mod private_servers;

@@ -1,0 +1,211 @@
+//! How writers wake the relay without serialising their commits: a NOTIFY makes PostgreSQL
+//! commit notifying transactions one at a time, so the outbox trigger notifies only a relay
+//! that waits (it holds its wait lock), and a writer that skipped the notification keeps the
+//! relay from starting to wait until that writer's row is committed.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, GenericClient};
+use tokio_util::sync::CancellationToken;
+
+use dualsync::source::outbox::{NOTIFY_CHANNEL, WAIT_LOCK_CLASS};
+
+use crate::common::*;
+
+/// A session LISTENing on the outbox channel: the payloads it receives, in commit order.
+async fn listener(url: &str) -> (Client, mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) = dualsync::pg::connect_raw(url).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+async fn next_notification(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no notification within 10 s")
+        .expect("listener gone")
+}
+
+async fn insert(client: &impl GenericClient, id: &str) {
+    client
+        .execute(
+            "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
+             VALUES ('customers', $1, 'CustomerUpserted', '{}')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+}
+
+/// Notifications that arrive before `marker`, a NOTIFY the test sends after the inserts in
+/// question committed: notifications are delivered in commit order, so this needs no wait.
+async fn notifications_before_marker(
+    client: &Client,
+    rx: &mut mpsc::UnboundedReceiver<String>,
+) -> usize {
+    client
+        .batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}, 'marker'"))
+        .await
+        .unwrap();
+    let mut before = 0;
+    while next_notification(rx).await != "marker" {
+        before += 1;
+    }
+    before
+}
+
+async fn try_wait_lock(relay: &Client, key: i32) -> bool {
+    relay
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&WAIT_LOCK_CLASS, &key],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The trigger's side of the protocol, played by hand: a session stands in for the relay.
+/// Fails on the trigger that notified on every insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_notify_only_a_relay_that_waits_and_a_relay_waits_only_after_they_commit() {
+    let servers = servers();
+    let url = create_database(&servers).await;
+    let writer = dualsync::pg::connect(&url).await.unwrap();
+    dualsync::source::outbox::migrate(&writer).await.unwrap();
+    let (_listening, mut notifications) = listener(&url).await;
+
+    // No relay registered (an outbox older than the relays table, or none started yet):
+    // every insert notifies.
+    insert(&writer, "c1").await;
+    assert_eq!(
+        notifications_before_marker(&writer, &mut notifications).await,
+        1
+    );
+
+    let key = 4242;
+    let relay = dualsync::pg::connect(&url).await.unwrap();
+    relay
+        .execute(
+            "INSERT INTO dualsync.outbox_relays (lock_key, pipeline) VALUES ($1, 'by-hand')",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    // The relay is busy (it does not hold its wait lock): no NOTIFY, no serialised commit.
+    insert(&writer, "c2").await;
+    assert_eq!(
+        notifications_before_marker(&writer, &mut notifications).await,
+        0,
+        "an insert notified while no relay waited"
+    );
+
+    // The relay waits: the next insert wakes it.
+    assert!(try_wait_lock(&relay, key).await);
+    insert(&writer, "c3").await;
+    assert_eq!(next_notification(&mut notifications).await, "");
+    relay
+        .query_one(
+            "SELECT pg_advisory_unlock($1, $2)",
+            &[&WAIT_LOCK_CLASS, &key],
+        )
+        .await
+        .unwrap();
+
+    // A writer that skipped the notification (the relay was busy) and has not committed yet
+    // keeps the relay from waiting: otherwise its commit would wake no one.
+    let mut open = dualsync::pg::connect(&url).await.unwrap();
+    let tx = open.transaction().await.unwrap();
+    insert(&tx, "c4").await;
+    assert!(
+        !try_wait_lock(&relay, key).await,
+        "the relay could start waiting while an unnotified row was uncommitted"
+    );
+    tx.commit().await.unwrap();
+    assert!(
+        try_wait_lock(&relay, key).await,
+        "free once the writer committed"
+    );
+}
+
+/// The relay's side, with a poll interval of ten minutes so that only the protocol can bring
+/// rows out: a row written while the relay was busy, whose transaction is still open when the
+/// relay runs out of work, is published as soon as it commits (the relay looks again shortly
+/// while it cannot take its wait lock); and a row written while it waits wakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_committed_while_the_relay_turns_idle_is_published_without_waiting_for_the_poll() {
+    let servers = servers();
+    let url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &url, &url, &unique("t"), "");
+    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+        s.poll_interval_ms = 600_000;
+    }
+    let writer = dualsync::pg::connect(&url).await.unwrap();
+    dualsync::demo::setup(&writer).await.unwrap();
+    let control = dualsync::http::Control::default();
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay_controlled(&config, &cancel, control.clone());
+    insert(&writer, "c1").await;
+    let published = |n: i64| {
+        let writer = &writer;
+        async move {
+            let (total, unpublished) = dualsync::demo::outbox_counts(writer).await.unwrap();
+            total == n && unpublished == 0
+        }
+    };
+    eventually("c1 is published", || published(1)).await;
+
+    // Paused, the relay neither reads nor waits: a writer now finds it busy, skips the
+    // notification and holds the relay off its wait lock until it commits.
+    control.set_paused(true);
+    let relay_waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+        AND classid = $1::int4::oid AND granted AND mode = 'ExclusiveLock'";
+    eventually("the paused relay stops waiting", || async {
+        let n: i64 = writer
+            .query_one(relay_waits, &[&WAIT_LOCK_CLASS])
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let mut open = dualsync::pg::connect(&url).await.unwrap();
+    let tx = open.transaction().await.unwrap();
+    insert(&tx, "c2").await;
+    control.set_paused(false);
+    tx.commit().await.unwrap();
+    // Within the 90 s deadline, against a poll of ten minutes.
+    eventually("c2 is published at its commit, not at the poll", || {
+        published(2)
+    })
+    .await;
+
+    // Waiting again: a new row wakes it.
+    eventually("the relay waits", || async {
+        let n: i64 = writer
+            .query_one(relay_waits, &[&WAIT_LOCK_CLASS])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    insert(&writer, "c3").await;
+    eventually("c3 is published", || published(3)).await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}
