@@ -30,6 +30,10 @@ pub mod headers {
     pub const VERSION: &str = "dualsync.version";
     /// Microseconds since the epoch, decimal text.
     pub const CREATED_AT: &str = "dualsync.created_at";
+    /// When the primary committed the change: microseconds since the epoch, decimal text.
+    /// PostgreSQL's commit timestamp where `track_commit_timestamp` is on, else `created_at`;
+    /// a MongoDB change's wall time. Apply measures its lag from it.
+    pub const COMMITTED_AT: &str = "dualsync.committed_at";
     pub const TRACEPARENT: &str = "traceparent";
 }
 

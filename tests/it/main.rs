@@ -5,6 +5,7 @@
 mod backlog;
 mod chaos;
 mod column_tables;
+mod commit_lag;
 mod common;
 mod dashboard;
 mod dead_letters;
