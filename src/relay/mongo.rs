@@ -249,6 +249,8 @@ pub fn to_message(
         (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
         (headers::VERSION, version.as_str()),
         (headers::CREATED_AT, created.as_str()),
+        // A change's wall time is its commit's.
+        (headers::COMMITTED_AT, created.as_str()),
         (mongo_headers::DATABASE, change.database.as_str()),
         (mongo_headers::DOCUMENT_KEY, context.document_key.as_str()),
         (mongo_headers::CLUSTER_TIME, cluster_time.as_str()),

@@ -153,7 +153,10 @@ async fn lag_runs_from_the_commit_not_the_insert_and_a_replay_adds_no_observatio
         "the committed_at header is PostgreSQL's commit timestamp"
     );
     assert!(committed - created >= HOLD.as_micros() as i64);
-    assert_eq!(after_replay, first, "a stale replay adds no lag observation");
+    assert_eq!(
+        after_replay, first,
+        "a stale replay adds no lag observation"
+    );
 }
 
 /// Without `track_commit_timestamp` the insert time stands in for the commit: the lag then
@@ -173,5 +176,8 @@ async fn without_commit_timestamps_lag_falls_back_to_the_insert_time() {
         "lag {}s is measured from the insert",
         first.0
     );
-    assert_eq!(after_replay, first, "a stale replay adds no lag observation");
+    assert_eq!(
+        after_replay, first,
+        "a stale replay adds no lag observation"
+    );
 }

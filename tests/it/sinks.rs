@@ -25,7 +25,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (1, 0));
+    assert_eq!((o.applied(), o.stale), (1, 0));
     let o = sink
         .apply(&[
             rec("a", 10, Some(json!({"n": 10}))),
@@ -33,7 +33,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 2));
+    assert_eq!((o.applied(), o.stale), (0, 2));
     assert_eq!(
         sink.get("things", "a").await.unwrap(),
         Some((30, Some(json!({"n": 30}))))
@@ -44,7 +44,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
 
     // Several versions of one key in one batch: the newest wins whatever the order.
     let o = sink
@@ -55,7 +55,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (1, 2));
+    assert_eq!((o.applied(), o.stale), (1, 2));
     assert_eq!(
         sink.get("things", "b").await.unwrap(),
         Some((7, Some(json!({"n": 7}))))
@@ -67,7 +67,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("b", 7, Some(json!({"n": 7})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
     assert_eq!(sink.get("things", "b").await.unwrap(), Some((8, None)));
     // A newer upsert after the delete does bring it back.
     sink.apply(&[rec("b", 9, Some(json!({"n": 9})))])
@@ -294,14 +294,14 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
         .apply(&[rec("x", 7, Some(json!({"n": 7})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1), "x stays deleted");
+    assert_eq!((o.applied(), o.stale), (0, 1), "x stays deleted");
     assert_eq!(sink.get("things", "x").await.unwrap(), None);
     // A key never seen, at or below the horizon: stale too (it may predate a purged delete).
     let o = sink
         .apply(&[rec("y", 10, Some(json!({"n": 10})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
     // Newer than the horizon: applied; a key still held follows its own version.
     let o = sink
         .apply(&[
@@ -310,7 +310,7 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (2, 0));
+    assert_eq!((o.applied(), o.stale), (2, 0));
     assert_eq!(
         sink.get("things", "live").await.unwrap(),
         Some((4, Some(json!({"n": 4}))))
