@@ -32,6 +32,7 @@ mod reconcile;
 mod registry;
 mod registry_faults;
 mod relay_contract;
+mod relay_control;
 mod schema_evolution;
 mod schema_folder;
 mod shutdown;
