@@ -51,22 +51,24 @@ impl RelayProcess {
         if let Some(t) = token {
             cmd.env("DUALSYNC_HTTP_TOKEN", t);
         }
-        let child = cmd.spawn().expect("start dualsync relay");
-        let mut addr = None;
-        eventually("the relay's http endpoint listens", || {
+        let mut child = cmd.spawn().expect("start dualsync relay");
+        let end = std::time::Instant::now() + DEADLINE;
+        loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            addr = text
+            let addr = text
                 .lines()
                 .find(|l| l.contains("http endpoint listening"))
                 .and_then(|l| l.split("address=").nth(1))
                 .and_then(|a| a.split_whitespace().next())
                 .and_then(|a| a.parse().ok());
-            std::future::ready(addr.is_some())
-        })
-        .await;
-        Self {
-            child,
-            addr: addr.unwrap(),
+            if let Some(addr) = addr {
+                return Self { child, addr };
+            }
+            if child.try_wait().unwrap().is_some() || std::time::Instant::now() >= end {
+                child.kill().ok();
+                panic!("the relay's http endpoint never listened; its log:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -243,7 +245,13 @@ async fn a_paused_mongo_relay_publishes_nothing_until_resumed_then_everything_in
     let cancel = CancellationToken::new();
     let (witness_relay, witness_metrics) = spawn_relay(&witness.config, &cancel);
     leads(&witness_metrics).await;
-    let path = write_config(&p.toml);
+    // A long wait for changes (with MongoDB a read waits up to max_await_ms for one), so the
+    // pause may come while a read is under way.
+    let path = write_config(
+        &p.toml
+            .replace("max_await_ms = 200", "max_await_ms = 3000")
+            .replace("lease_secs = 3", "lease_secs = 10"),
+    );
     let path = path.to_str().unwrap();
     let relay = RelayProcess::start(path, Some(TOKEN)).await;
     eventually("the relay leads", || async {
