@@ -289,6 +289,13 @@ async fn a_paused_mongo_relay_publishes_nothing_until_resumed_then_everything_in
         per_key(&witnessed, headers::VERSION),
         "per key, the same changes in the same order as the pipeline never paused"
     );
+    for m in &messages {
+        assert_eq!(
+            header(m, headers::COMMITTED_AT),
+            header(m, headers::CREATED_AT),
+            "a change's commit time is its wall time"
+        );
+    }
     for versions in per_key(&messages, headers::VERSION).values() {
         let v: Vec<i64> = versions.iter().map(|v| v.parse().unwrap()).collect();
         assert!(v.windows(2).all(|w| w[0] < w[1]), "{v:?}");

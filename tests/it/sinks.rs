@@ -97,6 +97,26 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
     .await;
     assert_eq!(purged.into_inner(), 1);
     assert_eq!(sink.get("things", "c").await.unwrap(), None);
+
+    // The outcome names the records written (apply's lag counts only those): a new key, and
+    // the newest of two versions of another; not a stale one nor the older duplicate.
+    let o = sink
+        .apply(&[
+            rec("e", 2, Some(json!({"n": 2}))),
+            rec("a", 5, Some(json!({"n": 5}))),
+            rec("f", 5, Some(json!({"n": 5}))),
+            rec("e", 1, Some(json!({"n": 1}))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((written(&o), o.stale), (vec![0, 2], 2));
+}
+
+/// The indexes an outcome says were written, in order.
+fn written(o: &dualsync::sink::ApplyOutcome) -> Vec<usize> {
+    let mut w = o.written.clone();
+    w.sort_unstable();
+    w
 }
 
 #[tokio::test]
@@ -315,6 +335,16 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
         sink.get("things", "live").await.unwrap(),
         Some((4, Some(json!({"n": 4}))))
     );
+    // At or below the horizon, a held key is written and an unknown one is stale: the
+    // outcome names which (MongoDB's reply only counts them).
+    let o = sink
+        .apply(&[
+            rec("z", 9, Some(json!({"n": 9}))),
+            rec("live", 5, Some(json!({"n": 5}))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((written(&o), o.stale), (vec![1], 1));
 }
 
 #[tokio::test]
