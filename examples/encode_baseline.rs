@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             ),
             traceparent: None,
             created_at_micros: 1_700_000_000_000_000,
+            committed_at_micros: 1_700_000_000_000_000,
         })
         .collect();
     let started = Instant::now();

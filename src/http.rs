@@ -49,6 +49,12 @@ impl Control {
             _ = rx.wait_for(|paused| !paused) => {}
         }
     }
+    /// Waits until paused: a stage idle in a read selects on it, so a pause takes effect at
+    /// once rather than after the next row arrives (and is published).
+    pub async fn wait_paused(&self) {
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|paused| *paused).await;
+    }
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.paused.subscribe()
     }

@@ -374,7 +374,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.relay_port);
             let (metrics, control) = start_http(&config, "relay", port, &cancel).await?;
-            if !dualsync::publish::wait_for_cluster(&config.kafka, &cancel).await? {
+            if !dualsync::publish::wait_for_cluster(&config.kafka, &metrics.health, &cancel).await?
+            {
                 return Ok(());
             }
             relay::run(&config, schemas, metrics, control, cancel).await?;
@@ -395,7 +396,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.apply_port);
             let (metrics, control) = start_http(&config, "apply", port, &cancel).await?;
-            if !dualsync::publish::wait_for_cluster(&config.kafka, &cancel).await? {
+            if !dualsync::publish::wait_for_cluster(&config.kafka, &metrics.health, &cancel).await?
+            {
                 return Ok(());
             }
             let run = ApplyRun {

@@ -168,7 +168,7 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         names::END_TO_END_LAG,
-                        "Outbox commit (row creation) to applied in the sink",
+                        "Primary commit (dualsync.committed_at) to written in the sink; stale records not counted",
                     )
                     .buckets(vec![
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

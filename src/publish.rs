@@ -30,6 +30,10 @@ pub mod headers {
     pub const VERSION: &str = "dualsync.version";
     /// Microseconds since the epoch, decimal text.
     pub const CREATED_AT: &str = "dualsync.created_at";
+    /// When the primary committed the change: microseconds since the epoch, decimal text.
+    /// PostgreSQL's commit timestamp where `track_commit_timestamp` is on, else `created_at`;
+    /// a MongoDB change's wall time. Apply measures its lag from it.
+    pub const COMMITTED_AT: &str = "dualsync.committed_at";
     pub const TRACEPARENT: &str = "traceparent";
 }
 
@@ -138,9 +142,12 @@ fn is_credentials_error(code: RDKafkaErrorCode) -> bool {
 /// Waits until the cluster answers a metadata request, so start-up neither runs ahead of a
 /// broker that is down (it logs one line per attempt, backing off up to 10 s, and the
 /// process stays not ready) nor retries for ever what cannot work: a credentials or TLS
-/// failure ends start-up with the broker's reason. `Ok(false)` when cancelled first.
+/// failure ends start-up with the broker's reason. `Ok(false)` when cancelled first. Each
+/// failed attempt marks the brokers unreachable in `health`, so `/readyz` says why start-up
+/// waits (not only "starting").
 pub async fn wait_for_cluster(
     kafka: &KafkaConfig,
+    health: &crate::metrics::Health,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, Error> {
     let context = LastError::default();
@@ -163,6 +170,7 @@ pub async fn wait_for_cluster(
         .await
         .map_err(|_| Error::Kafka(KafkaError::Canceled))?;
         let last = context.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        health.set_broker_up(answer.is_ok());
         match (answer, last) {
             (Ok(()), _) => return Ok(true),
             (Err(_), Some((code, reason))) if is_credentials_error(code) => {

@@ -45,7 +45,9 @@ async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) 
     }
 }
 
-/// Decodes one message into the record to write and the event's creation time (micros).
+/// Decodes one message into the record to write and the time its change was committed on the
+/// primary (micros): the relay's `committed_at` header, or the envelope's `created_at` for a
+/// message without it (written by an older relay, or by another producer).
 async fn decode<S: Sink>(
     ctx: &ApplyContext<S>,
     m: &OwnedMessage,
@@ -61,8 +63,19 @@ async fn decode<S: Sink>(
         .into());
     }
     check_route(ctx, &event.aggregate_type, m.topic())?;
-    let created_at = event.created_at_micros;
-    Ok((event.into(), created_at))
+    let committed_at = committed_at(m).unwrap_or(event.created_at_micros);
+    Ok((event.into(), committed_at))
+}
+
+/// The `committed_at` header, if the message has a valid one.
+fn committed_at(m: &OwnedMessage) -> Option<i64> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == crate::publish::headers::COMMITTED_AT)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// An event is written only if its aggregate type is one this pipeline carries and it was
@@ -97,17 +110,17 @@ pub async fn process<S: Sink>(
 ) -> Result<PartitionResult, Error> {
     let mut records = Vec::with_capacity(messages.len());
     let mut origins = Vec::with_capacity(messages.len());
-    let mut created = Vec::with_capacity(messages.len());
+    let mut committed = Vec::with_capacity(messages.len());
     for m in &messages {
         let mut policy = retry_policy(ctx);
         let retrying = RetryEpisode::new(ctx);
         let mut attempts = 1u32;
         loop {
             match decode(ctx, m).await {
-                Ok((r, created_at)) => {
+                Ok((r, committed_at)) => {
                     records.push(r);
                     origins.push(m);
-                    created.push(created_at);
+                    committed.push(committed_at);
                     break;
                 }
                 // The schema registry could not answer: wait for it, never skip the message.
@@ -133,24 +146,31 @@ pub async fn process<S: Sink>(
     if records.is_empty() {
         return Ok(PartitionResult::Done);
     }
-    if !write(ctx, &records, &origins).await? {
+    if !write(ctx, &records, &origins, &committed).await? {
         return Ok(PartitionResult::Abandoned);
-    }
-    let now = crate::dlq::now_millis() as f64 / 1000.0;
-    for micros in created {
-        let lag = now - micros as f64 / 1_000_000.0;
-        ctx.metrics.end_to_end_lag.observe(lag.max(0.0));
     }
     Ok(PartitionResult::Done)
 }
 
-/// Writes `records` (with their source messages), retrying transient faults; falls back to
-/// one-by-one writes when the batch as a whole is refused, to find and dead-letter the culprit.
-/// Returns `false` when shutdown interrupted it.
+/// Observes the end-to-end lag of the records a write changed the sink with, from their
+/// commit times (micros). Stale records (replays, duplicates) are not lag: they would report
+/// the age of an event applied long ago.
+fn observe_lag<S: Sink>(ctx: &ApplyContext<S>, committed: &[i64], written: &[usize]) {
+    let now = crate::dlq::now_millis() as f64 / 1000.0;
+    for &i in written {
+        let lag = now - committed[i] as f64 / 1_000_000.0;
+        ctx.metrics.end_to_end_lag.observe(lag.max(0.0));
+    }
+}
+
+/// Writes `records` (with their source messages and commit times), retrying transient faults;
+/// falls back to one-by-one writes when the batch as a whole is refused, to find and
+/// dead-letter the culprit. Returns `false` when shutdown interrupted it.
 async fn write<S: Sink>(
     ctx: &ApplyContext<S>,
     records: &[SinkRecord],
     origins: &[&OwnedMessage],
+    committed: &[i64],
 ) -> Result<bool, Error> {
     let mut policy = retry_policy(ctx);
     let mut attempts = 1u32;
@@ -166,8 +186,9 @@ async fn write<S: Sink>(
                         .with_label_values(&[topic, outcome])
                         .inc_by(n)
                 };
-                count("written", outcome.applied);
+                count("written", outcome.applied());
                 count("stale", outcome.stale);
+                observe_lag(ctx, committed, &outcome.written);
                 for (index, error) in &outcome.rejected {
                     if !dead_letter(ctx, origins[*index], error, "sink", attempts).await? {
                         return Ok(false);
@@ -193,11 +214,12 @@ async fn write<S: Sink>(
                 }
                 Disposition::DeadLetter => {
                     tracing::warn!(error = %e, "batch refused; writing one by one to isolate the bad record");
-                    for (record, origin) in records.iter().zip(origins) {
+                    for ((record, origin), at) in records.iter().zip(origins).zip(committed) {
                         if !Box::pin(write(
                             ctx,
                             std::slice::from_ref(record),
                             std::slice::from_ref(origin),
+                            std::slice::from_ref(at),
                         ))
                         .await?
                         {

@@ -190,6 +190,7 @@ pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Resul
     let value = codec.encode(&event)?;
     let version = row.seq.to_string();
     let created = row.created_at_micros.to_string();
+    let committed = row.committed_at_micros.to_string();
     let id = row.id.to_string();
     let mut h = OwnedHeaders::new();
     for (key, v) in [
@@ -199,6 +200,7 @@ pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Resul
         (headers::AGGREGATE_ID, row.aggregate_id.as_str()),
         (headers::VERSION, version.as_str()),
         (headers::CREATED_AT, created.as_str()),
+        (headers::COMMITTED_AT, committed.as_str()),
     ] {
         h = h.insert(Header {
             key,
@@ -230,6 +232,7 @@ fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: &str) -> 
         "payload": row.payload,
         "traceparent": row.traceparent,
         "created_at_micros": row.created_at_micros,
+        "committed_at_micros": row.committed_at_micros,
     });
     let seq = row.seq.to_string();
     let id = row.id.to_string();
@@ -292,5 +295,7 @@ pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, String> {
             .and_then(|v| v.as_str())
             .map(str::to_string),
         created_at_micros: int("created_at_micros")?,
+        // Dead letters written before commit times were carried: the insert time.
+        committed_at_micros: int("committed_at_micros").or_else(|_| int("created_at_micros"))?,
     })
 }

@@ -95,11 +95,7 @@ impl Leader<'_> {
     async fn lead(&self, source: &mut MongoSource) -> Result<(), Error> {
         let (config, metrics, cancel) = (self.config, self.metrics, self.cancel);
         loop {
-            if self.control.is_paused() {
-                tracing::info!("paused: the change stream is not read until resumed");
-                self.wait_resumed_keeping_the_lease(source).await?;
-                tracing::info!("resumed");
-            }
+            self.hold_while_paused(source).await?;
             let changes = match source.next_batch(cancel).await {
                 Err(Error::HistoryLost(why))
                     if self.source_config.on_history_lost == OnHistoryLost::Resnapshot =>
@@ -115,6 +111,12 @@ impl Leader<'_> {
                     return Ok(());
                 }
                 continue;
+            }
+            // A read under way when the pause came (it waits up to max_await_ms for changes):
+            // what it returned is held until resumed, not published during the pause.
+            self.hold_while_paused(source).await?;
+            if cancel.is_cancelled() {
+                return Ok(());
             }
             super::count_read(metrics, changes.len());
             let mut messages = Vec::with_capacity(changes.len());
@@ -153,6 +155,16 @@ impl Leader<'_> {
             super::count_acked(metrics, per_topic, dead);
             tracing::debug!(changes = changes.len(), "batch published");
         }
+    }
+
+    /// While paused, reads and publishes nothing (see [`Self::wait_resumed_keeping_the_lease`]).
+    async fn hold_while_paused(&self, source: &mut MongoSource) -> Result<(), Error> {
+        if self.control.is_paused() {
+            tracing::info!("paused: the change stream is not read until resumed");
+            self.wait_resumed_keeping_the_lease(source).await?;
+            tracing::info!("resumed");
+        }
+        Ok(())
     }
 
     /// Waits until resumed (or cancelled), renewing the lease meanwhile: a paused leader is
@@ -249,6 +261,8 @@ pub fn to_message(
         (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
         (headers::VERSION, version.as_str()),
         (headers::CREATED_AT, created.as_str()),
+        // A change's wall time is its commit's.
+        (headers::COMMITTED_AT, created.as_str()),
         (mongo_headers::DATABASE, change.database.as_str()),
         (mongo_headers::DOCUMENT_KEY, context.document_key.as_str()),
         (mongo_headers::CLUSTER_TIME, cluster_time.as_str()),

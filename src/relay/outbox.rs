@@ -161,6 +161,9 @@ impl Leader<'_> {
                         return Ok(()); // cancelled during a row-by-row republish
                     }
                 }
+                // Before the read: an idle read would otherwise publish the next rows to arrive
+                // (the read is cancel-safe).
+                _ = self.control.wait_paused(), if !paused => {}
                 rows = source.next_batch(cancel), if can_read => {
                     let rows = rows?;
                     if !rows.is_empty() {

@@ -41,13 +41,21 @@ pub type StoredRecord = (String, i64, Option<serde_json::Value>);
 /// What a batch write did.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
-    /// Records written (newer than what the sink held).
-    pub applied: u64,
+    /// Records written (newer than what the sink held), by index into the batch passed to
+    /// [`Sink::apply`]: only these count for the end-to-end lag (a replay is not lag).
+    pub written: Vec<usize>,
     /// Records ignored because the sink already held that version or a newer one.
     pub stale: u64,
     /// Records the sink refused for good while the rest of the batch went in, by index into
     /// the batch passed to [`Sink::apply`].
     pub rejected: Vec<(usize, Error)>,
+}
+
+impl ApplyOutcome {
+    /// How many records were written.
+    pub fn applied(&self) -> u64 {
+        self.written.len() as u64
+    }
 }
 
 /// A secondary store.

@@ -203,7 +203,7 @@ impl MongoSink {
             .guarded_update(collection, batch, statements, true)
             .await?;
         let mut collided = Vec::new();
-        let mut refused = 0u64;
+        let mut refused = HashSet::new();
         for e in reply
             .get_array("writeErrors")
             .map(|a| a.as_slice())
@@ -218,7 +218,7 @@ impl MongoSink {
                     "mongodb update reply has a bad writeErrors index: {e}"
                 )));
             };
-            refused += 1;
+            refused.insert(statement.0);
             let code = e.get_i32("code").unwrap_or(0);
             let message = e.get_str("errmsg").unwrap_or("").to_string();
             if code == MONGO_DUPLICATE_KEY {
@@ -231,7 +231,12 @@ impl MongoSink {
                 Disposition::Retry | Disposition::Fatal => return Err(error),
             }
         }
-        outcome.applied += statements.len() as u64 - refused;
+        outcome.written.extend(
+            statements
+                .iter()
+                .map(|(i, _)| *i)
+                .filter(|i| !refused.contains(i)),
+        );
         Ok(collided)
     }
 
@@ -305,8 +310,25 @@ impl MongoSink {
             .map(i64::from)
             .or_else(|_| reply.get_i64("n"))
             .unwrap_or(0) as u64;
-        outcome.applied += matched;
-        outcome.stale += statements.len() as u64 - matched.min(statements.len() as u64);
+        // The reply counts the matched statements without naming them: when some but not all
+        // matched, the stored versions tell which ones this write put there.
+        let indexes = statements.iter().map(|(i, _)| *i);
+        let written: Vec<usize> = if matched == 0 {
+            Vec::new()
+        } else if matched >= statements.len() as u64 {
+            indexes.collect()
+        } else {
+            let keys: Vec<&str> = statements
+                .iter()
+                .map(|(i, _)| batch[*i].key.as_str())
+                .collect();
+            let stored = self.stored_versions(collection, &keys).await?;
+            indexes
+                .filter(|i| stored.get(&batch[*i].key) == Some(&batch[*i].version))
+                .collect()
+        };
+        outcome.stale += (statements.len() - written.len()) as u64;
+        outcome.written.extend(written);
         Ok(())
     }
 

@@ -247,12 +247,12 @@ impl Sink for PostgresSink {
 
     async fn apply(&self, batch: &[SinkRecord]) -> Result<ApplyOutcome, Error> {
         let (kept, dropped) = newest_per_key(batch);
-        let mut by_table: BTreeMap<&str, Vec<&SinkRecord>> = BTreeMap::new();
+        let mut by_table: BTreeMap<&str, Vec<(usize, &SinkRecord)>> = BTreeMap::new();
         for i in kept {
             by_table
                 .entry(&batch[i].namespace)
                 .or_default()
-                .push(&batch[i]);
+                .push((i, &batch[i]));
         }
         let client = self.client().await?;
         let mut outcome = ApplyOutcome {
@@ -262,11 +262,11 @@ impl Sink for PostgresSink {
         for (namespace, records) in by_table {
             self.ensure_table(&client, namespace).await?;
             let layout = self.layout(namespace);
-            let ids: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+            let ids: Vec<&str> = records.iter().map(|(_, r)| r.key.as_str()).collect();
             let docs: Vec<Option<&serde_json::Value>> =
-                records.iter().map(|r| r.document.as_ref()).collect();
-            let versions: Vec<i64> = records.iter().map(|r| r.version).collect();
-            let deleted: Vec<bool> = records.iter().map(|r| r.document.is_none()).collect();
+                records.iter().map(|(_, r)| r.document.as_ref()).collect();
+            let versions: Vec<i64> = records.iter().map(|(_, r)| r.version).collect();
+            let deleted: Vec<bool> = records.iter().map(|(_, r)| r.document.is_none()).collect();
             let (columns, values) = layout.value_columns("u.doc", 6);
             let updates: Vec<String> = columns
                 .iter()
@@ -281,7 +281,8 @@ impl Sink for PostgresSink {
                  ON CONFLICT ({key}) DO UPDATE
                    SET {updates}, version = EXCLUDED.version,
                        deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
-                   WHERE t.version < EXCLUDED.version",
+                   WHERE t.version < EXCLUDED.version
+                 RETURNING t.{key}",
                 t = self.table(namespace),
                 horizon = self.horizon_table(),
                 key = layout.key_column(),
@@ -293,9 +294,20 @@ impl Sink for PostgresSink {
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 vec![&ids, &docs, &versions, &deleted, &namespace];
             params.extend(paths.iter().map(|p| p as &(dyn ToSql + Sync)));
-            let written = client.execute(&sql, &params).await?;
-            outcome.applied += written;
-            outcome.stale += records.len() as u64 - written;
+            // Keys are unique here (newest_per_key): the returned keys name the written records.
+            let written: std::collections::HashSet<String> = client
+                .query(&sql, &params)
+                .await?
+                .into_iter()
+                .map(|row| row.get(0))
+                .collect();
+            for (i, r) in &records {
+                if written.contains(&r.key) {
+                    outcome.written.push(*i);
+                } else {
+                    outcome.stale += 1;
+                }
+            }
         }
         Ok(outcome)
     }

@@ -40,11 +40,18 @@ pub const OUTBOX_DDL: &str = include_str!("../../connectors/outbox.sql");
 /// Channel the outbox trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "dualsync_outbox";
 /// The leader's read: the first unpublished rows in `seq` order that are not pending ($2).
+/// The last column is the commit time, here the insert time: [`COMMIT_TIME`] replaces it
+/// where the server tracks commit timestamps.
 pub const READ_BATCH: &str =
     "SELECT seq, id, aggregatetype, aggregateid, type, payload::text, traceparent,
+        (extract(epoch FROM created_at) * 1000000)::int8,
         (extract(epoch FROM created_at) * 1000000)::int8
     FROM dualsync.outbox WHERE published_at IS NULL AND seq <> ALL($2)
     ORDER BY seq LIMIT $1";
+/// A row's commit time with `track_commit_timestamp = on`: its inserting transaction's commit
+/// timestamp (the row is unpublished, so never updated: `xmin` is that transaction). NULL for
+/// transactions committed before the setting was turned on: the insert time then.
+const COMMIT_TIME: &str = "coalesce(pg_xact_commit_timestamp(xmin), created_at)";
 /// Settings of the leader's session (see [`OutboxSource::acquire_leadership`] for why).
 pub const SESSION_SETTINGS: &str = "SET enable_sort = off; SET synchronous_commit = off";
 /// First key of the relay's leader lock (the second is derived from the pipeline name).
@@ -77,6 +84,9 @@ pub struct OutboxRow {
     pub payload: Option<String>,
     pub traceparent: Option<String>,
     pub created_at_micros: i64,
+    /// When its transaction committed (see [`COMMIT_TIME`]); `created_at` where the server
+    /// does not track commit timestamps.
+    pub committed_at_micros: i64,
 }
 
 /// The leader's session: holds the lock, reads, marks.
@@ -115,6 +125,21 @@ pub async fn migrate(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether the server records commit timestamps (`track_commit_timestamp`, set at server
+/// start). Without them apply's lag counts from the insert, which over-states it by the rest
+/// of the writing transaction.
+async fn tracks_commit_timestamps(client: &Client) -> Result<bool, Error> {
+    let on = client
+        .query_one("SHOW track_commit_timestamp", &[])
+        .await?
+        .get::<_, String>(0)
+        == "on";
+    if !on {
+        tracing::info!("track_commit_timestamp is off on the primary: lag is measured from each outbox row's insert, not its commit");
+    }
+    Ok(on)
+}
+
 /// FNV-1a of the pipeline name: stable across builds, so relays of different versions agree.
 fn leader_lock_key(pipeline: &str) -> i32 {
     let hash = pipeline.bytes().fold(0x811c_9dc5_u32, |h, b| {
@@ -151,6 +176,7 @@ impl OutboxSource {
             }
         });
         let filter = AggregateFilter::new(config);
+        let commit_times = tracks_commit_timestamps(&client).await?;
         let mut source = Self {
             client,
             wakeups,
@@ -158,7 +184,7 @@ impl OutboxSource {
             config: config.clone(),
             pending: Default::default(),
             last_empty_read: None,
-            read_sql: filter.read_batch_sql(),
+            read_sql: filter.read_batch_sql(commit_times),
             filter,
             wait_key: None,
             waiting: false,
@@ -308,6 +334,7 @@ impl OutboxSource {
                 payload: r.get(5),
                 traceparent: r.get(6),
                 created_at_micros: r.get(7),
+                committed_at_micros: r.get(8),
             })
             .collect())
     }
@@ -511,10 +538,22 @@ impl AggregateFilter {
         sql
     }
 
-    /// The leader's read ([`READ_BATCH`]) with this filter; its parameters are the limit,
-    /// the pending seqs, then [`AggregateFilter::params`].
-    pub fn read_batch_sql(&self) -> String {
-        READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", self.condition(3)))
+    /// The leader's read ([`READ_BATCH`]) with this filter, reading commit times when the
+    /// server tracks them; its parameters are the limit, the pending seqs, then
+    /// [`AggregateFilter::params`].
+    pub fn read_batch_sql(&self, commit_times: bool) -> String {
+        let mut sql = READ_BATCH.replace(" ORDER BY", &format!(" {}ORDER BY", self.condition(3)));
+        if commit_times {
+            let insert_time = "(extract(epoch FROM created_at) * 1000000)::int8\n";
+            let at = sql
+                .rfind(insert_time)
+                .expect("READ_BATCH ends its columns with it");
+            sql.replace_range(
+                at..at + insert_time.len(),
+                &format!("(extract(epoch FROM {COMMIT_TIME}) * 1000000)::int8\n"),
+            );
+        }
+        sql
     }
 
     /// The parameters of [`AggregateFilter::condition`], in order.

@@ -5,6 +5,7 @@
 mod backlog;
 mod chaos;
 mod column_tables;
+mod commit_lag;
 mod common;
 mod dashboard;
 mod dead_letters;
@@ -33,6 +34,7 @@ mod reconcile;
 mod registry;
 mod registry_faults;
 mod relay_contract;
+mod relay_control;
 mod schema_evolution;
 mod schema_folder;
 mod shutdown;

@@ -346,7 +346,7 @@ async fn concurrent_first_inserts_keep_the_newest_version() {
         .unwrap();
     assert_eq!(a.get("customers", "race1").await.unwrap().unwrap().0, 7);
     assert_eq!(a.get("customers", "race2").await.unwrap().unwrap().0, 9);
-    assert_eq!((outcome.applied, outcome.stale), (1, 1));
+    assert_eq!((outcome.applied(), outcome.stale), (1, 1));
     assert!(outcome.rejected.is_empty());
 }
 

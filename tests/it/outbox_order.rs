@@ -325,7 +325,7 @@ async fn a_backlog_with_stale_statistics_is_read_along_the_index() {
     params.extend(filter.params());
     let row = client
         .query_one(
-            &format!("EXPLAIN (FORMAT JSON) {}", filter.read_batch_sql()),
+            &format!("EXPLAIN (FORMAT JSON) {}", filter.read_batch_sql(true)),
             &params,
         )
         .await

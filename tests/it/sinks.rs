@@ -25,7 +25,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (1, 0));
+    assert_eq!((o.applied(), o.stale), (1, 0));
     let o = sink
         .apply(&[
             rec("a", 10, Some(json!({"n": 10}))),
@@ -33,7 +33,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 2));
+    assert_eq!((o.applied(), o.stale), (0, 2));
     assert_eq!(
         sink.get("things", "a").await.unwrap(),
         Some((30, Some(json!({"n": 30}))))
@@ -44,7 +44,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
 
     // Several versions of one key in one batch: the newest wins whatever the order.
     let o = sink
@@ -55,7 +55,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (1, 2));
+    assert_eq!((o.applied(), o.stale), (1, 2));
     assert_eq!(
         sink.get("things", "b").await.unwrap(),
         Some((7, Some(json!({"n": 7}))))
@@ -67,7 +67,7 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
         .apply(&[rec("b", 7, Some(json!({"n": 7})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
     assert_eq!(sink.get("things", "b").await.unwrap(), Some((8, None)));
     // A newer upsert after the delete does bring it back.
     sink.apply(&[rec("b", 9, Some(json!({"n": 9})))])
@@ -97,6 +97,26 @@ async fn version_guard_suite<S: Sink>(sink: &S) {
     .await;
     assert_eq!(purged.into_inner(), 1);
     assert_eq!(sink.get("things", "c").await.unwrap(), None);
+
+    // The outcome names the records written (apply's lag counts only those): a new key, and
+    // the newest of two versions of another; not a stale one nor the older duplicate.
+    let o = sink
+        .apply(&[
+            rec("e", 2, Some(json!({"n": 2}))),
+            rec("a", 5, Some(json!({"n": 5}))),
+            rec("f", 5, Some(json!({"n": 5}))),
+            rec("e", 1, Some(json!({"n": 1}))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((written(&o), o.stale), (vec![0, 2], 2));
+}
+
+/// The indexes an outcome says were written, in order.
+fn written(o: &dualsync::sink::ApplyOutcome) -> Vec<usize> {
+    let mut w = o.written.clone();
+    w.sort_unstable();
+    w
 }
 
 #[tokio::test]
@@ -294,14 +314,14 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
         .apply(&[rec("x", 7, Some(json!({"n": 7})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1), "x stays deleted");
+    assert_eq!((o.applied(), o.stale), (0, 1), "x stays deleted");
     assert_eq!(sink.get("things", "x").await.unwrap(), None);
     // A key never seen, at or below the horizon: stale too (it may predate a purged delete).
     let o = sink
         .apply(&[rec("y", 10, Some(json!({"n": 10})))])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 1));
     // Newer than the horizon: applied; a key still held follows its own version.
     let o = sink
         .apply(&[
@@ -310,11 +330,21 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
         ])
         .await
         .unwrap();
-    assert_eq!((o.applied, o.stale), (2, 0));
+    assert_eq!((o.applied(), o.stale), (2, 0));
     assert_eq!(
         sink.get("things", "live").await.unwrap(),
         Some((4, Some(json!({"n": 4}))))
     );
+    // At or below the horizon, a held key is written and an unknown one is stale: the
+    // outcome names which (MongoDB's reply only counts them).
+    let o = sink
+        .apply(&[
+            rec("z", 9, Some(json!({"n": 9}))),
+            rec("live", 5, Some(json!({"n": 5}))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((written(&o), o.stale), (vec![1], 1));
 }
 
 #[tokio::test]
