@@ -8,6 +8,7 @@ mod column_tables;
 mod common;
 mod dashboard;
 mod dead_letters;
+mod dlq_commands;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
