@@ -75,7 +75,9 @@ kafka_installed() {
 
 install_java_tools() {
     local need=()
-    command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+    # A JDK, not only a JRE: the interop tests run their Java as single source files
+    # (java Consume.java), which needs the jdk.compiler module.
+    command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
     command -v mvn >/dev/null 2>&1 || need+=(maven)
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
     if ((${#need[@]})); then

@@ -15,6 +15,7 @@ mod fake_registry;
 mod fingerprints;
 mod interop;
 mod interop_confluent;
+pub mod interop_java;
 mod kafka;
 mod logs;
 mod mongo_delivery;
