@@ -86,11 +86,13 @@ install_java_tools() {
 }
 
 install_kafka() {
+    # Cheap when present; also run when Kafka is installed, so a machine with only a JRE
+    # gets the JDK the interop tests need.
+    install_java_tools
     if kafka_installed; then
         log "kafka: already installed (Apache Kafka $KAFKA_VERSION, $KAFKA_LIBS)"
         return 0
     fi
-    install_java_tools
     mkdir -p "$TOOLS_DIR"
     exec 9>"$TOOLS_DIR/.kafka-$KAFKA_VERSION.lock"
     flock 9
