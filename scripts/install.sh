@@ -75,7 +75,9 @@ kafka_installed() {
 
 install_java_tools() {
     local need=()
-    command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+    # A JDK, not only a JRE: the interop tests run their Java as single source files
+    # (java Consume.java), which needs the jdk.compiler module.
+    command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
     command -v mvn >/dev/null 2>&1 || need+=(maven)
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
     if ((${#need[@]})); then
@@ -84,11 +86,13 @@ install_java_tools() {
 }
 
 install_kafka() {
+    # Cheap when present; also run when Kafka is installed, so a machine with only a JRE
+    # gets the JDK the interop tests need.
+    install_java_tools
     if kafka_installed; then
         log "kafka: already installed (Apache Kafka $KAFKA_VERSION, $KAFKA_LIBS)"
         return 0
     fi
-    install_java_tools
     mkdir -p "$TOOLS_DIR"
     exec 9>"$TOOLS_DIR/.kafka-$KAFKA_VERSION.lock"
     flock 9

@@ -26,6 +26,9 @@ if [[ ! -f "$dir/.complete" ]]; then
         python3 -m venv "$dir" >&2
         "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$spec" >&2
     else
+        # The Java tools run as single source files (java Consume.java): that needs a JDK.
+        command -v javac >/dev/null 2>&1 ||
+            die "no javac: the Java interop tools need a JDK (make up installs openjdk-17-jdk-headless)"
         mvn -B -q -f "$spec" dependency:copy-dependencies -DoutputDirectory="$dir/lib" >&2
     fi
     touch "$dir/.complete"

@@ -3,7 +3,7 @@
 use dualsync::codec::EventCodec;
 use dualsync::config::Config;
 use dualsync::dlq::headers;
-use dualsync::dlq::inspect::{self, DeadLetter, Filter};
+use dualsync::dlq::inspect::{self, DeadLetter, Filter, RequestError};
 use dualsync::dlq::replay::{self, Decision};
 
 #[derive(clap::Args, Clone, Default)]
@@ -14,10 +14,13 @@ pub struct FilterArgs {
     /// Message key (the aggregate id).
     #[arg(long)]
     key: Option<String>,
+    /// Partition of the dead-letter topic (the `topic[partition]@offset` `show` prints first).
     #[arg(long)]
     partition: Option<i32>,
+    /// First offset in --partition of the dead-letter topic (inclusive).
     #[arg(long)]
     from_offset: Option<i64>,
+    /// Last offset in --partition of the dead-letter topic (inclusive).
     #[arg(long)]
     to_offset: Option<i64>,
     /// Dead-lettered at or after this time (RFC 3339 or epoch millis).
@@ -29,13 +32,16 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    fn filter(&self) -> anyhow::Result<Filter> {
-        let time = |t: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
+    /// The filter, refused when it can only be a mistake ([`Filter::validate`]).
+    fn filter(&self) -> Result<Filter, dualsync::error::Error> {
+        let time = |t: &Option<String>, flag: &'static str| -> Result<Option<i64>, RequestError> {
             t.as_deref()
-                .map(|t| inspect::parse_time(t).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+                .map(|t| {
+                    inspect::parse_time(t).map_err(|reason| RequestError::BadTime { flag, reason })
+                })
                 .transpose()
         };
-        Ok(Filter {
+        let filter = Filter {
             class: self.class.clone(),
             key: self.key.clone(),
             partition: self.partition,
@@ -43,7 +49,9 @@ impl FilterArgs {
             to_offset: self.to_offset,
             since_ms: time(&self.since, "since")?,
             until_ms: time(&self.until, "until")?,
-        })
+        };
+        filter.validate()?;
+        Ok(filter)
     }
 }
 
@@ -195,6 +203,13 @@ pub async fn replay(
         .filter(|m| filter.matches(m))
         .take(limit)
         .collect();
+    if selected.is_empty() {
+        return Err(dualsync::error::Error::from(RequestError::NoMatch {
+            topic: topic.to_string(),
+            filter: filter.describe(),
+        })
+        .into());
+    }
     let progress = crate::progress::Progress::new(
         &format!("replay {topic}"),
         "letters",

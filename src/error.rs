@@ -73,6 +73,9 @@ pub enum Error {
     /// topics (another pipeline's letters on a shared cluster, or not a dead-letter topic).
     #[error("topic {topic:?} is not a dead-letter topic of pipeline {pipeline:?} (its relay dead-letter topic, or one of its event topics followed by apply.dead_letter_suffix); `dualsync dlq list` shows this pipeline's")]
     ForeignTopic { topic: String, pipeline: String },
+    /// A `dlq show` / `dlq replay` request that can only be a mistake, or that matched nothing.
+    #[error(transparent)]
+    DlqRequest(#[from] crate::dlq::inspect::RequestError),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -139,6 +142,7 @@ impl Error {
             Error::Rejected(_) => "sink.rejected",
             Error::Setup(_) => "setup",
             Error::ForeignTopic { .. } => "dlq.foreign_topic",
+            Error::DlqRequest(_) => "dlq.request",
             Error::Halted(_) => "halted",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
@@ -153,7 +157,8 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::Setup(_)
         | Error::Halted(_)
         | Error::HistoryLost(_)
-        | Error::ForeignTopic { .. } => Disposition::Fatal,
+        | Error::ForeignTopic { .. }
+        | Error::DlqRequest(_) => Disposition::Fatal,
         Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),

@@ -33,7 +33,7 @@ use crate::metrics::{stage, Metrics};
 use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_MS};
 use crate::sink::Sink;
 
-pub use partition::PartitionResult;
+pub use partition::{check_route, PartitionResult};
 
 /// Everything a partition worker needs, shared by all of them.
 pub struct ApplyContext<S: Sink> {

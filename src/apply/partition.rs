@@ -9,8 +9,8 @@ use backoff::ExponentialBackoff;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
-use crate::codec::DecodeError;
-use crate::config::{OnInvalid, SourceConfig};
+use crate::codec::{DecodeError, EventCodec};
+use crate::config::{Config, OnInvalid, SourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
@@ -62,7 +62,7 @@ async fn decode<S: Sink>(
         }
         .into());
     }
-    check_route(ctx, &event.aggregate_type, m.topic())?;
+    check_route(&ctx.config, &ctx.codec, &event.aggregate_type, m.topic())?;
     let committed_at = committed_at(m).unwrap_or(event.created_at_micros);
     Ok((event.into(), committed_at))
 }
@@ -80,20 +80,21 @@ fn committed_at(m: &OwnedMessage) -> Option<i64> {
 
 /// An event is written only if its aggregate type is one this pipeline carries and it was
 /// read from that type's own topic: the envelope alone is never trusted to pick the table or
-/// collection it writes.
-fn check_route<S: Sink>(
-    ctx: &ApplyContext<S>,
+/// collection it writes. `dlq replay` asks the same before sending a letter back.
+pub fn check_route(
+    config: &Config,
+    codec: &EventCodec,
     aggregate_type: &str,
     topic: &str,
 ) -> Result<(), DecodeError> {
-    let carried = ctx.codec.store().for_type(aggregate_type).is_some()
-        || matches!(&ctx.config.source, Some(SourceConfig::Mongodb(s)) if s.watches(aggregate_type));
+    let carried = codec.store().for_type(aggregate_type).is_some()
+        || matches!(&config.source, Some(SourceConfig::Mongodb(s)) if s.watches(aggregate_type));
     if !carried {
         return Err(DecodeError::UnknownAggregateType(
             aggregate_type.to_string(),
         ));
     }
-    let expected = ctx.config.kafka.topic_for(aggregate_type);
+    let expected = config.kafka.topic_for(aggregate_type);
     if expected != topic {
         return Err(DecodeError::WrongTopic {
             aggregate_type: aggregate_type.to_string(),

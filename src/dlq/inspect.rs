@@ -78,7 +78,66 @@ pub struct Filter {
     pub until_ms: Option<i64>,
 }
 
+/// A `dlq show` / `dlq replay` request refused before anything is read or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("--from-offset {from} is after --to-offset {to}: the offset range is backwards")]
+    OffsetsBackwards { from: i64, to: i64 },
+    #[error("--from-offset / --to-offset need --partition: offsets count per partition of the dead-letter topic, so without one the range names letters in every partition")]
+    OffsetsWithoutPartition,
+    #[error("--since {since} is not before --until {until}: the time range is empty or backwards")]
+    TimesBackwards { since: String, until: String },
+    #[error("--{flag}: {reason}")]
+    BadTime { flag: &'static str, reason: String },
+    #[error("no dead letter in {topic} matches {filter}; `dualsync dlq show --topic {topic}` lists them")]
+    NoMatch { topic: String, filter: String },
+}
+
 impl Filter {
+    /// Refuses filters that can only be a mistake: ranges that are backwards or empty, and
+    /// offsets without the partition they count in.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if let (Some(from), Some(to)) = (self.from_offset, self.to_offset) {
+            if from > to {
+                return Err(RequestError::OffsetsBackwards { from, to });
+            }
+        }
+        if (self.from_offset.is_some() || self.to_offset.is_some()) && self.partition.is_none() {
+            return Err(RequestError::OffsetsWithoutPartition);
+        }
+        if let (Some(since), Some(until)) = (self.since_ms, self.until_ms) {
+            if since >= until {
+                return Err(RequestError::TimesBackwards {
+                    since: format_ms(since),
+                    until: format_ms(until),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The filter as the flags that set it, for messages.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut add = |flag: &str, value: Option<String>| {
+            if let Some(v) = value {
+                parts.push(format!("--{flag} {v}"));
+            }
+        };
+        add("class", self.class.clone());
+        add("key", self.key.clone());
+        add("partition", self.partition.map(|p| p.to_string()));
+        add("from-offset", self.from_offset.map(|o| o.to_string()));
+        add("to-offset", self.to_offset.map(|o| o.to_string()));
+        add("since", self.since_ms.map(format_ms));
+        add("until", self.until_ms.map(format_ms));
+        if parts.is_empty() {
+            "no filter".into()
+        } else {
+            parts.join(" ")
+        }
+    }
+
     pub fn matches(&self, m: &DeadLetter) -> bool {
         self.class
             .as_deref()

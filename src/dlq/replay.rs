@@ -9,7 +9,8 @@
 //! letter it came from, and every replay is recorded in `<dead-letter topic>.replayed` (key
 //! `partition:offset`), so a second replay of the same message is refused unless forced.
 //! Messages that would fail again the same way (they still do not decode or encode with the
-//! current schemas) are not sent unless forced.
+//! current schemas, or their event still does not route to the topic they go back to) are not
+//! sent unless forced.
 
 use std::collections::HashMap;
 
@@ -123,6 +124,10 @@ async fn rebuild(
             }
             .to_string());
         }
+        // Apply would dead-letter it again: a type this pipeline does not carry, or another
+        // type's event on this topic.
+        crate::apply::check_route(config, codec, &event.aggregate_type, target)
+            .map_err(|e| e.to_string())?;
         let mut h = OwnedHeaders::new();
         for (key, value) in letter.raw_headers() {
             if !key.starts_with(headers::ERROR_PREFIX) {

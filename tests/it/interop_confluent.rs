@@ -3,13 +3,13 @@
 //! resolving schema ids at the real registry. Every event of the run must decode with the key
 //! equal to the envelope's `aggregate_id` and the `dualsync.*` headers equal to the envelope.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
+use crate::interop_java::{outbox_events, summary_events};
 use crate::real_registry::RealRegistry;
 use crate::registry::registry_section;
 
@@ -56,16 +56,7 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
     cancel.cancel();
     relay.await.unwrap().unwrap();
 
-    let written: BTreeSet<(String, String, i64)> = source
-        .query(
-            "SELECT aggregatetype, aggregateid, seq FROM dualsync.outbox",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (config.kafka.topic_for(r.get(0)), r.get(1), r.get(2)))
-        .collect();
+    let written = outbox_events(&config, &source).await;
     let deletes: i64 = source
         .query_one(
             "SELECT count(*) FROM dualsync.outbox WHERE payload IS NULL",
@@ -92,18 +83,7 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
         .unwrap_or_else(|e| panic!("{e}: {}{stderr}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(summary["failures"], serde_json::json!([]), "{summary}");
     assert_eq!(summary["decoded"], summary["messages"]);
-    let read: BTreeSet<(String, String, i64)> = summary["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e[0].as_str().unwrap().to_string(),
-                e[1].as_str().unwrap().to_string(),
-                e[2].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let read = summary_events(&summary);
     assert_eq!(
         read, written,
         "every outbox row, decoded by confluent-kafka"

@@ -16,7 +16,7 @@ use crate::common::*;
 use crate::processes::write_config;
 
 /// Runs the binary to completion: (success, stdout, stderr).
-fn run(args: &[&str]) -> (bool, String, String) {
+pub fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dualsync"))
         .args(args)
         .env("RUST_LOG", "warn")
