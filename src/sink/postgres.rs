@@ -355,6 +355,26 @@ impl Sink for PostgresSink {
             .collect())
     }
 
+    async fn get_many(&self, namespace: &str, keys: &[String]) -> Result<Vec<StoredRecord>, Error> {
+        let client = self.client().await?;
+        let table = self.table(namespace);
+        if !table_exists(&client, &table).await? {
+            return Ok(Vec::new());
+        }
+        let layout = self.layout(namespace);
+        let sql = format!(
+            "SELECT {key}, version, CASE WHEN deleted THEN NULL ELSE {doc} END FROM {table}
+             WHERE {key} = ANY($1)",
+            key = layout.key_column(),
+            doc = layout.stored_document(),
+        );
+        let rows = client.query(&sql, &[&keys]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     async fn get(
         &self,
         namespace: &str,
