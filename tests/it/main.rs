@@ -18,6 +18,7 @@ mod kafka;
 mod logs;
 mod mongo_delivery;
 mod mongo_source;
+mod mongo_verify;
 pub mod operations;
 mod outbox_order;
 mod outbox_purge;
