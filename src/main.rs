@@ -490,7 +490,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 batch: batch_size,
                 checkpoint: checkpoint.as_deref(),
             };
-            let consistent = reconcile_cmd::verify(&config, &args, &shutdown_token()).await?;
+            // A MongoDB-source verify stops at its checkpoint on SIGINT/SIGTERM; the
+            // PostgreSQL one keeps the default (the signal ends the process at once).
+            let cancel = match &config.source {
+                Some(dualsync::config::SourceConfig::Mongodb(_)) => shutdown_token(),
+                _ => CancellationToken::new(),
+            };
+            let consistent = reconcile_cmd::verify(&config, &args, &cancel).await?;
             if !consistent {
                 anyhow::bail!("the sink differs from the primary (see above; --repair fixes it through the pipeline)");
             }
