@@ -20,7 +20,7 @@ use dualsync::sink::postgres::PostgresSink;
 
 use crate::common::*;
 use crate::mongo_source::{converged, leads, mongo_pipeline, MongoPipeline, GENERIC, TYPED};
-use crate::processes::write_config;
+use crate::processes::{sigterm, spawn, wait_exit, write_config};
 
 /// A MongoDB-primary pipeline (relay and both applies running) whose sinks hold `carts`
 /// generic documents with integer `_id`s (the updated ones with a later change) and two
@@ -374,5 +374,79 @@ async fn mongo_primary_verify_streams_in_batches_and_resumes_after_its_checkpoin
         expect(&[("10", "missing"), ("20", "missing"), ("400", "missing")]),
         "{report}"
     );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongo_primary_verify_command_stopped_by_sigterm_continues_from_its_checkpoint() {
+    let run = start(1000, &[]).await;
+    run.pg_replica()
+        .await
+        .batch_execute("DELETE FROM replica.carts WHERE id = '999'")
+        .await
+        .unwrap();
+    let checkpoint = std::env::temp_dir().join(format!("{}.json", unique("verify")));
+    let path = checkpoint.to_str().unwrap();
+    let file = run.file.to_str().unwrap();
+    let log = format!("{}.log", unique("mongo-verify"));
+    // One document per batch, so the run is still going when it is stopped.
+    let mut child = spawn(
+        &[
+            "verify",
+            "--json",
+            "--sink",
+            "postgres",
+            "--collection",
+            GENERIC,
+            "--batch-size",
+            "1",
+            "--checkpoint",
+            path,
+            "-c",
+            file,
+        ],
+        &log,
+    );
+    let saved =
+        || -> Option<Json> { serde_json::from_slice(&std::fs::read(&checkpoint).ok()?).ok() };
+    eventually("the run saves its checkpoint", || async {
+        saved().is_some_and(|s| s["current"]["report"]["primary_rows"].as_u64() >= Some(5))
+    })
+    .await;
+    sigterm(&child);
+    let status = wait_exit(&mut child, DEADLINE);
+    let stderr = std::fs::read_to_string(std::env::temp_dir().join(&log)).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("verify interrupted"), "{stderr}");
+    let at_stop = saved().expect("the checkpoint stays after a stop");
+    let place = &at_stop["current"];
+    assert_eq!(place["collection"], GENERIC, "{at_stop}");
+    assert!(
+        place["pass"] == "sink" || place["report"]["primary_rows"].as_u64() < Some(1000),
+        "stopped before the end: {at_stop}"
+    );
+
+    let (status, report, stderr) = verify(
+        &run.file,
+        &[
+            "--sink",
+            "postgres",
+            "--collection",
+            GENERIC,
+            "--batch-size",
+            "100",
+            "--checkpoint",
+            path,
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{report}\n{stderr}");
+    assert!(stderr.contains("continued from checkpoint"), "{stderr}");
+    assert_eq!(
+        kinds(&report, GENERIC),
+        expect(&[("999", "missing")]),
+        "{report}"
+    );
+    assert_eq!(report["aggregates"][0]["primary_rows"], 1000, "{report}");
+    assert!(!checkpoint.exists());
     run.stop().await;
 }
