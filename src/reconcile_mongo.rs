@@ -10,9 +10,10 @@
 //!
 //! Stale or different: a record whose content differs (or a tombstone of a live document) is
 //! *stale* when the primary's change stream still holds a change of that document newer
-//! than the sink's version (not applied yet, or lost), otherwise *different*. The change
-//! stream is read from the oldest such version to the present for each batch's suspects;
-//! when that history is gone from the oplog they count as different (or missing).
+//! than the sink's version (not applied yet, or lost), otherwise *different*. Such suspects
+//! are gathered, up to [`SUSPECTS_PER_PROBE`], and the change stream is read once for them,
+//! from the oldest of their versions to the present (opening a stream far back can take
+//! seconds); when that history is gone from the oplog they count as different (or missing).
 //!
 //! Resumable: with a checkpoint file, where the run stands (finished collections, the current
 //! collection, which side and the last key done, and the report so far) is written after each
@@ -41,8 +42,22 @@ use crate::source::mongo_change::{
 };
 use crate::source::resume_token::cluster_time_of;
 
-/// Longest the change stream is read to tell stale from different, per batch.
+/// Longest the change stream is read to tell stale from different, per probe.
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Suspects classified by one reading of the change stream.
+pub const SUSPECTS_PER_PROBE: usize = 10_000;
+
+/// A sink record that differs from its primary document: stale or different (missing or
+/// stale for a tombstone), decided by [`newest_changes`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Suspect {
+    pub key: String,
+    /// The primary's `_id` as canonical Extended JSON.
+    pub id: String,
+    pub sink_version: i64,
+    pub tombstone: bool,
+}
 
 /// Which side of a collection is being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +77,9 @@ pub struct Place {
     /// The last key done: the primary's `_id` as canonical Extended JSON, or the sink's key.
     pub after: Option<String>,
     pub report: VerifyReport,
+    /// Primary pass: differing records not classified yet.
+    #[serde(default)]
+    pub suspects: Vec<Suspect>,
 }
 
 /// The content of a checkpoint file.
@@ -173,6 +191,7 @@ impl<S: Sink> MongoVerify<'_, S> {
                         aggregate: collection.clone(),
                         ..VerifyReport::default()
                     },
+                    suspects: Vec::new(),
                 });
             }
             self.verify_collection(&db, &mut state, watch, cancel)
@@ -262,8 +281,10 @@ impl<S: Sink> MongoVerify<'_, S> {
                 };
                 let n = docs.len() as u64;
                 let place = state.current.as_mut().expect("current collection");
-                self.compare_documents(db, &name, typed, docs, &mut place.report)
-                    .await?;
+                self.compare_documents(&name, typed, docs, place).await?;
+                if place.suspects.len() >= SUSPECTS_PER_PROBE {
+                    classify(db, place).await?;
+                }
                 place.after = Some(last.into_canonical_extjson().to_string());
                 self.save(state)?;
                 watch.advance(n);
@@ -272,6 +293,7 @@ impl<S: Sink> MongoVerify<'_, S> {
                 }
             }
             let place = state.current.as_mut().expect("current collection");
+            classify(db, place).await?;
             place.pass = Pass::Sink;
             place.after = None;
             self.save(state)?;
@@ -298,14 +320,14 @@ impl<S: Sink> MongoVerify<'_, S> {
         Ok(())
     }
 
-    /// One batch of primary documents against the sink's records of the same keys.
+    /// One batch of primary documents against the sink's records of the same keys: matching
+    /// and missing counted, the rest kept as suspects.
     async fn compare_documents(
         &self,
-        db: &Database,
         collection: &str,
         typed: bool,
         docs: Vec<Document>,
-        report: &mut VerifyReport,
+        place: &mut Place,
     ) -> Result<(), Error> {
         let mut ids = Vec::with_capacity(docs.len());
         let mut bodies = Vec::with_capacity(docs.len());
@@ -323,38 +345,52 @@ impl<S: Sink> MongoVerify<'_, S> {
             .into_iter()
             .map(|(k, v, d)| (k, (v, d)))
             .collect();
+        let report = &mut place.report;
         report.primary_rows += keys.len() as u64;
-        // Keys whose sink record differs: stale or different, missing or stale.
-        let mut suspects: Vec<(String, Bson, i64, bool)> = Vec::new();
         for ((key, id), want) in keys.into_iter().zip(ids).zip(projected) {
-            match stored.get(&key) {
-                None => push(report, key, MismatchKind::Missing, None, None),
-                Some((version, None)) => suspects.push((key, id, *version, true)),
+            let (sink_version, tombstone) = match stored.get(&key) {
+                None => {
+                    push(report, key, MismatchKind::Missing, None, None);
+                    continue;
+                }
+                Some((version, None)) => (*version, true),
+                // A document the sink cannot hold never matches what it holds.
                 Some((version, Some(have))) => {
-                    // A document the sink cannot hold never matches what it holds.
                     if want.as_ref().map(content_hash) == Some(content_hash(have)) {
                         report.matching += 1;
-                    } else {
-                        suspects.push((key, id, *version, false));
+                        continue;
                     }
+                    (*version, false)
                 }
-            }
-        }
-        if suspects.is_empty() {
-            return Ok(());
-        }
-        let newest = newest_changes(db, collection, &suspects).await?;
-        for (key, _, version, tombstone) in suspects {
-            let newer = newest.get(&key).copied().filter(|n| *n > version);
-            let kind = match (newer, tombstone) {
-                (Some(_), _) => MismatchKind::Stale,
-                (None, true) => MismatchKind::Missing,
-                (None, false) => MismatchKind::Different,
             };
-            push(report, key, kind, Some(version), newer);
+            place.suspects.push(Suspect {
+                key,
+                id: id.into_canonical_extjson().to_string(),
+                sink_version,
+                tombstone,
+            });
         }
         Ok(())
     }
+}
+
+/// Classifies the suspects of `place` (see the module doc) into its report.
+async fn classify(db: &Database, place: &mut Place) -> Result<(), Error> {
+    if place.suspects.is_empty() {
+        return Ok(());
+    }
+    let suspects = std::mem::take(&mut place.suspects);
+    let newest = newest_changes(db, &place.collection, &suspects).await?;
+    for s in suspects {
+        let newer = newest.get(&s.key).copied().filter(|n| *n > s.sink_version);
+        let kind = match (newer, s.tombstone) {
+            (Some(_), _) => MismatchKind::Stale,
+            (None, true) => MismatchKind::Missing,
+            (None, false) => MismatchKind::Different,
+        };
+        push(&mut place.report, s.key, kind, Some(s.sink_version), newer);
+    }
+    Ok(())
 }
 
 fn push(
@@ -427,20 +463,22 @@ async fn find_extras(
     Ok(())
 }
 
-/// Per key of `suspects` (`(key, _id, sink version, tombstone)`), the version of its newest
-/// change in the change stream from the oldest sink version on; empty when the oplog no
-/// longer reaches back that far.
+/// Per key of `suspects`, the version of its newest change in the change stream from the
+/// oldest sink version on; empty when the oplog no longer reaches back that far.
 async fn newest_changes(
     db: &Database,
     collection: &str,
-    suspects: &[(String, Bson, i64, bool)],
+    suspects: &[Suspect],
 ) -> Result<HashMap<String, i64>, Error> {
     let mut newest = HashMap::new();
-    let Some(oldest) = suspects.iter().map(|s| s.2).min() else {
+    let Some(oldest) = suspects.iter().map(|s| s.sink_version).min() else {
         return Ok(newest);
     };
     let end = cluster_time(db).await?;
-    let ids: Vec<Bson> = suspects.iter().map(|s| s.1.clone()).collect();
+    let ids = suspects
+        .iter()
+        .map(|s| id_from_text(&s.id))
+        .collect::<Result<Vec<Bson>, Error>>()?;
     let opened = db
         .collection::<Document>(collection)
         .watch()

@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use mongodb::bson::{doc, Document};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::config::{SinkConfig, SourceConfig};
+use dualsync::publish::headers;
 use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::postgres::PostgresSink;
 
@@ -227,6 +230,32 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
         let (status, report, _) = verify(&run.file, &["--sink", sink, "--repair"]);
         assert_eq!(status.code(), Some(0), "{report}");
         assert_eq!(report["repaired"], n, "{report}");
+    }
+    // Through the pipeline: `repair` events on the collections' topics, one per mismatched key
+    // (the extras' as deletes), none for the keys that matched.
+    let is_repair = |m: &OwnedMessage| header(m, headers::EVENT_TYPE).as_deref() == Some("repair");
+    let topic = run.p.topic(GENERIC);
+    let repairs: Vec<OwnedMessage> = read_topic_until(&servers().kafka, &topic, move |m| {
+        m.iter().filter(|m| is_repair(m)).count() >= 8
+    })
+    .await
+    .into_iter()
+    .filter(is_repair)
+    .collect();
+    let mut keys: Vec<String> = repairs
+        .iter()
+        .map(|m| String::from_utf8(m.key().unwrap().to_vec()).unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["1", "2", "3", "4", "5", "6", "extra-1", "extra-2"]);
+    for m in &repairs {
+        let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();
+        assert_eq!(
+            version & 2047,
+            2047,
+            "the highest version of a cluster time"
+        );
+        assert_eq!(header(m, headers::AGGREGATE_TYPE).as_deref(), Some(GENERIC));
     }
     eventually("both sinks match the primary again", || async {
         verify(&run.file, &["--sink", "postgres"]).0.success()
