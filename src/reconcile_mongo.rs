@@ -216,8 +216,13 @@ impl<S: Sink> MongoVerify<'_, S> {
             self.save(&state)?;
         }
         if let Some(path) = self.checkpoint {
-            // Finished: the next run starts over.
-            std::fs::remove_file(path).map_err(|e| checkpoint_error(path, e))?;
+            // Finished: the next run starts over. (Never written when nothing was watched.)
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(checkpoint_error(path, e))
+                }
+                _ => {}
+            }
         }
         Ok(Outcome {
             reports: state.done,
