@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pg;
 pub mod publish;
 pub mod reconcile;
+pub mod reconcile_mongo;
 pub mod relay;
 pub mod sink;
 pub mod source;

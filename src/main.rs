@@ -100,7 +100,8 @@ enum Command {
         #[arg(long)]
         sink: Option<String>,
         /// Aggregate types (or their tables) to check; default all [reconcile.*] sections.
-        #[arg(long = "aggregate")]
+        /// With a MongoDB source: collections (default every watched one).
+        #[arg(long = "aggregate", alias = "collection")]
         aggregates: Vec<String>,
         #[arg(long)]
         repair: bool,
@@ -109,6 +110,13 @@ enum Command {
         show: usize,
         #[arg(long)]
         json: bool,
+        /// MongoDB source: documents read (and sink records asked for) per round trip.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// MongoDB source: where the run stands, saved after every batch; a run stopped
+        /// (SIGINT, SIGTERM, crash) continues from it, a finished run deletes it.
+        #[arg(long)]
+        checkpoint: Option<std::path::PathBuf>,
     },
     /// Emit the current rows of primary tables as events (backfill), resumable; with a
     /// MongoDB source, the current documents of the watched collections.
@@ -471,11 +479,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             repair,
             show,
             json,
+            batch_size,
+            checkpoint,
         } => {
             let config = load_config(&arg)?;
-            let consistent =
-                reconcile_cmd::verify(&config, sink.as_deref(), &aggregates, repair, show, json)
-                    .await?;
+            let args = reconcile_cmd::VerifyArgs {
+                sink: sink.as_deref(),
+                only: &aggregates,
+                repair,
+                show,
+                json,
+                batch: batch_size,
+                checkpoint: checkpoint.as_deref(),
+            };
+            // A MongoDB-source verify stops at its checkpoint on SIGINT/SIGTERM; the
+            // PostgreSQL one keeps the default (the signal ends the process at once).
+            let cancel = match &config.source {
+                Some(dualsync::config::SourceConfig::Mongodb(_)) => shutdown_token(),
+                _ => CancellationToken::new(),
+            };
+            let consistent = reconcile_cmd::verify(&config, &args, &cancel).await?;
             if !consistent {
                 anyhow::bail!("the sink differs from the primary (see above; --repair fixes it through the pipeline)");
             }

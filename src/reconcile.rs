@@ -15,7 +15,7 @@ use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use futures::{pin_mut, TryStreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::config::ReconcileConfig;
@@ -26,13 +26,13 @@ use crate::sink::Sink;
 pub const REPAIR_EVENT_TYPE: &str = "dualsync.Repaired";
 pub const SNAPSHOT_EVENT_TYPE: &str = "dualsync.Snapshot";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MismatchKind {
     /// In the primary, absent (or a tombstone) in the sink.
     Missing,
-    /// The sink holds an older version than the newest outbox event of the key (the pipeline
-    /// has not applied it yet, or lost it).
+    /// The sink holds an older version than the newest event of the key (outbox row, or
+    /// MongoDB change): the pipeline has not applied it yet, or lost it.
     Stale,
     /// Live in the sink, gone from the primary.
     Extra,
@@ -40,7 +40,7 @@ pub enum MismatchKind {
     Different,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {
     pub aggregate: String,
     pub key: String,
@@ -48,9 +48,13 @@ pub struct Mismatch {
     pub sink_version: Option<i64>,
     /// Newest outbox `seq` of the key still in the outbox (rows are purged after retention).
     pub newest_outbox_seq: Option<i64>,
+    /// MongoDB primary: version of the newest change of the key the change stream still
+    /// holds, when newer than the sink's (what makes it stale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_change_version: Option<i64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub aggregate: String,
     pub primary_rows: u64,
@@ -171,6 +175,7 @@ pub async fn verify<S: Sink>(
             kind,
             sink_version,
             newest_outbox_seq: newest.get(key).copied(),
+            newest_change_version: None,
         });
     };
     let behind = |key: &str, version: i64| newest.get(key).is_some_and(|seq| *seq > version);

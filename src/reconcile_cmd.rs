@@ -1,11 +1,14 @@
 //! `dualsync verify` and `dualsync snapshot`: progress on stderr (see [`Progress`]), results on
 //! stdout.
 
-use dualsync::config::{Config, ReconcileConfig, SinkConfig};
+use dualsync::config::{Config, ReconcileConfig, SinkConfig, SourceConfig};
 use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
+use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::Sink;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::progress::Progress;
 
@@ -39,25 +42,35 @@ fn aggregates<'a>(
         .collect()
 }
 
+/// What `dualsync verify` was asked for.
+pub struct VerifyArgs<'a> {
+    pub sink: Option<&'a str>,
+    /// Aggregate types (or tables); for a MongoDB source, collections.
+    pub only: &'a [String],
+    pub repair: bool,
+    pub show: usize,
+    pub json: bool,
+    /// MongoDB source: documents per batch, and the checkpoint file of a resumable run.
+    pub batch: usize,
+    pub checkpoint: Option<&'a std::path::Path>,
+}
+
 /// Runs verify (and the repair) on every selected aggregate; `Ok(false)` when mismatches
-/// remain unrepaired.
+/// remain unrepaired. `cancel` (SIGINT/SIGTERM) stops a MongoDB-source run at its checkpoint.
 pub async fn verify(
     config: &Config,
-    sink_name: Option<&str>,
-    only: &[String],
-    repair: bool,
-    show: usize,
-    json: bool,
+    args: &VerifyArgs<'_>,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    let (sink_name, sink_config) = config.sink(sink_name)?;
+    let (sink_name, sink_config) = config.sink(args.sink)?;
     match sink_config.clone() {
         SinkConfig::Postgres(p) => {
             let sink = PostgresSink::connect(&p).await?;
-            verify_with(config, &sink, &sink_name, only, repair, show, json).await
+            verify_with(config, &sink, &sink_name, args, cancel).await
         }
         SinkConfig::Mongodb(m) => {
             let sink = MongoSink::connect(&m).await?;
-            verify_with(config, &sink, &sink_name, only, repair, show, json).await
+            verify_with(config, &sink, &sink_name, args, cancel).await
         }
     }
 }
@@ -66,15 +79,39 @@ async fn verify_with<S: Sink>(
     config: &Config,
     sink: &S,
     sink_name: &str,
-    only: &[String],
-    repair: bool,
-    show: usize,
-    json: bool,
+    args: &VerifyArgs<'_>,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<bool> {
+    if let Some(SourceConfig::Mongodb(source)) = &config.source {
+        let run = MongoVerify {
+            config,
+            source,
+            sink,
+            sink_name,
+            schemas: std::sync::Arc::new(dualsync::codec::SchemaStore::load_dir(
+                &config.encoding.schemas_dir,
+            )?),
+            only: args.only,
+            batch: args.batch.max(1),
+            repair: args.repair,
+            checkpoint: args.checkpoint,
+        };
+        let outcome = run.run(&ProgressWatch::default(), cancel).await?;
+        if outcome.resumed {
+            eprintln!("verify: continued from checkpoint");
+        }
+        return Ok(print_reports(
+            &outcome.reports,
+            sink_name,
+            outcome.repaired,
+            args,
+            "repair events published with the primary's current documents",
+        ));
+    }
     let mut source = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
     let mut reports: Vec<VerifyReport> = Vec::new();
     let mut repaired = 0;
-    for (aggregate, rc) in aggregates(config, only)? {
+    for (aggregate, rc) in aggregates(config, args.only)? {
         let total = reconcile::primary_count(&source, rc).await?;
         // Both sides are read and the sink holds about as many rows as the primary.
         let progress = Progress::new(
@@ -84,7 +121,7 @@ async fn verify_with<S: Sink>(
         );
         let report = reconcile::verify(&source, sink, aggregate, rc, &|n| progress.inc(n)).await?;
         progress.finish();
-        if repair && !report.mismatches.is_empty() {
+        if args.repair && !report.mismatches.is_empty() {
             let mut keys: Vec<String> = report.mismatches.iter().map(|m| m.key.clone()).collect();
             keys.sort();
             let progress = Progress::new(
@@ -108,13 +145,31 @@ async fn verify_with<S: Sink>(
         }
         reports.push(report);
     }
+    Ok(print_reports(
+        &reports,
+        sink_name,
+        repaired,
+        args,
+        "outbox events written with the primary's current state",
+    ))
+}
+
+/// The reports on stdout (text or JSON); whether nothing is left unrepaired.
+fn print_reports(
+    reports: &[VerifyReport],
+    sink_name: &str,
+    repaired: u64,
+    args: &VerifyArgs<'_>,
+    repair_means: &str,
+) -> bool {
+    let (repair, show, json) = (args.repair, args.show, args.json);
     let mismatches: usize = reports.iter().map(|r| r.mismatches.len()).sum();
     if json {
         let doc =
             serde_json::json!({ "sink": sink_name, "aggregates": reports, "repaired": repaired });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        println!("{doc:#}");
     } else {
-        for r in &reports {
+        for r in reports {
             for m in r.mismatches.iter().take(show) {
                 println!(
                     "{:<10} {}/{}  sink version {}  newest outbox seq {}",
@@ -154,10 +209,32 @@ async fn verify_with<S: Sink>(
             );
         }
         if repair {
-            println!("repair: {repaired} outbox events written with the primary's current state; the pipeline applies them (run verify again to confirm)");
+            println!("repair: {repaired} {repair_means}; the pipeline applies them (run verify again to confirm)");
         }
     }
-    Ok(mismatches == 0 || repair)
+    mismatches == 0 || repair
+}
+
+/// Progress of a MongoDB-source verify, one [`Progress`] per piece of work.
+#[derive(Default)]
+struct ProgressWatch(std::sync::Mutex<Option<Progress>>);
+
+impl Watch for ProgressWatch {
+    fn begin(&self, what: String, unit: &'static str, total: Option<u64>) {
+        *self.0.lock().expect("progress lock") = Some(Progress::new(&what, unit, total));
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(p) = self.0.lock().expect("progress lock").as_ref() {
+            p.inc(n);
+        }
+    }
+
+    fn end(&self) {
+        if let Some(p) = self.0.lock().expect("progress lock").take() {
+            p.finish();
+        }
+    }
 }
 
 pub async fn snapshot(
@@ -167,7 +244,7 @@ pub async fn snapshot(
     restart: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    if let Some(dualsync::config::SourceConfig::Mongodb(source)) = &config.source {
+    if let Some(SourceConfig::Mongodb(source)) = &config.source {
         let schemas = std::sync::Arc::new(dualsync::codec::SchemaStore::load_dir(
             &config.encoding.schemas_dir,
         )?);

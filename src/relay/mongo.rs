@@ -318,6 +318,114 @@ fn dead_letter(
     }
 }
 
+/// The event of a document read outside the stream (snapshot, repair), or its dead letter
+/// (`Err`) when it does not encode; an error when `on_invalid = "halt"`.
+fn encode_or_dead_letter(
+    config: &Config,
+    codec: &EventCodec,
+    change: &MongoChange,
+) -> Result<Result<Outgoing, Outgoing>, Error> {
+    match to_message(config, codec, change) {
+        Ok(m) => Ok(Ok(m)),
+        Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(change, &e)),
+        Err(e) => {
+            tracing::warn!(collection = %change.collection, key = %change.key(), class = e.class(),
+                error = %e, operation = change.operation.as_str(), "document dead-lettered");
+            Ok(Err(dead_letter(config, change, &e, false)))
+        }
+    }
+}
+
+/// The watched collections of the source's database that exist now, sorted; only those of
+/// `only` when it is not empty (each must be one of them).
+pub async fn watched_collections(
+    db: &mongodb::Database,
+    source_config: &MongoSourceConfig,
+    only: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut collections: Vec<String> = db
+        .list_collection_names()
+        .await?
+        .into_iter()
+        .filter(|c| source_config.watches(c))
+        .collect();
+    collections.sort();
+    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
+        return Err(Error::Setup(format!(
+            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
+            source_config.database
+        )));
+    }
+    if !only.is_empty() {
+        collections.retain(|c| only.contains(c));
+    }
+    Ok(collections)
+}
+
+/// `verify --repair` for a MongoDB source: publishes, for every mismatched key of `report`,
+/// the primary's current document (or, when it is gone, a delete) as a `repair` event with
+/// [`crate::source::mongo_change::repair_version`] of the cluster time taken *before* the
+/// documents are read: it wins over every version the sinks hold from earlier changes, and
+/// any later change wins over it. Returns how many events were published.
+#[allow(clippy::too_many_arguments)]
+pub async fn repair(
+    config: &Config,
+    source_config: &MongoSourceConfig,
+    schemas: Arc<SchemaStore>,
+    db: &mongodb::Database,
+    report: &crate::reconcile::VerifyReport,
+    batch_size: usize,
+    begin: &(dyn Fn(String, Option<u64>) + Sync),
+    advance: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
+) -> Result<u64, Error> {
+    use crate::source::mongo_change::{canonical_key, key_candidates};
+    use futures::TryStreamExt;
+    use mongodb::bson::{doc, Bson, Document};
+
+    let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
+        return Ok(0);
+    };
+    let publisher = Publisher::new(&config.kafka)?;
+    let collection = &report.aggregate;
+    codec.ensure_registered(config, collection).await?;
+    let mut keys: Vec<&str> = report.mismatches.iter().map(|m| m.key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    begin(format!("repair {collection}"), Some(keys.len() as u64));
+    let at = crate::source::mongo::cluster_time(db).await?;
+    let mut published = 0;
+    for chunk in keys.chunks(batch_size.max(1)) {
+        let ids: Vec<Bson> = chunk.iter().flat_map(|k| key_candidates(k)).collect();
+        let mut current: HashMap<String, Document> = db
+            .collection::<Document>(collection)
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .into_iter()
+            .map(|d| (d.get("_id").map(canonical_key).unwrap_or_default(), d))
+            .collect();
+        let mut messages = Vec::with_capacity(chunk.len());
+        for key in chunk {
+            let document = current.remove(*key);
+            let id = match &document {
+                Some(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
+                None => key_candidates(key).swap_remove(0),
+            };
+            let change = MongoChange::repair(&source_config.database, collection, id, document, at);
+            messages.push(encode_or_dead_letter(config, &codec, &change)?.unwrap_or_else(|l| l));
+        }
+        tokio::select! {
+            r = publisher.publish_all(messages) => r?,
+            _ = cancel.cancelled() => return Err(Error::Setup("repair interrupted".into())),
+        }
+        published += chunk.len() as u64;
+        advance(chunk.len() as u64);
+    }
+    Ok(published)
+}
+
 /// What `dualsync snapshot` published for one collection.
 #[derive(Debug, serde::Serialize)]
 pub struct SnapshotReport {
@@ -350,22 +458,7 @@ pub async fn snapshot(
     let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
     let db = client.database(&source_config.database);
     let start_at = crate::source::mongo::cluster_time(&db).await?;
-    let mut collections: Vec<String> = db
-        .list_collection_names()
-        .await?
-        .into_iter()
-        .filter(|c| source_config.watches(c))
-        .collect();
-    collections.sort();
-    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Setup(format!(
-            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
-            source_config.database
-        )));
-    }
-    if !only.is_empty() {
-        collections.retain(|c| only.contains(c));
-    }
+    let collections = watched_collections(&db, source_config, only).await?;
     let mut reports = Vec::new();
     for collection in collections {
         codec.ensure_registered(config, &collection).await?;
@@ -390,18 +483,14 @@ pub async fn snapshot(
                 };
                 let change =
                     MongoChange::snapshot(&source_config.database, &collection, document, start_at);
-                match to_message(config, &codec, &change) {
+                match encode_or_dead_letter(config, &codec, &change)? {
                     Ok(m) => {
                         report.documents += 1;
                         messages.push(m);
                     }
-                    Err(e) if config.relay.on_invalid == OnInvalid::Halt => {
-                        return Err(halted(&change, &e))
-                    }
-                    Err(e) => {
-                        tracing::warn!(collection = %collection, key = %change.key(), error = %e, "snapshot document dead-lettered");
+                    Err(letter) => {
                         report.dead_lettered += 1;
-                        messages.push(dead_letter(config, &change, &e, false));
+                        messages.push(letter);
                     }
                 }
             }

@@ -102,6 +102,24 @@ pub trait Sink: Send + Sync + 'static {
         async move { Ok(projected) }
     }
 
+    /// The records of those of `keys` the sink holds, in any order (for `verify` of a MongoDB
+    /// primary, which reads the primary in its own key order and asks the sink for each batch).
+    fn get_many(
+        &self,
+        namespace: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, Error>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                if let Some((version, doc)) = self.get(namespace, key).await? {
+                    out.push((key.clone(), version, doc));
+                }
+            }
+            Ok(out)
+        }
+    }
+
     /// Current state of `key` (for tests and `verify`): `(version, document or None if deleted)`.
     fn get(
         &self,

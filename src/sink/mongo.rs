@@ -433,6 +433,17 @@ impl Sink for MongoSink {
         Ok(found.map(stored).map(|(_, version, doc)| (version, doc)))
     }
 
+    async fn get_many(&self, namespace: &str, keys: &[String]) -> Result<Vec<StoredRecord>, Error> {
+        let found: Vec<Document> = self
+            .db
+            .collection::<Document>(namespace)
+            .find(doc! {"_id": {"$in": keys}})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().map(stored).collect())
+    }
+
     async fn scan(
         &self,
         namespace: &str,

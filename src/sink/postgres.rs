@@ -130,6 +130,33 @@ impl PostgresSink {
         Ok(sink)
     }
 
+    /// The records of `namespace` matching `condition` (SQL where `{key}` stands for the key
+    /// column), as `scan` and `get_many` report them; none when the table does not exist.
+    async fn records(
+        &self,
+        namespace: &str,
+        condition: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let client = self.client().await?;
+        let table = self.table(namespace);
+        if !table_exists(&client, &table).await? {
+            return Ok(Vec::new());
+        }
+        let layout = self.layout(namespace);
+        let sql = format!(
+            "SELECT {key}, version, CASE WHEN deleted THEN NULL ELSE {doc} END FROM {table} WHERE {condition}",
+            key = layout.key_column(),
+            doc = layout.stored_document(),
+            condition = condition.replace("{key}", &layout.key_column()),
+        );
+        let rows = client.query(&sql, params).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     /// The shared connection, reconnecting when the last one broke.
     async fn client(&self) -> Result<Arc<Client>, Error> {
         let mut guard = self.client.lock().await;
@@ -348,23 +375,16 @@ impl Sink for PostgresSink {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, Error> {
-        let client = self.client().await?;
-        let table = self.table(namespace);
-        if !table_exists(&client, &table).await? {
-            return Ok(Vec::new());
-        }
-        let layout = self.layout(namespace);
-        let sql = format!(
-            "SELECT {key}, version, CASE WHEN deleted THEN NULL ELSE {doc} END FROM {table}
-             WHERE $1::text IS NULL OR {key} > $1 ORDER BY {key} LIMIT $2",
-            key = layout.key_column(),
-            doc = layout.stored_document(),
-        );
-        let rows = client.query(&sql, &[&after, &(limit as i64)]).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        self.records(
+            namespace,
+            "$1::text IS NULL OR {key} > $1 ORDER BY {key} LIMIT $2",
+            &[&after, &(limit as i64)],
+        )
+        .await
+    }
+
+    async fn get_many(&self, namespace: &str, keys: &[String]) -> Result<Vec<StoredRecord>, Error> {
+        self.records(namespace, "{key} = ANY($1)", &[&keys]).await
     }
 
     async fn get(

@@ -609,7 +609,7 @@ pub async fn cluster_time(db: &Database) -> Result<Timestamp, Error> {
 }
 
 /// A server error that means the position is gone becomes [`Error::HistoryLost`].
-fn history_lost_or(e: mongodb::error::Error) -> Error {
+pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
     match e.kind.as_ref() {
         mongodb::error::ErrorKind::Command(c) if HISTORY_LOST_CODES.contains(&c.code) => {
             Error::HistoryLost(format!(

@@ -34,6 +34,8 @@ pub enum Operation {
     Delete,
     /// A document read by a snapshot.
     Snapshot,
+    /// The current state of a document (or its absence) re-emitted by `verify --repair`.
+    Repair,
 }
 
 impl Operation {
@@ -44,6 +46,7 @@ impl Operation {
             Operation::Replace => "replace",
             Operation::Delete => "delete",
             Operation::Snapshot => "snapshot",
+            Operation::Repair => "repair",
         }
     }
 }
@@ -210,6 +213,49 @@ pub fn snapshot_version(start_at: Timestamp) -> i64 {
     version_of(start_at, 0) - 1
 }
 
+/// The version of a repair event for a document read after cluster time `at`: the highest
+/// version of a change at `at`. Every change the document went through was committed at or
+/// before `at`, so the repair wins over whatever the sink holds from them; any change after
+/// `at` has a higher cluster time, so it wins over the repair.
+pub fn repair_version(at: Timestamp) -> i64 {
+    version_of(at, MAX_TXN_INDEX)
+}
+
+/// The cluster time a version was made from (the inverse of [`version_of`], up to the
+/// position in the transaction); versions below 0 map to the zero time.
+pub fn version_time(version: i64) -> Timestamp {
+    let v = version.max(0);
+    Timestamp {
+        time: (v >> 31) as u32,
+        increment: ((v >> TXN_INDEX_BITS) as u32) & MAX_INCREMENT,
+    }
+}
+
+/// The `_id` values whose [`canonical_key`] is `key`: the string itself, and the ObjectId,
+/// integer or Extended JSON value it may stand for. The string comes first.
+pub fn key_candidates(key: &str) -> Vec<Bson> {
+    let mut out = vec![Bson::String(key.to_string())];
+    if let Ok(oid) = mongodb::bson::oid::ObjectId::parse_str(key) {
+        out.push(Bson::ObjectId(oid));
+    }
+    if let Ok(i) = key.parse::<i64>() {
+        out.push(match i32::try_from(i) {
+            Ok(small) => Bson::Int32(small),
+            Err(_) => Bson::Int64(i),
+        });
+    }
+    if let Some(value) = serde_json::from_str::<Json>(key)
+        .ok()
+        .and_then(|j| Bson::try_from(j).ok())
+    {
+        if !matches!(value, Bson::String(_) | Bson::Int32(_) | Bson::Int64(_)) {
+            out.push(value);
+        }
+    }
+    out.retain(|b| canonical_key(b) == key);
+    out
+}
+
 impl MongoChange {
     /// A document read by a snapshot that started at cluster time `start_at`.
     pub fn snapshot(
@@ -233,11 +279,36 @@ impl MongoChange {
         }
     }
 
+    /// The state of `id` in `collection` as read after cluster time `at` (`None`: the document
+    /// is gone), for `verify --repair`.
+    pub fn repair(
+        database: &str,
+        collection: &str,
+        id: Bson,
+        document: Option<Document>,
+        at: Timestamp,
+    ) -> Self {
+        Self {
+            token: None,
+            operation: Operation::Repair,
+            database: database.to_string(),
+            collection: collection.to_string(),
+            id,
+            full_document: document,
+            document_before_change: None,
+            update_description: None,
+            cluster_time: at,
+            txn_index: 0,
+            wall_time_micros: mongodb::bson::DateTime::now().timestamp_millis() * 1000,
+        }
+    }
+
     /// The version it is published with: its cluster time and position in its transaction,
-    /// or for a snapshot document [`snapshot_version`].
+    /// for a snapshot document [`snapshot_version`], for a repair [`repair_version`].
     pub fn version(&self) -> i64 {
         match self.operation {
             Operation::Snapshot => snapshot_version(self.cluster_time),
+            Operation::Repair => repair_version(self.cluster_time),
             _ => version_of(self.cluster_time, self.txn_index),
         }
     }
@@ -277,14 +348,19 @@ impl MongoChange {
         }
     }
 
-    /// Stable across re-publication: from the resume token, or for a snapshot document from
-    /// (collection, key, version).
+    /// Stable across re-publication: from the resume token, or for a snapshot or repair
+    /// document from (operation, collection, key, version).
     fn event_id(&self, version: i64) -> uuid::Uuid {
         let name = match &self.token {
             Some(token) => Bson::Document(token.clone())
                 .into_canonical_extjson()
                 .to_string(),
-            None => format!("snapshot/{}/{}/{version}", self.collection, self.key()),
+            None => format!(
+                "{}/{}/{}/{version}",
+                self.operation.as_str(),
+                self.collection,
+                self.key()
+            ),
         };
         uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
     }
@@ -444,6 +520,64 @@ mod tests {
         assert_eq!(
             simplified_json(&d),
             serde_json::json!({"o": "6b045d0eb6ebfed351ac9d18", "at": "1970-01-01T00:00:00Z", "n": 3, "f": 1.5, "s": "x", "a": [1, "y"]})
+        );
+    }
+
+    #[test]
+    fn key_candidates_are_the_ids_with_that_canonical_key() {
+        let oid = ObjectId::parse_str("6b045d0eb6ebfed351ac9d18").unwrap();
+        assert_eq!(
+            key_candidates(&oid.to_hex()),
+            [Bson::String(oid.to_hex()), Bson::ObjectId(oid)]
+        );
+        assert_eq!(
+            key_candidates("42"),
+            [Bson::String("42".into()), Bson::Int32(42)]
+        );
+        assert_eq!(
+            key_candidates("5000000000"),
+            [
+                Bson::String("5000000000".into()),
+                Bson::Int64(5_000_000_000)
+            ]
+        );
+        let uuid_like = canonical_key(&Bson::Document(doc! {"a": 1}));
+        assert_eq!(
+            key_candidates(&uuid_like),
+            [
+                Bson::String(uuid_like.clone()),
+                Bson::Document(doc! {"a": 1})
+            ]
+        );
+        assert_eq!(key_candidates("c1"), [Bson::String("c1".into())]);
+    }
+
+    #[test]
+    fn repair_versions_win_over_changes_up_to_their_time_and_lose_to_later_ones() {
+        let at = Timestamp {
+            time: 1_700_000_000,
+            increment: 7,
+        };
+        let repair = repair_version(at);
+        assert!(repair >= version_of(at, 5));
+        assert!(repair > snapshot_version(at));
+        assert!(
+            repair
+                < version_of(
+                    Timestamp {
+                        time: at.time,
+                        increment: 8
+                    },
+                    0
+                )
+        );
+        assert_eq!(version_time(version_of(at, 3)), at);
+        assert_eq!(
+            version_time(-1),
+            Timestamp {
+                time: 0,
+                increment: 0
+            }
         );
     }
 }

@@ -61,6 +61,19 @@ pub fn txn_op_index(token: &Document) -> Option<(Timestamp, u64)> {
     Some((Timestamp { time, increment }, index))
 }
 
+/// The cluster time a resume token stands for: MongoDB's KeyString prefix, or the `t` field of
+/// SecantusDB's hex BSON token; `None` for a token in another form.
+pub fn cluster_time_of(token: &Document) -> Option<Timestamp> {
+    if let Some((time, _)) = txn_op_index(token) {
+        return Some(time);
+    }
+    let bytes = decode_hex(token.get_str("_data").ok()?)?;
+    Document::from_reader(bytes.as_slice())
+        .ok()?
+        .get_timestamp("t")
+        .ok()
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
@@ -114,6 +127,21 @@ mod tests {
 
     fn token(data: &str) -> Document {
         doc! {"_data": data}
+    }
+
+    /// A post-batch token SecantusDB 0.7.0b3 returned (read with pymongo): hex BSON whose
+    /// `t` is the cluster time Timestamp(1796329722, 10) pymongo reported for the last event.
+    #[test]
+    fn cluster_time_of_a_secantusdb_token() {
+        let t = token("45000000107300f6d101001174000a000000fad0116b026e001600000070726f62655f6d765f313739363332393732322e6300036b000e000000105f696400020000000000");
+        assert_eq!(
+            cluster_time_of(&t),
+            Some(Timestamp {
+                time: 1796329722,
+                increment: 10
+            })
+        );
+        assert_eq!(cluster_time_of(&token("zz")), None);
     }
 
     /// Expected values from an independent decoder, mongodb-js/mongodb-resumetoken-decoder

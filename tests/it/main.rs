@@ -21,6 +21,7 @@ mod kafka;
 mod logs;
 mod mongo_delivery;
 mod mongo_source;
+mod mongo_verify;
 mod new_topics;
 pub mod operations;
 mod outbox_order;
