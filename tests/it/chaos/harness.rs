@@ -60,9 +60,17 @@ impl Proc {
             let _ = c.wait();
         }
     }
-    /// SIGTERM and wait; a clean exit is part of the contract.
+    /// SIGTERM and wait; a clean exit is part of the contract. It holds once the process has
+    /// installed its signal handlers, which it does before its HTTP endpoint listens: a SIGTERM
+    /// before that (a debug binary still loading on a loaded machine) ends it by the default
+    /// action, as any process, so the stop waits for that log line first.
     pub(super) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let end = Instant::now() + DEADLINE;
+            while !self.log_contains("http endpoint listening") && c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < end, "{} never started", self.name);
+                std::thread::sleep(Duration::from_millis(50));
+            }
             Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status()
@@ -87,12 +95,18 @@ impl Proc {
             );
         }
     }
-    pub(super) fn tail(&self) -> String {
-        let text = self
-            .logs
+    /// The log of the current (last started) run.
+    fn log(&self) -> String {
+        self.logs
             .last()
             .and_then(|l| std::fs::read_to_string(l).ok())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+    fn log_contains(&self, needle: &str) -> bool {
+        self.log().contains(needle)
+    }
+    pub(super) fn tail(&self) -> String {
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
