@@ -11,7 +11,10 @@ cd "$REPO_ROOT"
 RUNS="${CHAOS_RUNS:-20}"
 FAULTS="${CHAOS_FAULTS:-12}"
 FIRST="${CHAOS_FIRST_SEED:-1}"
-REPORT="$REPO_ROOT/docs/chaos-report.md"
+# Which schedules: `outbox` (PostgreSQL outbox primary) and/or `mongo` (MongoDB primary
+# writing multi-document transactions), each one test of tests/it/chaos*.
+SCHEDULES="${CHAOS_SCHEDULES:-outbox mongo}"
+REPORT="${CHAOS_REPORT:-$REPO_ROOT/docs/chaos-report.md}"
 FAILED=()
 mkdir -p "$REPO_ROOT/docs" "$LOG_DIR"
 
@@ -23,34 +26,63 @@ export DUALSYNC_TEST_PG_URL DUALSYNC_TEST_KAFKA_BROKERS DUALSYNC_TEST_MONGO_URL 
 log "building the test binary"
 cargo test --locked --test it --no-run --quiet
 
+# schedule name -> test filter, summary-line prefix, report section title
+filter() { [[ $1 == mongo ]] && echo "chaos::mongo::" || echo "chaos::seeded"; }
+prefix() { [[ $1 == mongo ]] && echo "chaos mongo seed" || echo "chaos seed"; }
+title() {
+    if [[ $1 == mongo ]]; then
+        echo "MongoDB primary: multi-document transactions through the change-stream relay"
+    else
+        echo "PostgreSQL outbox primary"
+    fi
+}
+LINES_DIR="$(mktemp -d)"
+for ((i = 0; i < RUNS; i++)); do
+    seed=$((FIRST + i))
+    for schedule in $SCHEDULES; do
+        out="$LOG_DIR/chaos-$schedule-$seed.txt"
+        log "schedule $((i + 1))/$RUNS ($schedule, seed $seed)"
+        if ! DUALSYNC_CHAOS_SEED="$seed" DUALSYNC_CHAOS_FAULTS="$FAULTS" \
+            cargo test --locked --test it --quiet "$(filter "$schedule")" -- --nocapture >"$out" 2>&1; then
+            echo "- $schedule seed $seed: FAILED: $(grep -h -m1 "seed $seed: " "$out" || echo "see $out")" >>"$LINES_DIR/$schedule"
+            log_tail "$out" 40
+            log "chaos schedule $schedule with seed $seed failed; replay: DUALSYNC_CHAOS_SEED=$seed DUALSYNC_CHAOS_FAULTS=$FAULTS cargo test --test it $(filter "$schedule") -- --nocapture"
+            FAILED+=("$schedule/$seed")
+            continue
+        fi
+        grep -h "^$(prefix "$schedule") $seed:" "$out" | sed 's/^/- /' >>"$LINES_DIR/$schedule"
+    done
+done
 {
     echo "# Chaos report"
     echo
-    echo "\`make chaos\` on $(date -u +%Y-%m-%d), $(nproc) cores: $RUNS schedules of $FAULTS faults"
-    echo "(kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
-    echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
-    echo "primary and the PostgreSQL sink, kill -9 of the leader of a partition in use or of the"
-    echo "active KRaft controller of a private three-broker Apache Kafka 4.4 cluster, replication"
-    echo "factor 3, min.insync.replicas 2), writers contending on 20 customers and 150 orders at"
-    echo "200 changes/s."
-    echo "Each line is the test's own summary."
-    echo
+    echo "\`make chaos\` on $(date -u +%Y-%m-%d), $(nproc) cores: $RUNS schedules of $FAULTS faults per"
+    echo "pipeline, on a private three-broker Apache Kafka 4.4 cluster (replication factor 3,"
+    echo "min.insync.replicas 2). Each line is the test's own summary."
+    for schedule in $SCHEDULES; do
+        echo
+        echo "## $(title "$schedule")"
+        echo
+        if [[ $schedule == mongo ]]; then
+            echo "Three writers on a private SecantusDB run multi-document transactions (inserts,"
+            echo "updates, replaces, deletes and re-inserts of the same documents, interleaved in random"
+            echo "orders) and single-document writes on 12 customers and 24 carts; faults: kill -9 of the"
+            echo "relay / an apply / both, poison, a standby relay taking over from one killed with -9,"
+            echo "restarts of the primary's and the MongoDB sink's servers, kill -9 of a partition leader"
+            echo "or of the active KRaft controller."
+        else
+            echo "kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
+            echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
+            echo "primary and the PostgreSQL sink, kill -9 of the leader of a partition in use or of the"
+            echo "active KRaft controller; writers contending on 20 customers and 150 orders at 200"
+            echo "changes/s."
+        fi
+        echo
+        cat "$LINES_DIR/$schedule"
+    done
 } >"$REPORT"
-for ((i = 0; i < RUNS; i++)); do
-    seed=$((FIRST + i))
-    out="$LOG_DIR/chaos-$seed.txt"
-    log "schedule $((i + 1))/$RUNS (seed $seed)"
-    if ! DUALSYNC_CHAOS_SEED="$seed" DUALSYNC_CHAOS_FAULTS="$FAULTS" \
-        cargo test --locked --test it --quiet chaos -- --nocapture >"$out" 2>&1; then
-        echo "- seed $seed: FAILED: $(grep -h -m1 "^seed $seed: " "$out" || echo "see $out")" >>"$REPORT"
-        log_tail "$out" 40
-        log "chaos schedule with seed $seed failed; replay: DUALSYNC_CHAOS_SEED=$seed DUALSYNC_CHAOS_FAULTS=$FAULTS cargo test --test it chaos -- --nocapture"
-        FAILED+=("$seed")
-        continue
-    fi
-    grep -h "^chaos seed $seed:" "$out" | sed 's/^/- /' >>"$REPORT"
-done
+rm -rf "$LINES_DIR"
 if ((${#FAILED[@]})); then
-    die "schedules with seeds ${FAILED[*]} failed (logs in $LOG_DIR/chaos-<seed>.txt); report in docs/chaos-report.md"
+    die "schedules ${FAILED[*]} failed (logs in $LOG_DIR/chaos-<schedule>-<seed>.txt); report in $REPORT"
 fi
-log "all $RUNS schedules converged; report in docs/chaos-report.md"
+log "all schedules converged; report in $REPORT"

@@ -30,13 +30,13 @@ if [[ $# -gt 0 ]]; then
     cargo test --all-targets --locked -- "$@"
     exit 0
 fi
-# Everything but the fault-injection schedule, then the schedule alone: it runs its own
-# three-broker Kafka cluster, PostgreSQL and SecantusDB and kills processes and brokers, which
-# on two cores is best not shared with thirty other tests. The short CI schedule uses a fixed
+# Everything but the fault-injection schedules, then the two schedules (PostgreSQL outbox,
+# MongoDB primary) one after the other: each runs its own three-broker Kafka cluster and
+# databases and kills processes and brokers, which on two cores is best not shared. The short CI schedule uses a fixed
 # seed so a red run replays exactly (see DUALSYNC_CHAOS_SEED's default below and the chaos
 # report in docs/ for what it draws). Override with DUALSYNC_CHAOS_SEED.
 # One test at a time: each integration test runs real processes against shared servers, and
 # on two cores two of them side by side made timing-sensitive ones flaky (seen 2026-12-03).
 cargo test --all-targets --locked -- --skip chaos:: --test-threads=1
-log "running the short fault-injection schedule"
-DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-5}" cargo test --test it --locked -- chaos::
+log "running the short fault-injection schedules"
+DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-5}" cargo test --test it --locked -- chaos:: --test-threads=1

@@ -15,16 +15,11 @@
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
 //! sets its length (default 6, the CI configuration; `make chaos` runs longer ones).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rand::Rng;
 
 use dualsync::config::{Config, SinkConfig};
-use dualsync::dlq::headers;
 use dualsync::reconcile;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
@@ -33,6 +28,11 @@ use dualsync::sink::Sink;
 use crate::common::*;
 use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
+
+mod harness;
+mod mongo;
+
+use harness::{dead_letters_are_the_poison, schedule, Faults, Pipeline, Proc, Role};
 
 const RECONCILE: &str = "[reconcile.customers]\ntable = \"shop.customers\"\n[reconcile.orders]\ntable = \"shop.orders\"\n";
 
@@ -50,96 +50,6 @@ const FAULT_KINDS: [&str; 10] = [
     "controller kill",
 ];
 
-/// One named process of the pipeline, restartable, with its log kept for failure reports.
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    child: Option<Child>,
-    logs: Vec<std::path::PathBuf>,
-}
-
-impl Proc {
-    fn new(name: &str, args: &[&str]) -> Self {
-        let mut p = Self {
-            name: name.to_string(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child: None,
-            logs: Vec::new(),
-        };
-        p.start();
-        p
-    }
-    fn start(&mut self) {
-        let log = std::env::temp_dir().join(format!("{}.log", unique(&self.name)));
-        let file = std::fs::File::create(&log).unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_dualsync"))
-                .args(&self.args)
-                // DUALSYNC_CHAOS_LOG adds e.g. librdkafka's group protocol (`...,librdkafka=debug`
-                // with DUALSYNC_KAFKA__PROPERTIES__DEBUG=cgrp) for a diagnosis.
-                .env(
-                    "RUST_LOG",
-                    std::env::var("DUALSYNC_CHAOS_LOG")
-                        .unwrap_or_else(|_| "info,dualsync=debug".into()),
-                )
-                .stdout(Stdio::null())
-                .stderr(file)
-                .spawn()
-                .expect("start dualsync"),
-        );
-        self.logs.push(log);
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-    /// SIGTERM and wait; a clean exit is part of the contract.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status()
-                .unwrap();
-            let end = Instant::now() + DEADLINE;
-            let status = loop {
-                if let Some(s) = c.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(
-                    Instant::now() < end,
-                    "{} did not exit on SIGTERM",
-                    self.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            assert!(
-                status.success(),
-                "{} exited with {status} on SIGTERM:\n{}",
-                self.name,
-                self.tail()
-            );
-        }
-    }
-    fn tail(&self) -> String {
-        let text = self
-            .logs
-            .last()
-            .and_then(|l| std::fs::read_to_string(l).ok())
-            .unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    /// A failed schedule must not leave its processes running.
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: &Config) -> usize {
     let mut n = 0;
     for (aggregate, rc) in &config.reconcile {
@@ -154,22 +64,13 @@ async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     dualsync::telemetry::init_for_tests();
-    let seed: u64 = std::env::var("DUALSYNC_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    let faults: usize = std::env::var("DUALSYNC_CHAOS_FAULTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
-    println!("chaos seed {seed}, {faults} faults (DUALSYNC_CHAOS_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, faults, mut rng) = schedule("chaos");
 
     // The servers this schedule restarts: its own PostgreSQL (primary and PostgreSQL sink),
     // SecantusDB (MongoDB sink) and a three-node Kafka cluster.
     let mut pg_server = PrivateServer::postgres();
-    let mut mongo_server = PrivateServer::mongo();
-    let mut kafka = KafkaCluster::start(3);
+    let mongo_server = PrivateServer::mongo();
+    let kafka = KafkaCluster::start(3);
     let servers = Servers {
         pg: pg_server.url(),
         kafka: kafka.bootstrap(),
@@ -187,15 +88,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     let source = dualsync::pg::connect(&source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();
 
-    let mut relay = Proc::new("chaos-relay", &["relay", "-c", path]);
-    let mut apply_pg = Proc::new(
-        "chaos-apply-pg",
-        &["apply", "-c", path, "--sink", "postgres"],
-    );
-    let mut apply_mongo = Proc::new(
-        "chaos-apply-mongo",
-        &["apply", "-c", path, "--sink", "mongo"],
-    );
+    let mut procs = Pipeline::start("chaos", path);
     let writers = tokio::spawn({
         let url = source_url.clone();
         let seed = rng.gen();
@@ -203,68 +96,21 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         async move { dualsync::demo::generate_at_rate(&url, 20, 150, 3000, 3, seed, Some(200.0)).await }
     });
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &servers.kafka)
-        .create()
-        .unwrap();
-    let event_topic = config.kafka.topic_for("orders");
-    let mut poison = 0usize;
-    let mut poison_keys = Vec::new();
-    let started = Instant::now();
-    let mut drawn = [0usize; FAULT_KINDS.len()];
+    let mut f = Faults::new(
+        kafka,
+        mongo_server,
+        config.kafka.topic_for("orders"),
+        &FAULT_KINDS,
+    );
     for step in 0..faults {
-        // The schedule's own pacing, drawn from the seed (not a synchronisation point).
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
-        let restart_after = Duration::from_millis(rng.gen_range(50..1500));
-        let fault = rng.gen_range(0..FAULT_KINDS.len() as i32);
-        drawn[fault as usize] += 1;
-        println!(
-            "  {:>5.1}s fault {step}: kind {fault} ({})",
-            started.elapsed().as_secs_f64(),
-            FAULT_KINDS[fault as usize]
-        );
+        let Some((fault, restart_after)) = f.next(step, &mut procs, &mut rng).await else {
+            continue;
+        };
         match fault {
-            0 => {
-                relay.kill9();
-                tokio::time::sleep(restart_after).await;
-                relay.start();
-            }
-            1 | 2 => {
-                let apply = if fault == 1 {
-                    &mut apply_pg
-                } else {
-                    &mut apply_mongo
-                };
-                apply.kill9();
-                tokio::time::sleep(restart_after).await;
-                apply.start();
-            }
             3 => {
-                relay.kill9();
-                apply_pg.kill9();
-                tokio::time::sleep(restart_after).await;
-                apply_pg.start();
-                relay.start();
-            }
-            4 => {
-                let key = format!("poison-{step}");
-                producer
-                    .send(
-                        FutureRecord::to(&event_topic)
-                            .key(&key)
-                            .payload(&b"\x00not an event"[..]),
-                        Duration::from_secs(10),
-                    )
+                procs
+                    .crash(&[Role::Relay, Role::ApplyPg], restart_after)
                     .await
-                    .expect("poison produced");
-                poison += 1;
-                poison_keys.push(key);
-            }
-            6 => {
-                // The MongoDB sink's server goes away and comes back on the same data.
-                mongo_server.stop();
-                tokio::time::sleep(restart_after).await;
-                mongo_server.start();
             }
             7 => {
                 // The primary's PostgreSQL (also the PostgreSQL sink's) restarts: the relay,
@@ -272,23 +118,6 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
                 pg_server.stop();
                 tokio::time::sleep(restart_after).await;
                 pg_server.start();
-            }
-            8 | 9 => {
-                // A broker crashes mid-stream and comes back on its data: the leader of a
-                // partition the pipeline writes and reads, or the active KRaft controller.
-                // Its partitions' leadership moves to an in-sync replica; acknowledged
-                // messages (acks=all, two in-sync replicas at least) survive.
-                let victim = if fault == 8 {
-                    let partition = rng.gen_range(0..3);
-                    kafka.partition_leader(&event_topic, partition)
-                } else {
-                    kafka.active_controller()
-                }
-                .unwrap_or_else(|| rng.gen_range(1..=kafka.len()));
-                println!("        kill -9 of broker {victim}");
-                kafka.kill(victim);
-                tokio::time::sleep(restart_after).await;
-                kafka.restart(victim);
             }
             _ => {
                 // A second relay: standby while the first lives; stopped cleanly.
@@ -326,79 +155,31 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     .await;
     assert!(
         converged,
-        "seed {seed}: sinks did not converge ({} / {} mismatches)\nrelay:\n{}\napply pg:\n{}\napply mongo:\n{}",
+        "seed {seed}: sinks did not converge ({} / {} mismatches)\n{}",
         mismatches(&source, &pg_sink, &config).await,
         mismatches(&source, &mongo_sink, &config).await,
-        relay.tail(),
-        apply_pg.tail(),
-        apply_mongo.tail()
+        procs.tails()
     );
     let converge_secs = writes_done.elapsed().as_secs_f64();
 
-    // Exactly the injected poison, once per consumer group, and nothing else.
-    let dlq_topic = format!("{event_topic}{}", config.apply.dead_letter_suffix);
-    let letters = if poison == 0 {
-        Vec::new()
-    } else {
-        // Until both groups' letters cover every poison key: a letter sent twice (its offset
-        // not committed before a kill -9) must not make the read stop before the last one.
-        let wanted = poison;
-        read_topic_until(&servers.kafka, &dlq_topic, move |ms| {
-            let mut keys =
-                std::collections::BTreeMap::<String, std::collections::BTreeSet<Vec<u8>>>::new();
-            for m in ms {
-                keys.entry(header(m, headers::GROUP).unwrap_or_default())
-                    .or_default()
-                    .insert(rdkafka::Message::key(m).unwrap_or_default().to_vec());
-            }
-            keys.len() == 2 && keys.values().all(|k| k.len() >= wanted)
-        })
-        .await
-    };
-    let mut per_group = std::collections::BTreeMap::<String, Vec<String>>::new();
-    for m in &letters {
-        per_group
-            .entry(header(m, headers::GROUP).unwrap_or_default())
-            .or_default()
-            .push(String::from_utf8_lossy(rdkafka::Message::key(m).unwrap_or_default()).into());
-    }
-    poison_keys.sort();
-    for (group, keys) in &per_group {
-        // A dead letter whose offset was not committed before a kill -9 is sent again:
-        // duplicates are allowed, other messages and missing ones are not.
-        let mut unique_keys = keys.clone();
-        unique_keys.sort();
-        unique_keys.dedup();
-        assert_eq!(
-            unique_keys, poison_keys,
-            "seed {seed}: group {group} dead-lettered {keys:?}"
-        );
-    }
-    assert_eq!(
-        per_group.len(),
-        usize::from(poison > 0) * 2,
-        "seed {seed}: {per_group:?}\napply pg:\n{}\napply mongo:\n{}",
-        apply_pg.tail(),
-        apply_mongo.tail()
-    );
+    let letters = dead_letters_are_the_poison(
+        &servers.kafka,
+        &format!("{}{}", f.event_topic, config.apply.dead_letter_suffix),
+        &f.poison_keys,
+        seed,
+        &|| procs.tails(),
+    )
+    .await;
     let (events, _) = dualsync::demo::outbox_counts(&source).await.unwrap();
     let duplicates = published_once_at_least(&source, &servers, &config, seed).await;
     println!(
-        "chaos seed {seed}: {written} transactions, {events} events, {faults} faults, {poison} poison \
-         ({} dead letters), {duplicates} duplicates in the topics (absorbed), 0 mismatches, \
+        "chaos seed {seed}: {written} transactions, {events} events, {faults} faults, {} poison \
+         ({letters} dead letters), {duplicates} duplicates in the topics (absorbed), 0 mismatches, \
          converged {converge_secs:.1}s after the writers stopped ({})",
-        letters.len(),
-        FAULT_KINDS
-            .iter()
-            .zip(drawn)
-            .filter(|(_, n)| *n > 0)
-            .map(|(kind, n)| format!("{kind} x{n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        f.poison_keys.len(),
+        f.drawn()
     );
-    for p in [&mut relay, &mut apply_pg, &mut apply_mongo] {
-        p.stop();
-    }
+    procs.stop();
 }
 
 /// Checks that every outbox row is in its topic (as its `(key, version)`), and returns how
