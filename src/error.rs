@@ -215,44 +215,6 @@ pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>>
     }
 }
 
-/// Runs `attempt` until it succeeds, waiting out errors [`classify`] calls transient with
-/// exponential backoff (at most 10 s apart) for as long as it takes: a server that is down at
-/// start-up is waited for, not a reason to exit. `Ok(None)` when `cancel` fires first.
-pub async fn retry_transient<T, F, Fut>(
-    what: Endpoint<'_>,
-    cancel: &tokio_util::sync::CancellationToken,
-    attempt: F,
-) -> Result<Option<T>, Error>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    use backoff::backoff::Backoff;
-    let mut policy = backoff::ExponentialBackoff {
-        max_elapsed_time: None,
-        max_interval: std::time::Duration::from_secs(10),
-        ..Default::default()
-    };
-    loop {
-        match attempt().await {
-            Ok(t) => return Ok(Some(t)),
-            Err(e) if classify(&e) == Disposition::Retry => {
-                let delay = policy
-                    .next_backoff()
-                    .unwrap_or(std::time::Duration::from_secs(10));
-                let at = endpoint(&e, what).unwrap_or(what);
-                tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
-                    config_key = %at.config_key(), "{at} unavailable ({}); retrying", at.config_key());
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 fn classify_postgres(e: &tokio_postgres::Error) -> Disposition {
     let Some(db) = e.as_db_error() else {
         // No SQLSTATE: the connection broke, timed out, or was closed.

@@ -16,6 +16,7 @@ pub mod pg;
 pub mod publish;
 pub mod reconcile;
 pub mod relay;
+pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -300,7 +300,7 @@ where
     Fut: std::future::Future<Output = Result<S, Error>>,
 {
     let at = Endpoint::Sink(sink);
-    dualsync::error::retry_transient(at, cancel, connect)
+    dualsync::retry::retry_transient(at, cancel, connect)
         .await
         .with_context(|| format!("cannot connect to {at} ({})", at.config_key()))
 }

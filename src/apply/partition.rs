@@ -4,8 +4,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
@@ -14,6 +12,7 @@ use crate::config::{OnInvalid, SourceConfig};
 use crate::dlq::{self, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
+use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
 
 /// How a partition's share of a batch ended.
@@ -25,24 +24,13 @@ pub enum PartitionResult {
     Abandoned,
 }
 
-fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(ctx.config.apply.retry_initial_ms),
-        max_interval: Duration::from_millis(ctx.config.apply.retry_max_ms),
-        max_elapsed_time: None, // never give up on a transient fault: never skip
-        ..ExponentialBackoff::default()
-    }
-}
-
-/// Waits out one backoff step; `false` when shutdown came first.
-async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) -> bool {
-    let delay = policy
-        .next_backoff()
-        .unwrap_or(Duration::from_millis(ctx.config.apply.retry_max_ms));
-    tokio::select! {
-        _ = ctx.cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
+/// Apply's backoff (`apply.retry_initial_ms` up to `apply.retry_max_ms`), never giving up on a
+/// transient fault: never skip.
+fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Backoff {
+    Backoff::new(
+        Duration::from_millis(ctx.config.apply.retry_initial_ms),
+        Duration::from_millis(ctx.config.apply.retry_max_ms),
+    )
 }
 
 /// Decodes one message into the record to write and the event's creation time (micros).
@@ -114,7 +102,7 @@ pub async fn process<S: Sink>(
                 Err(e) if classify(&e) == Disposition::Retry => {
                     retrying.begin();
                     tracing::warn!(error = %e, attempts, "cannot decode yet; retrying with backoff");
-                    if !pause(ctx, &mut policy).await {
+                    if !policy.pause(&ctx.cancel).await {
                         return Ok(PartitionResult::Abandoned);
                     }
                     ctx.metrics.health.probing();
@@ -182,7 +170,7 @@ async fn write<S: Sink>(
                         .unwrap_or(Endpoint::Sink(&ctx.sink_name));
                     tracing::warn!(error = %e, attempts, connection = %at, config_key = %at.config_key(),
                         "sink write failed ({at}, {}); retrying with backoff", at.config_key());
-                    if !pause(ctx, &mut policy).await {
+                    if !policy.pause(&ctx.cancel).await {
                         return Ok(false);
                     }
                     ctx.metrics.health.probing();
@@ -293,7 +281,7 @@ async fn dead_letter<S: Sink>(
             }
             Err(e) if classify(&e) == Disposition::Retry => {
                 tracing::warn!(error = %e, "dead-letter produce failed; retrying");
-                if !pause(ctx, &mut policy).await {
+                if !policy.pause(&ctx.cancel).await {
                     return Ok(false);
                 }
             }

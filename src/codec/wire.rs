@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
-use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
+use super::envelope::{decode_datum, EventSchema};
 use super::mongo::{encode_generic_datum, ChangeContext};
 use super::registry::{RegistryClient, RegistryError};
-use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
+use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore, SINGLE_OBJECT_MAGIC};
 use crate::config::Config;
-use crate::error::{retry_transient, Endpoint, Error};
+use crate::error::{Endpoint, Error};
+use crate::retry::retry_transient;
 
 /// How often an unknown fingerprint may make the codec read the schemas folder again.
 const SCHEMA_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);

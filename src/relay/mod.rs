@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +23,7 @@ use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
+use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::outbox::{OutboxRow, OutboxSource};
 
 /// Runs the relay until `cancel`: standby until it holds the leader lock, then publishes.
@@ -111,11 +110,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), Error>>,
 {
-    let mut policy = ExponentialBackoff {
-        max_elapsed_time: None,
-        max_interval: Duration::from_secs(10),
-        ..ExponentialBackoff::default()
-    };
+    let mut policy = Backoff::reconnect();
     let result = loop {
         let outcome = lead().await;
         metrics.relay_leader.set(0);
@@ -127,7 +122,7 @@ where
                 if matches!(e, Error::Postgres(_) | Error::Mongo(_)) {
                     metrics.health.set_database_up(false);
                 }
-                let delay = policy.next_backoff().unwrap_or(Duration::from_secs(10));
+                let delay = policy.next_delay();
                 match endpoint(&e, Endpoint::Source) {
                     Some(at) => tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
                         config_key = %at.config_key(),
@@ -136,9 +131,8 @@ where
                         tracing::warn!(error = %e, retry_in = ?delay, "relay lost its lease; reconnecting")
                     }
                 }
-                tokio::select! {
-                    _ = cancel.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                if !sleep_unless_cancelled(delay, cancel).await {
+                    break Ok(());
                 }
                 metrics.health.probing();
             }
