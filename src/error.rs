@@ -54,9 +54,21 @@ pub enum Error {
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
-    /// A setup problem found while running (e.g. the outbox table is missing).
+    /// A setting or a command's argument does not fit what dualsync found (a topic or
+    /// collection that is not there, a server that is not a replica set).
     #[error("{0}")]
-    Setup(String),
+    Misconfigured(String),
+    /// A connection cannot be set up at all (TLS, a port to listen on), or a server did not
+    /// answer within a command's deadline.
+    #[error("{0}")]
+    Connect(String),
+    /// The servers are not prepared for dualsync (the outbox table is missing, a schema is not
+    /// registered while auto-registration is off).
+    #[error("{0}")]
+    Schema(String),
+    /// Something that should not happen: a task died, a server's reply has an unknown form.
+    #[error("{0}")]
+    Internal(String),
     /// The MongoDB source's saved position is gone (out of the oplog, or the stream was
     /// invalidated): handled by `on_history_lost`, fatal otherwise.
     #[error("change stream history lost: {0}. The relay cannot resume without a gap. To recover, set source.on_history_lost = \"resnapshot\" and restart (every watched document is published again, then the stream goes on), or delete this pipeline's document from source.offsets_collection and restart with source.snapshot_on_start = true. Documents deleted in the primary during the gap stay in the secondary and must be deleted there")]
@@ -131,7 +143,10 @@ impl Error {
             Error::TopicCreation { .. } => "kafka.topic_creation",
             Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
-            Error::Setup(_) => "setup",
+            Error::Misconfigured(_) => "setup.config",
+            Error::Connect(_) => "setup.connect",
+            Error::Schema(_) => "setup.schema",
+            Error::Internal(_) => "internal",
             Error::ForeignTopic { .. } => "dlq.foreign_topic",
             Error::Halted(_) => "halted",
             Error::HistoryLost(_) => "source.history_lost",
@@ -144,7 +159,10 @@ impl Error {
 pub fn classify(err: &Error) -> Disposition {
     match err {
         Error::Config(_)
-        | Error::Setup(_)
+        | Error::Misconfigured(_)
+        | Error::Connect(_)
+        | Error::Schema(_)
+        | Error::Internal(_)
         | Error::Halted(_)
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. } => Disposition::Fatal,
@@ -168,6 +186,48 @@ pub fn classify(err: &Error) -> Disposition {
             _ => Disposition::Fatal,
         },
     }
+}
+
+/// What an operator should check when `err` stops the process: decided beside [`classify`],
+/// by kind, as the error's own message says what failed. `None` when the message says it all
+/// (its variant carries its own advice) or the error is not fatal.
+pub fn hint(err: &Error) -> Option<&'static str> {
+    if classify(err) != Disposition::Fatal {
+        return None;
+    }
+    Some(match err {
+        Error::Config(_) | Error::Misconfigured(_) => {
+            "check the pipeline's configuration file, its DUALSYNC_* environment overrides and the command's arguments"
+        }
+        Error::Connect(_) => {
+            "check the address, that it is reachable (or free, to listen on), and its TLS settings"
+        }
+        Error::Schema(_) => {
+            "check that the databases and the schema registry are prepared for this pipeline (`dualsync outbox migrate`, `dualsync schema check`)"
+        }
+        Error::Internal(_) => {
+            "unexpected: report it with this log; restarting resumes from the last saved position"
+        }
+        Error::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            "permission: grant the database user what the message names"
+        }
+        Error::Mongo(_) | Error::Postgres(_) => {
+            "check the database URL's credentials and the user's permissions, and that the objects named exist"
+        }
+        Error::Kafka(_) => {
+            "check kafka.brokers, kafka.properties (security, credentials) and the user's ACLs on the topics and group"
+        }
+        Error::Registry(_) => "check schema_registry.url and its credentials",
+        Error::Encode(_)
+        | Error::Decode(_)
+        | Error::Rejected(_)
+        | Error::KafkaCredentials { .. }
+        | Error::TopicCreation { .. }
+        | Error::HistoryLost(_)
+        | Error::LeaseLost(_)
+        | Error::ForeignTopic { .. }
+        | Error::Halted(_) => return None,
+    })
 }
 
 /// Which configured connection an error came from, and the key that configures it: the first
@@ -396,6 +456,14 @@ mod tests {
 
     #[test]
     fn setup_problems_are_fatal() {
-        assert_eq!(classify(&Error::Setup("x".into())), Disposition::Fatal);
+        for e in [
+            Error::Misconfigured("x".into()),
+            Error::Connect("x".into()),
+            Error::Schema("x".into()),
+            Error::Internal("x".into()),
+        ] {
+            assert_eq!(classify(&e), Disposition::Fatal, "{e}");
+            assert!(hint(&e).is_some(), "{e}");
+        }
     }
 }

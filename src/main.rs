@@ -247,7 +247,10 @@ fn main() -> ExitCode {
         // Logged once, here, where the process decides to exit: in the chosen log format, so
         // a supervisor's file keeps one parseable line for it.
         Err(e) => {
-            tracing::error!("{e:#}");
+            match e.downcast_ref::<Error>().and_then(dualsync::error::hint) {
+                Some(hint) => tracing::error!(hint, "{e:#}"),
+                None => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

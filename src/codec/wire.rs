@@ -72,7 +72,7 @@ impl EventCodec {
     /// A reading codec for `config` (apply, dead-letter tools).
     pub fn for_reading(config: &Config, store: Arc<SchemaStore>) -> Result<Self, Error> {
         let registry = match &config.schema_registry {
-            Some(r) => Some(RegistryClient::new(r).map_err(Error::Setup)?),
+            Some(r) => Some(RegistryClient::new(r).map_err(Error::Misconfigured)?),
             None => None,
         };
         let mut codec = Self::new(store, registry);
@@ -330,7 +330,7 @@ async fn register_or_look_up(
         .lookup(subject, &schema.registry_json)
         .await?
         .ok_or_else(|| {
-            Error::Setup(format!(
+            Error::Schema(format!(
                 "schema {} is not registered under subject {subject:?} at {} (schema_registry.auto_register = false): register it, or check it with `dualsync schema check`",
                 schema.envelope_name,
                 registry.base_url()

@@ -197,7 +197,7 @@ pub fn read_topic(config: &Config, topic: &str) -> Result<Vec<DeadLetter>, Error
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(Error::Setup(format!(
+        return Err(Error::Misconfigured(format!(
             "topic {topic} does not exist on {}",
             config.kafka.brokers
         )));
@@ -213,7 +213,7 @@ pub fn read_topic(config: &Config, topic: &str) -> Result<Vec<DeadLetter>, Error
     let mut out = Vec::new();
     loop {
         if started.elapsed() > READ_DEADLINE {
-            return Err(Error::Setup(format!(
+            return Err(Error::Connect(format!(
                 "reading {topic} did not reach its end within {}s",
                 READ_DEADLINE.as_secs()
             )));

@@ -183,7 +183,7 @@ pub async fn replay_with_progress(
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))
             .await
-            .map_err(|e| Error::Setup(format!("replay log reader failed: {e}")))??
+            .map_err(|e| Error::Internal(format!("replay log reader failed: {e}")))??
     };
     let mut outcomes = Vec::new();
     let mut to_send = Vec::new();

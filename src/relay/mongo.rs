@@ -344,7 +344,7 @@ pub async fn snapshot(
         .collect();
     collections.sort();
     if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Setup(format!(
+        return Err(Error::Misconfigured(format!(
             "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
             source_config.database
         )));
@@ -393,7 +393,7 @@ pub async fn snapshot(
             }
             tokio::select! {
                 r = publisher.publish_all(messages) => r?,
-                _ = cancel.cancelled() => return Err(Error::Setup("snapshot interrupted".into())),
+                _ = cancel.cancelled() => return Err(Error::Internal("snapshot interrupted".into())),
             }
         }
         tracing::info!(collection = %report.collection, documents = report.documents, "snapshot published");

@@ -68,7 +68,7 @@ impl MongoSink {
         db.run_command(doc! {"ping": 1}).await?;
         let write_concern = match db.write_concern() {
             Some(wc) => Some(mongodb::bson::to_document(wc).map_err(|e| {
-                Error::Setup(format!("write concern of the MongoDB sink's URL: {e}"))
+                Error::Misconfigured(format!("write concern of the MongoDB sink's URL: {e}"))
             })?),
             None => None,
         }
@@ -214,7 +214,7 @@ impl MongoSink {
             let index = e.get_i32("index").unwrap_or(-1);
             let Some(statement) = usize::try_from(index).ok().and_then(|i| statements.get(i))
             else {
-                return Err(Error::Setup(format!(
+                return Err(Error::Internal(format!(
                     "mongodb update reply has a bad writeErrors index: {e}"
                 )));
             };
@@ -461,7 +461,7 @@ fn write_concern_error(wce: &Document) -> Error {
             ))
             .into(),
         ),
-        Err(e) => Error::Setup(format!("mongodb write concern error: {wce} ({e})")),
+        Err(e) => Error::Internal(format!("mongodb write concern error: {wce} ({e})")),
     }
 }
 

@@ -239,7 +239,7 @@ async fn auto_register_off_refuses_a_subject_without_the_schema_by_name() {
     );
     let e = publishing_codec(&config, schemas()).await.err().unwrap();
     let subject = format!("{}-value", config.kafka.topic_for("customers"));
-    assert!(matches!(e, Error::Setup(_)), "{e}");
+    assert!(matches!(e, Error::Schema(_)), "{e}");
     assert_eq!(classify(&e), Disposition::Fatal, "{e}");
     assert!(e.to_string().contains(&subject), "{e}");
     assert!(
