@@ -5,7 +5,7 @@ use dualsync::config::{Config, ReconcileConfig, SinkConfig};
 use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::progress::Progress;
 
@@ -62,7 +62,7 @@ pub async fn verify(
     }
 }
 
-async fn verify_with<S: Sink>(
+async fn verify_with<S: SinkReader>(
     config: &Config,
     sink: &S,
     sink_name: &str,

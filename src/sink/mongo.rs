@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use futures::TryStreamExt;
 
-use super::{newest_per_key, ApplyOutcome, Sink, SinkRecord, StoredRecord};
+use super::{newest_per_key, ApplyOutcome, Sink, SinkReader, SinkRecord, StoredRecord};
 use crate::config::MongoSinkConfig;
 use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 
@@ -397,7 +397,9 @@ impl Sink for MongoSink {
         }
         Ok(purged)
     }
+}
 
+impl SinkReader for MongoSink {
     async fn get(
         &self,
         namespace: &str,

@@ -28,7 +28,7 @@ use dualsync::dlq::headers;
 use dualsync::reconcile;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::private_kafka::KafkaCluster;
@@ -140,7 +140,11 @@ impl Drop for Proc {
     }
 }
 
-async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: &Config) -> usize {
+async fn mismatches<S: SinkReader>(
+    source: &tokio_postgres::Client,
+    sink: &S,
+    config: &Config,
+) -> usize {
     let mut n = 0;
     for (aggregate, rc) in &config.reconcile {
         match reconcile::verify(source, sink, aggregate, rc, &|_| {}).await {

@@ -13,7 +13,7 @@ use dualsync::codec::OutboxEvent;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::dlq::headers as dlq;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 

@@ -15,7 +15,7 @@ use dualsync::dlq::inspect::{self, Filter};
 use dualsync::dlq::replay::{self, Decision};
 use dualsync::metrics::total_where;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 

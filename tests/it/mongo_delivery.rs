@@ -23,7 +23,7 @@ use dualsync::error::{classify, Disposition, Error};
 use dualsync::http::Control;
 use dualsync::metrics::{total, Metrics};
 use dualsync::sink::mongo::{CommandInterceptor, MongoSink};
-use dualsync::sink::{Sink, SinkRecord};
+use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 use crate::mongo_source::{converged, leads, mongo_pipeline, GENERIC};

@@ -19,7 +19,7 @@ use dualsync::error::Error;
 use dualsync::publish::headers;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 use dualsync::source::mongo_change::{canonical_key, simplified_json};
 
 use crate::common::*;
@@ -139,7 +139,10 @@ pub(crate) async fn source_state(
 }
 
 /// The live documents a sink holds for `collection`.
-pub(crate) async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn sink_state<S: SinkReader>(
+    sink: &S,
+    collection: &str,
+) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {

@@ -165,7 +165,7 @@ async fn verify_classifies_drift_and_repair_converges_through_the_pipeline() {
     })
     .await;
     assert!(verify_cli(&run).0.success());
-    let extra = dualsync::sink::Sink::get(&run.sink, "orders", "o-extra")
+    let extra = dualsync::sink::SinkReader::get(&run.sink, "orders", "o-extra")
         .await
         .unwrap();
     assert!(

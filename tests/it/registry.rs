@@ -21,7 +21,7 @@ use dualsync::dlq::headers as dlq;
 use dualsync::error::{classify, Disposition, Error};
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::real_registry::RealRegistry;

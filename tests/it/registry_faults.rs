@@ -12,7 +12,7 @@ use dualsync::config::SinkConfig;
 use dualsync::error::{classify, Disposition};
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::fake_registry::FakeRegistry;

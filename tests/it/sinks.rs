@@ -6,7 +6,7 @@ use dualsync::config::{ColumnTableConfig, MongoSinkConfig, PostgresSinkConfig, S
 use dualsync::error::{classify, Disposition};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::{Sink, SinkRecord};
+use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 
@@ -19,7 +19,7 @@ fn rec(key: &str, version: i64, doc: Option<serde_json::Value>) -> SinkRecord {
     }
 }
 
-async fn version_guard_suite<S: Sink>(sink: &S) {
+async fn version_guard_suite<S: Sink + SinkReader>(sink: &S) {
     // Newest first, then older ones: the newest stays.
     let o = sink
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
@@ -274,7 +274,7 @@ columns = [
 /// dead letter, a consumer group reset) must not bring the record back: the sink keeps the
 /// highest version it ever purged per aggregate type, and an event at or below it for a key
 /// it no longer holds is stale. Newer events, and events of keys it still holds, are applied.
-async fn purge_horizon_suite<S: Sink>(sink: &S) {
+async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
     sink.apply(&[
         rec("x", 5, Some(json!({"n": 5}))),
         rec("live", 3, Some(json!({"n": 3}))),
