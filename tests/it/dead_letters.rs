@@ -199,13 +199,7 @@ async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::dlq::re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &unique("t"),
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, &unique("t"));
     let topic = config.kafka.topic_for("customers");
     let schemas = schemas();
     let mut big = event("big", 1);

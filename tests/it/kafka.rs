@@ -38,13 +38,7 @@ fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
 #[tokio::test]
 async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        "x",
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, "x");
     assert_eq!(config.kafka.replication_factor, None, "unset by default");
     let topic = config.kafka.topic_for("customers");
     Publisher::new(&config.kafka)
@@ -59,13 +53,7 @@ async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
 #[tokio::test]
 async fn topic_creation_the_cluster_refuses_is_fatal_and_names_topic_setting_and_reason() {
     let servers = servers();
-    let mut config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        "x",
-        "",
-    );
+    let mut config = pipeline_without_postgres(&servers, "x");
     // More replicas than the local cluster has brokers.
     config.kafka.replication_factor = Some(7);
     let topic = config.kafka.topic_for("customers");
@@ -224,23 +212,11 @@ async fn a_dynamic_member_killed_with_sigkill_hands_its_partitions_to_the_surviv
         group_members(&servers.kafka, &group).len() == 1
     })
     .await;
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("the survivor applied everything", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })
     .await;
-}
-
-struct SinkConfigPg(dualsync::config::PostgresSinkConfig);
-
-fn sink_config(config: &Config) -> SinkConfigPg {
-    match &config.sinks["postgres"] {
-        dualsync::config::SinkConfig::Postgres(p) => SinkConfigPg(p.clone()),
-        _ => unreachable!(),
-    }
 }
 
 /// A batch is held in flight (the sink's table is locked by another session) when a second
@@ -262,10 +238,7 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
     dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
         .await
         .unwrap();
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("the first member applies the first events", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })
@@ -412,10 +385,7 @@ async fn the_pipeline_runs_through_sasl_ssl_with_the_password_from_the_environme
     dualsync::demo::generate(&source_url, 5, 20, 100, 1, 9)
         .await
         .unwrap();
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("events flow through the SASL_SSL listener", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })

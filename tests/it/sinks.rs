@@ -2,9 +2,8 @@
 
 use serde_json::json;
 
-use dualsync::config::{ColumnTableConfig, MongoSinkConfig, PostgresSinkConfig, Secret};
+use dualsync::config::{ColumnTableConfig, PostgresSinkConfig, Secret};
 use dualsync::error::{classify, Disposition};
-use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
@@ -101,29 +100,13 @@ async fn version_guard_suite<S: Sink + SinkReader>(sink: &S) {
 
 #[tokio::test]
 async fn postgres_sink_version_guard() {
-    let servers = servers();
-    let url = create_database(&servers).await;
-    let sink = PostgresSink::connect(&PostgresSinkConfig {
-        url: Secret::new(url),
-        schema: "replica".into(),
-        tombstone_retention_secs: 60,
-        tables: Default::default(),
-    })
-    .await
-    .unwrap();
+    let sink = fresh_postgres_sink(&servers()).await;
     version_guard_suite(&sink).await;
 }
 
 #[tokio::test]
 async fn mongo_sink_version_guard() {
-    let servers = servers();
-    let sink = MongoSink::connect(&MongoSinkConfig {
-        url: Secret::new(servers.mongo.clone()),
-        database: unique("t"),
-        tombstone_retention_secs: 60,
-    })
-    .await
-    .unwrap();
+    let sink = fresh_mongo_sink(&servers()).await;
     version_guard_suite(&sink).await;
 }
 
@@ -319,28 +302,12 @@ async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
 
 #[tokio::test]
 async fn postgres_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
-    let servers = servers();
-    let url = create_database(&servers).await;
-    let sink = PostgresSink::connect(&PostgresSinkConfig {
-        url: Secret::new(url),
-        schema: "replica".into(),
-        tombstone_retention_secs: 60,
-        tables: Default::default(),
-    })
-    .await
-    .unwrap();
+    let sink = fresh_postgres_sink(&servers()).await;
     purge_horizon_suite(&sink).await;
 }
 
 #[tokio::test]
 async fn mongo_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
-    let servers = servers();
-    let sink = MongoSink::connect(&MongoSinkConfig {
-        url: Secret::new(servers.mongo.clone()),
-        database: unique("t"),
-        tombstone_retention_secs: 60,
-    })
-    .await
-    .unwrap();
+    let sink = fresh_mongo_sink(&servers()).await;
     purge_horizon_suite(&sink).await;
 }
