@@ -12,11 +12,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use tokio::sync::Mutex;
 
+use crate::codec::OutboxEvent;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -31,6 +32,29 @@ pub mod headers {
     /// Microseconds since the epoch, decimal text.
     pub const CREATED_AT: &str = "dualsync.created_at";
     pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The six event headers every relay message carries, whichever the source, so consumers
+/// can route and order without decoding the value (see docs/consumers.md).
+pub fn event_headers(event: &OutboxEvent) -> OwnedHeaders {
+    let version = event.version.to_string();
+    let created = event.created_at_micros.to_string();
+    let id = event.event_id.to_string();
+    let mut h = OwnedHeaders::new();
+    for (key, v) in [
+        (headers::EVENT_ID, id.as_str()),
+        (headers::EVENT_TYPE, event.event_type.as_str()),
+        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
+        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
+        (headers::VERSION, version.as_str()),
+        (headers::CREATED_AT, created.as_str()),
+    ] {
+        h = h.insert(Header {
+            key,
+            value: Some(v),
+        });
+    }
+    h
 }
 
 /// Producer settings that carry dualsync's delivery contract (no loss, no reordering of a

@@ -103,8 +103,8 @@ async fn rebuild(
             .header(headers::STAGE)
             .is_some_and(|s| s.starts_with("relay."));
     let mut outgoing = if from_relay {
-        let row = crate::relay::row_from_dead_letter(&letter.value)?;
-        crate::relay::to_message(config, codec, &row).map_err(|e| e.to_string())?
+        let row = crate::relay::outbox::row_from_dead_letter(&letter.value)?;
+        crate::relay::outbox::to_message(config, codec, &row).map_err(|e| e.to_string())?
     } else {
         let target = letter.header(headers::TOPIC).ok_or_else(|| {
             format!(
