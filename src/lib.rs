@@ -12,6 +12,7 @@ pub mod dlq;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod ops;
 pub mod pg;
 pub mod publish;
 pub mod reconcile;

@@ -9,7 +9,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use super::ApplyContext;
 use crate::codec::DecodeError;
 use crate::config::{OnInvalid, SourceConfig};
-use crate::dlq::{self, Failure};
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
 use crate::retry::Backoff;
@@ -110,7 +110,7 @@ pub async fn process<S: Sink>(
                 }
                 Err(e) if classify(&e) == Disposition::Fatal => return Err(e),
                 Err(e) => {
-                    if !dead_letter(ctx, m, &e, "decode", attempts).await? {
+                    if !dead_letter(ctx, m, &e, FailedStage::Decode, attempts).await? {
                         return Ok(PartitionResult::Abandoned);
                     }
                     break;
@@ -157,7 +157,9 @@ async fn write<S: Sink>(
                 count("written", outcome.applied);
                 count("stale", outcome.stale);
                 for (index, error) in &outcome.rejected {
-                    if !dead_letter(ctx, origins[*index], error, "sink", attempts).await? {
+                    if !dead_letter(ctx, origins[*index], error, FailedStage::Sink, attempts)
+                        .await?
+                    {
                         return Ok(false);
                     }
                 }
@@ -177,7 +179,7 @@ async fn write<S: Sink>(
                     attempts += 1;
                 }
                 Disposition::DeadLetter if records.len() == 1 => {
-                    return dead_letter(ctx, origins[0], &e, "sink", attempts).await;
+                    return dead_letter(ctx, origins[0], &e, FailedStage::Sink, attempts).await;
                 }
                 Disposition::DeadLetter => {
                     tracing::warn!(error = %e, "batch refused; writing one by one to isolate the bad record");
@@ -243,7 +245,7 @@ async fn dead_letter<S: Sink>(
     ctx: &ApplyContext<S>,
     message: &OwnedMessage,
     error: &Error,
-    stage: &str,
+    stage: FailedStage,
     attempts: u32,
 ) -> Result<bool, Error> {
     if ctx.config.apply.on_error == OnInvalid::Halt {
@@ -263,7 +265,7 @@ async fn dead_letter<S: Sink>(
         attempts,
     };
     tracing::warn!(
-        error = %error, class = error.class(), stage, dlq = %topic, offset = message.offset(),
+        error = %error, class = error.class(), stage = stage.as_str(), dlq = %topic, offset = message.offset(),
         "dead-lettering message"
     );
     let mut policy = retry_policy(ctx);

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Relay;
 use crate::codec::{EventCodec, SchemaStore};
 use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
-use crate::dlq::{self, Failure};
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, Outgoing, Publisher};
 use crate::source::mongo::MongoSource;
@@ -246,9 +246,9 @@ fn dead_letter(
     let failure = Failure {
         error,
         stage: if omit_document {
-            "relay.publish"
+            FailedStage::RelayPublish
         } else {
-            "relay.encode"
+            FailedStage::RelayEncode
         },
         pipeline: &config.pipeline.name,
         group: None,

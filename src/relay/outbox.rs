@@ -27,7 +27,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use super::{count_acked, count_read, DeadRow, Relay};
 use crate::codec::{EventCodec, OutboxEvent};
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
-use crate::dlq::{self, Failure};
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, headers, Acks, Outgoing};
 use crate::source::outbox::{OutboxRow, OutboxSource};
@@ -344,7 +344,10 @@ impl Leader<'_> {
                         topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
                 }
                 let dead = (config.kafka.topic_for(&row.aggregate_type), e.class());
-                Ok((dead_letter(config, row, &e, "relay.encode"), Some(dead)))
+                Ok((
+                    dead_letter(config, row, &e, FailedStage::RelayEncode),
+                    Some(dead),
+                ))
             }
         }
     }
@@ -382,7 +385,8 @@ impl Leader<'_> {
                         payload: None,
                         ..row.clone()
                     };
-                    let mut letter = dead_letter(config, &without_payload, &e, "relay.publish");
+                    let mut letter =
+                        dead_letter(config, &without_payload, &e, FailedStage::RelayPublish);
                     let size = bytes.to_string();
                     letter.headers = letter.headers.insert(Header {
                         key: dlq::headers::VALUE_OMITTED,
@@ -451,7 +455,7 @@ pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Resul
 }
 
 /// The raw row as JSON, with the error in headers, for the relay's dead-letter topic.
-fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: &str) -> Outgoing {
+fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: FailedStage) -> Outgoing {
     let raw = serde_json::json!({
         "seq": row.seq,
         "id": row.id,

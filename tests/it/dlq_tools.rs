@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::SinkConfig;
 use dualsync::dlq::headers;
-use dualsync::dlq::inspect::{self, Filter};
-use dualsync::dlq::replay::{self, Decision};
 use dualsync::metrics::total_where;
+use dualsync::ops::inspect::{self, Filter};
+use dualsync::ops::replay::{self, Decision};
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;
 

@@ -13,9 +13,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::headers;
 use crate::codec::EventCodec;
 use crate::config::Config;
+use crate::dlq::headers;
 use crate::error::Error;
 use crate::publish::client_config;
 

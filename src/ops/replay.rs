@@ -16,10 +16,10 @@ use std::collections::HashMap;
 use rdkafka::message::{Header, OwnedHeaders};
 use serde::Serialize;
 
-use super::headers;
 use super::inspect::{self, DeadLetter};
 use crate::codec::{DecodeError, EventCodec};
 use crate::config::Config;
+use crate::dlq::{headers, FailedStage};
 use crate::error::Error;
 use crate::publish::{Outgoing, Publisher};
 
@@ -101,7 +101,8 @@ async fn rebuild(
     let from_relay = letter.topic == config.relay.dead_letter_topic
         || letter
             .header(headers::STAGE)
-            .is_some_and(|s| s.starts_with("relay."));
+            .and_then(FailedStage::parse)
+            .is_some_and(FailedStage::is_relay);
     let mut outgoing = if from_relay {
         let row = crate::relay::outbox::row_from_dead_letter(&letter.value)?;
         crate::relay::outbox::to_message(config, codec, &row).map_err(|e| e.to_string())?
@@ -139,7 +140,7 @@ async fn rebuild(
             headers: h,
         }
     };
-    let now = super::now_millis().to_string();
+    let now = crate::dlq::now_millis().to_string();
     let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
     for (key, value) in [
         (headers::REPLAY_TIME, now.as_str()),
@@ -217,7 +218,7 @@ pub async fn replay_with_progress(
                 value: serde_json::json!({
                     "partition": letter.partition,
                     "offset": letter.offset,
-                    "replayed_at_ms": super::now_millis(),
+                    "replayed_at_ms": crate::dlq::now_millis(),
                     "target": message.topic,
                 })
                 .to_string()

@@ -7,7 +7,7 @@ use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;
 
-use crate::progress::Progress;
+use crate::cli::progress::Progress;
 
 /// The aggregates to work on: the named ones (each must have a `[reconcile.X]`), or all.
 fn aggregates<'a>(
