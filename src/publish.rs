@@ -57,25 +57,6 @@ pub fn event_headers(event: &OutboxEvent) -> OwnedHeaders {
     h
 }
 
-/// Producer settings that carry dualsync's delivery contract (no loss, no reordering of a
-/// key, no duplicates from the producer's own retries). A `[kafka.properties]` entry for any
-/// of them is refused at start-up, with the reason.
-pub const DELIVERY_GUARANTEES: &[(&str, &str)] = &[
-    ("enable.idempotence", "is always true: retries must not duplicate or reorder events"),
-    ("acks", "is always \"all\": an event is acknowledged only once every in-sync replica has it"),
-    ("request.required.acks", "is always \"all\" (alias of acks)"),
-    (
-        "max.in.flight.requests.per.connection",
-        "is fixed at 5, the most the idempotent producer keeps in order",
-    ),
-    ("max.in.flight", "is fixed at 5 (alias of max.in.flight.requests.per.connection)"),
-    (
-        "message.timeout.ms",
-        "is always 0 (never give up): a message given up would be retried after later ones of its key",
-    ),
-    ("delivery.timeout.ms", "is always 0 (alias of message.timeout.ms)"),
-];
-
 /// Base librdkafka settings shared by producers and consumers, with the user's properties on
 /// top (they win, except for the few dualsync must own).
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -248,7 +229,7 @@ impl Publisher {
     /// A publisher whose broker reachability is reported to `health.metrics`.
     pub fn with_health(kafka: &KafkaConfig, health: KafkaHealth) -> Result<Self, Error> {
         let mut producer_config = client_config(kafka);
-        // The delivery contract: never overridable (`DELIVERY_GUARANTEES`, refused by config
+        // The delivery contract: never overridable (`config::DELIVERY_GUARANTEES`, refused by config
         // validation), so set after the user's properties.
         producer_config
             .set("enable.idempotence", "true")

@@ -71,6 +71,25 @@ pub struct PipelineConfig {
     pub name: String,
 }
 
+/// Producer settings that carry dualsync's delivery contract (no loss, no reordering of a
+/// key, no duplicates from the producer's own retries). A `[kafka.properties]` entry for any
+/// of them is refused at start-up, with the reason.
+pub const DELIVERY_GUARANTEES: &[(&str, &str)] = &[
+    ("enable.idempotence", "is always true: retries must not duplicate or reorder events"),
+    ("acks", "is always \"all\": an event is acknowledged only once every in-sync replica has it"),
+    ("request.required.acks", "is always \"all\" (alias of acks)"),
+    (
+        "max.in.flight.requests.per.connection",
+        "is fixed at 5, the most the idempotent producer keeps in order",
+    ),
+    ("max.in.flight", "is fixed at 5 (alias of max.in.flight.requests.per.connection)"),
+    (
+        "message.timeout.ms",
+        "is always 0 (never give up): a message given up would be retried after later ones of its key",
+    ),
+    ("delivery.timeout.ms", "is always 0 (alias of message.timeout.ms)"),
+];
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
