@@ -72,7 +72,9 @@ impl EventCodec {
     /// A reading codec for `config` (apply, dead-letter tools).
     pub fn for_reading(config: &Config, store: Arc<SchemaStore>) -> Result<Self, Error> {
         let registry = match &config.schema_registry {
-            Some(r) => Some(RegistryClient::new(r).map_err(Error::Misconfigured)?),
+            Some(r) => {
+                Some(RegistryClient::new(r).map_err(|e| Error::Misconfigured(e.to_string()))?)
+            }
             None => None,
         };
         let mut codec = Self::new(store, registry);

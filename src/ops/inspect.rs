@@ -312,14 +312,28 @@ pub fn format_ms(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A `--since` / `--until` that is not a time dualsync reads.
+#[derive(Debug, thiserror::Error)]
+pub enum BadTime {
+    #[error("`{text}` is neither RFC 3339 time nor epoch millis: {reason}")]
+    Unreadable {
+        text: String,
+        reason: humantime::TimestampError,
+    },
+    #[error("{0}")]
+    BeforeEpoch(std::time::SystemTimeError),
+}
+
 /// Parses `--since` / `--until`: RFC 3339 (`2026-11-22T07:00:00Z`) or millis since the epoch.
-pub fn parse_time(text: &str) -> Result<i64, String> {
+pub fn parse_time(text: &str) -> Result<i64, BadTime> {
     if let Ok(ms) = text.parse::<i64>() {
         return Ok(ms);
     }
-    let t = humantime::parse_rfc3339_weak(text)
-        .map_err(|e| format!("`{text}` is neither RFC 3339 time nor epoch millis: {e}"))?;
+    let t = humantime::parse_rfc3339_weak(text).map_err(|reason| BadTime::Unreadable {
+        text: text.to_string(),
+        reason,
+    })?;
     Ok(t.duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
+        .map_err(BadTime::BeforeEpoch)?
         .as_millis() as i64)
 }

@@ -492,29 +492,39 @@ fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: FailedSta
     }
 }
 
+/// Why a relay dead letter's value cannot be read back as its outbox row.
+#[derive(Debug, thiserror::Error)]
+pub enum NotARow {
+    #[error("not a relay dead letter: {0}")]
+    NotJson(serde_json::Error),
+    #[error("a MongoDB change cannot be replayed from its dead letter (the document may have changed since): fix the document in the primary, or publish its current state with `dualsync snapshot --collection <name>`")]
+    MongoChange,
+    #[error("relay dead letter lacks `{0}`")]
+    Missing(&'static str),
+    #[error("relay dead letter has a bad `id`: {0}")]
+    BadId(uuid::Error),
+}
+
 /// Reads back the raw row of a relay dead letter (the JSON written by [`dead_letter`]).
-pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, String> {
-    let raw: serde_json::Value =
-        serde_json::from_slice(value).map_err(|e| format!("not a relay dead letter: {e}"))?;
+pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, NotARow> {
+    let raw: serde_json::Value = serde_json::from_slice(value).map_err(NotARow::NotJson)?;
     if raw.get("operationType").is_some() {
-        return Err("a MongoDB change cannot be replayed from its dead letter (the document may have changed since): fix the document in the primary, or publish its current state with `dualsync snapshot --collection <name>`".into());
+        return Err(NotARow::MongoChange);
     }
-    let text = |key: &str| {
+    let text = |key: &'static str| {
         raw.get(key)
             .and_then(|v| v.as_str())
             .map(str::to_string)
-            .ok_or_else(|| format!("relay dead letter lacks `{key}`"))
+            .ok_or(NotARow::Missing(key))
     };
-    let int = |key: &str| {
+    let int = |key: &'static str| {
         raw.get(key)
             .and_then(|v| v.as_i64())
-            .ok_or_else(|| format!("relay dead letter lacks `{key}`"))
+            .ok_or(NotARow::Missing(key))
     };
     Ok(OutboxRow {
         seq: int("seq")?,
-        id: text("id")?
-            .parse()
-            .map_err(|e| format!("relay dead letter has a bad `id`: {e}"))?,
+        id: text("id")?.parse().map_err(NotARow::BadId)?,
         aggregate_type: text("aggregatetype")?,
         aggregate_id: text("aggregateid")?,
         event_type: text("type")?,
