@@ -1,4 +1,5 @@
 //! The MongoDB change-stream source.
+//! (Over 600 lines: MongoSource's stream, lease and snapshot phases share its private state.)
 //!
 //! Where the position lives, and why: one document per pipeline in `source.offsets_collection`
 //! of the watched database (`{_id: <pipeline>, owner, expires_at, token | start_at}`). It
