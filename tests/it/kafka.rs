@@ -86,17 +86,7 @@ fn producer_guarantees_cannot_be_overridden_and_are_what_the_producer_runs_with(
         ("max.in.flight.requests.per.connection", "20"),
         ("message.timeout.ms", "30000"),
     ] {
-        let text = pipeline_toml(
-            &Servers {
-                pg: String::new(),
-                kafka: "127.0.0.1:1".into(),
-                mongo: "mongodb://127.0.0.1:1".into(),
-            },
-            "postgres://h/db",
-            "postgres://h/db",
-            "x",
-            &format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n"),
-        );
+        let text = offline_toml(&format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n"));
         let err = Config::from_toml(std::path::Path::new("p.toml"), &text, Vec::new())
             .err()
             .unwrap_or_else(|| panic!("{key} = {value} was accepted"));
@@ -106,17 +96,7 @@ fn producer_guarantees_cannot_be_overridden_and_are_what_the_producer_runs_with(
             "{err}"
         );
     }
-    let text = pipeline_toml(
-        &Servers {
-            pg: String::new(),
-            kafka: "127.0.0.1:1".into(),
-            mongo: "mongodb://127.0.0.1:1".into(),
-        },
-        "postgres://h/db",
-        "postgres://h/db",
-        "x",
-        "[kafka.properties]\n\"linger.ms\" = \"7\"\n",
-    );
+    let text = offline_toml("[kafka.properties]\n\"linger.ms\" = \"7\"\n");
     let config = Config::from_toml(std::path::Path::new("p.toml"), &text, Vec::new()).unwrap();
     let publisher = Publisher::new(&config.kafka).unwrap();
     let effective = publisher.producer_config();
@@ -430,4 +410,14 @@ async fn the_pipeline_runs_through_sasl_ssl_with_the_password_from_the_environme
         );
     }
     assert!(!status.contains(&sasl.password), "password in /status");
+}
+
+/// A pipeline's TOML whose servers are all unreachable, for checks that never connect.
+fn offline_toml(extra: &str) -> String {
+    let servers = Servers {
+        pg: String::new(),
+        kafka: "127.0.0.1:1".into(),
+        mongo: "mongodb://127.0.0.1:1".into(),
+    };
+    pipeline_toml(&servers, "postgres://h/db", "postgres://h/db", "x", extra)
 }

@@ -30,6 +30,13 @@ pub fn registry_section(url: &str, extra: &str) -> String {
     format!("[schema_registry]\nurl = \"{url}\"\n{extra}\n")
 }
 
+/// A pipeline with the schema registry at `url`, whose source and PostgreSQL sink are one
+/// fresh database.
+pub async fn registry_pipeline(servers: &Servers, url: &str) -> Config {
+    let db = create_database(servers).await;
+    pipeline(servers, &db, &db, &unique("t"), &registry_section(url, ""))
+}
+
 /// The customers payload schema of `schemas/`, plus a `tier` field with a default: a
 /// compatible evolution in both directions.
 pub fn customers_with_tier() -> String {
@@ -140,14 +147,7 @@ const UNKNOWN_ID: u32 = 2_000_000_000;
 async fn evolved_writers_decode_and_unknown_ids_are_dead_lettered() {
     let registry = RealRegistry::from_env();
     let servers = servers();
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(
-        &servers,
-        &sink_url,
-        &sink_url,
-        &unique("t"),
-        &registry_section(&registry.url, ""),
-    );
+    let config = registry_pipeline(&servers, &registry.url).await;
     let topic = config.kafka.topic_for("customers");
     let subject = format!("{topic}-value");
 
