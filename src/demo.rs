@@ -247,7 +247,7 @@ pub async fn generate_at_rate(
     for t in tasks {
         written += t
             .await
-            .map_err(|e| Error::Setup(format!("writer task failed: {e}")))??;
+            .map_err(|e| Error::Internal(format!("writer task failed: {e}")))??;
     }
     Ok(written)
 }

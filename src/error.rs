@@ -59,9 +59,24 @@ pub enum Error {
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
-    /// A setup problem found while running (e.g. the outbox table is missing).
+    /// A setting or a command's argument does not fit what dualsync found (a topic or
+    /// collection that is not there, a server that is not a replica set).
     #[error("{0}")]
-    Setup(String),
+    Misconfigured(String),
+    /// A connection cannot be set up at all (TLS, a port to listen on), or a server did not
+    /// answer within a command's deadline.
+    #[error("{0}")]
+    Connect(String),
+    /// The servers are not prepared for dualsync (the outbox table is missing, a schema is not
+    /// registered while auto-registration is off).
+    #[error("{0}")]
+    Schema(String),
+    /// Something that should not happen: a task died, a server's reply has an unknown form.
+    #[error("{0}")]
+    Internal(String),
+    /// A command stopped by SIGINT/SIGTERM before it finished (what it did so far stands).
+    #[error("{0}")]
+    Interrupted(String),
     /// The MongoDB source's saved position is gone (out of the oplog, or the stream was
     /// invalidated): handled by `on_history_lost`, fatal otherwise.
     #[error("change stream history lost: {0}. The relay cannot resume without a gap. To recover, set source.on_history_lost = \"resnapshot\" and restart (every watched document is published again, then the stream goes on), or delete this pipeline's document from source.offsets_collection and restart with source.snapshot_on_start = true. Documents deleted in the primary during the gap stay in the secondary and must be deleted there")]
@@ -75,7 +90,7 @@ pub enum Error {
     ForeignTopic { topic: String, pipeline: String },
     /// A `dlq show` / `dlq replay` request that can only be a mistake, or that matched nothing.
     #[error(transparent)]
-    DlqRequest(#[from] crate::dlq::inspect::RequestError),
+    DlqRequest(#[from] crate::ops::inspect::RequestError),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -140,7 +155,11 @@ impl Error {
             Error::UnconfirmedDelivery { .. } => "kafka.unconfirmed_delivery",
             Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
-            Error::Setup(_) => "setup",
+            Error::Misconfigured(_) => "setup.config",
+            Error::Connect(_) => "setup.connect",
+            Error::Schema(_) => "setup.schema",
+            Error::Internal(_) => "internal",
+            Error::Interrupted(_) => "interrupted",
             Error::ForeignTopic { .. } => "dlq.foreign_topic",
             Error::DlqRequest(_) => "dlq.request",
             Error::Halted(_) => "halted",
@@ -154,7 +173,11 @@ impl Error {
 pub fn classify(err: &Error) -> Disposition {
     match err {
         Error::Config(_)
-        | Error::Setup(_)
+        | Error::Misconfigured(_)
+        | Error::Connect(_)
+        | Error::Schema(_)
+        | Error::Internal(_)
+        | Error::Interrupted(_)
         | Error::Halted(_)
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
@@ -179,6 +202,53 @@ pub fn classify(err: &Error) -> Disposition {
             _ => Disposition::Fatal,
         },
     }
+}
+
+/// What an operator should check when `err` stops the process: decided beside [`classify`],
+/// by kind, as the error's own message says what failed. `None` when the message says it all
+/// (its variant carries its own advice) or the error is not fatal.
+pub fn hint(err: &Error) -> Option<&'static str> {
+    if classify(err) != Disposition::Fatal {
+        return None;
+    }
+    Some(match err {
+        Error::Config(_) | Error::Misconfigured(_) => {
+            "check the pipeline's configuration file, its DUALSYNC_* environment overrides and the command's arguments"
+        }
+        Error::Connect(_) => {
+            "check the address, that it is reachable (or free, to listen on), and its TLS settings"
+        }
+        Error::Schema(_) => {
+            "check that the databases and the schema registry are prepared for this pipeline (`dualsync outbox migrate`, `dualsync schema check`)"
+        }
+        Error::Internal(_) => {
+            "unexpected: report it with this log; restarting resumes from the last saved position"
+        }
+        Error::Interrupted(_) => {
+            "run the same command again to finish (with the same --checkpoint, if it had one, it continues where it stopped)"
+        }
+        Error::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            "permission: grant the database user what the message names"
+        }
+        Error::Mongo(_) | Error::Postgres(_) => {
+            "check the database URL's credentials and the user's permissions, and that the objects named exist"
+        }
+        Error::Kafka(_) => {
+            "check kafka.brokers, kafka.properties (security, credentials) and the user's ACLs on the topics and group"
+        }
+        Error::Registry(_) => "check schema_registry.url and its credentials",
+        Error::DlqRequest(_) => "check the command's filters (`dualsync dlq --help`)",
+        Error::Encode(_)
+        | Error::Decode(_)
+        | Error::Rejected(_)
+        | Error::KafkaCredentials { .. }
+        | Error::TopicCreation { .. }
+        | Error::HistoryLost(_)
+        | Error::LeaseLost(_)
+        | Error::ForeignTopic { .. }
+        | Error::UnconfirmedDelivery { .. }
+        | Error::Halted(_) => return None,
+    })
 }
 
 /// Which configured connection an error came from, and the key that configures it: the first
@@ -223,44 +293,6 @@ pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>>
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,
-    }
-}
-
-/// Runs `attempt` until it succeeds, waiting out errors [`classify`] calls transient with
-/// exponential backoff (at most 10 s apart) for as long as it takes: a server that is down at
-/// start-up is waited for, not a reason to exit. `Ok(None)` when `cancel` fires first.
-pub async fn retry_transient<T, F, Fut>(
-    what: Endpoint<'_>,
-    cancel: &tokio_util::sync::CancellationToken,
-    attempt: F,
-) -> Result<Option<T>, Error>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    use backoff::backoff::Backoff;
-    let mut policy = backoff::ExponentialBackoff {
-        max_elapsed_time: None,
-        max_interval: std::time::Duration::from_secs(10),
-        ..Default::default()
-    };
-    loop {
-        match attempt().await {
-            Ok(t) => return Ok(Some(t)),
-            Err(e) if classify(&e) == Disposition::Retry => {
-                let delay = policy
-                    .next_backoff()
-                    .unwrap_or(std::time::Duration::from_secs(10));
-                let at = endpoint(&e, what).unwrap_or(what);
-                tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
-                    config_key = %at.config_key(), "{at} unavailable ({}); retrying", at.config_key());
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -445,6 +477,14 @@ mod tests {
 
     #[test]
     fn setup_problems_are_fatal() {
-        assert_eq!(classify(&Error::Setup("x".into())), Disposition::Fatal);
+        for e in [
+            Error::Misconfigured("x".into()),
+            Error::Connect("x".into()),
+            Error::Schema("x".into()),
+            Error::Internal("x".into()),
+        ] {
+            assert_eq!(classify(&e), Disposition::Fatal, "{e}");
+            assert!(hint(&e).is_some(), "{e}");
+        }
     }
 }

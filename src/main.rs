@@ -21,11 +21,7 @@ use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
 
-mod dlq_cmd;
-mod progress;
-mod reconcile_cmd;
-mod report;
-mod schema_cmd;
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -154,7 +150,7 @@ enum DlqCommand {
         #[arg(long)]
         topic: Option<String>,
         #[command(flatten)]
-        filter: dlq_cmd::FilterArgs,
+        filter: cli::dlq::FilterArgs,
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[arg(long)]
@@ -169,7 +165,7 @@ enum DlqCommand {
         #[arg(long)]
         topic: String,
         #[command(flatten)]
-        filter: dlq_cmd::FilterArgs,
+        filter: cli::dlq::FilterArgs,
         #[arg(long, default_value_t = usize::MAX)]
         limit: usize,
         /// Say what would be sent, send nothing.
@@ -237,9 +233,9 @@ enum DemoCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    telemetry::init(cli.log_format);
-    progress::set_interval(cli.progress_interval);
+    let args = Cli::parse();
+    telemetry::init(args.log_format);
+    cli::progress::set_interval(args.progress_interval);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -250,12 +246,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(args.command)) {
         Ok(()) => ExitCode::SUCCESS,
         // Logged once, here, where the process decides to exit: in the chosen log format, so
         // a supervisor's file keeps one parseable line for it.
         Err(e) => {
-            tracing::error!("{e:#}");
+            match e.downcast_ref::<Error>().and_then(dualsync::error::hint) {
+                Some(hint) => tracing::error!(hint, "{e:#}"),
+                None => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -308,7 +307,7 @@ where
     Fut: std::future::Future<Output = Result<S, Error>>,
 {
     let at = Endpoint::Sink(sink);
-    dualsync::error::retry_transient(at, cancel, connect)
+    dualsync::retry::retry_transient(at, cancel, connect)
         .await
         .with_context(|| format!("cannot connect to {at} ({})", at.config_key()))
 }
@@ -432,12 +431,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Schema(SchemaCommand::List(arg)) => {
             let config = load_config(&arg)?;
-            schema_cmd::list(&config, &*load_schemas(&config)?);
+            cli::schema::list(&config, &*load_schemas(&config)?);
             Ok(())
         }
         Command::Schema(SchemaCommand::Check { config: arg, json }) => {
             let config = load_config(&arg)?;
-            if !schema_cmd::check(&config, load_schemas(&config)?, json).await? {
+            if !cli::schema::check(&config, load_schemas(&config)?, json).await? {
                 anyhow::bail!("some schemas are incompatible with the registry (see above)");
             }
             Ok(())
@@ -483,7 +482,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             checkpoint,
         } => {
             let config = load_config(&arg)?;
-            let args = reconcile_cmd::VerifyArgs {
+            let args = cli::reconcile::VerifyArgs {
                 sink: sink.as_deref(),
                 only: &aggregates,
                 repair,
@@ -498,7 +497,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(dualsync::config::SourceConfig::Mongodb(_)) => shutdown_token(),
                 _ => CancellationToken::new(),
             };
-            let consistent = reconcile_cmd::verify(&config, &args, &cancel).await?;
+            let consistent = cli::reconcile::verify(&config, &args, &cancel).await?;
             if !consistent {
                 anyhow::bail!("the sink differs from the primary (see above; --repair fixes it through the pipeline)");
             }
@@ -512,10 +511,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             json,
         } => {
             let config = load_config(&arg)?;
-            reconcile_cmd::snapshot(&config, &tables, batch_size.max(1), restart, json).await
+            cli::reconcile::snapshot(&config, &tables, batch_size.max(1), restart, json).await
         }
         Command::Dlq(DlqCommand::List { config: arg, json }) => {
-            dlq_cmd::list(&load_config(&arg)?, json).await
+            cli::dlq::list(&load_config(&arg)?, json).await
         }
         Command::Dlq(DlqCommand::Show {
             config: arg,
@@ -526,7 +525,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }) => {
             let config = load_config(&arg)?;
             let codec = EventCodec::for_reading(&config, load_schemas(&config)?)?;
-            dlq_cmd::show(&config, &codec, topic.as_deref(), &filter, limit, json).await
+            cli::dlq::show(&config, &codec, topic.as_deref(), &filter, limit, json).await
         }
         Command::Dlq(DlqCommand::Replay {
             config: arg,
@@ -545,14 +544,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             else {
                 return Ok(());
             };
-            dlq_cmd::replay(
+            cli::dlq::replay(
                 &config, &codec, &topic, &filter, limit, dry_run, force, json,
             )
             .await
         }
         Command::Demo(DemoCommand::Report { config: arg, wait }) => {
             let config = load_config(&arg)?;
-            report::run(&config, wait.map(Duration::from_secs)).await
+            cli::report::run(&config, wait.map(Duration::from_secs)).await
         }
     }
 }

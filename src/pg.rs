@@ -13,7 +13,7 @@ pub type TlsStream = postgres_openssl::TlsStream<Socket>;
 /// receive notifications).
 pub async fn connect_raw(url: &str) -> Result<(Client, Connection<Socket, TlsStream>), Error> {
     let builder = SslConnector::builder(SslMethod::tls())
-        .map_err(|e| Error::Setup(format!("cannot initialise TLS for PostgreSQL: {e}")))?;
+        .map_err(|e| Error::Connect(format!("cannot initialise TLS for PostgreSQL: {e}")))?;
     let tls = MakeTlsConnector::new(builder.build());
     Ok(tokio_postgres::connect(url, tls).await?)
 }

@@ -12,11 +12,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use tokio::sync::Mutex;
 
+use crate::codec::OutboxEvent;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -37,24 +38,30 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
 }
 
-/// Producer settings that carry dualsync's delivery contract (no loss, no reordering of a
-/// key, no duplicates from the producer's own retries). A `[kafka.properties]` entry for any
-/// of them is refused at start-up, with the reason.
-pub const DELIVERY_GUARANTEES: &[(&str, &str)] = &[
-    ("enable.idempotence", "is always true: retries must not duplicate or reorder events"),
-    ("acks", "is always \"all\": an event is acknowledged only once every in-sync replica has it"),
-    ("request.required.acks", "is always \"all\" (alias of acks)"),
-    (
-        "max.in.flight.requests.per.connection",
-        "is fixed at 5, the most the idempotent producer keeps in order",
-    ),
-    ("max.in.flight", "is fixed at 5 (alias of max.in.flight.requests.per.connection)"),
-    (
-        "message.timeout.ms",
-        "is always 0 (never give up): a message given up would be retried after later ones of its key",
-    ),
-    ("delivery.timeout.ms", "is always 0 (alias of message.timeout.ms)"),
-];
+/// The seven event headers every relay message carries, whichever the source, so consumers
+/// can route and order without decoding the value (see docs/consumers.md).
+pub fn event_headers(event: &OutboxEvent, committed_at_micros: i64) -> OwnedHeaders {
+    let version = event.version.to_string();
+    let created = event.created_at_micros.to_string();
+    let committed = committed_at_micros.to_string();
+    let id = event.event_id.to_string();
+    let mut h = OwnedHeaders::new();
+    for (key, v) in [
+        (headers::EVENT_ID, id.as_str()),
+        (headers::EVENT_TYPE, event.event_type.as_str()),
+        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
+        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
+        (headers::VERSION, version.as_str()),
+        (headers::CREATED_AT, created.as_str()),
+        (headers::COMMITTED_AT, committed.as_str()),
+    ] {
+        h = h.insert(Header {
+            key,
+            value: Some(v),
+        });
+    }
+    h
+}
 
 /// Base librdkafka settings shared by producers and consumers, with the user's properties on
 /// top (they win, except for the few dualsync must own).
@@ -249,7 +256,7 @@ impl Publisher {
     /// A publisher whose broker reachability is reported to `health.metrics`.
     pub fn with_health(kafka: &KafkaConfig, health: KafkaHealth) -> Result<Self, Error> {
         let mut producer_config = client_config(kafka);
-        // The delivery contract: never overridable (`DELIVERY_GUARANTEES`, refused by config
+        // The delivery contract: never overridable (`config::DELIVERY_GUARANTEES`, refused by config
         // validation), so set after the user's properties.
         producer_config
             .set("enable.idempotence", "true")

@@ -20,7 +20,7 @@ use tokio_postgres::Client;
 
 use crate::config::ReconcileConfig;
 use crate::error::Error;
-use crate::sink::Sink;
+use crate::sink::SinkReader;
 
 /// Event types of the outbox rows written by the tools (visible in headers and sinks' logs).
 pub const REPAIR_EVENT_TYPE: &str = "dualsync.Repaired";
@@ -118,7 +118,7 @@ const PROJECT_CHUNK: usize = 1000;
 
 /// Compares `aggregate` in the primary with the sink. `on_progress(rows)` is called as rows
 /// of the primary and then of the sink are read.
-pub async fn verify<S: Sink>(
+pub async fn verify<S: SinkReader>(
     source: &Client,
     sink: &S,
     aggregate: &str,

@@ -35,7 +35,7 @@ use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
 use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
 use crate::relay::mongo::{repair, watched_collections};
-use crate::sink::{Sink, StoredRecord};
+use crate::sink::{SinkReader, StoredRecord};
 use crate::source::mongo::cluster_time;
 use crate::source::mongo_change::{
     canonical_key, key_candidates, simplified_json, version_of, version_time,
@@ -103,7 +103,7 @@ impl Checkpoint {
         let checkpoint: Self =
             serde_json::from_str(&text).map_err(|e| checkpoint_error(path, e))?;
         if checkpoint.sink != sink {
-            return Err(Error::Setup(format!(
+            return Err(Error::Interrupted(format!(
                 "checkpoint {} is of a verify against sink {:?}, not {sink:?}: use another file",
                 path.display(),
                 checkpoint.sink
@@ -122,7 +122,7 @@ impl Checkpoint {
 }
 
 fn checkpoint_error(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Setup(format!("verify checkpoint {}: {e}", path.display()))
+    Error::Interrupted(format!("verify checkpoint {}: {e}", path.display()))
 }
 
 /// Progress of the run, shown by the command (a bar or lines on stderr).
@@ -133,7 +133,7 @@ pub trait Watch: Sync {
 }
 
 /// One verify run of a MongoDB primary against one sink.
-pub struct MongoVerify<'a, S: Sink> {
+pub struct MongoVerify<'a, S: SinkReader> {
     pub config: &'a Config,
     pub source: &'a MongoSourceConfig,
     pub sink: &'a S,
@@ -154,7 +154,7 @@ pub struct Outcome {
     pub resumed: bool,
 }
 
-impl<S: Sink> MongoVerify<'_, S> {
+impl<S: SinkReader> MongoVerify<'_, S> {
     /// Verifies (and repairs) every selected collection; on `cancel` stops after the current
     /// batch with the checkpoint saved.
     pub async fn run(
@@ -255,7 +255,7 @@ impl<S: Sink> MongoVerify<'_, S> {
         );
         let typed = self.schemas.for_type(&name).is_some();
         let interrupted = || {
-            Error::Setup(format!(
+            Error::Interrupted(format!(
                 "verify interrupted in collection {name:?}{}",
                 self.checkpoint.map_or(String::new(), |p| format!(
                     "; run it again with --checkpoint {} to continue",
@@ -430,7 +430,7 @@ fn id_from_text(text: &str) -> Result<Bson, Error> {
     serde_json::from_str::<serde_json::Value>(text)
         .ok()
         .and_then(|j| Bson::try_from(j).ok())
-        .ok_or_else(|| Error::Setup(format!("verify checkpoint: unreadable _id {text:?}")))
+        .ok_or_else(|| Error::Interrupted(format!("verify checkpoint: unreadable _id {text:?}")))
 }
 
 /// One page of the sink: counts it, and reports the live records the primary does not have.

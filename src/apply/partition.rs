@@ -4,16 +4,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
 use crate::codec::{DecodeError, EventCodec};
 use crate::config::{Config, OnInvalid, SourceConfig};
-use crate::dlq::{self, Failure};
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
+use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
 
 /// How a partition's share of a batch ended.
@@ -25,24 +24,13 @@ pub enum PartitionResult {
     Abandoned,
 }
 
-fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(ctx.config.apply.retry_initial_ms),
-        max_interval: Duration::from_millis(ctx.config.apply.retry_max_ms),
-        max_elapsed_time: None, // never give up on a transient fault: never skip
-        ..ExponentialBackoff::default()
-    }
-}
-
-/// Waits out one backoff step; `false` when shutdown came first.
-async fn pause<S: Sink>(ctx: &ApplyContext<S>, policy: &mut ExponentialBackoff) -> bool {
-    let delay = policy
-        .next_backoff()
-        .unwrap_or(Duration::from_millis(ctx.config.apply.retry_max_ms));
-    tokio::select! {
-        _ = ctx.cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
+/// Apply's backoff (`apply.retry_initial_ms` up to `apply.retry_max_ms`), never giving up on a
+/// transient fault: never skip.
+fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Backoff {
+    Backoff::new(
+        Duration::from_millis(ctx.config.apply.retry_initial_ms),
+        Duration::from_millis(ctx.config.apply.retry_max_ms),
+    )
 }
 
 /// Decodes one message into the record to write and the time its change was committed on the
@@ -128,7 +116,7 @@ pub async fn process<S: Sink>(
                 Err(e) if classify(&e) == Disposition::Retry => {
                     retrying.begin();
                     tracing::warn!(error = %e, attempts, "cannot decode yet; retrying with backoff");
-                    if !pause(ctx, &mut policy).await {
+                    if !policy.pause(&ctx.cancel).await {
                         return Ok(PartitionResult::Abandoned);
                     }
                     ctx.metrics.health.probing();
@@ -136,7 +124,7 @@ pub async fn process<S: Sink>(
                 }
                 Err(e) if classify(&e) == Disposition::Fatal => return Err(e),
                 Err(e) => {
-                    if !dead_letter(ctx, m, &e, "decode", attempts).await? {
+                    if !dead_letter(ctx, m, &e, FailedStage::Decode, attempts).await? {
                         return Ok(PartitionResult::Abandoned);
                     }
                     break;
@@ -191,7 +179,9 @@ async fn write<S: Sink>(
                 count("stale", outcome.stale);
                 observe_lag(ctx, committed, &outcome.written);
                 for (index, error) in &outcome.rejected {
-                    if !dead_letter(ctx, origins[*index], error, "sink", attempts).await? {
+                    if !dead_letter(ctx, origins[*index], error, FailedStage::Sink, attempts)
+                        .await?
+                    {
                         return Ok(false);
                     }
                 }
@@ -204,14 +194,14 @@ async fn write<S: Sink>(
                         .unwrap_or(Endpoint::Sink(&ctx.sink_name));
                     tracing::warn!(error = %e, attempts, connection = %at, config_key = %at.config_key(),
                         "sink write failed ({at}, {}); retrying with backoff", at.config_key());
-                    if !pause(ctx, &mut policy).await {
+                    if !policy.pause(&ctx.cancel).await {
                         return Ok(false);
                     }
                     ctx.metrics.health.probing();
                     attempts += 1;
                 }
                 Disposition::DeadLetter if records.len() == 1 => {
-                    return dead_letter(ctx, origins[0], &e, "sink", attempts).await;
+                    return dead_letter(ctx, origins[0], &e, FailedStage::Sink, attempts).await;
                 }
                 Disposition::DeadLetter => {
                     tracing::warn!(error = %e, "batch refused; writing one by one to isolate the bad record");
@@ -278,7 +268,7 @@ async fn dead_letter<S: Sink>(
     ctx: &ApplyContext<S>,
     message: &OwnedMessage,
     error: &Error,
-    stage: &str,
+    stage: FailedStage,
     attempts: u32,
 ) -> Result<bool, Error> {
     if ctx.config.apply.on_error == OnInvalid::Halt {
@@ -298,7 +288,7 @@ async fn dead_letter<S: Sink>(
         attempts,
     };
     tracing::warn!(
-        error = %error, class = error.class(), stage, dlq = %topic, offset = message.offset(),
+        error = %error, class = error.class(), stage = stage.as_str(), dlq = %topic, offset = message.offset(),
         "dead-lettering message"
     );
     let mut policy = retry_policy(ctx);
@@ -316,7 +306,7 @@ async fn dead_letter<S: Sink>(
             }
             Err(e) if classify(&e) == Disposition::Retry => {
                 tracing::warn!(error = %e, "dead-letter produce failed; retrying");
-                if !pause(ctx, &mut policy).await {
+                if !policy.pause(&ctx.cancel).await {
                     return Ok(false);
                 }
             }

@@ -1,7 +1,7 @@
 //! What travels on the topics: the outbox event envelope, and its Avro encoding.
 //!
 //! The value of every relay message is an Avro record `<Aggregate>Event` (see
-//! [`avro::envelope_schema_json`]), framed so that it names its writer schema:
+//! [`envelope::envelope_schema_json`]), framed so that it names its writer schema:
 //! - with a schema registry, the Confluent wire format: `00`, the 4-byte big-endian schema id,
 //!   then the datum ([`wire`], [`registry`]);
 //! - without one, Avro single-object encoding: `C3 01`, the 8-byte CRC-64-AVRO (Rabin)
@@ -11,12 +11,19 @@
 pub mod avro;
 pub mod canonical;
 pub mod compat;
+pub mod envelope;
+pub mod json_avro;
 pub mod mongo;
 pub mod registry;
 pub mod wire;
 
 pub use avro::SchemaStore;
 pub use wire::EventCodec;
+
+/// Single-object encoding marker.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Marker plus 8-byte fingerprint: what precedes the datum in single-object encoding.
+pub const SINGLE_OBJECT_HEADER_LEN: usize = 10;
 
 /// One outbox row as an event: the unit the relay publishes and apply writes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -10,10 +10,9 @@
 
 use apache_avro::types::Value;
 use apache_avro::Schema;
-use mongodb::bson::Bson;
 use serde_json::Value as Json;
 
-use super::avro::{envelope_head, event_schema_from_envelope, EventSchema};
+use super::envelope::{envelope_head, event_schema_from_envelope, EventSchema};
 use super::{EncodeError, OutboxEvent};
 
 /// Full name of the generic envelope record.
@@ -103,25 +102,12 @@ pub(super) fn encode_generic_datum(
         })
 }
 
-/// Canonical Extended JSON text → the same document as relaxed Extended JSON.
-pub fn relaxed_from_canonical(text: &str) -> Result<Json, String> {
-    let json: Json = serde_json::from_str(text)
-        .map_err(|e| format!("payload is not Extended JSON text: {e}"))?;
-    let bson = Bson::try_from(json).map_err(|e| format!("payload is not Extended JSON: {e}"))?;
-    match bson {
-        Bson::Document(_) => Ok(bson.into_relaxed_extjson()),
-        other => Err(format!(
-            "payload is Extended JSON of a {:?}, not a document",
-            other.element_type()
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::envelope::relaxed_from_canonical;
     use crate::codec::SchemaStore;
-    use mongodb::bson::{doc, oid::ObjectId, DateTime, Decimal128};
+    use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime, Decimal128};
     use serde_json::json;
 
     fn change() -> ChangeContext {

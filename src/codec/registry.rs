@@ -50,6 +50,15 @@ pub enum RegistryError {
     },
 }
 
+/// Why the registry client cannot be built from `[schema_registry]`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("schema_registry.password_env: environment variable {0} is not set")]
+    PasswordNotSet(String),
+    #[error("schema registry client: {0}")]
+    Http(reqwest::Error),
+}
+
 impl RegistryError {
     /// Whether waiting can fix it: no answer, a server-side failure, or rate limiting.
     pub fn is_transient(&self) -> bool {
@@ -134,12 +143,11 @@ pub struct RegisteredSchema {
 impl RegistryClient {
     /// Builds the client; the password is read from `password_env` now, so a missing variable
     /// stops start-up rather than the first request.
-    pub fn new(config: &SchemaRegistryConfig) -> Result<Self, String> {
+    pub fn new(config: &SchemaRegistryConfig) -> Result<Self, ClientError> {
         let auth = match (&config.username, &config.password_env) {
             (Some(user), Some(var)) => {
-                let password = std::env::var(var).map_err(|_| {
-                    format!("schema_registry.password_env: environment variable {var} is not set")
-                })?;
+                let password =
+                    std::env::var(var).map_err(|_| ClientError::PasswordNotSet(var.clone()))?;
                 Some((user.clone(), Secret::new(password)))
             }
             _ => None,
@@ -148,7 +156,7 @@ impl RegistryClient {
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
             .build()
-            .map_err(|e| format!("schema registry client: {e}"))?;
+            .map_err(ClientError::Http)?;
         Ok(Self {
             http,
             base: config.url.trim_end_matches('/').to_string(),

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
-use super::avro::{decode_datum, EventSchema, SINGLE_OBJECT_MAGIC};
+use super::envelope::{decode_datum, EventSchema};
 use super::mongo::{encode_generic_datum, ChangeContext};
 use super::registry::{RegistryClient, RegistryError};
-use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore};
+use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore, SINGLE_OBJECT_MAGIC};
 use crate::config::Config;
-use crate::error::{retry_transient, Endpoint, Error};
+use crate::error::{Endpoint, Error};
+use crate::retry::retry_transient;
 
 /// How often an unknown fingerprint may make the codec read the schemas folder again.
 const SCHEMA_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,7 +72,9 @@ impl EventCodec {
     /// A reading codec for `config` (apply, dead-letter tools).
     pub fn for_reading(config: &Config, store: Arc<SchemaStore>) -> Result<Self, Error> {
         let registry = match &config.schema_registry {
-            Some(r) => Some(RegistryClient::new(r).map_err(Error::Setup)?),
+            Some(r) => {
+                Some(RegistryClient::new(r).map_err(|e| Error::Misconfigured(e.to_string()))?)
+            }
             None => None,
         };
         let mut codec = Self::new(store, registry);
@@ -329,7 +332,7 @@ async fn register_or_look_up(
         .lookup(subject, &schema.registry_json)
         .await?
         .ok_or_else(|| {
-            Error::Setup(format!(
+            Error::Schema(format!(
                 "schema {} is not registered under subject {subject:?} at {} (schema_registry.auto_register = false): register it, or check it with `dualsync schema check`",
                 schema.envelope_name,
                 registry.base_url()

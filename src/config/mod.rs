@@ -36,85 +36,6 @@ impl ConfigError {
     }
 }
 
-/// A value that must never be printed: connection strings with passwords, SASL secrets.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The real value, for handing to a client library. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-/// Shows a URL without its password (`postgres://user:***@host/db`); anything that is not a URL
-/// with credentials is hidden entirely, since it may be a bare secret.
-///
-/// The user information ends at the *last* `@`: a password typed with an unencoded `/`, `?`
-/// or `@` stays inside the hidden part. (Drivers refuse such URLs, and the error that says so
-/// must not print them.) An `@` further on, in the path or query, hides more than the
-/// password: ambiguous text is hidden, never shown.
-pub fn redact_url(value: &str) -> String {
-    let Some(scheme_end) = value.find("://") else {
-        return "***".to_string();
-    };
-    let (scheme, rest) = value.split_at(scheme_end + 3);
-    match rest.rfind('@') {
-        Some(at) if rest[..at].contains(':') => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            let tail = redact_query_secrets(&rest[at + 1..]);
-            format!("{scheme}{user}:***@{tail}")
-        }
-        // No password in the user information.
-        _ => format!("{scheme}{}", redact_query_secrets(rest)),
-    }
-}
-
-fn redact_query_secrets(rest: &str) -> String {
-    let Some(q) = rest.find('?') else {
-        return rest.to_string();
-    };
-    let params: Vec<String> = rest[q + 1..]
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect();
-    format!("{}?{}", &rest[..q], params.join("&"))
-}
-
-/// Keys whose values are secrets wherever they appear (librdkafka properties, URL parameters).
-pub fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "token",
-        "credential",
-        "key.pem",
-        "keystore",
-    ]
-    .iter()
-    .any(|s| key.contains(s))
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -150,105 +71,24 @@ pub struct PipelineConfig {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConfig {
-    PostgresOutbox(OutboxSourceConfig),
-    Mongodb(MongoSourceConfig),
-}
-
-/// A MongoDB change stream over one database (the primary is a replica set: change streams
-/// need one, a single-node set will do).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MongoSourceConfig {
-    /// `mongodb://` or `mongodb+srv://` URL of the primary.
-    pub url: Secret,
-    /// The database to watch.
-    pub database: String,
-    /// Collections to publish; empty means every collection of the database.
-    #[serde(default)]
-    pub collections: Vec<String>,
-    /// Collections never published (when `collections` is empty).
-    #[serde(default)]
-    pub exclude_collections: Vec<String>,
-    /// Where the relay keeps its resume token and leader lease, in the watched database
-    /// (never published itself).
-    #[serde(default = "defaults::offsets_collection")]
-    pub offsets_collection: String,
-    /// Change events read and published per batch.
-    #[serde(default = "defaults::relay_batch_size")]
-    pub batch_size: usize,
-    /// Longest wait for a change before an idle batch is returned (and the lease renewed).
-    #[serde(default = "defaults::max_await_ms")]
-    pub max_await_ms: u64,
-    /// Publish the watched collections' documents before streaming when the relay has no
-    /// saved position yet.
-    #[serde(default)]
-    pub snapshot_on_start: bool,
-    /// What to do when the saved position is no longer in the oplog.
-    #[serde(default = "defaults::on_history_lost")]
-    pub on_history_lost: OnHistoryLost,
-    /// A standby takes over this long after the active relay stopped renewing its lease.
-    #[serde(default = "defaults::lease_secs")]
-    pub lease_secs: u64,
-}
-
-impl MongoSourceConfig {
-    /// Whether changes of `collection` are published.
-    pub fn watches(&self, collection: &str) -> bool {
-        collection != self.offsets_collection
-            && !collection.starts_with("system.")
-            && (self.collections.is_empty() || self.collections.iter().any(|c| c == collection))
-            && !self.exclude_collections.iter().any(|c| c == collection)
-    }
-}
-
-/// `[source] on_history_lost`: the resume token fell out of the oplog, or the stream was
-/// invalidated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnHistoryLost {
-    /// Stop with an error that says what happened and what to do.
-    Fail,
-    /// Publish a fresh snapshot of the collections and stream on from its start.
-    Resnapshot,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxSourceConfig {
-    /// libpq-style URL of the primary database holding `dualsync.outbox`.
-    pub url: Secret,
-    /// Rows read and published per batch.
-    #[serde(default = "defaults::relay_batch_size")]
-    pub batch_size: usize,
-    /// After a wake-up, wait this long for more rows before reading, to fill batches.
-    #[serde(default = "defaults::relay_linger_ms")]
-    pub linger_ms: u64,
-    /// Polling fallback when no NOTIFY arrives (missed notifications, notify disabled).
-    #[serde(default = "defaults::poll_interval_ms")]
-    pub poll_interval_ms: u64,
-    /// Published rows are kept this long (for inspection), then purged; 0 deletes each row as
-    /// soon as Kafka acknowledged it (the cheapest way to mark it).
-    #[serde(default = "defaults::retention_secs")]
-    pub retention_secs: u64,
-    /// Batches published and not yet acknowledged by Kafka at once: the relay reads and
-    /// encodes the next batch while earlier ones wait for their acknowledgements. 1 makes the
-    /// loop strictly sequential (read, publish, wait, mark).
-    #[serde(default = "defaults::max_batches_in_flight")]
-    pub max_batches_in_flight: usize,
-    /// Aggregate types this pipeline publishes (exact names or `*`/`?` globs such as
-    /// `order*`); empty means all. For one outbox shared by several pipelines: rows of other
-    /// types are left unpublished for the pipeline that carries them (see
-    /// `source::outbox::AggregateFilter`).
-    #[serde(default)]
-    pub include_aggregates: Vec<String>,
-    /// Aggregate types this pipeline never publishes (names or globs), applied after
-    /// `include_aggregates`.
-    #[serde(default)]
-    pub exclude_aggregates: Vec<String>,
-}
+/// Producer settings that carry dualsync's delivery contract (no loss, no reordering of a
+/// key, no duplicates from the producer's own retries). A `[kafka.properties]` entry for any
+/// of them is refused at start-up, with the reason.
+pub const DELIVERY_GUARANTEES: &[(&str, &str)] = &[
+    ("enable.idempotence", "is always true: retries must not duplicate or reorder events"),
+    ("acks", "is always \"all\": an event is acknowledged only once every in-sync replica has it"),
+    ("request.required.acks", "is always \"all\" (alias of acks)"),
+    (
+        "max.in.flight.requests.per.connection",
+        "is fixed at 5, the most the idempotent producer keeps in order",
+    ),
+    ("max.in.flight", "is fixed at 5 (alias of max.in.flight.requests.per.connection)"),
+    (
+        "message.timeout.ms",
+        "is always 0 (never give up): a message given up would be retried after later ones of its key",
+    ),
+    ("delivery.timeout.ms", "is always 0 (alias of message.timeout.ms)"),
+];
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -482,36 +322,6 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    Postgres(PostgresSinkConfig),
-    Mongodb(MongoSinkConfig),
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSinkConfig {
-    pub url: Secret,
-    /// Schema holding one document table per aggregate type (created if missing).
-    #[serde(default = "defaults::pg_schema")]
-    pub schema: String,
-    #[serde(default = "defaults::tombstone_retention_secs")]
-    pub tombstone_retention_secs: u64,
-    /// Aggregate types written to typed columns instead of a document table.
-    #[serde(default)]
-    pub tables: BTreeMap<String, ColumnTableConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MongoSinkConfig {
-    pub url: Secret,
-    pub database: String,
-    #[serde(default = "defaults::tombstone_retention_secs")]
-    pub tombstone_retention_secs: u64,
-}
-
 mod defaults {
     use super::OnInvalid;
     use std::path::PathBuf;
@@ -612,7 +422,7 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::new(path, "(syntax)", e.to_string()))?;
         for (name, value) in env {
-            apply_env_override(&mut doc, &name, &value)
+            overrides::apply_env_override(&mut doc, &name, &value)
                 .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
         }
         default_mongo_topic_template(&mut doc);
@@ -696,65 +506,17 @@ fn default_mongo_topic_template(doc: &mut toml::Table) {
     kafka.insert("topic_template".into(), toml::Value::String(template));
 }
 
-fn apply_env_override(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), String> {
-    let Some(path) = name.strip_prefix(ENV_PREFIX) else {
-        return Ok(());
-    };
-    if !path.contains("__") {
-        return Ok(());
-    }
-    let mut parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err("empty path segment".into());
-    }
-    let is_property = parts.len() == 3 && parts[0] == "kafka" && parts[1] == "properties";
-    if is_property {
-        parts[2] = parts[2].replace('_', ".");
-    }
-    let (last, parents) = parts.split_last().expect("non-empty");
-    let mut table = doc;
-    for part in parents {
-        let entry = table
-            .entry(part.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{part}` is not a table in the file"))?;
-    }
-    let parsed = match table.get(last.as_str()) {
-        _ if is_property => toml::Value::String(value.to_string()),
-        // A list in the file is overridden by a comma-separated variable.
-        Some(toml::Value::Array(_)) => toml::Value::Array(
-            value
-                .split(',')
-                .map(|v| toml::Value::String(v.trim().to_string()))
-                .collect(),
-        ),
-        _ => parse_env_value(value),
-    };
-    table.insert(last.clone(), parsed);
-    Ok(())
-}
-
-fn parse_env_value(value: &str) -> toml::Value {
-    if let Ok(i) = value.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    if let Ok(b) = value.parse::<bool>() {
-        return toml::Value::Boolean(b);
-    }
-    if let Ok(f) = value.parse::<f64>() {
-        if value.contains('.') {
-            return toml::Value::Float(f);
-        }
-    }
-    toml::Value::String(value.to_string())
-}
-
 mod columns;
+mod overrides;
+mod secret;
+mod sinks;
+mod source;
 mod validate;
 
 pub use columns::{ColumnConfig, ColumnTableConfig, ColumnType, RESERVED_COLUMNS};
+pub use secret::{is_secret_key, redact_url, Secret};
+pub use sinks::{MongoSinkConfig, PostgresSinkConfig, SinkConfig};
+pub use source::{MongoSourceConfig, OnHistoryLost, OutboxSourceConfig, SourceConfig};
 
 #[cfg(test)]
 mod tests;

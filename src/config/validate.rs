@@ -42,7 +42,7 @@ impl Config {
                 );
             }
         }
-        for (key, why) in crate::publish::DELIVERY_GUARANTEES {
+        for (key, why) in super::DELIVERY_GUARANTEES {
             if self.kafka.properties.contains_key(*key) {
                 return err(&format!("kafka.properties.\"{key}\""), why);
             }

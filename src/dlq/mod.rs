@@ -1,10 +1,7 @@
 //! Dead-letter topics: where events go that can never be applied, with enough context to fix
 //! and replay them. Header names follow Kafka Connect's `__connect.errors.*` in spirit.
-//! [`inspect`] reads them back (`dualsync dlq list|show`), [`replay`] sends them back after a
-//! fix (`dualsync dlq replay`).
-
-pub mod inspect;
-pub mod replay;
+//! This module is what the relay and apply stages need to write them; reading them back and
+//! replaying them is [`crate::ops`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +18,8 @@ pub mod headers {
     /// Stable error class, e.g. `decode.bad_magic`, `sink.rejected`, `encode.schema_violation`.
     pub const CLASS: &str = "__dualsync.errors.class";
     pub const MESSAGE: &str = "__dualsync.errors.message";
-    /// Where it failed: `decode`, `sink`, `relay.encode`, `relay.publish`.
+    /// Where it failed: a [`super::FailedStage`] (`decode`, `sink`, `relay.encode`,
+    /// `relay.publish`).
     pub const STAGE: &str = "__dualsync.errors.stage";
     pub const GROUP: &str = "__dualsync.errors.group";
     pub const PIPELINE: &str = "__dualsync.errors.pipeline";
@@ -43,10 +41,58 @@ pub mod headers {
     pub const REPLAY_DLQ_OFFSET: &str = "__dualsync.replay.dlq.offset";
 }
 
+/// Where a dead letter failed, as its [`headers::STAGE`] header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedStage {
+    /// Apply could not decode the message.
+    Decode,
+    /// The sink refused the record for good.
+    Sink,
+    /// The relay could not encode the outbox row or change.
+    RelayEncode,
+    /// Kafka refused the relay's message (too large).
+    RelayPublish,
+}
+
+impl FailedStage {
+    const ALL: [FailedStage; 4] = [
+        FailedStage::Decode,
+        FailedStage::Sink,
+        FailedStage::RelayEncode,
+        FailedStage::RelayPublish,
+    ];
+
+    /// The header value, stable: consumers of the dead-letter topics match on it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FailedStage::Decode => "decode",
+            FailedStage::Sink => "sink",
+            FailedStage::RelayEncode => "relay.encode",
+            FailedStage::RelayPublish => "relay.publish",
+        }
+    }
+
+    /// The stage a header value names; `None` for one dualsync does not write.
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == value)
+    }
+
+    /// Whether the relay wrote the letter (its value is the raw row or change).
+    pub fn is_relay(self) -> bool {
+        matches!(self, FailedStage::RelayEncode | FailedStage::RelayPublish)
+    }
+}
+
+impl std::fmt::Display for FailedStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Context of one failure.
 pub struct Failure<'a> {
     pub error: &'a Error,
-    pub stage: &'a str,
+    pub stage: FailedStage,
     pub pipeline: &'a str,
     pub group: Option<&'a str>,
     pub attempts: u32,
@@ -70,7 +116,7 @@ pub fn error_headers(base: OwnedHeaders, failure: &Failure<'_>) -> OwnedHeaders 
     };
     add(headers::CLASS, failure.error.class().to_string());
     add(headers::MESSAGE, failure.error.to_string());
-    add(headers::STAGE, failure.stage.to_string());
+    add(headers::STAGE, failure.stage.as_str().to_string());
     add(headers::PIPELINE, failure.pipeline.to_string());
     if let Some(g) = failure.group {
         add(headers::GROUP, g.to_string());
@@ -129,4 +175,18 @@ pub fn without_value(letter: Outgoing) -> Outgoing {
 /// Sends dead letters and waits for the broker's acknowledgement.
 pub async fn send(publisher: &Publisher, letters: Vec<Outgoing>) -> Result<(), Error> {
     publisher.publish_all(letters).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailedStage;
+
+    #[test]
+    fn stages_read_back_as_written() {
+        for stage in FailedStage::ALL {
+            assert_eq!(FailedStage::parse(stage.as_str()), Some(stage));
+        }
+        assert_eq!(FailedStage::parse("relay.other"), None);
+        assert!(FailedStage::RelayPublish.is_relay() && !FailedStage::Sink.is_relay());
+    }
 }

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
+use super::Relay;
 use crate::codec::{EventCodec, SchemaStore};
 use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
-use crate::dlq::{self, Failure};
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
-use crate::http::Control;
-use crate::metrics::Metrics;
-use crate::publish::{headers, KafkaHealth, Outgoing, Publisher};
+use crate::publish::{event_headers, Outgoing, Publisher};
 use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
 use crate::source::Source;
@@ -35,65 +34,29 @@ pub mod mongo_headers {
 type DeadChange = super::DeadRow;
 
 struct Leader<'a> {
-    config: &'a Config,
+    relay: &'a Relay<'a>,
     source_config: &'a MongoSourceConfig,
-    publisher: &'a Publisher,
-    codec: &'a EventCodec,
-    metrics: &'a Metrics,
-    control: &'a Control,
-    cancel: &'a CancellationToken,
 }
 
-/// Runs the MongoDB relay until `cancel`; transient failures are retried forever.
-pub async fn run(
-    config: &Config,
+/// Publishes as the leader until cancelled or a failure, then hands the lease over at once
+/// instead of after it runs out (a no-op when it was lost).
+pub(super) async fn lead(
+    relay: &Relay<'_>,
     source_config: &MongoSourceConfig,
-    schemas: Arc<SchemaStore>,
-    metrics: Arc<Metrics>,
-    control: Control,
-    cancel: CancellationToken,
+    mut source: MongoSource,
 ) -> Result<(), Error> {
-    let Some(codec) = EventCodec::for_publishing(config, schemas, &cancel).await? else {
-        return Ok(());
+    let leader = Leader {
+        relay,
+        source_config,
     };
-    let publisher = Publisher::with_health(
-        &config.kafka,
-        KafkaHealth {
-            metrics: Some(metrics.clone()),
-        },
-    )?;
-    super::lead_until_cancelled(&publisher, &metrics, &cancel, || async {
-        let Some(mut source) = MongoSource::acquire_leadership(
-            source_config,
-            &config.pipeline.name,
-            &metrics.health,
-            &cancel,
-        )
-        .await?
-        else {
-            return Ok(());
-        };
-        metrics.relay_leader.set(1);
-        let leader = Leader {
-            config,
-            source_config,
-            publisher: &publisher,
-            codec: &codec,
-            metrics: &metrics,
-            control: &control,
-            cancel: &cancel,
-        };
-        let led = leader.lead(&mut source).await;
-        // Hand over at once instead of after the lease (a no-op when it was lost).
-        source.release().await;
-        led
-    })
-    .await
+    let led = leader.lead(&mut source).await;
+    source.release().await;
+    led
 }
 
 impl Leader<'_> {
     async fn lead(&self, source: &mut MongoSource) -> Result<(), Error> {
-        let (config, metrics, cancel) = (self.config, self.metrics, self.cancel);
+        let (config, metrics, cancel) = (self.relay.config, self.relay.metrics, self.relay.cancel);
         loop {
             self.hold_while_paused(source).await?;
             let changes = match source.next_batch(cancel).await {
@@ -123,7 +86,8 @@ impl Leader<'_> {
             let mut dead = Vec::new();
             let mut per_topic: HashMap<String, u64> = HashMap::new();
             for change in &changes {
-                self.codec
+                self.relay
+                    .codec
                     .ensure_registered(config, &change.collection)
                     .await?;
                 let (message, invalid) = self.message_for(change)?;
@@ -134,7 +98,7 @@ impl Leader<'_> {
                 messages.push(message);
             }
             let published = tokio::select! {
-                r = self.publisher.publish_all(messages) => r,
+                r = self.relay.publisher.publish_all(messages) => r,
                 _ = cancel.cancelled() => return Ok(()),
             };
             match published {
@@ -159,7 +123,7 @@ impl Leader<'_> {
 
     /// While paused, reads and publishes nothing (see [`Self::wait_resumed_keeping_the_lease`]).
     async fn hold_while_paused(&self, source: &mut MongoSource) -> Result<(), Error> {
-        if self.control.is_paused() {
+        if self.relay.control.is_paused() {
             tracing::info!("paused: the change stream is not read until resumed");
             self.wait_resumed_keeping_the_lease(source).await?;
             tracing::info!("resumed");
@@ -172,7 +136,7 @@ impl Leader<'_> {
     async fn wait_resumed_keeping_the_lease(&self, source: &mut MongoSource) -> Result<(), Error> {
         loop {
             tokio::select! {
-                _ = self.control.wait_resumed(self.cancel) => return Ok(()),
+                _ = self.relay.control.wait_resumed(self.relay.cancel) => return Ok(()),
                 _ = tokio::time::sleep(source.renewal_interval()) => source.renew_if_due().await?,
             }
         }
@@ -180,8 +144,8 @@ impl Leader<'_> {
 
     /// The message for a change: its event, or its dead letter (with `(topic, class)`).
     fn message_for(&self, change: &MongoChange) -> Result<(Outgoing, Option<DeadChange>), Error> {
-        let config = self.config;
-        match to_message(config, self.codec, change) {
+        let config = self.relay.config;
+        match to_message(config, self.relay.codec, change) {
             Ok(m) => Ok((m, None)),
             Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(change, &e)),
             Err(e) => {
@@ -203,23 +167,26 @@ impl Leader<'_> {
         for change in changes {
             let (message, _) = self.message_for(change)?;
             let sent = tokio::select! {
-                r = self.publisher.publish_all(vec![message]) => r,
-                _ = self.cancel.cancelled() => return Ok(false),
+                r = self.relay.publisher.publish_all(vec![message]) => r,
+                _ = self.relay.cancel.cancelled() => return Ok(false),
             };
             match sent {
                 Ok(()) => {}
                 Err(e) if e.is_too_large() => {
-                    if self.config.relay.on_invalid == OnInvalid::Halt {
+                    if self.relay.config.relay.on_invalid == OnInvalid::Halt {
                         return Err(halted(change, &e));
                     }
                     tracing::error!(collection = %change.collection, key = %change.key(), error = %e,
                         "change too large for Kafka: dead-lettered without its document");
-                    let letter = dead_letter(self.config, change, &e, true);
+                    let letter = dead_letter(self.relay.config, change, &e, true);
                     tokio::select! {
-                        r = self.publisher.publish_all(vec![letter]) => r?,
-                        _ = self.cancel.cancelled() => return Ok(false),
+                        r = self.relay.publisher.publish_all(vec![letter]) => r?,
+                        _ = self.relay.cancel.cancelled() => return Ok(false),
                     }
-                    dead.push((self.config.kafka.topic_for(&change.collection), e.class()));
+                    dead.push((
+                        self.relay.config.kafka.topic_for(&change.collection),
+                        e.class(),
+                    ));
                 }
                 Err(e) => return Err(e),
             }
@@ -249,20 +216,10 @@ pub fn to_message(
     let event = change.to_event(change.version(), typed);
     let context = change.context();
     let value = codec.encode_change(&event, &context)?;
-    let version = event.version.to_string();
-    let created = event.created_at_micros.to_string();
-    let id = event.event_id.to_string();
     let cluster_time = format!("{}.{}", context.cluster_time.0, context.cluster_time.1);
-    let mut h = OwnedHeaders::new();
+    // A change's wall time is its commit's.
+    let mut h = event_headers(&event, event.created_at_micros);
     for (key, v) in [
-        (headers::EVENT_ID, id.as_str()),
-        (headers::EVENT_TYPE, event.event_type.as_str()),
-        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
-        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
-        (headers::VERSION, version.as_str()),
-        (headers::CREATED_AT, created.as_str()),
-        // A change's wall time is its commit's.
-        (headers::COMMITTED_AT, created.as_str()),
         (mongo_headers::DATABASE, change.database.as_str()),
         (mongo_headers::DOCUMENT_KEY, context.document_key.as_str()),
         (mongo_headers::CLUSTER_TIME, cluster_time.as_str()),
@@ -302,9 +259,9 @@ fn dead_letter(
     let failure = Failure {
         error,
         stage: if omit_document {
-            "relay.publish"
+            FailedStage::RelayPublish
         } else {
-            "relay.encode"
+            FailedStage::RelayEncode
         },
         pipeline: &config.pipeline.name,
         group: None,
@@ -351,7 +308,7 @@ pub async fn watched_collections(
         .collect();
     collections.sort();
     if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Setup(format!(
+        return Err(Error::Misconfigured(format!(
             "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
             source_config.database
         )));
@@ -418,7 +375,7 @@ pub async fn repair(
         }
         tokio::select! {
             r = publisher.publish_all(messages) => r?,
-            _ = cancel.cancelled() => return Err(Error::Setup("repair interrupted".into())),
+            _ = cancel.cancelled() => return Err(Error::Interrupted("repair interrupted".into())),
         }
         published += chunk.len() as u64;
         advance(chunk.len() as u64);
@@ -496,7 +453,7 @@ pub async fn snapshot(
             }
             tokio::select! {
                 r = publisher.publish_all(messages) => r?,
-                _ = cancel.cancelled() => return Err(Error::Setup("snapshot interrupted".into())),
+                _ = cancel.cancelled() => return Err(Error::Internal("snapshot interrupted".into())),
             }
         }
         tracing::info!(collection = %report.collection, documents = report.documents, "snapshot published");

@@ -1,4 +1,5 @@
-//! The outbox relay's leader loop: a pipeline of up to `source.max_batches_in_flight` batches.
+//! The outbox relay: an outbox row → its event, its Kafka message or its dead letter, and the
+//! leader loop, a pipeline of up to `source.max_batches_in_flight` batches.
 //!
 //! While batch N waits for Kafka's acknowledgements, the leader reads and encodes batch N+1
 //! and hands it to the producer. Batches are marked published strictly in the order they were
@@ -21,17 +22,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::message::Header;
-use tokio_util::sync::CancellationToken;
+use rdkafka::message::{Header, OwnedHeaders};
 
-use super::{count_acked, count_read, dead_letter, halted, to_message, DeadRow, PublishedRows};
-use crate::codec::EventCodec;
+use super::{count_acked, count_read, DeadRow, Relay};
+use crate::codec::{EventCodec, OutboxEvent};
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
-use crate::dlq;
+use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
-use crate::http::Control;
-use crate::metrics::Metrics;
-use crate::publish::{Acks, Outgoing, Publisher};
+use crate::publish::{event_headers, headers, Acks, Outgoing};
 use crate::source::outbox::{OutboxRow, OutboxSource};
 use crate::source::Source;
 
@@ -43,15 +41,23 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 /// before it exits leaving them unmarked (they are published again by the next leader).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
+/// Publishes as the leader until cancelled or a failure.
+pub(super) async fn lead(
+    relay: &Relay<'_>,
+    source_config: &OutboxSourceConfig,
+    source: OutboxSource,
+) -> Result<(), Error> {
+    let leader = Leader {
+        relay,
+        source_config,
+    };
+    leader.lead(source).await
+}
+
 /// Everything the leader loop needs besides the source.
-pub(super) struct Leader<'a> {
-    pub config: &'a Config,
-    pub source_config: &'a OutboxSourceConfig,
-    pub publisher: &'a Publisher,
-    pub codec: &'a EventCodec,
-    pub metrics: &'a Metrics,
-    pub control: &'a Control,
-    pub cancel: &'a CancellationToken,
+struct Leader<'a> {
+    relay: &'a Relay<'a>,
+    source_config: &'a OutboxSourceConfig,
 }
 
 /// A batch handed to the producer and not yet marked published.
@@ -95,8 +101,8 @@ async fn oldest_acked(in_flight: &mut VecDeque<InFlight>) -> Result<(), Error> {
 }
 
 impl Leader<'_> {
-    pub(super) async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
-        let (metrics, cancel) = (self.metrics, self.cancel);
+    async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
+        let (metrics, cancel) = (self.relay.metrics, self.relay.cancel);
         let depth = self.source_config.max_batches_in_flight;
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // The purge runs beside the leader for as long as it leads (retention 0 deletes rows
@@ -122,7 +128,7 @@ impl Leader<'_> {
                 metrics.outbox_backlog.set(rows);
                 metrics.outbox_oldest_age.set(oldest);
             }
-            let paused = self.control.is_paused();
+            let paused = self.relay.control.is_paused();
             if paused && in_flight.is_empty() {
                 if !was_paused {
                     tracing::info!("paused: the outbox is not read until resumed");
@@ -134,7 +140,7 @@ impl Leader<'_> {
                 let next_sample =
                     last_sample.map_or(Instant::now(), |t| t + BACKLOG_SAMPLE_INTERVAL);
                 tokio::select! {
-                    _ = self.control.wait_resumed(cancel) => {}
+                    _ = self.relay.control.wait_resumed(cancel) => {}
                     _ = tokio::time::sleep_until(next_sample.into()) => {}
                 }
                 if cancel.is_cancelled() {
@@ -163,7 +169,7 @@ impl Leader<'_> {
                 }
                 // Before the read: an idle read would otherwise publish the next rows to arrive
                 // (the read is cancel-safe).
-                _ = self.control.wait_paused(), if !paused => {}
+                _ = self.relay.control.wait_paused(), if !paused => {}
                 rows = source.next_batch(cancel), if can_read => {
                     let rows = rows?;
                     if !rows.is_empty() {
@@ -179,7 +185,7 @@ impl Leader<'_> {
 
     /// Encodes a batch and hands it to the producer.
     async fn send(&self, rows: Vec<OutboxRow>, read_ms: f64) -> Result<InFlight, Error> {
-        count_read(self.metrics, rows.len());
+        count_read(self.relay.metrics, rows.len());
         let waited_ms = rows
             .first()
             .map_or(0.0, |r| age_ms(r.created_at_micros, now_micros()));
@@ -200,7 +206,7 @@ impl Leader<'_> {
             messages.push(message);
         }
         let sent_at = Instant::now();
-        let (acks, refused_too_large) = match self.publisher.enqueue(messages).await {
+        let (acks, refused_too_large) = match self.relay.publisher.enqueue(messages).await {
             Ok(acks) => (acks, false),
             Err((e, acks)) if e.is_too_large() => {
                 tracing::warn!(error = %e, "a message of the batch is too large; publishing the batch row by row");
@@ -234,7 +240,7 @@ impl Leader<'_> {
             let now = now_micros();
             for row in &batch.rows {
                 let delay_ms = age_ms(row.created_at_micros, now);
-                self.metrics.publish_delay.observe(delay_ms / 1000.0);
+                self.relay.metrics.publish_delay.observe(delay_ms / 1000.0);
             }
         }
         match acked {
@@ -247,7 +253,7 @@ impl Leader<'_> {
             }
             Err(e) => return Err(e),
         }
-        if self.cancel.is_cancelled() && batch.refused_too_large {
+        if self.relay.cancel.is_cancelled() && batch.refused_too_large {
             return Ok(false);
         }
         self.mark_published(source, &mut batch).await?;
@@ -275,8 +281,12 @@ impl Leader<'_> {
     ) -> Result<(), Error> {
         source.ack(&batch.rows).await?;
         let mut per_topic = std::mem::take(&mut batch.per_topic);
-        per_topic.remove(&self.config.relay.dead_letter_topic);
-        count_acked(self.metrics, per_topic, std::mem::take(&mut batch.dead));
+        per_topic.remove(&self.relay.config.relay.dead_letter_topic);
+        count_acked(
+            self.relay.metrics,
+            per_topic,
+            std::mem::take(&mut batch.dead),
+        );
         Ok(())
     }
 
@@ -329,8 +339,8 @@ impl Leader<'_> {
         row: &OutboxRow,
         log_invalid: bool,
     ) -> Result<(Outgoing, Option<DeadRow>), Error> {
-        let config = self.config;
-        match to_message(config, self.codec, row) {
+        let config = self.relay.config;
+        match to_message(config, self.relay.codec, row) {
             Ok(m) => Ok((m, None)),
             Err(e) if config.relay.on_invalid == OnInvalid::Halt => Err(halted(row, &e)),
             Err(e) => {
@@ -339,7 +349,10 @@ impl Leader<'_> {
                         topic = %config.relay.dead_letter_topic, "outbox row dead-lettered");
                 }
                 let dead = (config.kafka.topic_for(&row.aggregate_type), e.class());
-                Ok((dead_letter(config, row, &e, "relay.encode"), Some(dead)))
+                Ok((
+                    dead_letter(config, row, &e, FailedStage::RelayEncode),
+                    Some(dead),
+                ))
             }
         }
     }
@@ -350,7 +363,7 @@ impl Leader<'_> {
     /// count per topic and the dead-lettered rows, or `None` when cancelled. Rows of the
     /// failed batch that had already reached Kafka are published again (at-least-once).
     async fn publish_row_by_row(&self, rows: &[OutboxRow]) -> Result<Option<PublishedRows>, Error> {
-        let config = self.config;
+        let config = self.relay.config;
         let mut per_topic = HashMap::new();
         let mut dead = Vec::new();
         for row in rows {
@@ -358,8 +371,8 @@ impl Leader<'_> {
             let (message, invalid) = self.message_for(row, false)?;
             let topic = message.topic.clone();
             let sent = tokio::select! {
-                r = self.publisher.publish_all(vec![message]) => r,
-                _ = self.cancel.cancelled() => return Ok(None),
+                r = self.relay.publisher.publish_all(vec![message]) => r,
+                _ = self.relay.cancel.cancelled() => return Ok(None),
             };
             match sent {
                 Ok(()) => match invalid {
@@ -377,15 +390,16 @@ impl Leader<'_> {
                         payload: None,
                         ..row.clone()
                     };
-                    let mut letter = dead_letter(config, &without_payload, &e, "relay.publish");
+                    let mut letter =
+                        dead_letter(config, &without_payload, &e, FailedStage::RelayPublish);
                     let size = bytes.to_string();
                     letter.headers = letter.headers.insert(Header {
                         key: dlq::headers::VALUE_OMITTED,
                         value: Some(size.as_str()),
                     });
                     tokio::select! {
-                        r = self.publisher.publish_all(vec![letter]) => r?,
-                        _ = self.cancel.cancelled() => return Ok(None),
+                        r = self.relay.publisher.publish_all(vec![letter]) => r?,
+                        _ = self.relay.cancel.cancelled() => return Ok(None),
                     }
                     dead.push((config.kafka.topic_for(&row.aggregate_type), e.class()));
                 }
@@ -394,4 +408,142 @@ impl Leader<'_> {
         }
         Ok(Some((per_topic, dead)))
     }
+}
+
+/// The error that stops the relay on a bad row when `relay.on_invalid = "halt"`.
+fn halted(row: &OutboxRow, error: &Error) -> Error {
+    Error::Halted(format!(
+        "outbox row seq={} id={} ({} {}): {error}",
+        row.seq, row.id, row.aggregate_type, row.aggregate_id
+    ))
+}
+
+/// Published messages per topic, and the dead-lettered rows.
+type PublishedRows = (HashMap<String, u64>, Vec<DeadRow>);
+
+fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
+    let payload = match &row.payload {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| crate::codec::EncodeError::NotJson(e.to_string()))?,
+        ),
+    };
+    Ok(OutboxEvent {
+        event_id: row.id,
+        event_type: row.event_type.clone(),
+        aggregate_type: row.aggregate_type.clone(),
+        aggregate_id: row.aggregate_id.clone(),
+        version: row.seq,
+        created_at_micros: row.created_at_micros,
+        payload,
+    })
+}
+
+/// The Kafka message for an outbox row (also used to replay a relay dead letter after a fix).
+pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Result<Outgoing, Error> {
+    let event = to_event(row)?;
+    let value = codec.encode(&event)?;
+    let mut h = event_headers(&event, row.committed_at_micros);
+    if let Some(tp) = &row.traceparent {
+        h = h.insert(Header {
+            key: headers::TRACEPARENT,
+            value: Some(tp.as_str()),
+        });
+    }
+    Ok(Outgoing {
+        topic: config.kafka.topic_for(&row.aggregate_type),
+        key: Some(event.aggregate_id.into_bytes()),
+        value,
+        headers: h,
+    })
+}
+
+/// The raw row as JSON, with the error in headers, for the relay's dead-letter topic.
+fn dead_letter(config: &Config, row: &OutboxRow, error: &Error, stage: FailedStage) -> Outgoing {
+    let raw = serde_json::json!({
+        "seq": row.seq,
+        "id": row.id,
+        "aggregatetype": row.aggregate_type,
+        "aggregateid": row.aggregate_id,
+        "type": row.event_type,
+        "payload": row.payload,
+        "traceparent": row.traceparent,
+        "created_at_micros": row.created_at_micros,
+        "committed_at_micros": row.committed_at_micros,
+    });
+    let seq = row.seq.to_string();
+    let id = row.id.to_string();
+    let base = OwnedHeaders::new()
+        .insert(Header {
+            key: dlq::headers::ROW_SEQ,
+            value: Some(seq.as_str()),
+        })
+        .insert(Header {
+            key: dlq::headers::ROW_ID,
+            value: Some(id.as_str()),
+        });
+    let failure = Failure {
+        error,
+        stage,
+        pipeline: &config.pipeline.name,
+        group: None,
+        attempts: 1,
+    };
+    Outgoing {
+        topic: config.relay.dead_letter_topic.clone(),
+        key: Some(row.aggregate_id.clone().into_bytes()),
+        value: raw.to_string().into_bytes(),
+        headers: dlq::error_headers(base, &failure),
+    }
+}
+
+/// Why a relay dead letter's value cannot be read back as its outbox row.
+#[derive(Debug, thiserror::Error)]
+pub enum NotARow {
+    #[error("not a relay dead letter: {0}")]
+    NotJson(serde_json::Error),
+    #[error("a MongoDB change cannot be replayed from its dead letter (the document may have changed since): fix the document in the primary, or publish its current state with `dualsync snapshot --collection <name>`")]
+    MongoChange,
+    #[error("relay dead letter lacks `{0}`")]
+    Missing(&'static str),
+    #[error("relay dead letter has a bad `id`: {0}")]
+    BadId(uuid::Error),
+}
+
+/// Reads back the raw row of a relay dead letter (the JSON written by [`dead_letter`]).
+pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, NotARow> {
+    let raw: serde_json::Value = serde_json::from_slice(value).map_err(NotARow::NotJson)?;
+    if raw.get("operationType").is_some() {
+        return Err(NotARow::MongoChange);
+    }
+    let text = |key: &'static str| {
+        raw.get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or(NotARow::Missing(key))
+    };
+    let int = |key: &'static str| {
+        raw.get(key)
+            .and_then(|v| v.as_i64())
+            .ok_or(NotARow::Missing(key))
+    };
+    Ok(OutboxRow {
+        seq: int("seq")?,
+        id: text("id")?.parse().map_err(NotARow::BadId)?,
+        aggregate_type: text("aggregatetype")?,
+        aggregate_id: text("aggregateid")?,
+        event_type: text("type")?,
+        payload: raw
+            .get("payload")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        traceparent: raw
+            .get("traceparent")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        created_at_micros: int("created_at_micros")?,
+        // Letters written before the commit time was kept: the insert time is the fallback.
+        committed_at_micros: int("committed_at_micros").or_else(|_| int("created_at_micros"))?,
+    })
 }

@@ -77,7 +77,11 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         older_than: Duration,
     ) -> impl Future<Output = Result<u64, Error>> + Send;
+}
 
+/// Reading a sink back, for `verify` (and tests): not part of the apply loop's contract, so a
+/// sink's write path never depends on it.
+pub trait SinkReader: Send + Sync + 'static {
     /// Up to `limit` records of `namespace` whose keys sort after `after`, in key order:
     /// `(key, version, document or None for a tombstone)`. Used by `verify` to find every
     /// record, including those the primary no longer has.

@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use futures::TryStreamExt;
 
-use super::{newest_per_key, ApplyOutcome, Sink, SinkRecord, StoredRecord};
+use super::{newest_per_key, ApplyOutcome, Sink, SinkReader, SinkRecord, StoredRecord};
 use crate::config::MongoSinkConfig;
 use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 
@@ -68,7 +68,7 @@ impl MongoSink {
         db.run_command(doc! {"ping": 1}).await?;
         let write_concern = match db.write_concern() {
             Some(wc) => Some(mongodb::bson::to_document(wc).map_err(|e| {
-                Error::Setup(format!("write concern of the MongoDB sink's URL: {e}"))
+                Error::Misconfigured(format!("write concern of the MongoDB sink's URL: {e}"))
             })?),
             None => None,
         }
@@ -214,7 +214,7 @@ impl MongoSink {
             let index = e.get_i32("index").unwrap_or(-1);
             let Some(statement) = usize::try_from(index).ok().and_then(|i| statements.get(i))
             else {
-                return Err(Error::Setup(format!(
+                return Err(Error::Internal(format!(
                     "mongodb update reply has a bad writeErrors index: {e}"
                 )));
             };
@@ -419,7 +419,9 @@ impl Sink for MongoSink {
         }
         Ok(purged)
     }
+}
 
+impl SinkReader for MongoSink {
     async fn get(
         &self,
         namespace: &str,
@@ -494,7 +496,7 @@ fn write_concern_error(wce: &Document) -> Error {
             ))
             .into(),
         ),
-        Err(e) => Error::Setup(format!("mongodb write concern error: {wce} ({e})")),
+        Err(e) => Error::Internal(format!("mongodb write concern error: {wce} ({e})")),
     }
 }
 

@@ -18,7 +18,9 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
-use super::{newest_per_key, quote_ident, ApplyOutcome, Sink, SinkRecord, StoredRecord};
+use super::{
+    newest_per_key, quote_ident, ApplyOutcome, Sink, SinkReader, SinkRecord, StoredRecord,
+};
 use crate::config::{ColumnTableConfig, ColumnType, PostgresSinkConfig};
 use crate::error::{classify, Disposition, Error};
 
@@ -225,53 +227,6 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
-    /// A column table's documents are cast into the mapped columns with the write path's
-    /// casts and rebuilt as `scan` reports stored rows; `None` for a document that does not
-    /// cast (apply would have dead-lettered it).
-    async fn project(
-        &self,
-        namespace: &str,
-        docs: &[serde_json::Value],
-    ) -> Result<Vec<Option<serde_json::Value>>, Error> {
-        let layout = self.layout(namespace);
-        if matches!(layout, Layout::Document) {
-            return Ok(docs.iter().cloned().map(Some).collect());
-        }
-        let client = self.client().await?;
-        let (_, values) = layout.value_columns("u.doc", 2);
-        // Rebuilt with the same casts as the write path and rendered like `scan` does.
-        let rebuilt = match &layout {
-            Layout::Columns(t) => t
-                .columns
-                .iter()
-                .zip(&values)
-                .map(|(c, v)| format!("{}, to_jsonb({v})", quote_literal(c.field_name())))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Layout::Document => unreachable!(),
-        };
-        let sql = format!(
-            "SELECT jsonb_build_object({rebuilt}) FROM unnest($1::jsonb[]) WITH ORDINALITY AS u(doc, n) ORDER BY n"
-        );
-        let paths = layout.paths();
-        match query_projection(&client, &sql, &paths, docs).await {
-            Ok(all) => Ok(all.into_iter().map(Some).collect()),
-            // Some document does not cast: project one by one to find which.
-            Err(e) if classify(&e) == Disposition::DeadLetter => {
-                let mut out = Vec::with_capacity(docs.len());
-                for doc in docs {
-                    match query_projection(&client, &sql, &paths, std::slice::from_ref(doc)).await {
-                        Ok(mut one) => out.push(one.pop()),
-                        Err(e) if classify(&e) == Disposition::DeadLetter => out.push(None),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(out)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     async fn apply(&self, batch: &[SinkRecord]) -> Result<ApplyOutcome, Error> {
         let (kept, dropped) = newest_per_key(batch);
         let mut by_table: BTreeMap<&str, Vec<(usize, &SinkRecord)>> = BTreeMap::new();
@@ -368,7 +323,9 @@ impl Sink for PostgresSink {
         }
         Ok(purged)
     }
+}
 
+impl SinkReader for PostgresSink {
     async fn scan(
         &self,
         namespace: &str,
@@ -406,6 +363,53 @@ impl Sink for PostgresSink {
         );
         let row = client.query_opt(&sql, &[&key]).await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// A column table's documents are cast into the mapped columns with the write path's
+    /// casts and rebuilt as `scan` reports stored rows; `None` for a document that does not
+    /// cast (apply would have dead-lettered it).
+    async fn project(
+        &self,
+        namespace: &str,
+        docs: &[serde_json::Value],
+    ) -> Result<Vec<Option<serde_json::Value>>, Error> {
+        let layout = self.layout(namespace);
+        if matches!(layout, Layout::Document) {
+            return Ok(docs.iter().cloned().map(Some).collect());
+        }
+        let client = self.client().await?;
+        let (_, values) = layout.value_columns("u.doc", 2);
+        // Rebuilt with the same casts as the write path and rendered like `scan` does.
+        let rebuilt = match &layout {
+            Layout::Columns(t) => t
+                .columns
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| format!("{}, to_jsonb({v})", quote_literal(c.field_name())))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Layout::Document => unreachable!(),
+        };
+        let sql = format!(
+            "SELECT jsonb_build_object({rebuilt}) FROM unnest($1::jsonb[]) WITH ORDINALITY AS u(doc, n) ORDER BY n"
+        );
+        let paths = layout.paths();
+        match query_projection(&client, &sql, &paths, docs).await {
+            Ok(all) => Ok(all.into_iter().map(Some).collect()),
+            // Some document does not cast: project one by one to find which.
+            Err(e) if classify(&e) == Disposition::DeadLetter => {
+                let mut out = Vec::with_capacity(docs.len());
+                for doc in docs {
+                    match query_projection(&client, &sql, &paths, std::slice::from_ref(doc)).await {
+                        Ok(mut one) => out.push(one.pop()),
+                        Err(e) if classify(&e) == Disposition::DeadLetter => out.push(None),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

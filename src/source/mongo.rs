@@ -1,4 +1,5 @@
 //! The MongoDB change-stream source.
+//! (Over 600 lines: MongoSource's stream, lease and snapshot phases share its private state.)
 //!
 //! Where the position lives, and why: one document per pipeline in `source.offsets_collection`
 //! of the watched database (`{_id: <pipeline>, owner, expires_at, token | start_at}`). It
@@ -94,7 +95,7 @@ async fn read_stream(
                 .map(|t| mongodb::bson::to_document(&t))
             {
                 Some(Ok(token)) => Ok(StreamItem::Idle(token)),
-                Some(Err(e)) => Err(Error::Setup(format!("resume token: {e}"))),
+                Some(Err(e)) => Err(Error::Internal(format!("resume token: {e}"))),
                 None => continue,
             },
             Err(e) => Err(history_lost_or(e)),
@@ -277,8 +278,9 @@ impl MongoSource {
     ) -> Result<StreamReader, Error> {
         let token = match resume_after {
             Some(t) => Some(
-                mongodb::bson::from_bson::<ResumeToken>(Bson::Document(t))
-                    .map_err(|e| Error::Setup(format!("saved resume token is unreadable: {e}")))?,
+                mongodb::bson::from_bson::<ResumeToken>(Bson::Document(t)).map_err(|e| {
+                    Error::Internal(format!("saved resume token is unreadable: {e}"))
+                })?,
             ),
             None => None,
         };
@@ -479,7 +481,7 @@ impl MongoSource {
         loop {
             let raw = match next {
                 None => {
-                    return Err(Error::Setup("the change stream reader stopped".into()));
+                    return Err(Error::Internal("the change stream reader stopped".into()));
                 }
                 Some(Err(e)) if batch.is_empty() => return Err(e),
                 // Publish what came before; then the error reopens from the saved token.
@@ -493,7 +495,7 @@ impl MongoSource {
                 }
                 Some(Ok(StreamItem::Change(raw))) => raw,
             };
-            match parse_event(&raw).map_err(Error::Setup)? {
+            match parse_event(&raw).map_err(Error::Internal)? {
                 Ok(mut change) => {
                     change.txn_index = resume_token::place(
                         change.token.as_ref(),
@@ -602,7 +604,7 @@ pub async fn cluster_time(db: &Database) -> Result<Timestamp, Error> {
                 .and_then(|c| c.get_timestamp("clusterTime"))
         })
         .map_err(|_| {
-            Error::Setup(
+            Error::Misconfigured(
                 "the MongoDB server reports no cluster time: change streams need a replica set (a single-node one will do)".into(),
             )
         })

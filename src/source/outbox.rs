@@ -307,7 +307,7 @@ impl OutboxSource {
             .await?
             .get(0);
         if !exists {
-            return Err(Error::Setup(
+            return Err(Error::Schema(
                 "table dualsync.outbox does not exist in the source database: run `dualsync outbox migrate --config <file>` (or apply connectors/outbox.sql)".into(),
             ));
         }

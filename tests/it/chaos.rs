@@ -23,7 +23,7 @@ use dualsync::config::{Config, SinkConfig};
 use dualsync::reconcile;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::private_kafka::KafkaCluster;
@@ -50,7 +50,11 @@ const FAULT_KINDS: [&str; 10] = [
     "controller kill",
 ];
 
-async fn mismatches<S: Sink>(source: &tokio_postgres::Client, sink: &S, config: &Config) -> usize {
+async fn mismatches<S: SinkReader>(
+    source: &tokio_postgres::Client,
+    sink: &S,
+    config: &Config,
+) -> usize {
     let mut n = 0;
     for (aggregate, rc) in &config.reconcile {
         match reconcile::verify(source, sink, aggregate, rc, &|_| {}).await {

@@ -3,11 +3,7 @@
 //! `verify` compares each through the sink's projection (clean after convergence, a changed
 //! column found).
 
-use tokio_util::sync::CancellationToken;
-
-use dualsync::config::SinkConfig;
 use dualsync::reconcile::MismatchKind;
-use dualsync::sink::postgres::PostgresSink;
 
 use crate::common::*;
 
@@ -28,29 +24,15 @@ table = "shop.orders"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn column_mapped_tables_fill_from_the_pipeline_and_verify_through_the_projection() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), MAPPING);
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
-    let SinkConfig::Postgres(pg) = &config.sinks["postgres"] else {
-        unreachable!()
-    };
-    let sink = PostgresSink::connect(pg).await.unwrap();
+    let run = shop_pipeline(MAPPING).await;
+    let (config, source, sink) = (&run.config, &run.source, &run.sink);
 
-    dualsync::demo::generate(&source_url, 5, 30, 200, 2, 7)
+    dualsync::demo::generate(&run.source_url, 5, 30, 200, 2, 7)
         .await
         .unwrap();
-    eventually("verify finds both tables in step", || async {
-        verify_all(&source, &sink, &config).await.is_empty()
-    })
-    .await;
+    run.converged().await;
 
-    let replica = dualsync::pg::connect(&sink_url).await.unwrap();
+    let replica = run.replica().await;
     let copied = replica
         .query_one(
             "SELECT count(*) FILTER (WHERE NOT deleted),
@@ -93,10 +75,8 @@ async fn column_mapped_tables_fill_from_the_pipeline_and_verify_through_the_proj
         .unwrap()
         .get(0);
     assert_eq!(
-        verify_all(&source, &sink, &config).await,
+        verify_all(source, sink, config).await,
         [(("customers".to_string(), tampered), MismatchKind::Different)].into()
     );
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-    apply.await.unwrap().unwrap();
+    run.stop().await;
 }

@@ -105,7 +105,23 @@ kind = "postgres_outbox"
 url = "{source_url}"
 batch_size = 200
 poll_interval_ms = 200
-[kafka]
+{rest}
+{extra}
+"#,
+        rest = pipeline_sections(servers, &prefix, sink_pg_url, mongo_db),
+    )
+}
+
+/// Every section of a test pipeline after `[source]`: topics named after `prefix`, quick
+/// apply retries, HTTP on free ports, a PostgreSQL sink `postgres` and a MongoDB sink `mongo`.
+pub fn pipeline_sections(
+    servers: &Servers,
+    prefix: &str,
+    sink_pg_url: &str,
+    mongo_db: &str,
+) -> String {
+    format!(
+        r#"[kafka]
 brokers = "{kafka}"
 topic_template = "{prefix}.{{aggregatetype}}"
 partitions = 3
@@ -128,13 +144,55 @@ schema = "replica"
 [sinks.mongo]
 kind = "mongodb"
 url = "{mongo}"
-database = "{mongo_db}"
-{extra}
-"#,
+database = "{mongo_db}""#,
         kafka = servers.kafka,
         schemas = schemas_dir(),
         mongo = servers.mongo,
     )
+}
+
+/// A pipeline whose PostgreSQL is never reached (tests of Kafka, apply or the MongoDB sink
+/// alone), its MongoDB sink's database `mongo_db`.
+pub fn pipeline_without_postgres(servers: &Servers, mongo_db: &str) -> Config {
+    pipeline(
+        servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        mongo_db,
+        "",
+    )
+}
+
+/// The `postgres` sink of a test pipeline, connected.
+pub async fn postgres_sink(config: &Config) -> PostgresSink {
+    let SinkConfig::Postgres(pg) = &config.sinks["postgres"] else {
+        unreachable!("test pipelines have a PostgreSQL sink named postgres")
+    };
+    PostgresSink::connect(pg).await.unwrap()
+}
+
+/// A PostgreSQL sink with document tables in schema `replica` of a fresh database.
+pub async fn fresh_postgres_sink(servers: &Servers) -> PostgresSink {
+    let url = create_database(servers).await;
+    PostgresSink::connect(&dualsync::config::PostgresSinkConfig {
+        url: dualsync::config::Secret::new(url),
+        schema: "replica".into(),
+        tombstone_retention_secs: 60,
+        tables: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// A MongoDB sink on a fresh database.
+pub async fn fresh_mongo_sink(servers: &Servers) -> MongoSink {
+    MongoSink::connect(&dualsync::config::MongoSinkConfig {
+        url: dualsync::config::Secret::new(servers.mongo.clone()),
+        database: unique("t"),
+        tombstone_retention_secs: 60,
+    })
+    .await
+    .unwrap()
 }
 
 pub fn schemas() -> Arc<SchemaStore> {
@@ -208,6 +266,98 @@ pub fn spawn_apply_controlled(
         }
     });
     (handle, metrics)
+}
+
+/// A pipeline's relay and the applies of some of its sinks, running in this process until
+/// [`RunningPipeline::stop`], which expects each of them to end cleanly.
+pub struct RunningPipeline {
+    pub cancel: CancellationToken,
+    /// The relay's metrics (`relay_leader` tells when it leads).
+    pub relay: Arc<Metrics>,
+    tasks: Vec<JoinHandle<Result<(), Error>>>,
+}
+
+/// Starts the relay of `config`, then an apply for each of `sinks`, in that order.
+pub fn run_pipeline(config: &Config, sinks: &[&str]) -> RunningPipeline {
+    let cancel = CancellationToken::new();
+    let (relay, metrics) = spawn_relay(config, &cancel);
+    let mut tasks = vec![relay];
+    for sink in sinks {
+        tasks.push(spawn_apply(config, sink, &cancel).0);
+    }
+    RunningPipeline {
+        cancel,
+        relay: metrics,
+        tasks,
+    }
+}
+
+impl RunningPipeline {
+    /// Cancels every task and waits for each to end without an error.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A PostgreSQL-outbox pipeline on two fresh databases, the sample shop in the source, with
+/// `extra` added to its configuration, and its relay and PostgreSQL apply running.
+pub struct ShopPipeline {
+    pub config: Config,
+    /// The same pipeline as a file, for running the binary on it.
+    pub config_file: std::path::PathBuf,
+    pub source_url: String,
+    pub source: tokio_postgres::Client,
+    pub sink: PostgresSink,
+    running: RunningPipeline,
+}
+
+pub async fn shop_pipeline(extra: &str) -> ShopPipeline {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), extra);
+    let config = Config::from_toml(Path::new("test.toml"), &text, Vec::new()).unwrap();
+    let config_file = std::env::temp_dir().join(format!("{}.toml", unique("pipeline")));
+    std::fs::write(&config_file, &text).unwrap();
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let running = run_pipeline(&config, &["postgres"]);
+    let sink = postgres_sink(&config).await;
+    ShopPipeline {
+        config,
+        config_file,
+        source_url,
+        source,
+        sink,
+        running,
+    }
+}
+
+impl ShopPipeline {
+    /// Waits until `verify` finds the sink in step with the primary.
+    pub async fn converged(&self) {
+        eventually("the sink converges", || async {
+            verify_all(&self.source, &self.sink, &self.config)
+                .await
+                .is_empty()
+        })
+        .await;
+    }
+
+    /// A connection to the sink's database, to change it behind the pipeline's back.
+    pub async fn replica(&self) -> tokio_postgres::Client {
+        let SinkConfig::Postgres(pg) = &self.config.sinks["postgres"] else {
+            unreachable!()
+        };
+        dualsync::pg::connect(pg.url.expose()).await.unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
 }
 
 /// Polls `probe` every 100 ms until it is true; panics with `what` after [`DEADLINE`].

@@ -13,7 +13,7 @@ use dualsync::codec::OutboxEvent;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::dlq::headers as dlq;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 
@@ -179,16 +179,16 @@ async fn bad_outbox_rows_go_to_the_relay_dead_letter_topic() {
 }
 
 /// `dualsync dlq replay --force` of every letter in `dlq_topic`, with the local schemas.
-async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::dlq::replay::Outcome> {
+async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::ops::replay::Outcome> {
     let letters = {
         let (config, dlq_topic) = (config.clone(), dlq_topic.to_string());
-        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::read_topic(&config, &dlq_topic))
+        tokio::task::spawn_blocking(move || dualsync::ops::inspect::read_topic(&config, &dlq_topic))
             .await
             .unwrap()
             .unwrap()
     };
     let codec = dualsync::codec::EventCodec::new(schemas(), None);
-    dualsync::dlq::replay::replay(config, &codec, dlq_topic, letters, false, true)
+    dualsync::ops::replay::replay(config, &codec, dlq_topic, letters, false, true)
         .await
         .unwrap()
 }
@@ -199,13 +199,7 @@ async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::dlq::re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &unique("t"),
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, &unique("t"));
     let topic = config.kafka.topic_for("customers");
     let schemas = schemas();
     let mut big = event("big", 1);
@@ -274,7 +268,7 @@ async fn an_oversize_document_is_dead_lettered_without_stalling_the_partition() 
     let outcomes = force_replay(&config, &dlq_topic).await;
     assert!(!outcomes[0].sent);
     match &outcomes[0].decision {
-        dualsync::dlq::replay::Decision::StillFails { error } => {
+        dualsync::ops::replay::Decision::StillFails { error } => {
             assert!(error.contains(&format!("{topic}[0]@0")), "{error}")
         }
         other => panic!("{other:?}"),

@@ -365,10 +365,10 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
         &[&missing, "does not exist"],
     );
     assert_eq!(sink_keys(&sink).await, ["c0".to_string()].into());
-    let log = dualsync::dlq::replay::replay_log_topic(&dlq);
+    let log = dualsync::ops::replay::replay_log_topic(&dlq);
     let log_exists = {
         let (config, log) = (config.clone(), log.clone());
-        tokio::task::spawn_blocking(move || dualsync::dlq::inspect::topic_exists(&config, &log))
+        tokio::task::spawn_blocking(move || dualsync::ops::inspect::topic_exists(&config, &log))
             .await
             .unwrap()
             .unwrap()

@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 use dualsync::codec::{EventCodec, SchemaStore};
 use dualsync::config::SinkConfig;
 use dualsync::dlq::headers;
-use dualsync::dlq::inspect::{self, Filter};
-use dualsync::dlq::replay::{self, Decision};
 use dualsync::metrics::total_where;
+use dualsync::ops::inspect::{self, Filter};
+use dualsync::ops::replay::{self, Decision};
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 

@@ -10,13 +10,13 @@ use tokio_util::sync::CancellationToken;
 use dualsync::config::SinkConfig;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 
 type State = BTreeMap<(String, String), Option<(i64, Option<serde_json::Value>)>>;
 
-async fn sink_state<S: Sink>(sink: &S, keys: &[(String, String)]) -> State {
+async fn sink_state<S: SinkReader>(sink: &S, keys: &[(String, String)]) -> State {
     let mut out = BTreeMap::new();
     for (t, id) in keys {
         out.insert((t.clone(), id.clone()), sink.get(t, id).await.unwrap());

@@ -15,7 +15,7 @@ use dualsync::codec::EventCodec;
 use dualsync::config::SinkConfig;
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::fingerprints::interop_tool;

@@ -38,13 +38,7 @@ fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
 #[tokio::test]
 async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        "x",
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, "x");
     assert_eq!(config.kafka.replication_factor, None, "unset by default");
     let topic = config.kafka.topic_for("customers");
     Publisher::new(&config.kafka)
@@ -59,13 +53,7 @@ async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
 #[tokio::test]
 async fn topic_creation_the_cluster_refuses_is_fatal_and_names_topic_setting_and_reason() {
     let servers = servers();
-    let mut config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        "x",
-        "",
-    );
+    let mut config = pipeline_without_postgres(&servers, "x");
     // More replicas than the local cluster has brokers.
     config.kafka.replication_factor = Some(7);
     let topic = config.kafka.topic_for("customers");
@@ -98,17 +86,7 @@ fn producer_guarantees_cannot_be_overridden_and_are_what_the_producer_runs_with(
         ("max.in.flight.requests.per.connection", "20"),
         ("message.timeout.ms", "30000"),
     ] {
-        let text = pipeline_toml(
-            &Servers {
-                pg: String::new(),
-                kafka: "127.0.0.1:1".into(),
-                mongo: "mongodb://127.0.0.1:1".into(),
-            },
-            "postgres://h/db",
-            "postgres://h/db",
-            "x",
-            &format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n"),
-        );
+        let text = offline_toml(&format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n"));
         let err = Config::from_toml(std::path::Path::new("p.toml"), &text, Vec::new())
             .err()
             .unwrap_or_else(|| panic!("{key} = {value} was accepted"));
@@ -118,17 +96,7 @@ fn producer_guarantees_cannot_be_overridden_and_are_what_the_producer_runs_with(
             "{err}"
         );
     }
-    let text = pipeline_toml(
-        &Servers {
-            pg: String::new(),
-            kafka: "127.0.0.1:1".into(),
-            mongo: "mongodb://127.0.0.1:1".into(),
-        },
-        "postgres://h/db",
-        "postgres://h/db",
-        "x",
-        "[kafka.properties]\n\"linger.ms\" = \"7\"\n",
-    );
+    let text = offline_toml("[kafka.properties]\n\"linger.ms\" = \"7\"\n");
     let config = Config::from_toml(std::path::Path::new("p.toml"), &text, Vec::new()).unwrap();
     let publisher = Publisher::new(&config.kafka).unwrap();
     let effective = publisher.producer_config();
@@ -224,23 +192,11 @@ async fn a_dynamic_member_killed_with_sigkill_hands_its_partitions_to_the_surviv
         group_members(&servers.kafka, &group).len() == 1
     })
     .await;
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("the survivor applied everything", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })
     .await;
-}
-
-struct SinkConfigPg(dualsync::config::PostgresSinkConfig);
-
-fn sink_config(config: &Config) -> SinkConfigPg {
-    match &config.sinks["postgres"] {
-        dualsync::config::SinkConfig::Postgres(p) => SinkConfigPg(p.clone()),
-        _ => unreachable!(),
-    }
 }
 
 /// A batch is held in flight (the sink's table is locked by another session) when a second
@@ -262,10 +218,7 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
     dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
         .await
         .unwrap();
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("the first member applies the first events", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })
@@ -412,10 +365,7 @@ async fn the_pipeline_runs_through_sasl_ssl_with_the_password_from_the_environme
     dualsync::demo::generate(&source_url, 5, 20, 100, 1, 9)
         .await
         .unwrap();
-    let SinkConfigPg(pg) = sink_config(&config);
-    let sink = dualsync::sink::postgres::PostgresSink::connect(&pg)
-        .await
-        .unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("events flow through the SASL_SSL listener", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })
@@ -460,4 +410,14 @@ async fn the_pipeline_runs_through_sasl_ssl_with_the_password_from_the_environme
         );
     }
     assert!(!status.contains(&sasl.password), "password in /status");
+}
+
+/// A pipeline's TOML whose servers are all unreachable, for checks that never connect.
+fn offline_toml(extra: &str) -> String {
+    let servers = Servers {
+        pg: String::new(),
+        kafka: "127.0.0.1:1".into(),
+        mongo: "mongodb://127.0.0.1:1".into(),
+    };
+    pipeline_toml(&servers, "postgres://h/db", "postgres://h/db", "x", extra)
 }

@@ -23,7 +23,7 @@ use dualsync::error::{classify, Disposition, Error};
 use dualsync::http::Control;
 use dualsync::metrics::{total, Metrics};
 use dualsync::sink::mongo::{CommandInterceptor, MongoSink};
-use dualsync::sink::{Sink, SinkRecord};
+use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 use crate::mongo_source::{converged, leads, mongo_pipeline, GENERIC};
@@ -118,11 +118,8 @@ fn fail_first(times: usize, reply: fn(&Document) -> Document) -> CommandIntercep
 async fn changes_within_one_transaction_reach_both_sinks_in_transaction_order() {
     let servers = servers();
     let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
-    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&p.config, &["postgres", "mongo"]);
+    leads(&run.relay).await;
     let carts = p.source_db.collection::<Document>(GENERIC);
     for id in ["reinserted", "replaced", "updated_then_deleted"] {
         carts
@@ -195,10 +192,7 @@ async fn changes_within_one_transaction_reach_both_sinks_in_transaction_order() 
     carts.insert_one(doc! {"_id": "after"}).await.unwrap();
 
     converged(&p, &[GENERIC], &[]).await;
-    cancel.cancel();
-    for h in [relay, apply_pg, apply_mongo] {
-        h.await.unwrap().unwrap();
-    }
+    run.stop().await;
 }
 
 /// Item 2: a per-document NotWritablePrimary (injected: SecantusDB is always primary) is
@@ -285,13 +279,7 @@ async fn transient_per_document_mongo_errors_are_retried_and_permanent_ones_dead
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_first_inserts_keep_the_newest_version() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &unique("t"),
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, &unique("t"));
     let mongo = mongo_sink_config(&config);
     let record = |key: &str, version: i64| SinkRecord {
         namespace: "customers".into(),
@@ -356,13 +344,7 @@ async fn concurrent_first_inserts_keep_the_newest_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_mongo_sink_writes_with_the_connection_strings_write_concern() {
     let servers = servers();
-    let config = pipeline(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &unique("t"),
-        "",
-    );
+    let config = pipeline_without_postgres(&servers, &unique("t"));
     let mut mongo = mongo_sink_config(&config);
     let record = SinkRecord {
         namespace: "customers".into(),
@@ -524,9 +506,8 @@ async fn a_relay_resuming_inside_a_transaction_publishes_the_rest_with_the_same_
     let carts = p.source_db.collection::<Document>(GENERIC);
     carts.insert_one(doc! {"_id": "before"}).await.unwrap();
     let mut stream = carts.watch().await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&p.config, &[]);
+    leads(&run.relay).await;
     let client = p.source_db.client();
     let mut session = client.start_session().await.unwrap();
     session.start_transaction().await.unwrap();
@@ -569,8 +550,7 @@ async fn a_relay_resuming_inside_a_transaction_publishes_the_rest_with_the_same_
         })
         .collect();
     assert_eq!(versions.len(), 6, "six changes, six versions");
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 
     // The position moved back to the transaction's third change, as a crash there leaves it.
     let third = &events[2];
@@ -584,9 +564,8 @@ async fn a_relay_resuming_inside_a_transaction_publishes_the_rest_with_the_same_
         )
         .await
         .unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&p.config, &[]);
+    leads(&run.relay).await;
     let all = read_topic(&servers.kafka, &topic, 6 + 3).await;
     assert_eq!(all.len(), 9, "the last three changes published again");
     for m in &all {
@@ -597,6 +576,5 @@ async fn a_relay_resuming_inside_a_transaction_publishes_the_rest_with_the_same_
             "event {id} published again with another version"
         );
     }
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }

@@ -19,7 +19,7 @@ use dualsync::error::Error;
 use dualsync::publish::headers;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 use dualsync::source::mongo_change::{canonical_key, simplified_json};
 
 use crate::common::*;
@@ -69,35 +69,9 @@ batch_size = 200
 max_await_ms = 200
 lease_secs = 3
 {source_extra}
-[kafka]
-brokers = "{kafka}"
-topic_template = "{prefix}.{{aggregatetype}}"
-partitions = 3
-[encoding]
-schemas_dir = "{schemas}"
-[relay]
-dead_letter_topic = "{prefix}.relay.dlq"
-[http]
-relay_port = 0
-apply_port = 0
-[apply]
-batch_size = 100
-linger_ms = 5
-retry_initial_ms = 50
-retry_max_ms = 1000
-[sinks.postgres]
-kind = "postgres"
-url = "{sink_pg}"
-schema = "replica"
-[sinks.mongo]
-kind = "mongodb"
-url = "{mongo}"
-database = "{mongo_db}"
+{rest}
 "#,
-        kafka = servers.kafka,
-        schemas = schemas_dir(),
-        mongo = servers.mongo,
-        mongo_db = unique("replica"),
+        rest = pipeline_sections(servers, &prefix, &sink_pg, &unique("replica")),
     );
     let config = Config::from_toml(Path::new("mongo-test.toml"), &toml, Vec::new())
         .expect("test config is valid");
@@ -139,7 +113,10 @@ pub(crate) async fn source_state(
 }
 
 /// The live documents a sink holds for `collection`.
-pub(crate) async fn sink_state<S: Sink>(sink: &S, collection: &str) -> BTreeMap<String, Json> {
+pub(crate) async fn sink_state<S: SinkReader>(
+    sink: &S,
+    collection: &str,
+) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -256,12 +233,9 @@ async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
         None,
     )
     .await;
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
-    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    let run = run_pipeline(&p.config, &["postgres", "mongo"]);
     // Without a saved position (and no snapshot asked for) the relay streams from "now".
-    leads(&metrics).await;
+    leads(&run.relay).await;
     // An excluded collection: written first, so if it were published it would be by the time
     // everything after it is.
     p.source_db
@@ -395,10 +369,7 @@ async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
         "an excluded collection was published"
     );
 
-    cancel.cancel();
-    for h in [relay, apply_pg, apply_mongo] {
-        h.await.unwrap().unwrap();
-    }
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -488,9 +459,8 @@ async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
     for i in 0..5 {
         carts.insert_one(doc! {"_id": i, "v": 0}).await.unwrap();
     }
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&fail.config, &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&fail.config, &[]);
+    leads(&run.relay).await;
     // The relay starts from "now": publish one change so a token is saved, then stop it.
     carts
         .update_one(doc! {"_id": 0}, doc! {"$set": {"v": 1}})
@@ -506,8 +476,7 @@ async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
             .is_some()
     })
     .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 
     // While it is away: 100 changes (inserts and updates), more than the oplog keeps.
     for i in 5..55 {
@@ -553,10 +522,7 @@ async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
         Some(&db_name),
     )
     .await;
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&heal.config, &cancel);
-    let (apply_pg, _) = spawn_apply(&heal.config, "postgres", &cancel);
-    let (apply_mongo, _) = spawn_apply(&heal.config, "mongo", &cancel);
+    let run = run_pipeline(&heal.config, &["postgres", "mongo"]);
     read_topic(&servers.kafka, &heal.topic(GENERIC), 55).await;
     carts.delete_one(doc! {"_id": 1}).await.unwrap();
     carts
@@ -564,10 +530,7 @@ async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
         .await
         .unwrap();
     converged(&heal, &[GENERIC], &[]).await;
-    cancel.cancel();
-    for h in [relay, apply_pg, apply_mongo] {
-        h.await.unwrap().unwrap();
-    }
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -591,7 +554,6 @@ async fn snapshot_under_concurrent_writes_converges() {
             .await
             .unwrap();
     }
-    let cancel = CancellationToken::new();
     // Writers change documents before, during and after the snapshot reads them.
     let writer = tokio::spawn({
         let (carts, customers) = (carts.clone(), customers.clone());
@@ -625,9 +587,7 @@ async fn snapshot_under_concurrent_writes_converges() {
             }
         }
     });
-    let (relay, _) = spawn_relay(&p.config, &cancel);
-    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
-    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
+    let run = run_pipeline(&p.config, &["postgres", "mongo"]);
     writer.await.unwrap();
     converged(&p, &[GENERIC, TYPED], &[]).await;
     let snapshot = read_topic(&servers.kafka, &p.topic(GENERIC), 1500).await;
@@ -639,10 +599,7 @@ async fn snapshot_under_concurrent_writes_converges() {
             >= 1200,
         "the snapshot published the collection"
     );
-    cancel.cancel();
-    for h in [relay, apply_pg, apply_mongo] {
-        h.await.unwrap().unwrap();
-    }
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -652,10 +609,8 @@ async fn source_server_away_or_stepped_down_is_waited_for_and_nothing_is_lost() 
     let url = source.url();
     let p = mongo_pipeline(&servers, &url, "", None, None).await;
     let carts = p.source_db.collection::<Document>(GENERIC);
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&p.config, &["mongo"]);
+    leads(&run.relay).await;
     for i in 0..100 {
         carts.insert_one(doc! {"_id": i, "v": 1}).await.unwrap();
     }
@@ -707,9 +662,7 @@ async fn source_server_away_or_stepped_down_is_waited_for_and_nothing_is_lost() 
         state.len() == 100 && state.values().all(|d| d["v"] == 3)
     })
     .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-    apply_mongo.await.unwrap().unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -783,11 +736,8 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
         None,
     )
     .await;
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&p.config, &cancel);
-    let (apply_mongo, _) = spawn_apply(&p.config, "mongo", &cancel);
-    let (apply_pg, _) = spawn_apply(&p.config, "postgres", &cancel);
-    leads(&metrics).await;
+    let run = run_pipeline(&p.config, &["mongo", "postgres"]);
+    leads(&run.relay).await;
     // Not in the include list: never published.
     p.source_db
         .collection::<Document>("audit")
@@ -819,10 +769,7 @@ async fn registry_subjects_are_registered_per_collection_as_they_appear() {
         );
     }
     assert!(!topic_exists(&servers.kafka, &p.topic("audit")).await);
-    cancel.cancel();
-    for h in [relay, apply_pg, apply_mongo] {
-        h.await.unwrap().unwrap();
-    }
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

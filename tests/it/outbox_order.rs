@@ -5,11 +5,42 @@
 use std::collections::HashMap;
 
 use rdkafka::Message;
-use tokio_util::sync::CancellationToken;
 
 use dualsync::publish::headers;
 
+use dualsync::config::{Config, OutboxSourceConfig, SourceConfig};
+
 use crate::common::*;
+
+/// A relay-only pipeline whose source is a fresh database holding the sample shop and the
+/// outbox (`setup` is connected to it), its outbox source tuned by `tune`.
+struct Outbox {
+    servers: Servers,
+    source_url: String,
+    config: Config,
+    /// The `customers` topic.
+    topic: String,
+    setup: tokio_postgres::Client,
+}
+
+async fn outbox(tune: impl FnOnce(&mut OutboxSourceConfig)) -> Outbox {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
+    if let Some(SourceConfig::PostgresOutbox(s)) = &mut config.source {
+        tune(s);
+    }
+    let topic = config.kafka.topic_for("customers");
+    let setup = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&setup).await.unwrap();
+    Outbox {
+        servers,
+        source_url,
+        config,
+        topic,
+        setup,
+    }
+}
 
 async fn insert(tx: &tokio_postgres::Transaction<'_>, id: &str, name: &str) {
     let payload = serde_json::json!({"id": id, "name": name, "email": "e", "order_count": 0});
@@ -23,14 +54,14 @@ async fn insert(tx: &tokio_postgres::Transaction<'_>, id: &str, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_commits_are_not_skipped_and_each_aggregate_keeps_commit_order() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
-    let topic = config.kafka.topic_for("customers");
-    let setup = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&setup).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
+    let Outbox {
+        servers,
+        source_url,
+        config,
+        topic,
+        setup,
+    } = outbox(|_| {}).await;
+    let run = run_pipeline(&config, &[]);
 
     // T1 writes aggregate "x" first and stays open.
     let mut c1 = dualsync::pg::connect(&source_url).await.unwrap();
@@ -96,18 +127,18 @@ async fn late_commits_are_not_skipped_and_each_aggregate_keeps_commit_order() {
     // The held-open row got a lower seq than rows published before it: no cursor would see it.
     let y_min = by_key["y0"][0].0;
     assert!(x[0].0 < y_min);
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_that_started_first_but_commits_last_is_published_last() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
-    let topic = config.kafka.topic_for("customers");
-    let setup = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&setup).await.unwrap();
+    let Outbox {
+        servers,
+        source_url,
+        config,
+        topic,
+        setup: _setup,
+    } = outbox(|_| {}).await;
 
     // A starts first and takes a transaction id by writing business data.
     let mut ca = dualsync::pg::connect(&source_url).await.unwrap();
@@ -137,8 +168,7 @@ async fn a_transaction_that_started_first_but_commits_last_is_published_last() {
     insert(&a, "z", "A").await;
     a.commit().await.unwrap();
 
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
+    let run = run_pipeline(&config, &[]);
     let all = read_topic(&servers.kafka, &topic, 2).await;
     let names: Vec<String> = all
         .iter()
@@ -154,8 +184,7 @@ async fn a_transaction_that_started_first_but_commits_last_is_published_last() {
         })
         .collect();
     assert_eq!(names, ["B", "A"], "commit order, not transaction-id order");
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }
 
 /// The pipelined relay under contention: small batches (7 rows, up to 8 in flight), writers
@@ -168,19 +197,19 @@ async fn a_transaction_that_started_first_but_commits_last_is_published_last() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_batches_publish_every_row_once_and_each_key_in_commit_order() {
     use rand::{Rng, SeedableRng};
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let mut config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
-    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+    let Outbox {
+        servers,
+        source_url,
+        config,
+        topic,
+        setup,
+    } = outbox(|s| {
         s.batch_size = 7;
         s.max_batches_in_flight = 8;
         s.linger_ms = 0;
-    }
-    let topic = config.kafka.topic_for("customers");
-    let setup = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&setup).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, stats) = spawn_relay(&config, &cancel);
+    })
+    .await;
+    let run = run_pipeline(&config, &[]);
 
     let mut writers = Vec::new();
     for w in 0..6u64 {
@@ -235,7 +264,8 @@ async fn pipelined_batches_publish_every_row_once_and_each_key_in_commit_order()
             "{key}: versions out of commit order on its partition: {versions:?}"
         );
     }
-    let batches = stats
+    let batches = run
+        .relay
         .batch_size
         .with_label_values(&[dualsync::metrics::stage::RELAY])
         .get_sample_count();
@@ -243,39 +273,37 @@ async fn pipelined_batches_publish_every_row_once_and_each_key_in_commit_order()
         batches >= 360 / 7,
         "the rows went out in small batches: {batches}"
     );
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }
 
 /// `retention_secs = 0`: a row is deleted once Kafka acknowledged it, instead of kept marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_retention_published_rows_are_deleted() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let mut config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
-    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+    let Outbox {
+        servers,
+        source_url,
+        config,
+        topic,
+        setup,
+    } = outbox(|s| {
         s.retention_secs = 0;
         s.batch_size = 10;
-    }
-    let topic = config.kafka.topic_for("customers");
-    let setup = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&setup).await.unwrap();
+    })
+    .await;
     let mut client = dualsync::pg::connect(&source_url).await.unwrap();
     for i in 0..45 {
         let tx = client.transaction().await.unwrap();
         insert(&tx, &format!("c{}", i % 9), &format!("n{i}")).await;
         tx.commit().await.unwrap();
     }
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
+    let run = run_pipeline(&config, &[]);
     let all = read_topic(&servers.kafka, &topic, 45).await;
     assert_eq!(all.len(), 45);
     eventually("every published row is deleted", || async {
         dualsync::demo::outbox_counts(&setup).await.unwrap().0 == 0
     })
     .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }
 
 /// A backlog that grew after the last ANALYZE (the relay was down) must still be read along
@@ -355,21 +383,21 @@ async fn read_plan(client: &tokio_postgres::Client) -> String {
 /// stop; rows not yet published are never purged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn published_rows_are_purged_as_fast_as_they_are_published() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let mut config = pipeline(&servers, &source_url, &source_url, &unique("t"), "");
-    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+    let Outbox {
+        source_url,
+        config,
+        setup,
+        ..
+    } = outbox(|s| {
         s.retention_secs = 1;
-    }
-    let setup = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&setup).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, metrics) = spawn_relay(&config, &cancel);
+    })
+    .await;
+    let run = run_pipeline(&config, &[]);
     let written = dualsync::demo::generate(&source_url, 200, 2000, 15_000, 4, 11)
         .await
         .unwrap();
     assert!(written > 0);
-    let published = || dualsync::metrics::total(&metrics.published);
+    let published = || dualsync::metrics::total(&run.relay.published);
     eventually("every event is published", || async {
         dualsync::demo::outbox_counts(&setup).await.unwrap().1 == 0
     })
@@ -380,6 +408,5 @@ async fn published_rows_are_purged_as_fast_as_they_are_published() {
         || async { dualsync::demo::outbox_counts(&setup).await.unwrap().0 == 0 },
     )
     .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
+    run.stop().await;
 }

@@ -9,7 +9,7 @@ use rdkafka::message::OwnedHeaders;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::config::Config;
-use dualsync::dlq::inspect;
+use dualsync::ops::inspect;
 use dualsync::publish::{Outgoing, Publisher};
 
 use crate::common::*;

@@ -4,11 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tokio_util::sync::CancellationToken;
-
-use dualsync::config::{Config, SinkConfig};
 use dualsync::reconcile::{self, MismatchKind, REPAIR_EVENT_TYPE};
-use dualsync::sink::postgres::PostgresSink;
 
 use crate::common::*;
 
@@ -20,52 +16,10 @@ table = "shop.orders"
 "#;
 
 /// A pipeline with reconcile sections, relay and PostgreSQL apply running.
-struct Running {
-    config: Config,
-    /// The same pipeline as a file, for running the binary on it.
-    config_file: std::path::PathBuf,
-    source_url: String,
-    source: tokio_postgres::Client,
-    sink: PostgresSink,
-    cancel: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), dualsync::error::Error>>>,
-}
+type Running = ShopPipeline;
 
 async fn start() -> Running {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
-    let config = Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap();
-    let config_file = std::env::temp_dir().join(format!("{}.toml", unique("reconcile")));
-    std::fs::write(&config_file, &text).unwrap();
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
-    let SinkConfig::Postgres(pg) = &config.sinks["postgres"] else {
-        unreachable!()
-    };
-    let sink = PostgresSink::connect(pg).await.unwrap();
-    Running {
-        config,
-        config_file,
-        source_url,
-        source,
-        sink,
-        cancel,
-        tasks: vec![relay, apply],
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.cancel.cancel();
-        for t in self.tasks {
-            t.await.unwrap().unwrap();
-        }
-    }
+    shop_pipeline(RECONCILE).await
 }
 
 /// `dualsync verify --json` on the running pipeline's file: (exit status, report).
@@ -95,18 +49,10 @@ async fn verify_classifies_drift_and_repair_converges_through_the_pipeline() {
     dualsync::demo::generate(&run.source_url, 5, 30, 200, 2, 11)
         .await
         .unwrap();
-    eventually("the sink converges", || async {
-        verify_all(&run.source, &run.sink, &run.config)
-            .await
-            .is_empty()
-    })
-    .await;
+    run.converged().await;
 
     // Drift the sink behind the pipeline's back.
-    let SinkConfig::Postgres(pg) = &run.config.sinks["postgres"] else {
-        unreachable!()
-    };
-    let replica = dualsync::pg::connect(pg.url.expose()).await.unwrap();
+    let replica = run.replica().await;
     let ends = run
         .source
         .query_one("SELECT min(id), max(id) FROM shop.orders", &[])
@@ -165,7 +111,7 @@ async fn verify_classifies_drift_and_repair_converges_through_the_pipeline() {
     })
     .await;
     assert!(verify_cli(&run).0.success());
-    let extra = dualsync::sink::Sink::get(&run.sink, "orders", "o-extra")
+    let extra = dualsync::sink::SinkReader::get(&run.sink, "orders", "o-extra")
         .await
         .unwrap();
     assert!(
@@ -235,16 +181,8 @@ async fn verify_repair_command_writes_one_event_per_mismatch_and_the_sink_conver
     dualsync::demo::generate(&run.source_url, 3, 5, 20, 2, 7)
         .await
         .unwrap();
-    eventually("the sink converges", || async {
-        verify_all(&run.source, &run.sink, &run.config)
-            .await
-            .is_empty()
-    })
-    .await;
-    let SinkConfig::Postgres(pg) = &run.config.sinks["postgres"] else {
-        unreachable!()
-    };
-    let replica = dualsync::pg::connect(pg.url.expose()).await.unwrap();
+    run.converged().await;
+    let replica = run.replica().await;
     replica
         .batch_execute(
             "DELETE FROM replica.customers WHERE id = 'c0';

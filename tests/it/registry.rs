@@ -21,13 +21,20 @@ use dualsync::dlq::headers as dlq;
 use dualsync::error::{classify, Disposition, Error};
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::real_registry::RealRegistry;
 
 pub fn registry_section(url: &str, extra: &str) -> String {
     format!("[schema_registry]\nurl = \"{url}\"\n{extra}\n")
+}
+
+/// A pipeline with the schema registry at `url`, whose source and PostgreSQL sink are one
+/// fresh database.
+pub async fn registry_pipeline(servers: &Servers, url: &str) -> Config {
+    let db = create_database(servers).await;
+    pipeline(servers, &db, &db, &unique("t"), &registry_section(url, ""))
 }
 
 /// The customers payload schema of `schemas/`, plus a `tier` field with a default: a
@@ -140,14 +147,7 @@ const UNKNOWN_ID: u32 = 2_000_000_000;
 async fn evolved_writers_decode_and_unknown_ids_are_dead_lettered() {
     let registry = RealRegistry::from_env();
     let servers = servers();
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(
-        &servers,
-        &sink_url,
-        &sink_url,
-        &unique("t"),
-        &registry_section(&registry.url, ""),
-    );
+    let config = registry_pipeline(&servers, &registry.url).await;
     let topic = config.kafka.topic_for("customers");
     let subject = format!("{topic}-value");
 
@@ -239,7 +239,7 @@ async fn auto_register_off_refuses_a_subject_without_the_schema_by_name() {
     );
     let e = publishing_codec(&config, schemas()).await.err().unwrap();
     let subject = format!("{}-value", config.kafka.topic_for("customers"));
-    assert!(matches!(e, Error::Setup(_)), "{e}");
+    assert!(matches!(e, Error::Schema(_)), "{e}");
     assert_eq!(classify(&e), Disposition::Fatal, "{e}");
     assert!(e.to_string().contains(&subject), "{e}");
     assert!(

@@ -8,28 +8,19 @@ use rdkafka::ClientConfig;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use dualsync::config::SinkConfig;
 use dualsync::error::{classify, Disposition};
 use dualsync::metrics::total;
-use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::fake_registry::FakeRegistry;
-use crate::registry::{customer, frame_id, publishing_codec, registry_section};
+use crate::registry::{customer, frame_id, publishing_codec, registry_pipeline, registry_section};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_registry_answering_503_is_waited_out_not_dead_lettered() {
     let registry = FakeRegistry::start(None).await;
     let servers = servers();
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(
-        &servers,
-        &sink_url,
-        &sink_url,
-        &unique("t"),
-        &registry_section(&registry.url, ""),
-    );
+    let config = registry_pipeline(&servers, &registry.url).await;
     let topic = config.kafka.topic_for("customers");
     let codec = publishing_codec(&config, schemas()).await.unwrap();
     let value = codec
@@ -55,10 +46,7 @@ async fn a_registry_answering_503_is_waited_out_not_dead_lettered() {
     registry.fail_next(3);
     let cancel = CancellationToken::new();
     let (apply, stats) = spawn_apply(&config, "postgres", &cancel);
-    let SinkConfig::Postgres(p) = &config.sinks["postgres"] else {
-        unreachable!()
-    };
-    let sink = PostgresSink::connect(p).await.unwrap();
+    let sink = postgres_sink(&config).await;
     eventually("c1 is applied", || async {
         matches!(
             sink.get("customers", "c1").await.unwrap(),

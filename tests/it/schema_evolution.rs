@@ -14,7 +14,7 @@ use dualsync::config::{Config, SinkConfig};
 use dualsync::error::{classify, Disposition, Error};
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::real_registry::RealRegistry;

@@ -14,7 +14,7 @@ use dualsync::codec::SchemaStore;
 use dualsync::config::SinkConfig;
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 

@@ -24,7 +24,7 @@ use dualsync::config::{Config, SinkConfig};
 use dualsync::metrics::{total, total_where, Circuit};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::{Sink, StoredRecord};
+use dualsync::sink::{SinkReader, StoredRecord};
 
 use crate::common::*;
 use crate::kafka::group_members;

@@ -2,11 +2,10 @@
 
 use serde_json::json;
 
-use dualsync::config::{ColumnTableConfig, MongoSinkConfig, PostgresSinkConfig, Secret};
+use dualsync::config::{ColumnTableConfig, PostgresSinkConfig, Secret};
 use dualsync::error::{classify, Disposition};
-use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::{Sink, SinkRecord};
+use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 
@@ -19,7 +18,7 @@ fn rec(key: &str, version: i64, doc: Option<serde_json::Value>) -> SinkRecord {
     }
 }
 
-async fn version_guard_suite<S: Sink>(sink: &S) {
+async fn version_guard_suite<S: Sink + SinkReader>(sink: &S) {
     // Newest first, then older ones: the newest stays.
     let o = sink
         .apply(&[rec("a", 30, Some(json!({"n": 30})))])
@@ -121,29 +120,13 @@ fn written(o: &dualsync::sink::ApplyOutcome) -> Vec<usize> {
 
 #[tokio::test]
 async fn postgres_sink_version_guard() {
-    let servers = servers();
-    let url = create_database(&servers).await;
-    let sink = PostgresSink::connect(&PostgresSinkConfig {
-        url: Secret::new(url),
-        schema: "replica".into(),
-        tombstone_retention_secs: 60,
-        tables: Default::default(),
-    })
-    .await
-    .unwrap();
+    let sink = fresh_postgres_sink(&servers()).await;
     version_guard_suite(&sink).await;
 }
 
 #[tokio::test]
 async fn mongo_sink_version_guard() {
-    let servers = servers();
-    let sink = MongoSink::connect(&MongoSinkConfig {
-        url: Secret::new(servers.mongo.clone()),
-        database: unique("t"),
-        tombstone_retention_secs: 60,
-    })
-    .await
-    .unwrap();
+    let sink = fresh_mongo_sink(&servers()).await;
     version_guard_suite(&sink).await;
 }
 
@@ -294,7 +277,7 @@ columns = [
 /// dead letter, a consumer group reset) must not bring the record back: the sink keeps the
 /// highest version it ever purged per aggregate type, and an event at or below it for a key
 /// it no longer holds is stale. Newer events, and events of keys it still holds, are applied.
-async fn purge_horizon_suite<S: Sink>(sink: &S) {
+async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
     sink.apply(&[
         rec("x", 5, Some(json!({"n": 5}))),
         rec("live", 3, Some(json!({"n": 3}))),
@@ -349,28 +332,12 @@ async fn purge_horizon_suite<S: Sink>(sink: &S) {
 
 #[tokio::test]
 async fn postgres_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
-    let servers = servers();
-    let url = create_database(&servers).await;
-    let sink = PostgresSink::connect(&PostgresSinkConfig {
-        url: Secret::new(url),
-        schema: "replica".into(),
-        tombstone_retention_secs: 60,
-        tables: Default::default(),
-    })
-    .await
-    .unwrap();
+    let sink = fresh_postgres_sink(&servers()).await;
     purge_horizon_suite(&sink).await;
 }
 
 #[tokio::test]
 async fn mongo_sink_never_resurrects_a_record_whose_tombstone_was_purged() {
-    let servers = servers();
-    let sink = MongoSink::connect(&MongoSinkConfig {
-        url: Secret::new(servers.mongo.clone()),
-        database: unique("t"),
-        tombstone_retention_secs: 60,
-    })
-    .await
-    .unwrap();
+    let sink = fresh_mongo_sink(&servers()).await;
     purge_horizon_suite(&sink).await;
 }

@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use crate::common::*;
 
@@ -14,7 +14,7 @@ fn with_apply(text: &str, setting: &str) -> Config {
     Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap()
 }
 
-async fn has<S: Sink>(sink: &S, aggregate_type: &str, id: &str) -> bool {
+async fn has<S: SinkReader>(sink: &S, aggregate_type: &str, id: &str) -> bool {
     sink.get(aggregate_type, id).await.unwrap().is_some()
 }
 

@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use rdkafka::message::{Header, OwnedHeaders};
 use serde::Serialize;
 
-use super::headers;
 use super::inspect::{self, DeadLetter};
 use crate::codec::{DecodeError, EventCodec};
 use crate::config::Config;
+use crate::dlq::{headers, FailedStage};
 use crate::error::Error;
 use crate::publish::{Outgoing, Publisher};
+use crate::relay::outbox::{row_from_dead_letter, to_message, NotARow};
 
 /// Where the replays of `dlq_topic` are recorded.
 pub fn replay_log_topic(dlq_topic: &str) -> String {
@@ -77,57 +78,81 @@ fn previous_replays(config: &Config, dlq_topic: &str) -> Result<ReplayLog, Error
     Ok(done)
 }
 
+/// Why a dead letter cannot be replayed (or would fail again).
+#[derive(Debug, thiserror::Error)]
+enum Unreplayable {
+    #[error("the row's payload ({size} bytes) was too large for Kafka and is not in the dead letter; the row stays in dualsync.outbox (seq {seq}) until the relay's retention purges it")]
+    RowTooLarge { size: String, seq: String },
+    #[error("its value ({size} bytes) was too large for the dead-letter topic and is not in it; the original is at {topic}[{partition}]@{offset}")]
+    ValueOmitted {
+        size: String,
+        topic: String,
+        partition: String,
+        offset: String,
+    },
+    #[error("no {} header: cannot tell where it came from", headers::TOPIC)]
+    NoOrigin,
+    #[error(transparent)]
+    NotARow(#[from] NotARow),
+    /// Its key is not its event's aggregate id.
+    #[error(transparent)]
+    KeyMismatch(DecodeError),
+    /// Apply would dead-letter it again: a type this pipeline does not carry, or another
+    /// type's event on this topic.
+    #[error(transparent)]
+    Misrouted(DecodeError),
+    /// It still does not encode or decode.
+    #[error(transparent)]
+    Fails(#[from] Error),
+}
+
 /// The message to send for `letter`, or why it would fail again.
 async fn rebuild(
     config: &Config,
     codec: &EventCodec,
     letter: &DeadLetter,
-) -> Result<Outgoing, String> {
+) -> Result<Outgoing, Unreplayable> {
+    let header = |key| letter.header(key).unwrap_or("?").to_string();
     if let (Some(size), Some(seq)) = (
         letter.header(headers::VALUE_OMITTED),
         letter.header(headers::ROW_SEQ),
     ) {
-        return Err(format!(
-            "the row's payload ({size} bytes) was too large for Kafka and is not in the dead letter; the row stays in dualsync.outbox (seq {seq}) until the relay's retention purges it"
-        ));
+        return Err(Unreplayable::RowTooLarge {
+            size: size.to_string(),
+            seq: seq.to_string(),
+        });
     }
     if let Some(size) = letter.header(headers::VALUE_OMITTED) {
-        return Err(format!(
-            "its value ({size} bytes) was too large for the dead-letter topic and is not in it; the original is at {}[{}]@{}",
-            letter.header(headers::TOPIC).unwrap_or("?"),
-            letter.header(headers::PARTITION).unwrap_or("?"),
-            letter.header(headers::OFFSET).unwrap_or("?"),
-        ));
+        return Err(Unreplayable::ValueOmitted {
+            size: size.to_string(),
+            topic: header(headers::TOPIC),
+            partition: header(headers::PARTITION),
+            offset: header(headers::OFFSET),
+        });
     }
     let from_relay = letter.topic == config.relay.dead_letter_topic
         || letter
             .header(headers::STAGE)
-            .is_some_and(|s| s.starts_with("relay."));
+            .and_then(FailedStage::parse)
+            .is_some_and(FailedStage::is_relay);
     let mut outgoing = if from_relay {
-        let row = crate::relay::row_from_dead_letter(&letter.value)?;
-        crate::relay::to_message(config, codec, &row).map_err(|e| e.to_string())?
+        let row = row_from_dead_letter(&letter.value)?;
+        to_message(config, codec, &row)?
     } else {
-        let target = letter.header(headers::TOPIC).ok_or_else(|| {
-            format!(
-                "no {} header: cannot tell where it came from",
-                headers::TOPIC
-            )
-        })?;
-        let event = codec
-            .decode(&letter.value)
-            .await
-            .map_err(|e| e.to_string())?;
+        let target = letter
+            .header(headers::TOPIC)
+            .ok_or(Unreplayable::NoOrigin)?;
+        let event = codec.decode(&letter.value).await?;
         if letter.key.as_deref() != Some(event.aggregate_id.as_bytes()) {
-            return Err(DecodeError::KeyMismatch {
+            return Err(Unreplayable::KeyMismatch(DecodeError::KeyMismatch {
                 key: letter.key_text().unwrap_or_default(),
                 aggregate_id: event.aggregate_id,
-            }
-            .to_string());
+            }));
         }
         // Apply would dead-letter it again: a type this pipeline does not carry, or another
         // type's event on this topic.
         crate::apply::check_route(config, codec, &event.aggregate_type, target)
-            .map_err(|e| e.to_string())?;
+            .map_err(Unreplayable::Misrouted)?;
         let mut h = OwnedHeaders::new();
         for (key, value) in letter.raw_headers() {
             if !key.starts_with(headers::ERROR_PREFIX) {
@@ -144,7 +169,7 @@ async fn rebuild(
             headers: h,
         }
     };
-    let now = super::now_millis().to_string();
+    let now = crate::dlq::now_millis().to_string();
     let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
     for (key, value) in [
         (headers::REPLAY_TIME, now.as_str()),
@@ -188,7 +213,7 @@ pub async fn replay_with_progress(
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))
             .await
-            .map_err(|e| Error::Setup(format!("replay log reader failed: {e}")))??
+            .map_err(|e| Error::Internal(format!("replay log reader failed: {e}")))??
     };
     let mut outcomes = Vec::new();
     let mut to_send = Vec::new();
@@ -201,7 +226,7 @@ pub async fn replay_with_progress(
                 target: target.clone(),
             },
             (Err(error), _) if !force => Decision::StillFails {
-                error: error.clone(),
+                error: error.to_string(),
             },
             (Ok(m), _) => Decision::Replay {
                 target: m.topic.clone(),
@@ -209,7 +234,7 @@ pub async fn replay_with_progress(
             (Err(error), _) => {
                 // Forced, but there is nothing to send: a relay row that cannot be read back.
                 Decision::StillFails {
-                    error: error.clone(),
+                    error: error.to_string(),
                 }
             }
         };
@@ -222,7 +247,7 @@ pub async fn replay_with_progress(
                 value: serde_json::json!({
                     "partition": letter.partition,
                     "offset": letter.offset,
-                    "replayed_at_ms": super::now_millis(),
+                    "replayed_at_ms": crate::dlq::now_millis(),
                     "target": message.topic,
                 })
                 .to_string()

@@ -13,9 +13,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::headers;
 use crate::codec::EventCodec;
 use crate::config::Config;
+use crate::dlq::headers;
 use crate::error::Error;
 use crate::publish::client_config;
 
@@ -88,7 +88,7 @@ pub enum RequestError {
     #[error("--since {since} is not before --until {until}: the time range is empty or backwards")]
     TimesBackwards { since: String, until: String },
     #[error("--{flag}: {reason}")]
-    BadTime { flag: &'static str, reason: String },
+    BadTime { flag: &'static str, reason: BadTime },
     #[error("no dead letter in {topic} matches {filter}; `dualsync dlq show --topic {topic}` lists them")]
     NoMatch { topic: String, filter: String },
 }
@@ -256,7 +256,7 @@ pub fn read_topic(config: &Config, topic: &str) -> Result<Vec<DeadLetter>, Error
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(Error::Setup(format!(
+        return Err(Error::Misconfigured(format!(
             "topic {topic} does not exist on {}",
             config.kafka.brokers
         )));
@@ -272,7 +272,7 @@ pub fn read_topic(config: &Config, topic: &str) -> Result<Vec<DeadLetter>, Error
     let mut out = Vec::new();
     loop {
         if started.elapsed() > READ_DEADLINE {
-            return Err(Error::Setup(format!(
+            return Err(Error::Connect(format!(
                 "reading {topic} did not reach its end within {}s",
                 READ_DEADLINE.as_secs()
             )));
@@ -371,14 +371,28 @@ pub fn format_ms(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A `--since` / `--until` that is not a time dualsync reads.
+#[derive(Debug, thiserror::Error)]
+pub enum BadTime {
+    #[error("`{text}` is neither RFC 3339 time nor epoch millis: {reason}")]
+    Unreadable {
+        text: String,
+        reason: humantime::TimestampError,
+    },
+    #[error("{0}")]
+    BeforeEpoch(std::time::SystemTimeError),
+}
+
 /// Parses `--since` / `--until`: RFC 3339 (`2026-11-22T07:00:00Z`) or millis since the epoch.
-pub fn parse_time(text: &str) -> Result<i64, String> {
+pub fn parse_time(text: &str) -> Result<i64, BadTime> {
     if let Ok(ms) = text.parse::<i64>() {
         return Ok(ms);
     }
-    let t = humantime::parse_rfc3339_weak(text)
-        .map_err(|e| format!("`{text}` is neither RFC 3339 time nor epoch millis: {e}"))?;
+    let t = humantime::parse_rfc3339_weak(text).map_err(|reason| BadTime::Unreadable {
+        text: text.to_string(),
+        reason,
+    })?;
     Ok(t.duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
+        .map_err(BadTime::BeforeEpoch)?
         .as_millis() as i64)
 }

@@ -6,11 +6,11 @@ use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
 use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::sink::Sink;
+use dualsync::sink::SinkReader;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::progress::Progress;
+use crate::cli::progress::Progress;
 
 /// The aggregates to work on: the named ones (each must have a `[reconcile.X]`), or all.
 fn aggregates<'a>(
@@ -75,7 +75,7 @@ pub async fn verify(
     }
 }
 
-async fn verify_with<S: Sink>(
+async fn verify_with<S: SinkReader>(
     config: &Config,
     sink: &S,
     sink_name: &str,

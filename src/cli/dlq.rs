@@ -3,8 +3,8 @@
 use dualsync::codec::EventCodec;
 use dualsync::config::Config;
 use dualsync::dlq::headers;
-use dualsync::dlq::inspect::{self, DeadLetter, Filter, RequestError};
-use dualsync::dlq::replay::{self, Decision};
+use dualsync::ops::inspect::{self, DeadLetter, Filter, RequestError};
+use dualsync::ops::replay::{self, Decision};
 
 #[derive(clap::Args, Clone, Default)]
 pub struct FilterArgs {
@@ -210,7 +210,7 @@ pub async fn replay(
         })
         .into());
     }
-    let progress = crate::progress::Progress::new(
+    let progress = crate::cli::progress::Progress::new(
         &format!("replay {topic}"),
         "letters",
         Some(selected.len() as u64),

@@ -37,7 +37,7 @@ pub async fn check(config: &Config, schemas: Arc<SchemaStore>, json: bool) -> an
             config.path.display()
         );
     };
-    let registry = RegistryClient::new(registry_config).map_err(anyhow::Error::msg)?;
+    let registry = RegistryClient::new(registry_config)?;
     let mut all_compatible = true;
     let mut results = Vec::new();
     for t in sorted_types(&schemas) {
