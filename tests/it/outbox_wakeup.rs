@@ -79,6 +79,20 @@ async fn try_wait_lock(relay: &Client, key: i32) -> bool {
         .get(0)
 }
 
+/// Sessions holding a relay wait lock in this database (relays waiting for work).
+async fn relays_waiting(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+             AND classid = $1::int4::oid AND granted AND mode = 'ExclusiveLock'
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&WAIT_LOCK_CLASS],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The trigger's side of the protocol, played by hand: a session stands in for the relay.
 /// Fails on the trigger that notified on every insert.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -172,15 +186,8 @@ async fn a_row_committed_while_the_relay_turns_idle_is_published_without_waiting
     // Paused, the relay neither reads nor waits: a writer now finds it busy, skips the
     // notification and holds the relay off its wait lock until it commits.
     control.set_paused(true);
-    let relay_waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
-        AND classid = $1::int4::oid AND granted AND mode = 'ExclusiveLock'";
     eventually("the paused relay stops waiting", || async {
-        let n: i64 = writer
-            .query_one(relay_waits, &[&WAIT_LOCK_CLASS])
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
+        relays_waiting(&writer).await == 0
     })
     .await;
     let mut open = dualsync::pg::connect(&url).await.unwrap();
@@ -196,12 +203,7 @@ async fn a_row_committed_while_the_relay_turns_idle_is_published_without_waiting
 
     // Waiting again: a new row wakes it.
     eventually("the relay waits", || async {
-        let n: i64 = writer
-            .query_one(relay_waits, &[&WAIT_LOCK_CLASS])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
+        relays_waiting(&writer).await == 1
     })
     .await;
     insert(&writer, "c3").await;
