@@ -11,9 +11,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dualsync::codec::{EventCodec, SchemaStore};
+use dualsync::codec::SchemaStore;
 use dualsync::config::Config;
 use dualsync::source::outbox::OutboxRow;
+use dualsync::wire::EventCodec;
 
 fn main() -> anyhow::Result<()> {
     let count: usize = std::env::args()

@@ -90,7 +90,7 @@ pub enum Error {
     ForeignTopic { topic: String, pipeline: String },
     /// A `dlq show` / `dlq replay` request that can only be a mistake, or that matched nothing.
     #[error(transparent)]
-    DlqRequest(#[from] crate::ops::inspect::RequestError),
+    DlqRequest(#[from] RequestError),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -487,4 +487,31 @@ mod tests {
             assert!(hint(&e).is_some(), "{e}");
         }
     }
+}
+
+/// A `dlq show` / `dlq replay` request refused before anything is read or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("--from-offset {from} is after --to-offset {to}: the offset range is backwards")]
+    OffsetsBackwards { from: i64, to: i64 },
+    #[error("--from-offset / --to-offset need --partition: offsets count per partition of the dead-letter topic, so without one the range names letters in every partition")]
+    OffsetsWithoutPartition,
+    #[error("--since {since} is not before --until {until}: the time range is empty or backwards")]
+    TimesBackwards { since: String, until: String },
+    #[error("--{flag}: {reason}")]
+    BadTime { flag: &'static str, reason: BadTime },
+    #[error("no dead letter in {topic} matches {filter}; `dualsync dlq show --topic {topic}` lists them")]
+    NoMatch { topic: String, filter: String },
+}
+
+/// A `--since` / `--until` that is not a time dualsync reads.
+#[derive(Debug, thiserror::Error)]
+pub enum BadTime {
+    #[error("`{text}` is neither RFC 3339 time nor epoch millis: {reason}")]
+    Unreadable {
+        text: String,
+        reason: humantime::TimestampError,
+    },
+    #[error("{0}")]
+    BeforeEpoch(std::time::SystemTimeError),
 }

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use dualsync::apply;
-use dualsync::codec::{EventCodec, SchemaStore};
+use dualsync::codec::SchemaStore;
 use dualsync::config::{Config, SinkConfig};
 use dualsync::error::{Endpoint, Error};
 use dualsync::http::Control;
@@ -20,6 +20,7 @@ use dualsync::relay;
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::telemetry::{self, LogFormat};
+use dualsync::wire::EventCodec;
 
 mod cli;
 

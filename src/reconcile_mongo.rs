@@ -34,7 +34,8 @@ use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
 use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
-use crate::relay::mongo::{repair, watched_collections};
+use crate::relay::mongo::watched_collections;
+use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
 use crate::source::mongo::cluster_time;
 use crate::source::mongo_change::{

@@ -25,13 +25,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::codec::{EventCodec, SchemaStore};
+use crate::codec::SchemaStore;
 use crate::config::Config;
 use crate::error::{classify, Disposition, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_MS};
 use crate::sink::Sink;
+use crate::wire::EventCodec;
 
 pub use partition::{check_route, PartitionResult};
 

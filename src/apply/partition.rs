@@ -7,13 +7,14 @@ use std::time::Duration;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
-use crate::codec::{DecodeError, EventCodec};
+use crate::codec::DecodeError;
 use crate::config::{Config, OnInvalid, SourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
+use crate::wire::EventCodec;
 
 /// How a partition's share of a batch ended.
 #[derive(Debug, PartialEq, Eq)]

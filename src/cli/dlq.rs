@@ -1,10 +1,10 @@
 //! `dualsync dlq list|show|replay`: readable tables by default, `--json` for scripts.
 
-use dualsync::codec::EventCodec;
 use dualsync::config::Config;
 use dualsync::dlq::headers;
 use dualsync::ops::inspect::{self, DeadLetter, Filter, RequestError};
 use dualsync::ops::replay::{self, Decision};
+use dualsync::wire::EventCodec;
 
 #[derive(clap::Args, Clone, Default)]
 pub struct FilterArgs {

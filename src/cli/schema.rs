@@ -3,8 +3,10 @@
 use std::sync::Arc;
 
 use dualsync::codec::registry::{Compatibility, RegistryClient};
-use dualsync::codec::{wire, EventCodec, SchemaStore};
+use dualsync::codec::SchemaStore;
 use dualsync::config::Config;
+use dualsync::wire;
+use dualsync::wire::EventCodec;
 
 fn sorted_types(schemas: &SchemaStore) -> Vec<&str> {
     let mut types: Vec<&str> = schemas.aggregate_types().collect();

@@ -15,10 +15,8 @@ pub mod envelope;
 pub mod json_avro;
 pub mod mongo;
 pub mod registry;
-pub mod wire;
 
 pub use avro::SchemaStore;
-pub use wire::EventCodec;
 
 /// Single-object encoding marker.
 pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];

@@ -51,7 +51,7 @@ pub(super) fn generic_event_schema() -> EventSchema {
 }
 
 /// The generic envelope datum of `event`, whose payload is canonical Extended JSON.
-pub(super) fn encode_generic_datum(
+pub(crate) fn encode_generic_datum(
     schema: &EventSchema,
     event: &OutboxEvent,
     change: &ChangeContext,

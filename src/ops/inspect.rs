@@ -13,11 +13,11 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::codec::EventCodec;
 use crate::config::Config;
 use crate::dlq::headers;
 use crate::error::Error;
 use crate::publish::client_config;
+use crate::wire::EventCodec;
 
 /// One message of a dead-letter topic.
 #[derive(Debug, Clone, Serialize)]
@@ -78,20 +78,7 @@ pub struct Filter {
     pub until_ms: Option<i64>,
 }
 
-/// A `dlq show` / `dlq replay` request refused before anything is read or sent.
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    #[error("--from-offset {from} is after --to-offset {to}: the offset range is backwards")]
-    OffsetsBackwards { from: i64, to: i64 },
-    #[error("--from-offset / --to-offset need --partition: offsets count per partition of the dead-letter topic, so without one the range names letters in every partition")]
-    OffsetsWithoutPartition,
-    #[error("--since {since} is not before --until {until}: the time range is empty or backwards")]
-    TimesBackwards { since: String, until: String },
-    #[error("--{flag}: {reason}")]
-    BadTime { flag: &'static str, reason: BadTime },
-    #[error("no dead letter in {topic} matches {filter}; `dualsync dlq show --topic {topic}` lists them")]
-    NoMatch { topic: String, filter: String },
-}
+pub use crate::error::{BadTime, RequestError};
 
 impl Filter {
     /// Refuses filters that can only be a mistake: ranges that are backwards or empty, and
@@ -369,18 +356,6 @@ pub async fn decode_payload(codec: &EventCodec, value: &[u8]) -> serde_json::Val
 pub fn format_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// A `--since` / `--until` that is not a time dualsync reads.
-#[derive(Debug, thiserror::Error)]
-pub enum BadTime {
-    #[error("`{text}` is neither RFC 3339 time nor epoch millis: {reason}")]
-    Unreadable {
-        text: String,
-        reason: humantime::TimestampError,
-    },
-    #[error("{0}")]
-    BeforeEpoch(std::time::SystemTimeError),
 }
 
 /// Parses `--since` / `--until`: RFC 3339 (`2026-11-22T07:00:00Z`) or millis since the epoch.

@@ -18,12 +18,13 @@ use rdkafka::message::{Header, OwnedHeaders};
 use serde::Serialize;
 
 use super::inspect::{self, DeadLetter};
-use crate::codec::{DecodeError, EventCodec};
+use crate::codec::DecodeError;
 use crate::config::Config;
 use crate::dlq::{headers, FailedStage};
 use crate::error::Error;
 use crate::publish::{Outgoing, Publisher};
 use crate::relay::outbox::{row_from_dead_letter, to_message, NotARow};
+use crate::wire::EventCodec;
 
 /// Where the replays of `dlq_topic` are recorded.
 pub fn replay_log_topic(dlq_topic: &str) -> String {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub mod mongo;
 pub mod outbox;
 
-use crate::codec::{EventCodec, SchemaStore};
+use crate::codec::SchemaStore;
 use crate::config::{Config, SourceConfig};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::http::Control;
@@ -26,6 +26,7 @@ use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::OutboxSource;
+use crate::wire::EventCodec;
 
 /// What every relay leader works with, set up once by [`run`] whichever the source.
 pub(crate) struct Relay<'a> {

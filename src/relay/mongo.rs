@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
 use super::Relay;
-use crate::codec::{EventCodec, SchemaStore};
+use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
@@ -20,6 +20,7 @@ use crate::publish::{event_headers, Outgoing, Publisher};
 use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
 use crate::source::Source;
+use crate::wire::EventCodec;
 
 /// Headers only MongoDB-sourced messages carry.
 pub mod mongo_headers {
@@ -277,7 +278,7 @@ fn dead_letter(
 
 /// The event of a document read outside the stream (snapshot, repair), or its dead letter
 /// (`Err`) when it does not encode; an error when `on_invalid = "halt"`.
-fn encode_or_dead_letter(
+pub(crate) fn encode_or_dead_letter(
     config: &Config,
     codec: &EventCodec,
     change: &MongoChange,
@@ -317,70 +318,6 @@ pub async fn watched_collections(
         collections.retain(|c| only.contains(c));
     }
     Ok(collections)
-}
-
-/// `verify --repair` for a MongoDB source: publishes, for every mismatched key of `report`,
-/// the primary's current document (or, when it is gone, a delete) as a `repair` event with
-/// [`crate::source::mongo_change::repair_version`] of the cluster time taken *before* the
-/// documents are read: it wins over every version the sinks hold from earlier changes, and
-/// any later change wins over it. Returns how many events were published.
-#[allow(clippy::too_many_arguments)]
-pub async fn repair(
-    config: &Config,
-    source_config: &MongoSourceConfig,
-    schemas: Arc<SchemaStore>,
-    db: &mongodb::Database,
-    report: &crate::reconcile::VerifyReport,
-    batch_size: usize,
-    begin: &(dyn Fn(String, Option<u64>) + Sync),
-    advance: &(dyn Fn(u64) + Sync),
-    cancel: &CancellationToken,
-) -> Result<u64, Error> {
-    use crate::source::mongo_change::{canonical_key, key_candidates};
-    use futures::TryStreamExt;
-    use mongodb::bson::{doc, Bson, Document};
-
-    let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
-        return Ok(0);
-    };
-    let publisher = Publisher::new(&config.kafka)?;
-    let collection = &report.aggregate;
-    codec.ensure_registered(config, collection).await?;
-    let mut keys: Vec<&str> = report.mismatches.iter().map(|m| m.key.as_str()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    begin(format!("repair {collection}"), Some(keys.len() as u64));
-    let at = crate::source::mongo::cluster_time(db).await?;
-    let mut published = 0;
-    for chunk in keys.chunks(batch_size.max(1)) {
-        let ids: Vec<Bson> = chunk.iter().flat_map(|k| key_candidates(k)).collect();
-        let mut current: HashMap<String, Document> = db
-            .collection::<Document>(collection)
-            .find(doc! {"_id": {"$in": ids}})
-            .await?
-            .try_collect::<Vec<Document>>()
-            .await?
-            .into_iter()
-            .map(|d| (d.get("_id").map(canonical_key).unwrap_or_default(), d))
-            .collect();
-        let mut messages = Vec::with_capacity(chunk.len());
-        for key in chunk {
-            let document = current.remove(*key);
-            let id = match &document {
-                Some(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
-                None => key_candidates(key).swap_remove(0),
-            };
-            let change = MongoChange::repair(&source_config.database, collection, id, document, at);
-            messages.push(encode_or_dead_letter(config, &codec, &change)?.unwrap_or_else(|l| l));
-        }
-        tokio::select! {
-            r = publisher.publish_all(messages) => r?,
-            _ = cancel.cancelled() => return Err(Error::Interrupted("repair interrupted".into())),
-        }
-        published += chunk.len() as u64;
-        advance(chunk.len() as u64);
-    }
-    Ok(published)
 }
 
 /// What `dualsync snapshot` published for one collection.

@@ -25,13 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::message::{Header, OwnedHeaders};
 
 use super::{count_acked, count_read, DeadRow, Relay};
-use crate::codec::{EventCodec, OutboxEvent};
+use crate::codec::OutboxEvent;
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, headers, Acks, Outgoing};
 use crate::source::outbox::{OutboxRow, OutboxSource};
 use crate::source::Source;
+use crate::wire::EventCodec;
 
 /// How often the leader samples the outbox backlog for the metrics.
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);

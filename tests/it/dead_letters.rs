@@ -187,7 +187,7 @@ async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::ops::re
             .unwrap()
             .unwrap()
     };
-    let codec = dualsync::codec::EventCodec::new(schemas(), None);
+    let codec = dualsync::wire::EventCodec::new(schemas(), None);
     dualsync::ops::replay::replay(config, &codec, dlq_topic, letters, false, true)
         .await
         .unwrap()

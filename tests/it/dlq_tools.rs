@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
-use dualsync::codec::{EventCodec, SchemaStore};
+use dualsync::codec::SchemaStore;
 use dualsync::config::SinkConfig;
 use dualsync::dlq::headers;
 use dualsync::metrics::total_where;
@@ -16,6 +16,7 @@ use dualsync::ops::inspect::{self, Filter};
 use dualsync::ops::replay::{self, Decision};
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;
+use dualsync::wire::EventCodec;
 
 use crate::common::*;
 

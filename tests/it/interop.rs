@@ -11,11 +11,11 @@ use serde_json::{json, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use dualsync::codec::avro::SINGLE_OBJECT_MAGIC;
-use dualsync::codec::EventCodec;
 use dualsync::config::SinkConfig;
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;
+use dualsync::wire::EventCodec;
 
 use crate::common::*;
 use crate::fingerprints::interop_tool;

@@ -15,13 +15,14 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::codec::registry::RegistryClient;
-use dualsync::codec::{EventCodec, OutboxEvent, SchemaStore};
+use dualsync::codec::{OutboxEvent, SchemaStore};
 use dualsync::config::{Config, SinkConfig};
 use dualsync::dlq::headers as dlq;
 use dualsync::error::{classify, Disposition, Error};
 use dualsync::metrics::total;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;
+use dualsync::wire::EventCodec;
 
 use crate::common::*;
 use crate::real_registry::RealRegistry;

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
-use super::envelope::{decode_datum, EventSchema};
-use super::mongo::{encode_generic_datum, ChangeContext};
-use super::registry::{RegistryClient, RegistryError};
-use super::{DecodeError, EncodeError, OutboxEvent, SchemaStore, SINGLE_OBJECT_MAGIC};
+use crate::codec::envelope::{decode_datum, EventSchema};
+use crate::codec::mongo::{encode_generic_datum, ChangeContext};
+use crate::codec::registry::{RegistryClient, RegistryError};
+use crate::codec::{DecodeError, EncodeError, OutboxEvent, SchemaStore, SINGLE_OBJECT_MAGIC};
 use crate::config::Config;
 use crate::error::{Endpoint, Error};
 use crate::retry::retry_transient;
@@ -348,7 +348,7 @@ pub async fn payload_breaks(
     schema: &EventSchema,
 ) -> Option<String> {
     let latest = registry.latest(subject).await.ok()??;
-    super::compat::payload_breaks(&latest.schema, &schema.payload)
+    crate::codec::compat::payload_breaks(&latest.schema, &schema.payload)
 }
 
 /// `00` + the 4-byte big-endian schema id + the datum.
