@@ -18,6 +18,7 @@ mod interop;
 mod interop_confluent;
 pub mod interop_java;
 mod kafka;
+mod layers;
 mod logs;
 mod mongo_delivery;
 mod mongo_source;
