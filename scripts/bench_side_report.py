@@ -114,7 +114,7 @@ def main():
         m = lambda x: (x.get("processes") or {}).get("machine") or {}
         fm = lambda x: f"{m(x)['load_avg_1m_mean']} / {m(x)['busy_cpu_s']}" if m(x) else None
         row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)", fm(a), fm(b))
-    md = [f"Side by side ({side['date']}, {side['machine']}; shared, noisy machine). dualsync: Avro values; "
+    md = [f"Side by side ({side['date']}, {side['machine']}; the machine's load in each phase is in the last rows). dualsync: Avro values; "
           f"Debezium: JSON converter with schemas, Kafka Connect 4.3.2, PostgreSQL connector 3.6.1.Final "
           f"(pgoutput, EventRouter), JDBC sink 3.6.0.Final (upsert), poll.interval.ms {poll_ms}. "
           f"Load: {side['settings']['load_generator']}. Ratio: how many times better dualsync is "
