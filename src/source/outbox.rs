@@ -105,7 +105,8 @@ pub struct OutboxSource {
     /// The second key of this relay's wait lock, registered in `dualsync.outbox_relays`;
     /// `None` on an outbox migrated before that table existed (every insert notifies there).
     wait_key: Option<i32>,
-    /// Whether this session holds its wait lock (writers notify it).
+    /// Whether this relay waits for a NOTIFY: it holds its wait lock (writers notify it), or
+    /// has none to hold (every insert notifies).
     waiting: bool,
     /// A lock statement was cancelled before its answer: whether the lock is held is unknown
     /// until the next (idempotent) take or release.
@@ -262,13 +263,16 @@ impl OutboxSource {
 
     /// Starts waiting for work: takes the wait lock, so that writers notify. `false` while a
     /// writer that skipped its notification has not committed (it holds the lock shared).
+    /// Without a registered lock (an outbox older than `dualsync.outbox_relays`) every insert
+    /// notifies, so waiting needs nothing taken.
     async fn start_waiting(&mut self) -> Result<bool, Error> {
-        let Some(key) = self.wait_key else {
-            return Ok(true);
-        };
         if self.waiting && !self.wait_lock_uncertain {
             return Ok(true);
         }
+        let Some(key) = self.wait_key else {
+            self.waiting = true;
+            return Ok(true);
+        };
         self.wait_lock_uncertain = true;
         let taken = self
             .client
@@ -283,18 +287,17 @@ impl OutboxSource {
     /// Stops waiting (busy, or paused): writers skip the NOTIFY, so their commits do not queue
     /// behind one another.
     pub async fn stop_waiting(&mut self) -> Result<(), Error> {
-        let Some(key) = self.wait_key else {
-            return Ok(());
-        };
         if !self.waiting && !self.wait_lock_uncertain {
             return Ok(());
         }
         // Not waiting any more: read before waiting again (writers stop notifying now).
         self.last_empty_read = None;
-        self.wait_lock_uncertain = true;
-        self.client
-            .query(RELEASE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
-            .await?;
+        if let Some(key) = self.wait_key {
+            self.wait_lock_uncertain = true;
+            self.client
+                .query(RELEASE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
+                .await?;
+        }
         self.waiting = false;
         self.wait_lock_uncertain = false;
         Ok(())

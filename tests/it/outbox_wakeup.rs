@@ -211,3 +211,72 @@ async fn a_row_committed_while_the_relay_turns_idle_is_published_without_waiting
     cancel.cancel();
     relay.await.unwrap().unwrap();
 }
+
+/// Index and table scans of `dualsync.outbox` so far (what the relay's reads cost).
+async fn outbox_scans(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8 FROM pg_stat_user_tables
+             WHERE schemaname = 'dualsync' AND relname = 'outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// An outbox migrated before `dualsync.outbox_relays` existed: every insert notifies, as it
+/// always did, and the idle relay waits for that instead of reading again and again (the
+/// first version of the wait lock spun there: it never counted itself as waiting without a
+/// lock to take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_an_outbox_without_the_relays_table_the_idle_relay_waits_for_notify() {
+    let servers = servers();
+    let url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &url, &url, &unique("t"), "");
+    if let Some(dualsync::config::SourceConfig::PostgresOutbox(s)) = &mut config.source {
+        s.poll_interval_ms = 600_000;
+    }
+    let writer = dualsync::pg::connect(&url).await.unwrap();
+    dualsync::demo::setup(&writer).await.unwrap();
+    // The outbox as the version before wrote it: a NOTIFY on every insert, no relays table.
+    writer
+        .batch_execute(
+            "DROP TABLE dualsync.outbox_relays;
+             CREATE OR REPLACE FUNCTION dualsync.outbox_notify() RETURNS trigger
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM pg_notify('dualsync_outbox', '');
+                 RETURN NULL;
+             END
+             $$;",
+        )
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&config, &cancel);
+    insert(&writer, "c1").await;
+    eventually("c1 is published", || async {
+        dualsync::demo::outbox_counts(&writer).await.unwrap() == (1, 0)
+    })
+    .await;
+    // Idle now. A relay waiting on NOTIFY reads nothing in between (its backlog sample, every
+    // 5 s, may scan once); one that spins reads thousands of times a second.
+    let before = outbox_scans(&writer).await;
+    // Workload shape, not synchronisation: an idle interval to count the reads in (the
+    // statistics reach the view about once a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_reads = outbox_scans(&writer).await - before;
+    assert!(
+        idle_reads < 20,
+        "the idle relay read the outbox {idle_reads} times in 3 s"
+    );
+    insert(&writer, "c2").await;
+    eventually(
+        "c2 is published by NOTIFY, within the deadline, not at the poll",
+        || async { dualsync::demo::outbox_counts(&writer).await.unwrap() == (2, 0) },
+    )
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+}
