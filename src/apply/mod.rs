@@ -11,6 +11,7 @@
 mod partition;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,8 @@ pub struct ApplyContext<S: Sink> {
 pub struct ConsumerEvents {
     health: KafkaHealth,
     metrics: Arc<Metrics>,
+    /// Whether the assignment is held (paused) right now: see [`hold_partitions`].
+    held: AtomicBool,
 }
 
 impl ClientContext for ConsumerEvents {
@@ -83,7 +86,18 @@ impl ConsumerContext for ConsumerEvents {
             // Incremental (cooperative-sticky): these are the partitions added or taken away,
             // not the whole assignment.
             Rebalance::Assign(tpl) => {
-                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions assigned")
+                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions assigned");
+                // librdkafka keeps an application pause on a partition across its revocation
+                // and re-assignment: a partition paused, taken away and handed back would stay
+                // paused for good. What is handed out follows the hold as it is now.
+                let result = if self.held.load(Ordering::SeqCst) {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "could not set the pause state of assigned partitions");
+                }
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions revoked")
@@ -199,6 +213,7 @@ pub async fn run<S: Sink>(
         Arc::new(consumer_config.create_with_context(ConsumerEvents {
             health: health.clone(),
             metrics: metrics.clone(),
+            held: AtomicBool::new(false),
         })?);
     let dlq = Publisher::with_health(&config.kafka, health)?;
     tokio::select! {
@@ -293,27 +308,21 @@ async fn wait_while_paused<S: Sink>(
 ) -> Result<(), Error> {
     tracing::info!("paused: consumption stopped until resumed");
     let mut paused = control.subscribe();
+    hold_partitions(consumer, true);
     loop {
-        // Again each round: a rebalance while paused hands out unpaused partitions.
-        if let Ok(assignment) = consumer.assignment() {
-            let _ = consumer.pause(&assignment);
-        }
         if !*paused.borrow_and_update() || ctx.cancel.is_cancelled() {
             break;
         }
         tokio::select! {
             _ = ctx.cancel.cancelled() => {}
             _ = paused.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             m = consumer.recv() => match m {
                 Ok(m) => pending.push(m.detach()),
                 Err(e) => consumer_error(e.into())?,
             },
         }
     }
-    if let Ok(assignment) = consumer.assignment() {
-        let _ = consumer.resume(&assignment);
-    }
+    hold_partitions(consumer, false);
     tracing::info!("resumed");
     Ok(())
 }
@@ -428,6 +437,23 @@ fn consumer_error(e: Error) -> Result<(), Error> {
     }
 }
 
+/// Pauses (`on`) or resumes every assigned partition, and records it so that partitions a
+/// rebalance hands out meanwhile get the same state (see [`ConsumerEvents`]). Rebalance
+/// callbacks run inside `recv`, on this task, so the record and the assignment cannot race.
+fn hold_partitions(consumer: &GroupConsumer, on: bool) {
+    consumer.context().held.store(on, Ordering::SeqCst);
+    if let Ok(assignment) = consumer.assignment() {
+        let result = if on {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, on, "could not pause or resume the assigned partitions");
+        }
+    }
+}
+
 /// How long a batch may take before apply pauses its partitions and polls the consumer while
 /// the batch goes on (see [`process_batch`]).
 const KEEP_MEMBERSHIP_AFTER: Duration = Duration::from_secs(1);
@@ -482,9 +508,7 @@ async fn process_batch<S: Sink>(
         tokio::select! {
             results = &mut work => break results,
             _ = tokio::time::sleep(KEEP_MEMBERSHIP_AFTER), if !held => {
-                if let Ok(assignment) = consumer.assignment() {
-                    let _ = consumer.pause(&assignment);
-                }
+                hold_partitions(consumer, true);
                 held = true;
                 tracing::debug!("batch still running; partitions paused, polling to keep the group membership");
             }
@@ -495,9 +519,7 @@ async fn process_batch<S: Sink>(
         }
     };
     if held {
-        if let Ok(assignment) = consumer.assignment() {
-            let _ = consumer.resume(&assignment);
-        }
+        hold_partitions(consumer, false);
     }
     let mut fatal = None;
     for (topic, partition, last, result) in results {

@@ -234,16 +234,7 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
         .await
         .unwrap();
     eventually("the first member's batch waits on the lock", || async {
-        let rows = dualsync::pg::connect(&sink_url)
-            .await
-            .unwrap()
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[],
-            )
-            .await
-            .unwrap();
-        rows.get::<_, i64>(0) > 0
+        sink_lock_waiters(&sink_url).await > 0
     })
     .await;
     let (second, second_metrics) = spawn_apply(&config, "postgres", &cancel);
@@ -265,6 +256,93 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
     relay.await.unwrap().unwrap();
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
+}
+
+/// Partitions taken away while a batch is held in flight (the first member paused its
+/// assignment to keep its membership alive) and handed back after the batch finished are
+/// consumed again. librdkafka keeps an application pause on a partition across its
+/// revocation and re-assignment, so without care they came back paused and were never read
+/// again: the sink silently stopped converging (the chaos run of 2026-12-03, seed 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_handed_back_after_a_held_batch_are_consumed_again() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (relay, _) = spawn_relay(&config, &cancel);
+    let (first, first_metrics) = spawn_apply(&config, "postgres", &cancel);
+    dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
+        .await
+        .unwrap();
+    let sink = postgres_sink(&config).await;
+    eventually("the first member applies the first events", || async {
+        verify_all(&source, &sink, &config).await.is_empty()
+    })
+    .await;
+    let all = first_metrics.assigned_partitions.get();
+
+    // Hold the next batch in flight (tables locked by another session) long enough that the
+    // first member pauses its partitions, then let a second member take some of them.
+    let mut locker = dualsync::pg::connect(&sink_url).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE replica.orders, replica.customers IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    dualsync::demo::generate(&source_url, 10, 60, 300, 2, 4)
+        .await
+        .unwrap();
+    eventually("the first member's batch waits on the lock", || async {
+        sink_lock_waiters(&sink_url).await > 0
+    })
+    .await;
+    let second_cancel = cancel.child_token();
+    let (second, second_metrics) = spawn_apply(&config, "postgres", &second_cancel);
+    eventually(
+        "the second member is given partitions mid-batch",
+        || async { second_metrics.assigned_partitions.get() > 0 },
+    )
+    .await;
+    lock.rollback().await.unwrap();
+    eventually("the held batch finishes", || async {
+        verify_all(&source, &sink, &config).await.is_empty()
+    })
+    .await;
+
+    // The second member leaves: its partitions go back to the first, which must read them.
+    second_cancel.cancel();
+    second.await.unwrap().unwrap();
+    eventually("the first member owns every partition again", || async {
+        first_metrics.assigned_partitions.get() == all
+    })
+    .await;
+    dualsync::demo::generate(&source_url, 10, 60, 300, 2, 5)
+        .await
+        .unwrap();
+    eventually(
+        "events of the handed-back partitions are applied",
+        || async { verify_all(&source, &sink, &config).await.is_empty() },
+    )
+    .await;
+    cancel.cancel();
+    relay.await.unwrap().unwrap();
+    first.await.unwrap().unwrap();
+}
+
+/// Sessions of the sink's database waiting for a lock.
+async fn sink_lock_waiters(sink_url: &str) -> i64 {
+    dualsync::pg::connect(sink_url)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
 }
 
 /// The local broker's SASL_SSL listener (SCRAM-SHA-512 over TLS, made by `make up`).
