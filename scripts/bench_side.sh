@@ -36,6 +36,9 @@ LOAD_BATCH="${BENCH_LOAD_BATCH:-250}" # events per load transaction at full spee
 FIXED_BATCH="${BENCH_FIXED_BATCH:-4}"
 FIXED_CLIENTS="${BENCH_FIXED_CLIENTS:-8}"
 PIPELINES="${BENCH_PIPELINES:-dualsync debezium}"
+# Seconds of `perf record` (DWARF call graphs) on the relay and on apply during dualsync's
+# fixed-rate phase; 0 (the default) records nothing. Reports go to bench/profile/.
+PROFILE_SECONDS="${BENCH_PROFILE_SECONDS:-0}"
 BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync"
 CONFIG=connectors/demo.toml
 PY_HOME="$TOOLS_DIR/bench-py-1"
@@ -199,6 +202,38 @@ PY
     log "side by side, $p drain: $(cat "$WORK/$p-drain.json")"
 }
 
+# profile SECONDS: CPU profiles of the relay and of apply, recorded together from the start of
+# the measured window (reported by profile_report once the phase is over, so that the report
+# does not load the machine the phase measures).
+profile() {
+    local proc
+    for proc in relay apply; do
+        perf record -q -F 199 --call-graph dwarf,8192 -p "$(cat "$WORK/$DB-$proc.pid")" \
+            -o "$WORK/$proc.perf" -- sleep "$1" 2>"$WORK/$proc.perf.log" &
+    done
+    wait
+}
+# profile_report SECONDS: bench/profile/{relay,apply}.txt: each process's samples by thread and
+# library, by function (self), and the call paths that hold most of them (inclusive).
+profile_report() {
+    local out="$REPO_ROOT/bench/profile" proc
+    mkdir -p "$out"
+    for proc in relay apply; do
+        {
+            echo "# dualsync $proc, $1 s of the fixed-rate phase at $FIXED_RATE events/s ($(date -u +%FT%TZ))"
+            echo "# perf record -F 199 --call-graph dwarf; self time by thread and library, by function; then inclusive"
+            perf report -i "$WORK/$proc.perf" --stdio --no-children --sort comm,dso -g none 2>/dev/null |
+                grep -v '^$' | sed -n 1,40p
+            perf report -i "$WORK/$proc.perf" --stdio --no-children --sort sym -g none 2>/dev/null |
+                grep -v '^[#]' | grep -v '^$' | sed -n 1,60p
+            echo "# inclusive (children), by function"
+            perf report -i "$WORK/$proc.perf" --stdio --children --sort sym -g none 2>/dev/null |
+                grep -v '^[#]' | grep -v '^$' | sed -n 1,80p
+        } >"$out/$proc.txt" || warn "bench: profile report of $proc failed"
+    done
+    log "bench: CPU profiles in $out/relay.txt and $out/apply.txt"
+}
+
 fixed() { # fixed PIPELINE
     local p="$1" warm
     new_db "$p" fixed
@@ -214,10 +249,18 @@ fixed() { # fixed PIPELINE
     warm=$(sql "SELECT max(seq) FROM dualsync.outbox")
     log "side by side, $p: $FIXED_RATE events/s for $FIXED_SECONDS s"
     start_sampler "$p" "$WORK/$DB-procs.json"
+    local profiler=
+    if [[ "$p" == dualsync ]] && ((PROFILE_SECONDS > 0)); then
+        command -v perf >/dev/null || die "bench: BENCH_PROFILE_SECONDS needs perf (Debian: linux-perf)"
+        profile "$PROFILE_SECONDS" &
+        profiler=$!
+    fi
     load order_new.sql -c "$FIXED_CLIENTS" -j 2 -R "$((FIXED_RATE / FIXED_BATCH))" -T "$FIXED_SECONDS" -D k="$FIXED_BATCH"
+    [[ -z "$profiler" ]] || wait "$profiler" || warn "bench: perf record failed: $(cat "$WORK"/*.perf.log)"
     caught_up
     stop_sampler
     stop_pipeline "$p"
+    [[ -z "$profiler" ]] || profile_report "$PROFILE_SECONDS"
     on_topic "$(sql "SELECT count(*) FROM dualsync.outbox")"
     sql "WITH e AS (SELECT *, extract(epoch FROM appended - committed) * 1000 AS topic_ms,
                            extract(epoch FROM applied - committed) * 1000 AS applied_ms,

@@ -370,8 +370,10 @@ mod defaults {
     pub fn apply_batch_size() -> usize {
         500
     }
+    /// 3, not 10: at 1,000 events/s, 10 ms put commit → applied at p50 15.5 / p99 33.6 ms and
+    /// 3 ms at 9.4 / 20.4, for 9 % more apply CPU (BENCHMARKS.md, 2026-12-04).
     pub fn apply_linger_ms() -> u64 {
-        10
+        3
     }
     pub fn dlq_suffix() -> String {
         ".dlq".into()

@@ -77,7 +77,9 @@ pub struct OutboxSourceConfig {
     /// Rows read and published per batch.
     #[serde(default = "super::defaults::relay_batch_size")]
     pub batch_size: usize,
-    /// After a wake-up, wait this long for more rows before reading, to fill batches.
+    /// After a wake-up, and after a read that found fewer rows than a batch, wait this long
+    /// for more rows before reading, to fill batches. While rows keep arriving the relay reads
+    /// every `linger_ms` and falls back to waiting for a NOTIFY at the first empty read.
     #[serde(default = "super::defaults::relay_linger_ms")]
     pub linger_ms: u64,
     /// Polling fallback when no NOTIFY arrives (missed notifications, notify disabled).
