@@ -236,8 +236,8 @@ enum DemoCommand {
 /// Relay and apply run on one thread: they wait on PostgreSQL, Kafka and the sink nearly all
 /// the time, and on a multi-thread runtime every round trip woke another thread (the leader
 /// on `main`, each connection's task on a worker). At 1,000 events/s that scheduling was
-/// about 40 % of their CPU (bench/profile/); on one thread the relay used 39 % and apply 20 %
-/// less CPU per event, and drained faster (BENCHMARKS.md, 2026-12-04). Blocking librdkafka
+/// about 40 % of their CPU (perf); on one thread the relay used 39 % and apply 20 % less CPU
+/// per event, and drained faster (BENCHMARKS.md, 2026-12-04). Blocking librdkafka
 /// calls go through `spawn_blocking` either way. The other commands keep a worker per core.
 fn runtime_builder(command: &Command) -> tokio::runtime::Builder {
     match command {

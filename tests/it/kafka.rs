@@ -199,6 +199,83 @@ async fn a_dynamic_member_killed_with_sigkill_hands_its_partitions_to_the_surviv
     .await;
 }
 
+/// A relay and one apply member whose next batch is held in flight: the first events are
+/// applied, then the sink's tables are locked by another session and more events are written,
+/// until the member's write waits on the lock. `release` lets the batch finish.
+struct HeldBatch {
+    config: Config,
+    source_url: String,
+    source: tokio_postgres::Client,
+    sink: dualsync::sink::postgres::PostgresSink,
+    cancel: CancellationToken,
+    relay: tokio::task::JoinHandle<Result<(), Error>>,
+    first: tokio::task::JoinHandle<Result<(), Error>>,
+    first_metrics: std::sync::Arc<dualsync::metrics::Metrics>,
+    /// Partitions the first member owned alone, before the hold.
+    all: i64,
+    /// The session holding the sink's tables locked in an open transaction.
+    locker: tokio_postgres::Client,
+}
+
+impl HeldBatch {
+    async fn start() -> Self {
+        let servers = servers();
+        let source_url = create_database(&servers).await;
+        let sink_url = create_database(&servers).await;
+        let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
+        let source = dualsync::pg::connect(&source_url).await.unwrap();
+        dualsync::demo::setup(&source).await.unwrap();
+        let cancel = CancellationToken::new();
+        let (relay, _) = spawn_relay(&config, &cancel);
+        let (first, first_metrics) = spawn_apply(&config, "postgres", &cancel);
+        dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
+            .await
+            .unwrap();
+        let sink = postgres_sink(&config).await;
+        eventually("the first member applies the first events", || async {
+            verify_all(&source, &sink, &config).await.is_empty()
+        })
+        .await;
+        let all = first_metrics.assigned_partitions.get();
+        let locker = dualsync::pg::connect(&sink_url).await.unwrap();
+        locker
+            .batch_execute(
+                "BEGIN; LOCK TABLE replica.orders, replica.customers IN ACCESS EXCLUSIVE MODE",
+            )
+            .await
+            .unwrap();
+        dualsync::demo::generate(&source_url, 10, 60, 300, 2, 4)
+            .await
+            .unwrap();
+        eventually("the first member's batch waits on the lock", || async {
+            sink_lock_waiters(&sink_url).await > 0
+        })
+        .await;
+        HeldBatch {
+            config,
+            source_url,
+            source,
+            sink,
+            cancel,
+            relay,
+            first,
+            first_metrics,
+            all,
+            locker,
+        }
+    }
+
+    async fn release(&self) {
+        self.locker.batch_execute("ROLLBACK").await.unwrap();
+    }
+
+    async fn converged(&self) -> bool {
+        verify_all(&self.source, &self.sink, &self.config)
+            .await
+            .is_empty()
+    }
+}
+
 /// A batch is held in flight (the sink's table is locked by another session) when a second
 /// member joins: the cooperative-sticky rebalance revokes some of the first member's
 /// partitions while it still writes them. Nothing is lost or left stale: the first member
@@ -206,55 +283,25 @@ async fn a_dynamic_member_killed_with_sigkill_hands_its_partitions_to_the_surviv
 /// committed offset and the version guard absorbs the repeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    let (first, first_metrics) = spawn_apply(&config, "postgres", &cancel);
-    dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
-        .await
-        .unwrap();
-    let sink = postgres_sink(&config).await;
-    eventually("the first member applies the first events", || async {
-        verify_all(&source, &sink, &config).await.is_empty()
-    })
-    .await;
-
-    // Hold the next batch in flight: the sink's tables are locked by another session.
-    let mut locker = dualsync::pg::connect(&sink_url).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE replica.orders, replica.customers IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    dualsync::demo::generate(&source_url, 10, 60, 300, 2, 4)
-        .await
-        .unwrap();
-    eventually("the first member's batch waits on the lock", || async {
-        sink_lock_waiters(&sink_url).await > 0
-    })
-    .await;
-    let (second, second_metrics) = spawn_apply(&config, "postgres", &cancel);
+    let held = HeldBatch::start().await;
+    let (second, second_metrics) = spawn_apply(&held.config, "postgres", &held.cancel);
     eventually(
         "the second member is given partitions mid-batch",
         || async { second_metrics.assigned_partitions.get() > 0 },
     )
     .await;
-    lock.rollback().await.unwrap();
-    eventually("both sinks converge after the hand-over", || async {
-        verify_all(&source, &sink, &config).await.is_empty()
+    held.release().await;
+    eventually("both sinks converge after the hand-over", || {
+        held.converged()
     })
     .await;
     assert!(
-        first_metrics.assigned_partitions.get() > 0,
+        held.first_metrics.assigned_partitions.get() > 0,
         "the first member kept some partitions (sticky)"
     );
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-    first.await.unwrap().unwrap();
+    held.cancel.cancel();
+    held.relay.await.unwrap().unwrap();
+    held.first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
 }
 
@@ -265,70 +312,35 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
 /// again: the sink silently stopped converging (the chaos run of 2026-12-03, seed 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_handed_back_after_a_held_batch_are_consumed_again() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    let (first, first_metrics) = spawn_apply(&config, "postgres", &cancel);
-    dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
-        .await
-        .unwrap();
-    let sink = postgres_sink(&config).await;
-    eventually("the first member applies the first events", || async {
-        verify_all(&source, &sink, &config).await.is_empty()
-    })
-    .await;
-    let all = first_metrics.assigned_partitions.get();
-
-    // Hold the next batch in flight (tables locked by another session) long enough that the
-    // first member pauses its partitions, then let a second member take some of them.
-    let mut locker = dualsync::pg::connect(&sink_url).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE replica.orders, replica.customers IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    dualsync::demo::generate(&source_url, 10, 60, 300, 2, 4)
-        .await
-        .unwrap();
-    eventually("the first member's batch waits on the lock", || async {
-        sink_lock_waiters(&sink_url).await > 0
-    })
-    .await;
-    let second_cancel = cancel.child_token();
-    let (second, second_metrics) = spawn_apply(&config, "postgres", &second_cancel);
+    let held = HeldBatch::start().await;
+    // A second member takes some partitions while the first holds its batch paused.
+    let second_cancel = held.cancel.child_token();
+    let (second, second_metrics) = spawn_apply(&held.config, "postgres", &second_cancel);
     eventually(
         "the second member is given partitions mid-batch",
         || async { second_metrics.assigned_partitions.get() > 0 },
     )
     .await;
-    lock.rollback().await.unwrap();
-    eventually("the held batch finishes", || async {
-        verify_all(&source, &sink, &config).await.is_empty()
-    })
-    .await;
+    held.release().await;
+    eventually("the held batch finishes", || held.converged()).await;
 
     // The second member leaves: its partitions go back to the first, which must read them.
     second_cancel.cancel();
     second.await.unwrap().unwrap();
     eventually("the first member owns every partition again", || async {
-        first_metrics.assigned_partitions.get() == all
+        held.first_metrics.assigned_partitions.get() == held.all
     })
     .await;
-    dualsync::demo::generate(&source_url, 10, 60, 300, 2, 5)
+    dualsync::demo::generate(&held.source_url, 10, 60, 300, 2, 5)
         .await
         .unwrap();
-    eventually(
-        "events of the handed-back partitions are applied",
-        || async { verify_all(&source, &sink, &config).await.is_empty() },
-    )
+    eventually("events of the handed-back partitions are applied", || {
+        held.converged()
+    })
     .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-    first.await.unwrap().unwrap();
+    held.cancel.cancel();
+    held.relay.await.unwrap().unwrap();
+    held.first.await.unwrap().unwrap();
 }
 
 /// Sessions of the sink's database waiting for a lock.
