@@ -274,6 +274,8 @@ pub struct RunningPipeline {
     pub cancel: CancellationToken,
     /// The relay's metrics (`relay_leader` tells when it leads).
     pub relay: Arc<Metrics>,
+    /// Each apply's metrics, in the order of `sinks`.
+    pub applies: Vec<Arc<Metrics>>,
     tasks: Vec<JoinHandle<Result<(), Error>>>,
 }
 
@@ -282,12 +284,16 @@ pub fn run_pipeline(config: &Config, sinks: &[&str]) -> RunningPipeline {
     let cancel = CancellationToken::new();
     let (relay, metrics) = spawn_relay(config, &cancel);
     let mut tasks = vec![relay];
+    let mut applies = Vec::new();
     for sink in sinks {
-        tasks.push(spawn_apply(config, sink, &cancel).0);
+        let (task, metrics) = spawn_apply(config, sink, &cancel);
+        tasks.push(task);
+        applies.push(metrics);
     }
     RunningPipeline {
         cancel,
         relay: metrics,
+        applies,
         tasks,
     }
 }
@@ -311,7 +317,7 @@ pub struct ShopPipeline {
     pub source_url: String,
     pub source: tokio_postgres::Client,
     pub sink: PostgresSink,
-    running: RunningPipeline,
+    pub running: RunningPipeline,
 }
 
 pub async fn shop_pipeline(extra: &str) -> ShopPipeline {

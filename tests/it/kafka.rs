@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
-use tokio_util::sync::CancellationToken;
 
 use dualsync::config::Config;
 use dualsync::error::{classify, Disposition, Error};
@@ -199,18 +198,12 @@ async fn a_dynamic_member_killed_with_sigkill_hands_its_partitions_to_the_surviv
     .await;
 }
 
-/// A relay and one apply member whose next batch is held in flight: the first events are
-/// applied, then the sink's tables are locked by another session and more events are written,
-/// until the member's write waits on the lock. `release` lets the batch finish.
+/// The shop pipeline (relay and one apply member) whose next batch is held in flight: the
+/// first events are applied, then the sink's tables are locked by another session and more
+/// events are written, until the member's write waits on the lock. `release` lets the batch
+/// finish.
 struct HeldBatch {
-    config: Config,
-    source_url: String,
-    source: tokio_postgres::Client,
-    sink: dualsync::sink::postgres::PostgresSink,
-    cancel: CancellationToken,
-    relay: tokio::task::JoinHandle<Result<(), Error>>,
-    first: tokio::task::JoinHandle<Result<(), Error>>,
-    first_metrics: std::sync::Arc<dualsync::metrics::Metrics>,
+    shop: ShopPipeline,
     /// Partitions the first member owned alone, before the hold.
     all: i64,
     /// The session holding the sink's tables locked in an open transaction.
@@ -219,60 +212,38 @@ struct HeldBatch {
 
 impl HeldBatch {
     async fn start() -> Self {
-        let servers = servers();
-        let source_url = create_database(&servers).await;
-        let sink_url = create_database(&servers).await;
-        let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), RECONCILE);
-        let source = dualsync::pg::connect(&source_url).await.unwrap();
-        dualsync::demo::setup(&source).await.unwrap();
-        let cancel = CancellationToken::new();
-        let (relay, _) = spawn_relay(&config, &cancel);
-        let (first, first_metrics) = spawn_apply(&config, "postgres", &cancel);
-        dualsync::demo::generate(&source_url, 10, 60, 100, 1, 3)
+        let shop = shop_pipeline(RECONCILE).await;
+        dualsync::demo::generate(&shop.source_url, 10, 60, 100, 1, 3)
             .await
             .unwrap();
-        let sink = postgres_sink(&config).await;
-        eventually("the first member applies the first events", || async {
-            verify_all(&source, &sink, &config).await.is_empty()
-        })
-        .await;
-        let all = first_metrics.assigned_partitions.get();
-        let locker = dualsync::pg::connect(&sink_url).await.unwrap();
+        shop.converged().await;
+        let all = shop.first().assigned_partitions.get();
+        let locker = shop.replica().await;
         locker
             .batch_execute(
                 "BEGIN; LOCK TABLE replica.orders, replica.customers IN ACCESS EXCLUSIVE MODE",
             )
             .await
             .unwrap();
-        dualsync::demo::generate(&source_url, 10, 60, 300, 2, 4)
+        dualsync::demo::generate(&shop.source_url, 10, 60, 300, 2, 4)
             .await
             .unwrap();
         eventually("the first member's batch waits on the lock", || async {
-            sink_lock_waiters(&sink_url).await > 0
+            sink_lock_waiters(&shop.replica().await).await > 0
         })
         .await;
-        HeldBatch {
-            config,
-            source_url,
-            source,
-            sink,
-            cancel,
-            relay,
-            first,
-            first_metrics,
-            all,
-            locker,
-        }
+        HeldBatch { shop, all, locker }
     }
 
     async fn release(&self) {
         self.locker.batch_execute("ROLLBACK").await.unwrap();
     }
+}
 
-    async fn converged(&self) -> bool {
-        verify_all(&self.source, &self.sink, &self.config)
-            .await
-            .is_empty()
+impl ShopPipeline {
+    /// The metrics of the pipeline's (first) apply member.
+    fn first(&self) -> &dualsync::metrics::Metrics {
+        &self.running.applies[0]
     }
 }
 
@@ -284,24 +255,20 @@ impl HeldBatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
     let held = HeldBatch::start().await;
-    let (second, second_metrics) = spawn_apply(&held.config, "postgres", &held.cancel);
+    let shop = &held.shop;
+    let (second, second_metrics) = spawn_apply(&shop.config, "postgres", &shop.running.cancel);
     eventually(
         "the second member is given partitions mid-batch",
         || async { second_metrics.assigned_partitions.get() > 0 },
     )
     .await;
     held.release().await;
-    eventually("both sinks converge after the hand-over", || {
-        held.converged()
-    })
-    .await;
+    shop.converged().await;
     assert!(
-        held.first_metrics.assigned_partitions.get() > 0,
+        shop.first().assigned_partitions.get() > 0,
         "the first member kept some partitions (sticky)"
     );
-    held.cancel.cancel();
-    held.relay.await.unwrap().unwrap();
-    held.first.await.unwrap().unwrap();
+    held.shop.stop().await;
     second.await.unwrap().unwrap();
 }
 
@@ -313,48 +280,49 @@ async fn partitions_revoked_while_a_batch_is_in_flight_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_handed_back_after_a_held_batch_are_consumed_again() {
     let held = HeldBatch::start().await;
+    let shop = &held.shop;
     // A second member takes some partitions while the first holds its batch paused.
-    let second_cancel = held.cancel.child_token();
-    let (second, second_metrics) = spawn_apply(&held.config, "postgres", &second_cancel);
+    let second_cancel = shop.running.cancel.child_token();
+    let (second, second_metrics) = spawn_apply(&shop.config, "postgres", &second_cancel);
     eventually(
         "the second member is given partitions mid-batch",
         || async { second_metrics.assigned_partitions.get() > 0 },
     )
     .await;
     held.release().await;
-    eventually("the held batch finishes", || held.converged()).await;
+    shop.converged().await;
 
     // The second member leaves: its partitions go back to the first, which must read them.
     second_cancel.cancel();
     second.await.unwrap().unwrap();
     eventually("the first member owns every partition again", || async {
-        held.first_metrics.assigned_partitions.get() == held.all
+        shop.first().assigned_partitions.get() == held.all
     })
     .await;
-    dualsync::demo::generate(&held.source_url, 10, 60, 300, 2, 5)
+    dualsync::demo::generate(&shop.source_url, 10, 60, 300, 2, 5)
         .await
         .unwrap();
-    eventually("events of the handed-back partitions are applied", || {
-        held.converged()
-    })
+    eventually(
+        "events of the handed-back partitions are applied",
+        || async {
+            verify_all(&shop.source, &shop.sink, &shop.config)
+                .await
+                .is_empty()
+        },
+    )
     .await;
-    held.cancel.cancel();
-    held.relay.await.unwrap().unwrap();
-    held.first.await.unwrap().unwrap();
+    held.shop.stop().await;
 }
 
 /// Sessions of the sink's database waiting for a lock.
-async fn sink_lock_waiters(sink_url: &str) -> i64 {
-    dualsync::pg::connect(sink_url)
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
+async fn sink_lock_waiters(sink: &tokio_postgres::Client) -> i64 {
+    sink.query_one(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
 }
 
 /// The local broker's SASL_SSL listener (SCRAM-SHA-512 over TLS, made by `make up`).
