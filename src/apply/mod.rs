@@ -60,6 +60,8 @@ pub struct ConsumerEvents {
     metrics: Arc<Metrics>,
     /// Whether the assignment is held (paused) right now: see [`hold_partitions`].
     held: AtomicBool,
+    /// Partitions revoked while held: they keep librdkafka's pause if handed back later.
+    paused_when_revoked: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
 }
 
 impl ClientContext for ConsumerEvents {
@@ -89,18 +91,43 @@ impl ConsumerContext for ConsumerEvents {
                 tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions assigned");
                 // librdkafka keeps an application pause on a partition across its revocation
                 // and re-assignment: a partition paused, taken away and handed back would stay
-                // paused for good. What is handed out follows the hold as it is now.
+                // paused for good. What is handed out follows the hold as it is now. Only the
+                // partitions that need it are touched: a pause or resume right after an
+                // assignment can make librdkafka drop the assignment's fetch start
+                // (confluentinc/librdkafka#2190), so a fresh partition is left alone.
+                let mut stale = self.paused_when_revoked.lock().expect("not poisoned");
                 let result = if self.held.load(Ordering::SeqCst) {
+                    for e in tpl.elements() {
+                        stale.remove(&(e.topic().to_string(), e.partition()));
+                    }
                     consumer.pause(tpl)
                 } else {
-                    consumer.resume(tpl)
+                    let mut resume = TopicPartitionList::new();
+                    for e in tpl.elements() {
+                        if stale.remove(&(e.topic().to_string(), e.partition())) {
+                            resume.add_partition(e.topic(), e.partition());
+                        }
+                    }
+                    if resume.count() > 0 {
+                        consumer.resume(&resume)
+                    } else {
+                        Ok(())
+                    }
                 };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "could not set the pause state of assigned partitions");
                 }
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions revoked")
+                tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions revoked");
+                if self.held.load(Ordering::SeqCst) {
+                    let mut stale = self.paused_when_revoked.lock().expect("not poisoned");
+                    stale.extend(
+                        tpl.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition())),
+                    );
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
@@ -214,6 +241,7 @@ pub async fn run<S: Sink>(
             health: health.clone(),
             metrics: metrics.clone(),
             held: AtomicBool::new(false),
+            paused_when_revoked: Default::default(),
         })?);
     let dlq = Publisher::with_health(&config.kafka, health)?;
     tokio::select! {
