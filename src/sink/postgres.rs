@@ -438,10 +438,13 @@ async fn table_exists(client: &Client, table: &str) -> Result<bool, Error> {
 fn ignore_concurrent_create(e: tokio_postgres::Error) -> Result<(), tokio_postgres::Error> {
     match e.code() {
         // Two sessions creating the same table at once: the loser fails on the catalog's
-        // unique index, or on the table's row type already existing (42710).
+        // unique index, on the table's row type already existing (42710), or on the
+        // relation or schema itself (42P07, 42P06: seen in a CI run on 2026-12-04).
         Some(c)
             if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                || *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT =>
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA =>
         {
             Ok(())
         }
