@@ -3,12 +3,12 @@
 //! Offsets are stored (for the next auto-commit) only after the sink acknowledged the write or
 //! the dead-letter topic acknowledged the dead letter, so a crash or a rebalance can replay
 //! events but never lose one; the sinks' version guard makes the replay harmless. Messages of
-//! one partition are handled strictly in order; different partitions of a batch are written
-//! concurrently. Transient failures are retried with exponential backoff and jitter, holding
+//! one partition are handled strictly in order; a batch is written topic by topic (one sink
+//! write per topic, different topics concurrently). Transient failures are retried with exponential backoff and jitter, holding
 //! that partition's position, for as long as it takes (or until shutdown, which abandons the
 //! batch uncommitted).
 
-mod partition;
+mod share;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,9 +35,9 @@ use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_
 use crate::sink::Sink;
 use crate::wire::EventCodec;
 
-pub use partition::{check_route, PartitionResult};
+pub use share::{check_route, ShareResult};
 
-/// Everything a partition worker needs, shared by all of them.
+/// Everything a batch's workers need, shared by all of them.
 pub struct ApplyContext<S: Sink> {
     pub sink: Arc<S>,
     /// The `[sinks.NAME]` it writes to, for log lines.
@@ -486,8 +486,8 @@ fn hold_partitions(consumer: &GroupConsumer, on: bool) {
 /// the batch goes on (see [`process_batch`]).
 const KEEP_MEMBERSHIP_AFTER: Duration = Duration::from_secs(1);
 
-/// Writes one batch, partition by partition (concurrently), then stores the offsets of the
-/// partitions that were fully handled.
+/// Writes one batch, topic by topic (concurrently), then stores the offsets of the partitions
+/// of every topic that was fully handled.
 ///
 /// A sink that is down is retried for as long as it takes, which can be longer than
 /// `max.poll.interval.ms`; a consumer that stops polling that long is evicted from the group
@@ -502,33 +502,32 @@ async fn process_batch<S: Sink>(
     batch: Vec<OwnedMessage>,
     pending: &mut Vec<OwnedMessage>,
 ) -> Result<(), Error> {
-    let mut by_partition: BTreeMap<(String, i32), Vec<OwnedMessage>> = BTreeMap::new();
+    // Per topic, its messages in the order received (so each partition's stay in order) and
+    // the last offset of each of its partitions.
+    let mut by_topic: BTreeMap<String, (Vec<OwnedMessage>, BTreeMap<i32, i64>)> = BTreeMap::new();
     for m in batch {
-        by_partition
-            .entry((m.topic().to_string(), m.partition()))
-            .or_default()
-            .push(m);
+        let (messages, last) = by_topic.entry(m.topic().to_string()).or_default();
+        last.insert(m.partition(), m.offset());
+        messages.push(m);
     }
-    let work = by_partition
-        .into_iter()
-        .map(|((topic, partition), messages)| {
-            let span = tracing::info_span!("partition", %topic, partition);
-            let ctx = ctx.clone();
-            async move {
-                let last = messages.last().map(|m| m.offset()).unwrap_or(-1);
-                ctx.metrics
-                    .consumed
-                    .with_label_values(&[&topic])
-                    .inc_by(messages.len() as u64);
-                ctx.metrics
-                    .batch_size
-                    .with_label_values(&[stage::APPLY])
-                    .observe(messages.len() as f64);
-                let result = partition::process(&ctx, messages).await;
-                (topic, partition, last, result)
-            }
-            .instrument(span)
-        });
+    let work = by_topic.into_iter().map(|(topic, (messages, last))| {
+        let partitions: Vec<i32> = last.keys().copied().collect();
+        let span = tracing::info_span!("share", %topic, ?partitions);
+        let ctx = ctx.clone();
+        async move {
+            ctx.metrics
+                .consumed
+                .with_label_values(&[&topic])
+                .inc_by(messages.len() as u64);
+            ctx.metrics
+                .batch_size
+                .with_label_values(&[stage::APPLY])
+                .observe(messages.len() as f64);
+            let result = share::process(&ctx, messages).await;
+            (topic, last, result)
+        }
+        .instrument(span)
+    });
     let work = join_all(work);
     tokio::pin!(work);
     let mut held = false;
@@ -550,19 +549,21 @@ async fn process_batch<S: Sink>(
         hold_partitions(consumer, false);
     }
     let mut fatal = None;
-    for (topic, partition, last, result) in results {
+    for (topic, last, result) in results {
         match result {
-            Ok(PartitionResult::Done) => {
-                // One list per partition, so a revoked partition fails alone.
-                let mut next = TopicPartitionList::new();
-                next.add_partition_offset(&topic, partition, Offset::Offset(last + 1))?;
-                if let Err(e) = consumer.store_offsets(&next) {
-                    // Revoked meanwhile: its new owner replays from the committed offset, and
-                    // the version guard absorbs the repeat.
-                    tracing::debug!(error = %e, %topic, partition, "offset not stored (revoked?)");
+            Ok(ShareResult::Done) => {
+                for (partition, last) in last {
+                    // One list per partition, so a revoked partition fails alone.
+                    let mut next = TopicPartitionList::new();
+                    next.add_partition_offset(&topic, partition, Offset::Offset(last + 1))?;
+                    if let Err(e) = consumer.store_offsets(&next) {
+                        // Revoked meanwhile: its new owner replays from the committed offset,
+                        // and the version guard absorbs the repeat.
+                        tracing::debug!(error = %e, %topic, partition, "offset not stored (revoked?)");
+                    }
                 }
             }
-            Ok(PartitionResult::Abandoned) => {}
+            Ok(ShareResult::Abandoned) => {}
             Err(e) => fatal = Some(e),
         }
     }

@@ -495,6 +495,25 @@ pub fn customer_event(
     }
 }
 
+/// Creates `config`'s topic for `aggregate_type` as the relay would, and a plain producer for
+/// a test to write to it: (topic, producer).
+pub async fn topic_with_producer(
+    config: &Config,
+    aggregate_type: &str,
+) -> (String, rdkafka::producer::FutureProducer) {
+    let topic = config.kafka.topic_for(aggregate_type);
+    dualsync::publish::Publisher::new(&config.kafka)
+        .unwrap()
+        .ensure_topic(&topic)
+        .await
+        .unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .unwrap();
+    (topic, producer)
+}
+
 /// Produces `messages` (key, value) to partition 0 of `topic`, in order, each acknowledged.
 pub async fn produce_in_order(
     producer: &rdkafka::producer::FutureProducer,

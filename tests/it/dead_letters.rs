@@ -448,3 +448,104 @@ async fn events_that_do_not_route_to_their_topic_or_type_are_poison() {
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
+
+/// A record the sink refuses (a value its column cannot take) in a batch that holds all three
+/// partitions of its topic: apply writes a topic's share of a batch in one write, so the
+/// refusal must be narrowed down to that record. Everything else is written, the record is
+/// dead-lettered with its own partition and offset, and every partition's committed offset
+/// moves past the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_the_sink_refuses_is_dead_lettered_alone_and_every_partition_moves_on() {
+    const UUID_EMAILS: &str = r#"
+[sinks.postgres.tables.customers]
+columns = [{ name = "email", type = "uuid" }]
+"#;
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), UUID_EMAILS);
+    let (topic, producer) = topic_with_producer(&config, "customers").await;
+    let schemas = schemas();
+    let with_email = |id: &str, email: &str| {
+        let payload = json!({"id": id, "name": "n", "email": email, "order_count": 1});
+        schemas
+            .encode(&customer_event(id, 1, Some(payload)))
+            .unwrap()
+    };
+    // Everything is on the topic before apply starts, so its first batch spans the partitions.
+    let mut good = Vec::new();
+    for partition in 0..3 {
+        for n in 0..3 {
+            let id = format!("p{partition}-{n}");
+            let value = if (partition, n) == (1, 1) {
+                with_email("refused", "not a uuid")
+            } else {
+                good.push(id.clone());
+                with_email(&id, &uuid::Uuid::new_v4().to_string())
+            };
+            let key = if (partition, n) == (1, 1) {
+                "refused"
+            } else {
+                &id
+            };
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(key)
+                        .payload(&value)
+                        .partition(partition),
+                    std::time::Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    let cancel = CancellationToken::new();
+    let (apply, stats) = spawn_apply(&config, "postgres", &cancel);
+    let letters = read_topic(&servers.kafka, &format!("{topic}.dlq"), 1).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].key(), Some(&b"refused"[..]));
+    assert_eq!(header(&letters[0], dlq::STAGE).as_deref(), Some("sink"));
+    assert_eq!(header(&letters[0], dlq::PARTITION).as_deref(), Some("1"));
+    assert_eq!(header(&letters[0], dlq::OFFSET).as_deref(), Some("1"));
+    let replica = dualsync::pg::connect(&sink_url).await.unwrap();
+    eventually("every other record is written", || async {
+        let rows = replica
+            .query(
+                "SELECT id FROM replica.customers ORDER BY id COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            .unwrap_or_else(|_| Vec::new());
+        rows == good
+    })
+    .await;
+    assert_eq!(total(&stats.dead_lettered), 1);
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+
+    let group = config.group_id("postgres");
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        partitions.add_partition(&topic, p);
+    }
+    let committed = rdkafka::consumer::Consumer::committed_offsets(
+        &consumer,
+        partitions,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    for p in 0..3 {
+        assert_eq!(
+            committed.find_partition(&topic, p).map(|e| e.offset()),
+            Some(rdkafka::Offset::Offset(3)),
+            "partition {p}'s committed offset"
+        );
+    }
+}

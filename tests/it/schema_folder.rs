@@ -5,8 +5,6 @@
 
 use std::path::Path;
 
-use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -46,16 +44,7 @@ async fn apply_reads_its_schemas_folder_again_for_an_unknown_fingerprint() {
     let old_writer = SchemaStore::load_dir(&apply_dir).unwrap();
     let new_writer = SchemaStore::load_dir(&writer_dir).unwrap();
 
-    let topic = config.kafka.topic_for("customers");
-    dualsync::publish::Publisher::new(&config.kafka)
-        .unwrap()
-        .ensure_topic(&topic)
-        .await
-        .unwrap();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &servers.kafka)
-        .create()
-        .unwrap();
+    let (topic, producer) = topic_with_producer(&config, "customers").await;
     let customer = |id: &str, tier: Option<&str>| {
         let mut payload = json!({"id": id, "name": "n", "email": "e", "order_count": 1});
         if let Some(t) = tier {
