@@ -4,9 +4,9 @@
 //! the dead-letter topic acknowledged the dead letter, so a crash or a rebalance can replay
 //! events but never lose one; the sinks' version guard makes the replay harmless. Messages of
 //! one partition are handled strictly in order; a batch is written topic by topic (one sink
-//! write per topic, different topics concurrently). Transient failures are retried with exponential backoff and jitter, holding
-//! that partition's position, for as long as it takes (or until shutdown, which abandons the
-//! batch uncommitted).
+//! write per topic, different topics concurrently). Transient failures are retried with
+//! exponential backoff and jitter, holding the partitions' positions, for as long as it takes
+//! (or until shutdown, which abandons the batch uncommitted).
 
 mod share;
 

@@ -35,7 +35,7 @@ pub struct PostgresSink {
 
 /// The sink's connection, with the upsert of each table prepared on it once: a statement
 /// prepared per write costs a second round trip and a parse in PostgreSQL on every batch
-/// (at 1,000 events/s apply writes a few hundred batches a second).
+/// (at 1,000 events/s apply writes about 140 batches a second).
 struct Connection {
     client: Client,
     upserts: Mutex<HashMap<String, Statement>>,
