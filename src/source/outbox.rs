@@ -104,7 +104,7 @@ pub struct OutboxSource {
     /// is drained. The next read comes `linger_ms` after it, without the wait lock and a
     /// NOTIFY: under a steady load a batch costs one read instead of four round trips.
     last_short_read: Option<std::time::Instant>,
-    /// The aggregate types this pipeline publishes, and its read statement with them.
+    /// The aggregate types this pipeline publishes: parameters of the read and the backlog query.
     filter: AggregateFilter,
     /// The read and the mark, prepared once per session.
     statements: Statements,
