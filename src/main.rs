@@ -394,6 +394,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.relay_port);
             let (metrics, control) = start_http(&config, "relay", port, &cancel).await?;
+            if config.outbox_source().is_ok() {
+                dualsync::pg::warm_tls_connector();
+            }
             if !dualsync::publish::wait_for_cluster(&config.kafka, &metrics.health, &cancel).await?
             {
                 return Ok(());
@@ -416,6 +419,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancel = shutdown_token();
             let port = http.http_port.unwrap_or(config.http.apply_port);
             let (metrics, control) = start_http(&config, "apply", port, &cancel).await?;
+            if matches!(sink_config, SinkConfig::Postgres(_)) {
+                dualsync::pg::warm_tls_connector();
+            }
             if !dualsync::publish::wait_for_cluster(&config.kafka, &metrics.health, &cancel).await?
             {
                 return Ok(());
