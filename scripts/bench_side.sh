@@ -140,7 +140,22 @@ stop_pipeline() {
         PIDS=()
     fi
 }
+# The broker's request counts by type (bench/jmx/BrokerRequests.java, compiled once into
+# $JMX_HOME), taken before and after each phase: the table shows requests per 1,000 events.
+JMX_HOME="$TOOLS_DIR/bench-jmx-$(sha256sum bench/jmx/BrokerRequests.java | cut -c1-12)"
+if [[ ! -f "$JMX_HOME/BrokerRequests.class" ]]; then
+    mkdir -p "$JMX_HOME"
+    javac -d "$JMX_HOME" bench/jmx/BrokerRequests.java || die "bench: javac bench/jmx/BrokerRequests.java failed"
+fi
+broker_requests() { # broker_requests OUT.json: {} (and a warning) when the broker's JVM cannot be attached to
+    java -cp "$JMX_HOME" BrokerRequests "$BROKER_PID" >"$1" 2>"$1.log" && return 0
+    warn "bench: cannot read the broker's request counts: $(tail -1 "$1.log")"
+    echo '{}' >"$1"
+}
+SAMPLER_OUT=
 start_sampler() { # start_sampler PIPELINE OUT.json
+    SAMPLER_OUT="$2"
+    broker_requests "$2.requests-before"
     local procs=(postgres="$PG_PID" broker="$BROKER_PID")
     if [[ "$1" == debezium ]]; then
         procs+=(connect="file:$WORK/$DB-connect.pid")
@@ -150,7 +165,20 @@ start_sampler() { # start_sampler PIPELINE OUT.json
     python3 scripts/bench_procs.py "$2" "${procs[@]}" &
     SAMPLER=$!
 }
-stop_sampler() { kill -TERM "$SAMPLER"; wait "$SAMPLER" || true; SAMPLER=; }
+stop_sampler() { # the broker's requests meanwhile go into OUT.json as broker.requests
+    kill -TERM "$SAMPLER"
+    wait "$SAMPLER" || true
+    SAMPLER=
+    broker_requests "$SAMPLER_OUT.requests-after"
+    python3 - "$SAMPLER_OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+procs, before, after = (json.load(open(f)) for f in (out, out + ".requests-before", out + ".requests-after"))
+if "broker" in procs:
+    procs["broker"]["requests"] = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+json.dump(procs, open(out, "w"))
+PY
+}
 # on_topic EXPECTED: every event's append time on its topic, into bench_on_topic.
 on_topic() {
     local n

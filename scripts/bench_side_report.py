@@ -25,6 +25,17 @@ def cpu_per_k(phase, proc):
     return round(p["cpu_s"] * 1000 / phase["events"], 3) if p and phase.get("events") else None
 
 
+def requests_per_k(phase, kinds):
+    """The broker's requests of these types per 1,000 events (None when not counted)."""
+    req = (phase or {}).get("processes", {}).get("broker", {}).get("requests")
+    if not req or not phase.get("events"):
+        return None
+    # FetchConsumer and FetchFollower are Fetch's requests again, split by who sent them.
+    every = [k for k in req if k not in ("FetchConsumer", "FetchFollower")]
+    n = sum(req.get(k, 0) for k in (every if kinds is None else kinds))
+    return round(n * 1000 / phase["events"])
+
+
 def rss_mib(phase, proc):
     p = (phase or {}).get("processes", {}).get(proc)
     return round(p["peak_rss_kib"] / 1024) if p else None
@@ -105,6 +116,9 @@ def main():
             " / ".join(fmt(cpu_per_k(a, p)) for p in PROCS["dualsync"]), "–")
         for proc in ("postgres", "broker"):
             row(f"{phase_name}: CPU s per 1,000 events, {proc}", cpu_per_k(a, proc), cpu_per_k(b, proc))
+        reqs = lambda x: (None if requests_per_k(x, None) is None else " / ".join(
+            fmt(requests_per_k(x, k)) for k in (("Produce",), ("Fetch",), None)))
+        row(f"{phase_name}: broker requests per 1,000 events, produce / fetch / all", reqs(a), reqs(b))
         row(f"{phase_name}: peak RSS MiB, relay / apply vs Connect",
             " / ".join(fmt(rss_mib(a, p)) for p in PROCS["dualsync"]), rss_mib(b, "connect"))
         row(f"{phase_name}: peak RSS MiB, PostgreSQL (all processes, shared memory counted per process) / broker",
