@@ -16,8 +16,18 @@ import javax.management.remote.JMXServiceURL;
  * Attaches to the broker's JVM (same user) and starts its local management agent if needed.
  */
 public final class BrokerRequests {
-    public static void main(String[] args) throws Exception {
-        VirtualMachine vm = VirtualMachine.attach(args[0]);
+    public static void main(String[] args) {
+        try {
+            print(args[0]);
+        } catch (Exception e) {
+            // One line for the bench's warning: the reason, not a stack trace.
+            System.err.println("broker pid " + args[0] + ": " + e);
+            System.exit(1);
+        }
+    }
+
+    private static void print(String pid) throws Exception {
+        VirtualMachine vm = VirtualMachine.attach(pid);
         try (JMXConnector jmx = JMXConnectorFactory.connect(new JMXServiceURL(vm.startLocalManagementAgent()))) {
             MBeanServerConnection server = jmx.getMBeanServerConnection();
             Map<String, Long> counts = new TreeMap<>();
