@@ -192,17 +192,15 @@ impl PostgresSink {
         Ok(connection)
     }
 
-    /// `namespace`'s upsert, prepared on `connection` the first time it is needed there.
+    /// `namespace`'s upsert, prepared on `connection` the first time it is needed there. The
+    /// cache stays locked while it prepares, so concurrent shares prepare it once.
     async fn upsert(&self, connection: &Connection, namespace: &str) -> Result<Statement, Error> {
-        if let Some(statement) = connection.upserts.lock().await.get(namespace) {
+        let mut upserts = connection.upserts.lock().await;
+        if let Some(statement) = upserts.get(namespace) {
             return Ok(statement.clone());
         }
         let statement = connection.prepare(&self.upsert_sql(namespace)).await?;
-        connection
-            .upserts
-            .lock()
-            .await
-            .insert(namespace.to_string(), statement.clone());
+        upserts.insert(namespace.to_string(), statement.clone());
         Ok(statement)
     }
 
