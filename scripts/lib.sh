@@ -445,6 +445,10 @@ write_env_file() {
             echo "export DUALSYNC_TEST_KAFKA_SASL_PASSWORD_FILE=$STATE_DIR/kafka/sasl-password"
             echo "export DUALSYNC_TEST_KAFKA_CA=$STATE_DIR/kafka/tls/ca.pem"
         fi
+        # The fault tests' proxy (installed by scripts/test.sh), when it is there.
+        if [[ -x "$(go_tool_bin toxiproxy)" ]]; then
+            echo "export DUALSYNC_TEST_TOXIPROXY=$(go_tool_bin toxiproxy)"
+        fi
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -465,6 +469,10 @@ export_pipeline_env() {
     export DUALSYNC_SINKS__MONGO__URL="mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"
     export DUALSYNC_SINKS__MONGO__DATABASE="$mongo_db"
 }
+
+# Test tools built with `go install` (Toxiproxy).
+# shellcheck source=scripts/go_tools.sh
+. "$REPO_ROOT/scripts/go_tools.sh"
 
 # The schema registry's install/up/down (the fifth server).
 # shellcheck source=scripts/registry.sh

@@ -16,6 +16,9 @@ bash scripts/up.sh all
 install_prometheus
 log "alert rules: promtool check rules and promtool test rules"
 test_prometheus_rules
+# Toxiproxy (Go module proxy) for the fault tests that cut, slow and reset network links.
+install_go_tool toxiproxy
+write_env_file
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 

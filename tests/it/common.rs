@@ -46,6 +46,15 @@ pub fn servers() -> Servers {
     }
 }
 
+/// A port nothing listens on right now, for a private server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}_{}",

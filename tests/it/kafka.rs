@@ -350,14 +350,6 @@ fn sasl_listener() -> SaslListener {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The dualsync binary with the SASL password given only through the environment.
 fn spawn_with_password(args: &[&str], password: &str, log: &std::path::Path) -> Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_dualsync"))

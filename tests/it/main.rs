@@ -45,3 +45,4 @@ mod shutdown;
 mod sink_outage;
 mod sinks;
 mod subscriptions;
+pub mod toxiproxy;

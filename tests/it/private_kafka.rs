@@ -10,18 +10,10 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
-use crate::common::unique;
+use crate::common::{free_port, unique};
 
 /// How long a node may take to start listening (a JVM on a busy 2-core machine).
 const START_DEADLINE: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn libs() -> PathBuf {
     std::env::var_os("DUALSYNC_TEST_KAFKA_LIBS")

@@ -1,0 +1,58 @@
+# shellcheck shell=bash disable=SC2034 # variables are used by the sourcing scripts
+# Test tools built from the Go module proxy with `go install`, each into
+# $TOOLS_DIR/<name>-<version>/bin and reused while that version is there:
+#
+#   toxiproxy  Shopify's fault proxy (network partitions, slow links, resets) for the fault tests
+#
+# Source it after lib.sh; `install_go_tool toxiproxy` installs one, `go_tool_bin toxiproxy`
+# prints the path of its program.
+
+TOXIPROXY_VERSION=2.5.0
+
+# NAME -> "module@version program-name"
+go_tool_spec() {
+    case "$1" in
+        toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@v$TOXIPROXY_VERSION toxiproxy-server" ;;
+        *) die "no Go tool named '$1'" ;;
+    esac
+}
+
+go_tool_home() {
+    local spec module version
+    spec="$(go_tool_spec "$1")"
+    module="${spec%% *}"
+    version="${module##*@v}"
+    echo "$TOOLS_DIR/$1-$version"
+}
+
+go_tool_bin() {
+    local spec
+    spec="$(go_tool_spec "$1")"
+    echo "$(go_tool_home "$1")/bin/${spec##* }"
+}
+
+install_go_tool() {
+    local name="$1" spec module program home bin tmp
+    spec="$(go_tool_spec "$name")"
+    module="${spec%% *}"
+    program="${spec##* }"
+    home="$(go_tool_home "$name")"
+    bin="$home/bin/$program"
+    if [[ -x "$bin" ]]; then
+        log "$name: already installed ($bin)"
+        return 0
+    fi
+    command -v go >/dev/null 2>&1 || die "$name: the Go toolchain is needed to build $module (go install); install Go 1.22 or newer"
+    log "$name: go install $module (into $home)"
+    tmp="$(mktemp -d)"
+    if ! GOBIN="$tmp" GOFLAGS=-mod=mod go install "$module" >"$tmp/install.log" 2>&1; then
+        log_tail "$tmp/install.log" 40
+        rm -rf "$tmp"
+        die "$name: go install $module failed"
+    fi
+    mkdir -p "$home/bin"
+    # `go install` names the program after the module path's last element (often `server`).
+    mv -f "$tmp/$(basename "${module%@*}")" "$bin"
+    rm -rf "$tmp"
+    log "$name: installed $bin"
+}
