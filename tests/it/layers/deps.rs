@@ -44,14 +44,25 @@ impl Rooms {
                 return BTreeSet::new();
             };
             match syn::parse_file(text) {
-                Ok(file) => file
-                    .items
-                    .iter()
-                    .filter_map(|item| match item {
-                        syn::Item::Mod(m) => Some(m.ident.to_string()),
-                        _ => None,
-                    })
-                    .collect(),
+                Ok(file) => {
+                    let mut rooms = BTreeSet::new();
+                    for item in &file.items {
+                        match item {
+                            syn::Item::Mod(m) if m.content.is_none() => {
+                                unfollowable_mod(root, m, problems);
+                                rooms.insert(m.ident.to_string());
+                            }
+                            // main.rs is a room of its own; the library's root only declares.
+                            _ if root == "main.rs" => {}
+                            _ => problems.push(
+                                "lib.rs: holds more than `mod` lines: the library's root only \
+                                 declares the rooms (move the rest into one)"
+                                    .to_string(),
+                            ),
+                        }
+                    }
+                    rooms
+                }
                 Err(e) => {
                     problems.push(format!("{root}: does not parse: {e}"));
                     BTreeSet::new()
@@ -88,6 +99,21 @@ impl Rooms {
                 "{path}: `{room}` is declared by neither lib.rs nor main.rs (a file nobody compiles?)"
             ))
         })
+    }
+}
+
+/// A `mod` the checker cannot follow: `#[path]` moves its file, `#[macro_use]` lends its
+/// macros to rooms that never name it.
+fn unfollowable_mod(file: &str, item: &syn::ItemMod, problems: &mut Vec<String>) {
+    for attr in &item.attrs {
+        if attr.path().is_ident("path") || attr.path().is_ident("macro_use") {
+            let line = item.ident.span().start().line;
+            problems.push(format!(
+                "{file}:{line}: `mod {}` with #[path] or #[macro_use] hides where code comes \
+                 from: use the default file and paths",
+                item.ident
+            ));
+        }
     }
 }
 
@@ -229,6 +255,9 @@ impl Scanner<'_> {
     /// The room of a path from a crate's root.
     fn room_in(&self, krate: Crate, absolute: &[String]) -> Result<Target, String> {
         let Some(first) = absolute.first() else {
+            if krate == Crate::Bin {
+                return Ok(Target::Room("main".to_string())); // main.rs is the binary's root
+            }
             return Err(
                 "names the crate root itself, which hides what is used: name the room".into(),
             );
@@ -342,6 +371,7 @@ fn segments(path: &syn::Path) -> Vec<String> {
 
 impl<'ast> Visit<'ast> for Scanner<'_> {
     fn visit_item_mod(&mut self, item: &'ast syn::ItemMod) {
+        unfollowable_mod(self.file, item, self.problems);
         // A `mod x;` line is the file x.rs, scanned on its own; a `mod x { … }` block is code.
         if item.content.is_some() {
             self.module.push(item.ident.to_string());
@@ -375,6 +405,14 @@ impl<'ast> Visit<'ast> for Scanner<'_> {
     }
 
     fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+        if mac.path.is_ident("include") {
+            let line = mac.path.segments[0].ident.span().start().line;
+            self.problems.push(format!(
+                "{}:{line}: include! pastes code from another file behind the checker's back: \
+                 make it a module",
+                self.file
+            ));
+        }
         visit::visit_macro(self, mac);
         self.tokens(mac.tokens.clone());
     }

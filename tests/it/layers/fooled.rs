@@ -155,13 +155,45 @@ fn naming_the_crate_root_cannot_hide_a_room() {
         "use crate::{self as c};\n",
         "use super as up;\n",
         "use super::*;\n",
-        "extern crate self as me;\n",
     ] {
         let wrong = check(&[("low.rs", text)]);
         assert!(
             wrong.len() == 1 && wrong[0].starts_with("low.rs:1: "),
             "{text}: {wrong:#?}"
         );
+    }
+}
+
+#[test]
+fn code_the_checker_cannot_follow_is_refused() {
+    for (file, text, expected) in [
+        (
+            "low.rs",
+            "extern crate self as me;\n",
+            "low.rs:1: `extern crate`",
+        ),
+        (
+            "low.rs",
+            "include!(\"../high.rs\");\n",
+            "low.rs:1: include!",
+        ),
+        (
+            "low.rs",
+            "#[path = \"../high.rs\"]\nmod h;\n",
+            "low.rs:2: `mod h` with #[path]",
+        ),
+        (
+            "lib.rs",
+            "#[macro_use]\npub mod high;\npub mod low;\npub mod low2;\npub mod low3;\n",
+            "lib.rs:2: `mod high`",
+        ),
+        (
+            "lib.rs",
+            "pub mod high;\npub mod low;\npub mod low2;\npub mod low3;\npub use high::go;\n",
+            "lib.rs: holds more than `mod` lines",
+        ),
+    ] {
+        reported(check(&[(file, text)]), expected);
     }
 }
 
