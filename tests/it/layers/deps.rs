@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use proc_macro2::{Ident, Spacing, TokenStream, TokenTree};
 use syn::visit::{self, Visit};
 
-/// `room` (of the file at `at`) names something in `to`.
+/// Code of room `from`, at `at`, names something in room `to`.
 #[derive(Debug, Clone)]
 pub struct Edge {
     pub from: String,
@@ -302,8 +302,10 @@ impl Scanner<'_> {
     }
 
     /// Paths in tokens syn leaves unparsed (macro arguments, attribute arguments): every
-    /// `a::b…` sequence, and string literals that parse as a path of two or more segments.
-    fn tokens(&mut self, tokens: TokenStream) {
+    /// `a::b…` sequence and, with `strings` (attributes, whose derives read them as paths:
+    /// `#[serde(default = "…")]`), string literals that parse as a path of two or more
+    /// segments. A macro's strings are text (format strings), not paths.
+    fn tokens(&mut self, tokens: TokenStream, strings: bool) {
         let tokens: Vec<TokenTree> = tokens.into_iter().collect();
         let mut i = 0;
         while i < tokens.len() {
@@ -330,8 +332,8 @@ impl Scanner<'_> {
             }
             if i == start {
                 match &tokens[i] {
-                    TokenTree::Group(group) => self.tokens(group.stream()),
-                    TokenTree::Literal(literal) => self.string_path(literal),
+                    TokenTree::Group(group) => self.tokens(group.stream(), strings),
+                    TokenTree::Literal(literal) if strings => self.string_path(literal),
                     _ => {}
                 }
                 i += 1;
@@ -414,7 +416,7 @@ impl<'ast> Visit<'ast> for Scanner<'_> {
             ));
         }
         visit::visit_macro(self, mac);
-        self.tokens(mac.tokens.clone());
+        self.tokens(mac.tokens.clone(), false);
     }
 
     fn visit_attribute(&mut self, attr: &'ast syn::Attribute) {
@@ -423,7 +425,7 @@ impl<'ast> Visit<'ast> for Scanner<'_> {
         }
         visit::visit_attribute(self, attr);
         match &attr.meta {
-            syn::Meta::List(list) => self.tokens(list.tokens.clone()),
+            syn::Meta::List(list) => self.tokens(list.tokens.clone(), true),
             syn::Meta::NameValue(nv) => {
                 if let syn::Expr::Lit(syn::ExprLit {
                     lit: syn::Lit::Str(s),

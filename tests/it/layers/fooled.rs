@@ -143,7 +143,8 @@ fn paths_in_code_macros_and_attribute_strings_are_seen() {
 fn comments_and_strings_are_no_imports() {
     let wrong = check(&[(
         "low.rs",
-        "pub struct A;\n// use crate::high;\n/// [`crate::high`]\nconst S: &str = \"crate::high::go\";\n",
+        "pub struct A;\n// use crate::high;\n/// [`crate::high`]\nconst S: &str = \"crate::high::go\";\n\
+         fn f() { println!(\"crate::high::go\"); }\n",
     )]);
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
