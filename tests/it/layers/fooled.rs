@@ -47,15 +47,30 @@ fn reported(wrong: Vec<String>, expected: &str) {
     );
 }
 
+/// `high` using each `low` in a different way, all of them downward.
+const HIGH_USES_LOW: &str = "use crate::{low::{self, A}, low2};\nuse super::low3 as l3;\n\
+    mod tests { use super::super::low::A; }\n\
+    fn f() -> crate::low::A { let _ = format!(\"{}\", crate::low2::N); crate::low::A }\n";
+
 #[test]
 fn a_tree_that_keeps_the_rules_passes() {
-    let wrong = check(&[(
-        "high.rs",
-        "use crate::{low::{self, A}, low2};\nuse super::low3 as l3;\n\
-         mod tests { use super::super::low::A; }\n\
-         fn f() -> crate::low::A { let _ = format!(\"{}\", crate::low2::N); crate::low::A }\n",
-    )]);
+    let wrong = check(&[("high.rs", HIGH_USES_LOW)]);
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn the_same_tree_with_its_layers_swapped_is_reported() {
+    let swapped = "# Contributing\n\n## Layout\n\n1. `high`: now below\n\
+        2. `low`, `low2`, `low3`: now above\n3. `main`, `cli`: the binary\n";
+    let wrong = check_with(swapped, &[("high.rs", HIGH_USES_LOW)]);
+    assert_eq!(
+        wrong,
+        [
+            "high.rs:1: high (layer 1) uses low (layer 2), above it",
+            "high.rs:1: high (layer 1) uses low2 (layer 2), above it",
+            "high.rs:2: high (layer 1) uses low3 (layer 2), above it",
+        ]
+    );
 }
 
 #[test]
