@@ -13,6 +13,7 @@ mod dlq_commands;
 mod dlq_tools;
 mod end_to_end;
 mod fake_registry;
+mod file_sizes;
 mod fingerprints;
 mod interop;
 mod interop_confluent;
