@@ -342,6 +342,30 @@ pub async fn snapshot(
     batch_size: usize,
     cancel: &CancellationToken,
 ) -> Result<Vec<SnapshotReport>, Error> {
+    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
+    let db = client.database(&source_config.database);
+    snapshot_from(
+        &db,
+        config,
+        source_config,
+        schemas,
+        only,
+        batch_size,
+        cancel,
+    )
+    .await
+}
+
+/// [`snapshot`] from a database handle of the caller's.
+pub async fn snapshot_from(
+    db: &mongodb::Database,
+    config: &Config,
+    source_config: &MongoSourceConfig,
+    schemas: Arc<SchemaStore>,
+    only: &[String],
+    batch_size: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<SnapshotReport>, Error> {
     use futures::TryStreamExt;
     use mongodb::bson::{doc, Document};
 
@@ -349,8 +373,6 @@ pub async fn snapshot(
         return Ok(Vec::new());
     };
     let publisher = Publisher::new(&config.kafka)?;
-    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
-    let db = client.database(&source_config.database);
     let start_at = crate::source::mongo::cluster_time(&db).await?;
     let collections = watched_collections(&db, source_config, only).await?;
     let mut reports = Vec::new();

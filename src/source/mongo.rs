@@ -32,7 +32,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
-use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position, TxnPlace};
+use super::mongo_offsets::{
+    lease_expiry, read_position, relay_clock, try_lease, Position, TxnPlace,
+};
 use super::resume_token;
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
@@ -137,6 +139,18 @@ impl MongoSource {
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, Error> {
         let client = Client::with_uri_str(config.url.expose()).await?;
+        Self::acquire_leadership_on(&client, config, pipeline, health, cancel).await
+    }
+
+    /// [`Self::acquire_leadership`] through a client of the caller's (one with command
+    /// monitoring, in the tests that pin what is sent to the server).
+    pub async fn acquire_leadership_on(
+        client: &Client,
+        config: &MongoSourceConfig,
+        pipeline: &str,
+        health: &Health,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self>, Error> {
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
         let offsets = db.collection_with_options::<Document>(
@@ -155,7 +169,7 @@ impl MongoSource {
         );
         let mut announced = false;
         loop {
-            if try_lease(&offsets, pipeline, &owner, config.lease_secs).await? {
+            if try_lease(&offsets, pipeline, &owner, config).await? {
                 tracing::info!(pipeline, "relay is the active leader");
                 break;
             }
@@ -178,7 +192,7 @@ impl MongoSource {
             offsets.clone(),
             pipeline.to_string(),
             owner.clone(),
-            config.lease_secs,
+            config.clone(),
             lease_lost.clone(),
             keeper_stop.clone(),
         ));
@@ -337,7 +351,7 @@ impl MongoSource {
             .offsets
             .update_one(
                 doc! {"_id": &self.pipeline, "owner": &self.owner},
-                doc! {"$set": {"expires_at": DateTime::now()}},
+                doc! {"$set": {"expires_at": relay_clock(&self.config)}},
             )
             .await;
         if let Err(e) = released {
@@ -372,14 +386,7 @@ impl MongoSource {
         if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
-        if !try_lease(
-            &self.offsets,
-            &self.pipeline,
-            &self.owner,
-            self.config.lease_secs,
-        )
-        .await?
-        {
+        if !try_lease(&self.offsets, &self.pipeline, &self.owner, &self.config).await? {
             return Err(Error::LeaseLost(self.pipeline.clone()));
         }
         self.last_renewal = Instant::now();
@@ -401,7 +408,7 @@ impl MongoSource {
         };
         let mut set = set;
         set.insert("updated_at", DateTime::now());
-        set.insert("expires_at", lease_expiry(self.config.lease_secs));
+        set.insert("expires_at", lease_expiry(&self.config));
         let result = self
             .offsets
             .update_one(
@@ -630,17 +637,17 @@ async fn keep_lease(
     offsets: Collection<Document>,
     pipeline: String,
     owner: String,
-    lease_secs: u64,
+    config: MongoSourceConfig,
     lost: CancellationToken,
     stop: CancellationToken,
 ) {
-    let interval = Duration::from_secs(lease_secs) / 3;
+    let interval = Duration::from_secs(config.lease_secs) / 3;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        match try_lease(&offsets, &pipeline, &owner, lease_secs).await {
+        match try_lease(&offsets, &pipeline, &owner, &config).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(pipeline, "the relay lease was taken over by another relay");

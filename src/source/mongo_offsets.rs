@@ -8,6 +8,7 @@ use mongodb::bson::{doc, DateTime, Document, Timestamp};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
+use crate::config::MongoSourceConfig;
 use crate::error::{Error, MONGO_DUPLICATE_KEY};
 
 /// Cluster time and position in its transaction of the change a token was saved after, so a
@@ -24,8 +25,13 @@ pub enum Position {
     At(Timestamp),
 }
 
-pub(super) fn lease_expiry(lease_secs: u64) -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + lease_secs as i64 * 1000)
+/// This relay's wall clock: the system's, shifted by `test_clock_skew_ms` (test-only).
+pub(super) fn relay_clock(config: &MongoSourceConfig) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + config.test_clock_skew_ms)
+}
+
+pub(super) fn lease_expiry(config: &MongoSourceConfig) -> DateTime {
+    DateTime::from_millis(relay_clock(config).timestamp_millis() + config.lease_secs as i64 * 1000)
 }
 
 /// Takes or renews the lease: succeeds when it is free, expired, or already ours.
@@ -33,14 +39,14 @@ pub(super) async fn try_lease(
     offsets: &Collection<Document>,
     pipeline: &str,
     owner: &str,
-    lease_secs: u64,
+    config: &MongoSourceConfig,
 ) -> Result<bool, Error> {
     let filter = doc! {"_id": pipeline, "$or": [
         {"owner": owner},
         {"owner": {"$exists": false}},
-        {"expires_at": {"$lt": DateTime::now()}},
+        {"expires_at": {"$lt": relay_clock(config)}},
     ]};
-    let update = doc! {"$set": {"owner": owner, "expires_at": lease_expiry(lease_secs)}};
+    let update = doc! {"$set": {"owner": owner, "expires_at": lease_expiry(config)}};
     match offsets
         .find_one_and_update(filter, update)
         .upsert(true)

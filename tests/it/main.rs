@@ -21,6 +21,7 @@ mod kafka;
 mod layers;
 mod logs;
 mod mongo_delivery;
+mod mongo_primary_faults;
 mod mongo_source;
 mod mongo_verify;
 mod new_topics;
