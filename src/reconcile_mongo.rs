@@ -34,12 +34,11 @@ use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
 use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
-use crate::relay::mongo::watched_collections;
 use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
-use crate::source::mongo::cluster_time;
+use crate::source::mongo::{cluster_time, watched_collections};
 use crate::source::mongo_change::{
-    canonical_key, key_candidates, simplified_json, version_of, version_time,
+    canonical_key, id_of_key, simplified_json, version_of, version_time,
 };
 use crate::source::resume_token::cluster_time_of;
 
@@ -441,7 +440,7 @@ async fn find_extras(
     page: Vec<StoredRecord>,
     report: &mut VerifyReport,
 ) -> Result<(), Error> {
-    let ids: Vec<Bson> = page.iter().flat_map(|r| key_candidates(&r.0)).collect();
+    let ids: Vec<Bson> = page.iter().map(|r| id_of_key(&r.0)).collect();
     let present: HashSet<String> = db
         .collection::<Document>(collection)
         .find(doc! {"_id": {"$in": ids}})

@@ -17,7 +17,7 @@ use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, Outgoing, Publisher};
-use crate::source::mongo::MongoSource;
+use crate::source::mongo::{read_collection, watched_collections, MongoSource};
 use crate::source::mongo_change::MongoChange;
 use crate::source::Source;
 use crate::wire::EventCodec;
@@ -294,32 +294,6 @@ pub(crate) fn encode_or_dead_letter(
     }
 }
 
-/// The watched collections of the source's database that exist now, sorted; only those of
-/// `only` when it is not empty (each must be one of them).
-pub async fn watched_collections(
-    db: &mongodb::Database,
-    source_config: &MongoSourceConfig,
-    only: &[String],
-) -> Result<Vec<String>, Error> {
-    let mut collections: Vec<String> = db
-        .list_collection_names()
-        .await?
-        .into_iter()
-        .filter(|c| source_config.watches(c))
-        .collect();
-    collections.sort();
-    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Misconfigured(format!(
-            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
-            source_config.database
-        )));
-    }
-    if !only.is_empty() {
-        collections.retain(|c| only.contains(c));
-    }
-    Ok(collections)
-}
-
 /// What `dualsync snapshot` published for one collection.
 #[derive(Debug, serde::Serialize)]
 pub struct SnapshotReport {
@@ -367,14 +341,13 @@ pub async fn snapshot_from(
     cancel: &CancellationToken,
 ) -> Result<Vec<SnapshotReport>, Error> {
     use futures::TryStreamExt;
-    use mongodb::bson::{doc, Document};
 
     let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
         return Ok(Vec::new());
     };
     let publisher = Publisher::new(&config.kafka)?;
-    let start_at = crate::source::mongo::cluster_time(&db).await?;
-    let collections = watched_collections(&db, source_config, only).await?;
+    let start_at = crate::source::mongo::cluster_time(db).await?;
+    let collections = watched_collections(db, source_config, only).await?;
     let mut reports = Vec::new();
     for collection in collections {
         codec.ensure_registered(config, &collection).await?;
@@ -384,11 +357,7 @@ pub async fn snapshot_from(
             dead_lettered: 0,
             version: crate::source::mongo_change::snapshot_version(start_at),
         };
-        let mut cursor = db
-            .collection::<Document>(&collection)
-            .find(doc! {})
-            .sort(doc! {"_id": 1})
-            .await?;
+        let mut cursor = read_collection(db, &collection).await?;
         let mut done = false;
         while !done {
             let mut messages = Vec::with_capacity(batch_size);

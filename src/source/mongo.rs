@@ -23,18 +23,18 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
-use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType, WriteConcern};
+use mongodb::options::{
+    FullDocumentBeforeChangeType, FullDocumentType, ReadPreference, SelectionCriteria, WriteConcern,
+};
 use mongodb::{Client, Collection, Cursor, Database};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
-use super::mongo_offsets::{
-    lease_expiry, read_position, relay_clock, try_lease, Position, TxnPlace,
-};
+use super::mongo_offsets::{read_position, server_expiry, try_lease, Position, TxnPlace};
 use super::resume_token;
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
@@ -261,7 +261,9 @@ impl MongoSource {
     pub async fn begin_snapshot(&mut self) -> Result<(), Error> {
         let start_at = cluster_time(&self.db).await?;
         self.placed = None;
-        let pending: VecDeque<String> = self.watched_collections().await?.into();
+        let pending: VecDeque<String> = watched_collections(&self.db, &self.config, &[])
+            .await?
+            .into();
         tracing::info!(collections = ?pending, ?start_at, "snapshot of the watched collections started");
         self.phase = Phase::Snapshot {
             start_at,
@@ -270,19 +272,6 @@ impl MongoSource {
             finished: false,
         };
         Ok(())
-    }
-
-    /// The watched collections that exist now, sorted.
-    pub async fn watched_collections(&mut self) -> Result<Vec<String>, Error> {
-        let mut names: Vec<String> = self
-            .db
-            .list_collection_names()
-            .await?
-            .into_iter()
-            .filter(|c| self.config.watches(c))
-            .collect();
-        names.sort();
-        Ok(names)
     }
 
     async fn open(
@@ -351,7 +340,7 @@ impl MongoSource {
             .offsets
             .update_one(
                 doc! {"_id": &self.pipeline, "owner": &self.owner},
-                doc! {"$set": {"expires_at": relay_clock(&self.config)}},
+                vec![doc! {"$set": {"expires_at": "$$NOW"}}],
             )
             .await;
         if let Err(e) = released {
@@ -406,14 +395,20 @@ impl MongoSource {
                 doc! {"token": Bson::Null, "start_at": *at, "txn_place": Bson::Null}
             }
         };
-        let mut set = set;
-        set.insert("updated_at", DateTime::now());
-        set.insert("expires_at", lease_expiry(&self.config));
+        // An update pipeline, so the renewal is in the server's time (as in `try_lease`); the
+        // values are literals, never read as expressions.
+        let mut set: Document = set
+            .into_iter()
+            .map(|(k, v)| (k, Bson::Document(doc! {"$literal": v})))
+            .collect();
+        set.insert("updated_at", "$$NOW");
+        set.insert("renewed_at", "$$NOW");
+        set.insert("expires_at", server_expiry(&self.config));
         let result = self
             .offsets
             .update_one(
                 doc! {"_id": &self.pipeline, "owner": &self.owner},
-                doc! {"$set": set},
+                vec![doc! {"$set": set}],
             )
             .await?;
         if result.matched_count == 0 {
@@ -443,12 +438,7 @@ impl MongoSource {
                     *finished = true;
                     break;
                 };
-                let found = self
-                    .db
-                    .collection::<Document>(&collection)
-                    .find(doc! {})
-                    .sort(doc! {"_id": 1})
-                    .await?;
+                let found = read_collection(&self.db, &collection).await?;
                 *cursor = Some(Box::new((collection, found)));
             }
             let (collection, docs) = &mut **cursor.as_mut().expect("set above");
@@ -600,9 +590,61 @@ impl MongoSource {
     }
 }
 
-/// The cluster's current operation time (the server's answer to a no-op command).
+/// Where the reads of documents to publish go, whatever the URL's `readPreference`: to the
+/// primary. The snapshot and repair take the cluster time `T` from the primary and give what
+/// they read a version derived from `T`; a lagging secondary's older state read there would
+/// be published as the state at `T` (a change before `T` then in neither the snapshot nor the
+/// stream, or a repair outranking the real change). The change stream and verify's
+/// comparison reads follow the URL.
+pub fn on_primary() -> SelectionCriteria {
+    SelectionCriteria::ReadPreference(ReadPreference::Primary)
+}
+
+/// Every document of `collection` in `_id` order, read from the primary ([`on_primary`]):
+/// what a snapshot publishes.
+pub async fn read_collection(db: &Database, collection: &str) -> Result<Cursor<Document>, Error> {
+    Ok(db
+        .collection::<Document>(collection)
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .selection_criteria(on_primary())
+        .await?)
+}
+
+/// The watched collections of the source's database that exist now, sorted; only those of
+/// `only` when it is not empty (each must be one of them). (`listCollections` always goes to
+/// the primary.)
+pub async fn watched_collections(
+    db: &Database,
+    source_config: &MongoSourceConfig,
+    only: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut collections: Vec<String> = db
+        .list_collection_names()
+        .await?
+        .into_iter()
+        .filter(|c| source_config.watches(c))
+        .collect();
+    collections.sort();
+    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
+        return Err(Error::Misconfigured(format!(
+            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
+            source_config.database
+        )));
+    }
+    if !only.is_empty() {
+        collections.retain(|c| only.contains(c));
+    }
+    Ok(collections)
+}
+
+/// The cluster's current operation time (the server's answer to a no-op command, which the
+/// driver sends to the primary).
 pub async fn cluster_time(db: &Database) -> Result<Timestamp, Error> {
-    let reply = db.run_command(doc! {"ping": 1}).await?;
+    let reply = db
+        .run_command(doc! {"ping": 1})
+        .selection_criteria(on_primary())
+        .await?;
     reply
         .get_timestamp("operationTime")
         .or_else(|_| {
