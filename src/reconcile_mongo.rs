@@ -36,10 +36,9 @@ use crate::error::Error;
 use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
 use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
-use crate::source::mongo::{cluster_time, watched_collections};
-use crate::source::mongo_change::{
-    canonical_key, id_of_key, simplified_json, version_of, version_time,
-};
+use crate::source::mongo_change::{simplified_json, version_of, version_time};
+use crate::source::mongo_key::{canonical_key, id_of_key};
+use crate::source::mongo_reads::{cluster_time, watched_collections};
 use crate::source::resume_token::cluster_time_of;
 
 /// Longest the change stream is read to tell stale from different, per probe.

@@ -17,8 +17,9 @@ use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, Outgoing, Publisher};
-use crate::source::mongo::{read_collection, watched_collections, MongoSource};
+use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
+use crate::source::mongo_reads::{cluster_time, read_collection, watched_collections};
 use crate::source::Source;
 use crate::wire::EventCodec;
 
@@ -346,7 +347,7 @@ pub async fn snapshot_from(
         return Ok(Vec::new());
     };
     let publisher = Publisher::new(&config.kafka)?;
-    let start_at = crate::source::mongo::cluster_time(db).await?;
+    let start_at = cluster_time(db).await?;
     let collections = watched_collections(db, source_config, only).await?;
     let mut reports = Vec::new();
     for collection in collections {

@@ -26,15 +26,16 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
-use mongodb::options::{
-    FullDocumentBeforeChangeType, FullDocumentType, ReadPreference, SelectionCriteria, WriteConcern,
-};
+use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType, WriteConcern};
 use mongodb::{Client, Collection, Cursor, Database};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
-use super::mongo_offsets::{read_position, server_expiry, try_lease, Position, TxnPlace};
+use super::mongo_offsets::{
+    keep_lease, read_position, server_expiry, try_lease, Position, TxnPlace,
+};
+use super::mongo_reads::{cluster_time, read_collection, watched_collections};
 use super::resume_token;
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
@@ -590,75 +591,6 @@ impl MongoSource {
     }
 }
 
-/// Where the reads of documents to publish go, whatever the URL's `readPreference`: to the
-/// primary. The snapshot and repair take the cluster time `T` from the primary and give what
-/// they read a version derived from `T`; a lagging secondary's older state read there would
-/// be published as the state at `T` (a change before `T` then in neither the snapshot nor the
-/// stream, or a repair outranking the real change). The change stream and verify's
-/// comparison reads follow the URL.
-pub fn on_primary() -> SelectionCriteria {
-    SelectionCriteria::ReadPreference(ReadPreference::Primary)
-}
-
-/// Every document of `collection` in `_id` order, read from the primary ([`on_primary`]):
-/// what a snapshot publishes.
-pub async fn read_collection(db: &Database, collection: &str) -> Result<Cursor<Document>, Error> {
-    Ok(db
-        .collection::<Document>(collection)
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .selection_criteria(on_primary())
-        .await?)
-}
-
-/// The watched collections of the source's database that exist now, sorted; only those of
-/// `only` when it is not empty (each must be one of them). (`listCollections` always goes to
-/// the primary.)
-pub async fn watched_collections(
-    db: &Database,
-    source_config: &MongoSourceConfig,
-    only: &[String],
-) -> Result<Vec<String>, Error> {
-    let mut collections: Vec<String> = db
-        .list_collection_names()
-        .await?
-        .into_iter()
-        .filter(|c| source_config.watches(c))
-        .collect();
-    collections.sort();
-    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Misconfigured(format!(
-            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
-            source_config.database
-        )));
-    }
-    if !only.is_empty() {
-        collections.retain(|c| only.contains(c));
-    }
-    Ok(collections)
-}
-
-/// The cluster's current operation time (the server's answer to a no-op command, which the
-/// driver sends to the primary).
-pub async fn cluster_time(db: &Database) -> Result<Timestamp, Error> {
-    let reply = db
-        .run_command(doc! {"ping": 1})
-        .selection_criteria(on_primary())
-        .await?;
-    reply
-        .get_timestamp("operationTime")
-        .or_else(|_| {
-            reply
-                .get_document("$clusterTime")
-                .and_then(|c| c.get_timestamp("clusterTime"))
-        })
-        .map_err(|_| {
-            Error::Misconfigured(
-                "the MongoDB server reports no cluster time: change streams need a replica set (a single-node one will do)".into(),
-            )
-        })
-}
-
 /// A server error that means the position is gone becomes [`Error::HistoryLost`].
 pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
     match e.kind.as_ref() {
@@ -669,36 +601,5 @@ pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
             ))
         }
         _ => e.into(),
-    }
-}
-
-/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
-/// another relay holds it. A renewal that fails for a transient reason is tried again at the
-/// next interval: the lease outlives two missed renewals.
-async fn keep_lease(
-    offsets: Collection<Document>,
-    pipeline: String,
-    owner: String,
-    config: MongoSourceConfig,
-    lost: CancellationToken,
-    stop: CancellationToken,
-) {
-    let interval = Duration::from_secs(config.lease_secs) / 3;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        match try_lease(&offsets, &pipeline, &owner, &config).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(pipeline, "the relay lease was taken over by another relay");
-                lost.cancel();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(pipeline, error = %e, "cannot renew the relay lease; trying again")
-            }
-        }
     }
 }

@@ -4,9 +4,12 @@
 //! Every write of the position is filtered on `owner`, so a relay that lost its lease cannot
 //! move it; see [`super::mongo`] for why the position lives in the source database.
 
+use std::time::Duration;
+
 use mongodb::bson::{doc, DateTime, Document, Timestamp};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::MongoSourceConfig;
 use crate::error::{Error, MONGO_DUPLICATE_KEY};
@@ -124,4 +127,35 @@ pub async fn read_position(
         return Ok(Some(Position::After(token.clone(), place)));
     }
     Ok(saved.get_timestamp("start_at").ok().map(Position::At))
+}
+
+/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
+/// another relay holds it. A renewal that fails for a transient reason is tried again at the
+/// next interval: the lease outlives two missed renewals.
+pub(super) async fn keep_lease(
+    offsets: Collection<Document>,
+    pipeline: String,
+    owner: String,
+    config: MongoSourceConfig,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let interval = Duration::from_secs(config.lease_secs) / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match try_lease(&offsets, &pipeline, &owner, &config).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(pipeline, "the relay lease was taken over by another relay");
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(pipeline, error = %e, "cannot renew the relay lease; trying again")
+            }
+        }
+    }
 }

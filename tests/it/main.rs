@@ -20,6 +20,7 @@ pub mod interop_java;
 mod kafka;
 mod layers;
 mod logs;
+mod mongo_common;
 mod mongo_delivery;
 mod mongo_primary_faults;
 mod mongo_source;

@@ -23,7 +23,7 @@ use dualsync::source::mongo::MongoSource;
 use dualsync::source::Source;
 
 use crate::common::*;
-use crate::mongo_source::{leads, mongo_pipeline, sink_state, sinks, GENERIC, TYPED};
+use crate::mongo_common::{leads, mongo_pipeline, sink_state, sinks, GENERIC, TYPED};
 
 fn source_config(config: &Config) -> &dualsync::config::MongoSourceConfig {
     match &config.source {
@@ -169,7 +169,7 @@ impl Watch for Quiet {
 }
 
 /// What each sink holds of `carts`: the `is` field of every live document.
-async fn live(p: &crate::mongo_source::MongoPipeline) -> [BTreeSet<String>; 2] {
+async fn live(p: &crate::mongo_common::MongoPipeline) -> [BTreeSet<String>; 2] {
     let (pg, mongo) = sinks(&p.config).await;
     let names = |state: std::collections::BTreeMap<String, serde_json::Value>| {
         state
@@ -183,7 +183,7 @@ async fn live(p: &crate::mongo_source::MongoPipeline) -> [BTreeSet<String>; 2] {
     ]
 }
 
-async fn sinks_hold(p: &crate::mongo_source::MongoPipeline, want: &[&str]) {
+async fn sinks_hold(p: &crate::mongo_common::MongoPipeline, want: &[&str]) {
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
     let last = Mutex::new(Default::default());
     let ok = dualsync::demo::wait_until(DEADLINE, || async {
@@ -281,7 +281,7 @@ async fn ids_that_differ_only_in_type_stay_apart_in_the_topic_the_sinks_and_veri
 
 /// Every mismatch verify finds in `carts` of `sink` (repairing them when `repair`).
 async fn verify_with<S: SinkReader>(
-    p: &crate::mongo_source::MongoPipeline,
+    p: &crate::mongo_common::MongoPipeline,
     source: &dualsync::config::MongoSourceConfig,
     sink: &S,
     sink_name: &str,

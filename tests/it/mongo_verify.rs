@@ -20,10 +20,10 @@ use dualsync::config::{SinkConfig, SourceConfig};
 use dualsync::publish::headers;
 use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::postgres::PostgresSink;
-use dualsync::source::mongo_change::canonical_key;
+use dualsync::source::mongo_key::canonical_key;
 
 use crate::common::*;
-use crate::mongo_source::{converged, leads, mongo_pipeline, MongoPipeline, GENERIC, TYPED};
+use crate::mongo_common::{converged, leads, mongo_pipeline, MongoPipeline, GENERIC, TYPED};
 use crate::processes::{sigterm, spawn, wait_exit, write_config};
 
 /// A MongoDB-primary pipeline (relay and both applies running) whose sinks hold `carts`
