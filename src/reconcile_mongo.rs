@@ -38,7 +38,7 @@ use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
 use crate::source::mongo_change::{simplified_json, version_of, version_time};
 use crate::source::mongo_key::{canonical_key, id_of_key};
-use crate::source::mongo_reads::{cluster_time, watched_collections};
+use crate::source::mongo_reads::{cluster_time, connect, watched_collections};
 use crate::source::resume_token::cluster_time_of;
 
 /// Longest the change stream is read to tell stale from different, per probe.
@@ -161,8 +161,7 @@ impl<S: SinkReader> MongoVerify<'_, S> {
         watch: &dyn Watch,
         cancel: &CancellationToken,
     ) -> Result<Outcome, Error> {
-        let client = mongodb::Client::with_uri_str(self.source.url.expose()).await?;
-        let db = client.database(&self.source.database);
+        let db = connect(self.source).await?;
         let collections = watched_collections(&db, self.source, self.only).await?;
         let loaded = match self.checkpoint {
             Some(path) => Checkpoint::load(path, self.sink_name)?,

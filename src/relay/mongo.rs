@@ -308,31 +308,9 @@ pub struct SnapshotReport {
 /// `dualsync snapshot` for a MongoDB source: publishes the current documents of `only` (or of
 /// every watched collection) as `snapshot` events, alongside a running relay or not. Their
 /// version is just below the cluster time at the start, so any change the stream publishes
-/// from then on wins, and what the snapshot read is at least as new as that time.
+/// from then on wins, and what the snapshot read is at least as new as that time. `db` is the
+/// source's database ([`crate::source::mongo_reads::connect`]).
 pub async fn snapshot(
-    config: &Config,
-    source_config: &MongoSourceConfig,
-    schemas: Arc<SchemaStore>,
-    only: &[String],
-    batch_size: usize,
-    cancel: &CancellationToken,
-) -> Result<Vec<SnapshotReport>, Error> {
-    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
-    let db = client.database(&source_config.database);
-    snapshot_from(
-        &db,
-        config,
-        source_config,
-        schemas,
-        only,
-        batch_size,
-        cancel,
-    )
-    .await
-}
-
-/// [`snapshot`] from a database handle of the caller's.
-pub async fn snapshot_from(
     db: &mongodb::Database,
     config: &Config,
     source_config: &MongoSourceConfig,

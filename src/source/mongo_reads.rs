@@ -8,6 +8,12 @@ use mongodb::{Cursor, Database};
 use crate::config::MongoSourceConfig;
 use crate::error::Error;
 
+/// The source's database, on a client of its own.
+pub async fn connect(source_config: &MongoSourceConfig) -> Result<Database, Error> {
+    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
+    Ok(client.database(&source_config.database))
+}
+
 /// Where the reads of documents to publish go, whatever the URL's `readPreference`: to the
 /// primary. The snapshot and repair take the cluster time `T` from the primary and give what
 /// they read a version derived from `T`; a lagging secondary's older state read there would

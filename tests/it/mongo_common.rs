@@ -74,6 +74,18 @@ lease_secs = 3
     }
 }
 
+/// [`mongo_pipeline`] on the shared server that publishes a snapshot first.
+pub(crate) async fn snapshotting_pipeline(servers: &Servers) -> MongoPipeline {
+    mongo_pipeline(
+        servers,
+        &servers.mongo,
+        "snapshot_on_start = true",
+        None,
+        None,
+    )
+    .await
+}
+
 /// The source's documents of `collection` as the sinks should hold them.
 pub(crate) async fn source_state(
     db: &mongodb::Database,

@@ -23,7 +23,9 @@ use dualsync::source::mongo::MongoSource;
 use dualsync::source::Source;
 
 use crate::common::*;
-use crate::mongo_common::{leads, mongo_pipeline, sink_state, sinks, GENERIC, TYPED};
+use crate::mongo_common::{
+    leads, mongo_pipeline, sink_state, sinks, snapshotting_pipeline, GENERIC, TYPED,
+};
 
 fn source_config(config: &Config) -> &dualsync::config::MongoSourceConfig {
     match &config.source {
@@ -102,7 +104,7 @@ async fn snapshot_and_repair_read_the_primary_whatever_the_urls_read_preference(
     relay.release().await;
     // `dualsync snapshot`.
     let reports =
-        dualsync::relay::mongo::snapshot_from(&db, &p.config, source, schemas(), &[], 100, &cancel)
+        dualsync::relay::mongo::snapshot(&db, &p.config, source, schemas(), &[], 100, &cancel)
             .await
             .unwrap();
     assert_eq!(reports.iter().map(|r| r.documents).sum::<u64>(), 2);
@@ -207,14 +209,7 @@ async fn sinks_hold(p: &crate::mongo_common::MongoPipeline, want: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ids_that_differ_only_in_type_stay_apart_in_the_topic_the_sinks_and_verify() {
     let servers = servers();
-    let p = mongo_pipeline(
-        &servers,
-        &servers.mongo,
-        "snapshot_on_start = true",
-        None,
-        None,
-    )
-    .await;
+    let p = snapshotting_pipeline(&servers).await;
     let carts = p.source_db.collection::<Document>(GENERIC);
     let oid = ObjectId::new();
     // Before the relay starts: published by its snapshot.

@@ -217,14 +217,7 @@ async fn inserts_updates_replaces_deletes_reach_both_sinks_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_killed_mid_stream_hands_over_and_resumes_without_a_gap() {
     let servers = servers();
-    let p = mongo_pipeline(
-        &servers,
-        &servers.mongo,
-        "snapshot_on_start = true",
-        None,
-        None,
-    )
-    .await;
+    let p = snapshotting_pipeline(&servers).await;
     let path = write_config(&p.toml);
     let path = path.to_str().unwrap();
     let carts = p.source_db.collection::<Document>(GENERIC);
@@ -378,14 +371,7 @@ async fn lost_history_stops_with_an_explanation_or_resnapshots_and_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshot_under_concurrent_writes_converges() {
     let servers = servers();
-    let p = mongo_pipeline(
-        &servers,
-        &servers.mongo,
-        "snapshot_on_start = true",
-        None,
-        None,
-    )
-    .await;
+    let p = snapshotting_pipeline(&servers).await;
     let carts = p.source_db.collection::<Document>(GENERIC);
     let customers = p.source_db.collection::<Document>(TYPED);
     let docs: Vec<Document> = (0..1500).map(|i| doc! {"_id": i, "v": 0}).collect();
