@@ -34,13 +34,11 @@ use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
 use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
-use crate::relay::mongo::watched_collections;
 use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
-use crate::source::mongo::cluster_time;
-use crate::source::mongo_change::{
-    canonical_key, key_candidates, simplified_json, version_of, version_time,
-};
+use crate::source::mongo_change::{simplified_json, version_of, version_time};
+use crate::source::mongo_key::{canonical_key, id_of_key};
+use crate::source::mongo_reads::{cluster_time, connect, watched_collections};
 use crate::source::resume_token::cluster_time_of;
 
 /// Longest the change stream is read to tell stale from different, per probe.
@@ -163,8 +161,7 @@ impl<S: SinkReader> MongoVerify<'_, S> {
         watch: &dyn Watch,
         cancel: &CancellationToken,
     ) -> Result<Outcome, Error> {
-        let client = mongodb::Client::with_uri_str(self.source.url.expose()).await?;
-        let db = client.database(&self.source.database);
+        let db = connect(self.source).await?;
         let collections = watched_collections(&db, self.source, self.only).await?;
         let loaded = match self.checkpoint {
             Some(path) => Checkpoint::load(path, self.sink_name)?,
@@ -441,7 +438,7 @@ async fn find_extras(
     page: Vec<StoredRecord>,
     report: &mut VerifyReport,
 ) -> Result<(), Error> {
-    let ids: Vec<Bson> = page.iter().flat_map(|r| key_candidates(&r.0)).collect();
+    let ids: Vec<Bson> = page.iter().map(|r| id_of_key(&r.0)).collect();
     let present: HashSet<String> = db
         .collection::<Document>(collection)
         .find(doc! {"_id": {"$in": ids}})

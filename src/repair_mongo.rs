@@ -33,7 +33,7 @@ pub async fn repair(
     advance: &(dyn Fn(u64) + Sync),
     cancel: &CancellationToken,
 ) -> Result<u64, Error> {
-    use crate::source::mongo_change::{canonical_key, key_candidates};
+    use crate::source::mongo_key::{canonical_key, id_of_key};
     use futures::TryStreamExt;
     use mongodb::bson::{doc, Bson, Document};
 
@@ -47,13 +47,14 @@ pub async fn repair(
     keys.sort_unstable();
     keys.dedup();
     begin(format!("repair {collection}"), Some(keys.len() as u64));
-    let at = crate::source::mongo::cluster_time(db).await?;
+    let at = crate::source::mongo_reads::cluster_time(db).await?;
     let mut published = 0;
     for chunk in keys.chunks(batch_size.max(1)) {
-        let ids: Vec<Bson> = chunk.iter().flat_map(|k| key_candidates(k)).collect();
+        let ids: Vec<Bson> = chunk.iter().map(|k| id_of_key(k)).collect();
         let mut current: HashMap<String, Document> = db
             .collection::<Document>(collection)
             .find(doc! {"_id": {"$in": ids}})
+            .selection_criteria(crate::source::mongo_reads::on_primary())
             .await?
             .try_collect::<Vec<Document>>()
             .await?
@@ -65,7 +66,7 @@ pub async fn repair(
             let document = current.remove(*key);
             let id = match &document {
                 Some(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
-                None => key_candidates(key).swap_remove(0),
+                None => id_of_key(key),
             };
             let change = MongoChange::repair(&source_config.database, collection, id, document, at);
             messages.push(encode_or_dead_letter(config, &codec, &change)?.unwrap_or_else(|l| l));

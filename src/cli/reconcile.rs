@@ -249,8 +249,10 @@ pub async fn snapshot(
             &config.encoding.schemas_dir,
         )?);
         let cancel = tokio_util::sync::CancellationToken::new();
+        let db = dualsync::source::mongo_reads::connect(source).await?;
         let reports =
-            dualsync::relay::mongo::snapshot(config, source, schemas, only, batch, &cancel).await?;
+            dualsync::relay::mongo::snapshot(&db, config, source, schemas, only, batch, &cancel)
+                .await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&reports)?);
         } else {

@@ -46,6 +46,10 @@ pub struct MongoSourceConfig {
     /// A standby takes over this long after the active relay stopped renewing its lease.
     #[serde(default = "super::defaults::lease_secs")]
     pub lease_secs: u64,
+    /// Test-only: shifts this relay's wall clock by this many milliseconds, standing for a
+    /// host whose clock is off (the tests of the lease use it). Never set in production.
+    #[serde(default)]
+    pub test_clock_skew_ms: i64,
 }
 
 impl MongoSourceConfig {

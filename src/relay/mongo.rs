@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::publish::{event_headers, Outgoing, Publisher};
 use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
+use crate::source::mongo_reads::{cluster_time, read_collection, watched_collections};
 use crate::source::Source;
 use crate::wire::EventCodec;
 
@@ -294,32 +295,6 @@ pub(crate) fn encode_or_dead_letter(
     }
 }
 
-/// The watched collections of the source's database that exist now, sorted; only those of
-/// `only` when it is not empty (each must be one of them).
-pub async fn watched_collections(
-    db: &mongodb::Database,
-    source_config: &MongoSourceConfig,
-    only: &[String],
-) -> Result<Vec<String>, Error> {
-    let mut collections: Vec<String> = db
-        .list_collection_names()
-        .await?
-        .into_iter()
-        .filter(|c| source_config.watches(c))
-        .collect();
-    collections.sort();
-    if let Some(unknown) = only.iter().find(|c| !collections.contains(c)) {
-        return Err(Error::Misconfigured(format!(
-            "collection {unknown:?} is not watched by this pipeline, or does not exist in database {:?} (watched: {collections:?})",
-            source_config.database
-        )));
-    }
-    if !only.is_empty() {
-        collections.retain(|c| only.contains(c));
-    }
-    Ok(collections)
-}
-
 /// What `dualsync snapshot` published for one collection.
 #[derive(Debug, serde::Serialize)]
 pub struct SnapshotReport {
@@ -333,8 +308,10 @@ pub struct SnapshotReport {
 /// `dualsync snapshot` for a MongoDB source: publishes the current documents of `only` (or of
 /// every watched collection) as `snapshot` events, alongside a running relay or not. Their
 /// version is just below the cluster time at the start, so any change the stream publishes
-/// from then on wins, and what the snapshot read is at least as new as that time.
+/// from then on wins, and what the snapshot read is at least as new as that time. `db` is the
+/// source's database ([`crate::source::mongo_reads::connect`]).
 pub async fn snapshot(
+    db: &mongodb::Database,
     config: &Config,
     source_config: &MongoSourceConfig,
     schemas: Arc<SchemaStore>,
@@ -343,16 +320,13 @@ pub async fn snapshot(
     cancel: &CancellationToken,
 ) -> Result<Vec<SnapshotReport>, Error> {
     use futures::TryStreamExt;
-    use mongodb::bson::{doc, Document};
 
     let Some(codec) = EventCodec::for_publishing(config, schemas, cancel).await? else {
         return Ok(Vec::new());
     };
     let publisher = Publisher::new(&config.kafka)?;
-    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
-    let db = client.database(&source_config.database);
-    let start_at = crate::source::mongo::cluster_time(&db).await?;
-    let collections = watched_collections(&db, source_config, only).await?;
+    let start_at = cluster_time(db).await?;
+    let collections = watched_collections(db, source_config, only).await?;
     let mut reports = Vec::new();
     for collection in collections {
         codec.ensure_registered(config, &collection).await?;
@@ -362,11 +336,7 @@ pub async fn snapshot(
             dead_lettered: 0,
             version: crate::source::mongo_change::snapshot_version(start_at),
         };
-        let mut cursor = db
-            .collection::<Document>(&collection)
-            .find(doc! {})
-            .sort(doc! {"_id": 1})
-            .await?;
+        let mut cursor = read_collection(db, &collection).await?;
         let mut done = false;
         while !done {
             let mut messages = Vec::with_capacity(batch_size);

@@ -2,7 +2,9 @@
 
 pub mod mongo;
 pub mod mongo_change;
+pub mod mongo_key;
 pub mod mongo_offsets;
+pub mod mongo_reads;
 pub mod outbox;
 pub mod resume_token;
 

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType, WriteConcern};
@@ -32,7 +32,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
-use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position, TxnPlace};
+use super::mongo_offsets::{
+    keep_lease, read_position, server_expiry, try_lease, Position, TxnPlace,
+};
+use super::mongo_reads::{cluster_time, read_collection, watched_collections};
 use super::resume_token;
 use super::Source;
 use crate::config::{MongoSourceConfig, OnHistoryLost};
@@ -137,6 +140,18 @@ impl MongoSource {
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, Error> {
         let client = Client::with_uri_str(config.url.expose()).await?;
+        Self::acquire_leadership_on(&client, config, pipeline, health, cancel).await
+    }
+
+    /// [`Self::acquire_leadership`] through a client of the caller's (one with command
+    /// monitoring, in the tests that pin what is sent to the server).
+    pub async fn acquire_leadership_on(
+        client: &Client,
+        config: &MongoSourceConfig,
+        pipeline: &str,
+        health: &Health,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self>, Error> {
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
         let offsets = db.collection_with_options::<Document>(
@@ -155,7 +170,7 @@ impl MongoSource {
         );
         let mut announced = false;
         loop {
-            if try_lease(&offsets, pipeline, &owner, config.lease_secs).await? {
+            if try_lease(&offsets, pipeline, &owner, config).await? {
                 tracing::info!(pipeline, "relay is the active leader");
                 break;
             }
@@ -178,7 +193,7 @@ impl MongoSource {
             offsets.clone(),
             pipeline.to_string(),
             owner.clone(),
-            config.lease_secs,
+            config.clone(),
             lease_lost.clone(),
             keeper_stop.clone(),
         ));
@@ -247,7 +262,9 @@ impl MongoSource {
     pub async fn begin_snapshot(&mut self) -> Result<(), Error> {
         let start_at = cluster_time(&self.db).await?;
         self.placed = None;
-        let pending: VecDeque<String> = self.watched_collections().await?.into();
+        let pending: VecDeque<String> = watched_collections(&self.db, &self.config, &[])
+            .await?
+            .into();
         tracing::info!(collections = ?pending, ?start_at, "snapshot of the watched collections started");
         self.phase = Phase::Snapshot {
             start_at,
@@ -256,19 +273,6 @@ impl MongoSource {
             finished: false,
         };
         Ok(())
-    }
-
-    /// The watched collections that exist now, sorted.
-    pub async fn watched_collections(&mut self) -> Result<Vec<String>, Error> {
-        let mut names: Vec<String> = self
-            .db
-            .list_collection_names()
-            .await?
-            .into_iter()
-            .filter(|c| self.config.watches(c))
-            .collect();
-        names.sort();
-        Ok(names)
     }
 
     async fn open(
@@ -337,7 +341,7 @@ impl MongoSource {
             .offsets
             .update_one(
                 doc! {"_id": &self.pipeline, "owner": &self.owner},
-                doc! {"$set": {"expires_at": DateTime::now()}},
+                vec![doc! {"$set": {"expires_at": "$$NOW"}}],
             )
             .await;
         if let Err(e) = released {
@@ -372,14 +376,7 @@ impl MongoSource {
         if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
-        if !try_lease(
-            &self.offsets,
-            &self.pipeline,
-            &self.owner,
-            self.config.lease_secs,
-        )
-        .await?
-        {
+        if !try_lease(&self.offsets, &self.pipeline, &self.owner, &self.config).await? {
             return Err(Error::LeaseLost(self.pipeline.clone()));
         }
         self.last_renewal = Instant::now();
@@ -399,14 +396,20 @@ impl MongoSource {
                 doc! {"token": Bson::Null, "start_at": *at, "txn_place": Bson::Null}
             }
         };
-        let mut set = set;
-        set.insert("updated_at", DateTime::now());
-        set.insert("expires_at", lease_expiry(self.config.lease_secs));
+        // An update pipeline, so the renewal is in the server's time (as in `try_lease`); the
+        // values are literals, never read as expressions.
+        let mut set: Document = set
+            .into_iter()
+            .map(|(k, v)| (k, Bson::Document(doc! {"$literal": v})))
+            .collect();
+        set.insert("updated_at", "$$NOW");
+        set.insert("renewed_at", "$$NOW");
+        set.insert("expires_at", server_expiry(&self.config));
         let result = self
             .offsets
             .update_one(
                 doc! {"_id": &self.pipeline, "owner": &self.owner},
-                doc! {"$set": set},
+                vec![doc! {"$set": set}],
             )
             .await?;
         if result.matched_count == 0 {
@@ -436,12 +439,7 @@ impl MongoSource {
                     *finished = true;
                     break;
                 };
-                let found = self
-                    .db
-                    .collection::<Document>(&collection)
-                    .find(doc! {})
-                    .sort(doc! {"_id": 1})
-                    .await?;
+                let found = read_collection(&self.db, &collection).await?;
                 *cursor = Some(Box::new((collection, found)));
             }
             let (collection, docs) = &mut **cursor.as_mut().expect("set above");
@@ -593,23 +591,6 @@ impl MongoSource {
     }
 }
 
-/// The cluster's current operation time (the server's answer to a no-op command).
-pub async fn cluster_time(db: &Database) -> Result<Timestamp, Error> {
-    let reply = db.run_command(doc! {"ping": 1}).await?;
-    reply
-        .get_timestamp("operationTime")
-        .or_else(|_| {
-            reply
-                .get_document("$clusterTime")
-                .and_then(|c| c.get_timestamp("clusterTime"))
-        })
-        .map_err(|_| {
-            Error::Misconfigured(
-                "the MongoDB server reports no cluster time: change streams need a replica set (a single-node one will do)".into(),
-            )
-        })
-}
-
 /// A server error that means the position is gone becomes [`Error::HistoryLost`].
 pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
     match e.kind.as_ref() {
@@ -620,36 +601,5 @@ pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
             ))
         }
         _ => e.into(),
-    }
-}
-
-/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
-/// another relay holds it. A renewal that fails for a transient reason is tried again at the
-/// next interval: the lease outlives two missed renewals.
-async fn keep_lease(
-    offsets: Collection<Document>,
-    pipeline: String,
-    owner: String,
-    lease_secs: u64,
-    lost: CancellationToken,
-    stop: CancellationToken,
-) {
-    let interval = Duration::from_secs(lease_secs) / 3;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        match try_lease(&offsets, &pipeline, &owner, lease_secs).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(pipeline, "the relay lease was taken over by another relay");
-                lost.cancel();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(pipeline, error = %e, "cannot renew the relay lease; trying again")
-            }
-        }
     }
 }

@@ -1,7 +1,8 @@
 //! MongoDB change events (and snapshot documents) as dualsync events: the pure part of the
 //! MongoDB source, kept apart so its rules are unit- and property-tested.
 //!
-//! - Key: the document's `_id` in canonical string form ([`canonical_key`]).
+//! - Key: the document's `_id` as a string that keeps its type (`super::mongo_key`; strings
+//!   as themselves, other ids as canonical Extended JSON).
 //! - Version: the operation's cluster time and its position in its transaction,
 //!   `seconds << 31 | increment << 11 | position` ([`version_of`]). The changes of one
 //!   multi-document transaction share its cluster time; the position orders them as the oplog
@@ -17,6 +18,7 @@ use base64::Engine;
 use mongodb::bson::{Bson, Document, Timestamp};
 use serde_json::{Map, Number, Value as Json};
 
+use super::mongo_key::canonical_key;
 use crate::codec::mongo::ChangeContext;
 use crate::codec::OutboxEvent;
 
@@ -166,19 +168,6 @@ pub fn version_of(cluster_time: Timestamp, txn_index: u64) -> i64 {
         | txn_index.min(MAX_TXN_INDEX) as i64
 }
 
-/// The `_id` as the message key and aggregate id: a string as itself, an ObjectId as its 24
-/// hex digits, an integer in decimal, anything else as relaxed Extended JSON text. (MongoDB
-/// treats int32 and int64 ids of equal value as the same `_id`, and so does this form.)
-pub fn canonical_key(id: &Bson) -> String {
-    match id {
-        Bson::String(s) => s.clone(),
-        Bson::ObjectId(o) => o.to_hex(),
-        Bson::Int32(i) => i.to_string(),
-        Bson::Int64(i) => i.to_string(),
-        other => other.clone().into_relaxed_extjson().to_string(),
-    }
-}
-
 /// A document as plain JSON for a collection with an Avro schema (the MongoDB Kafka
 /// connector's "simplified JSON"): ObjectId → hex string, date → RFC 3339 string, decimal →
 /// string, binary → base64 string, timestamp → `{t, i}`, the rest as relaxed Extended JSON.
@@ -229,31 +218,6 @@ pub fn version_time(version: i64) -> Timestamp {
         time: (v >> 31) as u32,
         increment: ((v >> TXN_INDEX_BITS) as u32) & MAX_INCREMENT,
     }
-}
-
-/// The `_id` values whose [`canonical_key`] is `key`: the string itself, and the ObjectId,
-/// integer or Extended JSON value it may stand for. The string comes first.
-pub fn key_candidates(key: &str) -> Vec<Bson> {
-    let mut out = vec![Bson::String(key.to_string())];
-    if let Ok(oid) = mongodb::bson::oid::ObjectId::parse_str(key) {
-        out.push(Bson::ObjectId(oid));
-    }
-    if let Ok(i) = key.parse::<i64>() {
-        out.push(match i32::try_from(i) {
-            Ok(small) => Bson::Int32(small),
-            Err(_) => Bson::Int64(i),
-        });
-    }
-    if let Some(value) = serde_json::from_str::<Json>(key)
-        .ok()
-        .and_then(|j| Bson::try_from(j).ok())
-    {
-        if !matches!(value, Bson::String(_) | Bson::Int32(_) | Bson::Int64(_)) {
-            out.push(value);
-        }
-    }
-    out.retain(|b| canonical_key(b) == key);
-    out
 }
 
 impl MongoChange {
@@ -447,29 +411,14 @@ mod tests {
     }
 
     #[test]
-    fn keys_in_canonical_form() {
-        let oid = ObjectId::parse_str("6b045d0eb6ebfed351ac9d18").unwrap();
-        assert_eq!(
-            canonical_key(&Bson::ObjectId(oid)),
-            "6b045d0eb6ebfed351ac9d18"
-        );
-        assert_eq!(canonical_key(&Bson::String("c-1".into())), "c-1");
-        assert_eq!(
-            canonical_key(&Bson::Int32(7)),
-            canonical_key(&Bson::Int64(7))
-        );
-        assert_eq!(
-            canonical_key(&Bson::Document(doc! {"a": 1, "b": "x"})),
-            r#"{"a":1,"b":"x"}"#
-        );
-    }
-
-    #[test]
     fn events_strip_the_id_and_pick_the_payload_form() {
         let change = parse_event(&raw("insert", 10, 1)).unwrap().unwrap();
         assert_eq!(change.operation, Operation::Insert);
         let generic = change.to_event(5, false);
-        assert_eq!(generic.aggregate_id, "6b045d0eb6ebfed351ac9d18");
+        assert_eq!(
+            generic.aggregate_id,
+            r#"{"$oid":"6b045d0eb6ebfed351ac9d18"}"#
+        );
         assert_eq!(generic.aggregate_type, "carts");
         assert_eq!(
             generic.payload,
@@ -521,35 +470,6 @@ mod tests {
             simplified_json(&d),
             serde_json::json!({"o": "6b045d0eb6ebfed351ac9d18", "at": "1970-01-01T00:00:00Z", "n": 3, "f": 1.5, "s": "x", "a": [1, "y"]})
         );
-    }
-
-    #[test]
-    fn key_candidates_are_the_ids_with_that_canonical_key() {
-        let oid = ObjectId::parse_str("6b045d0eb6ebfed351ac9d18").unwrap();
-        assert_eq!(
-            key_candidates(&oid.to_hex()),
-            [Bson::String(oid.to_hex()), Bson::ObjectId(oid)]
-        );
-        assert_eq!(
-            key_candidates("42"),
-            [Bson::String("42".into()), Bson::Int32(42)]
-        );
-        assert_eq!(
-            key_candidates("5000000000"),
-            [
-                Bson::String("5000000000".into()),
-                Bson::Int64(5_000_000_000)
-            ]
-        );
-        let uuid_like = canonical_key(&Bson::Document(doc! {"a": 1}));
-        assert_eq!(
-            key_candidates(&uuid_like),
-            [
-                Bson::String(uuid_like.clone()),
-                Bson::Document(doc! {"a": 1})
-            ]
-        );
-        assert_eq!(key_candidates("c1"), [Bson::String("c1".into())]);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use dualsync::sink::mongo::{CommandInterceptor, MongoSink};
 use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
-use crate::mongo_source::{converged, leads, mongo_pipeline, GENERIC};
+use crate::mongo_common::{converged, leads, mongo_pipeline, GENERIC};
 
 /// Runs apply on the `mongo` sink of `config` with `sink` (built by the test).
 fn spawn_apply_on(

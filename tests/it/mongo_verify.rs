@@ -10,7 +10,7 @@ use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, Bson, Document};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use serde_json::Value as Json;
@@ -20,9 +20,10 @@ use dualsync::config::{SinkConfig, SourceConfig};
 use dualsync::publish::headers;
 use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::postgres::PostgresSink;
+use dualsync::source::mongo_key::canonical_key;
 
 use crate::common::*;
-use crate::mongo_source::{converged, leads, mongo_pipeline, MongoPipeline, GENERIC, TYPED};
+use crate::mongo_common::{converged, leads, mongo_pipeline, MongoPipeline, GENERIC, TYPED};
 use crate::processes::{sigterm, spawn, wait_exit, write_config};
 
 /// A MongoDB-primary pipeline (relay and both applies running) whose sinks hold `carts`
@@ -136,6 +137,11 @@ fn kinds(report: &Json, collection: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The key of the integer `_id` `i` (its canonical Extended JSON).
+fn k(i: i32) -> String {
+    canonical_key(&Bson::Int32(i))
+}
+
 fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -153,20 +159,23 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
     // version) before its last change.
     run.pg_replica()
         .await
-        .batch_execute(
-            r#"DELETE FROM replica.carts WHERE id = '1';
-               UPDATE replica.carts SET doc = jsonb_set(doc, '{v}', '100') WHERE id = '2';
-               INSERT INTO replica.carts (id, doc, version) VALUES ('extra-1', '{"v": 1}', 1);
-               UPDATE replica.carts SET doc = jsonb_set(doc, '{v}', '5'), version = version - 1 WHERE id = '5';"#,
-        )
+        .batch_execute(&format!(
+            r#"DELETE FROM replica.carts WHERE id = '{}';
+               UPDATE replica.carts SET doc = jsonb_set(doc, '{{v}}', '100') WHERE id = '{}';
+               INSERT INTO replica.carts (id, doc, version) VALUES ('extra-1', '{{"v": 1}}', 1);
+               UPDATE replica.carts SET doc = jsonb_set(doc, '{{v}}', '5'), version = version - 1 WHERE id = '{}';"#,
+            k(1),
+            k(2),
+            k(5)
+        ))
         .await
         .unwrap();
     // MongoDB sink: the same kinds, and a live typed document turned into a tombstone.
     let replica = run.mongo_replica().await;
     let carts = replica.collection::<Document>(GENERIC);
-    carts.delete_one(doc! {"_id": "3"}).await.unwrap();
+    carts.delete_one(doc! {"_id": k(3)}).await.unwrap();
     carts
-        .update_one(doc! {"_id": "4"}, doc! {"$set": {"v": 400}})
+        .update_one(doc! {"_id": k(4)}, doc! {"$set": {"v": 400}})
         .await
         .unwrap();
     carts
@@ -177,7 +186,7 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
         .unwrap();
     carts
         .update_one(
-            doc! {"_id": "6"},
+            doc! {"_id": k(6)},
             doc! {"$set": {"v": 6}, "$inc": {"_dualsync.version": -1_i64}},
         )
         .await
@@ -196,9 +205,9 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
     assert_eq!(
         kinds(&report, GENERIC),
         expect(&[
-            ("1", "missing"),
-            ("2", "different"),
-            ("5", "stale"),
+            (k(1).as_str(), "missing"),
+            (k(2).as_str(), "different"),
+            (k(5).as_str(), "stale"),
             ("extra-1", "extra")
         ]),
         "{report}"
@@ -209,9 +218,9 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
     assert_eq!(
         kinds(&report, GENERIC),
         expect(&[
-            ("3", "missing"),
-            ("4", "different"),
-            ("6", "stale"),
+            (k(3).as_str(), "missing"),
+            (k(4).as_str(), "different"),
+            (k(6).as_str(), "stale"),
             ("extra-2", "extra")
         ]),
         "{report}"
@@ -247,7 +256,10 @@ async fn mongo_primary_verify_classifies_sink_damage_and_repair_converges_both_s
         .map(|m| String::from_utf8(m.key().unwrap().to_vec()).unwrap())
         .collect();
     keys.sort();
-    assert_eq!(keys, ["1", "2", "3", "4", "5", "6", "extra-1", "extra-2"]);
+    let mut want: Vec<String> = (1..=6).map(k).collect();
+    want.extend(["extra-1".to_string(), "extra-2".to_string()]);
+    want.sort();
+    assert_eq!(keys, want);
     for m in &repairs {
         let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();
         assert_eq!(
@@ -309,7 +321,7 @@ async fn mongo_primary_verify_streams_in_batches_and_resumes_after_its_checkpoin
     let run = start(1000, &[]).await;
     let replica = run.pg_replica().await;
     replica
-        .batch_execute("DELETE FROM replica.carts WHERE id = '10'")
+        .batch_execute(&format!("DELETE FROM replica.carts WHERE id = '{}'", k(10)))
         .await
         .unwrap();
     let checkpoint = std::env::temp_dir().join(format!("{}.json", unique("verify")));
@@ -353,7 +365,11 @@ async fn mongo_primary_verify_streams_in_batches_and_resumes_after_its_checkpoin
 
     // Damage in the range already verified is not seen again; after it, it is.
     replica
-        .batch_execute("DELETE FROM replica.carts WHERE id IN ('20', '400')")
+        .batch_execute(&format!(
+            "DELETE FROM replica.carts WHERE id IN ('{}', '{}')",
+            k(20),
+            k(400)
+        ))
         .await
         .unwrap();
     let path = checkpoint.to_str().unwrap();
@@ -372,7 +388,7 @@ async fn mongo_primary_verify_streams_in_batches_and_resumes_after_its_checkpoin
     assert!(stderr.contains("continued from checkpoint"), "{stderr}");
     assert_eq!(
         kinds(&report, GENERIC),
-        expect(&[("10", "missing"), ("400", "missing")]),
+        expect(&[(k(10).as_str(), "missing"), (k(400).as_str(), "missing")]),
         "{report}"
     );
     assert_eq!(report["aggregates"][0]["primary_rows"], 1000, "{report}");
@@ -400,7 +416,11 @@ async fn mongo_primary_verify_streams_in_batches_and_resumes_after_its_checkpoin
     assert_eq!(status.code(), Some(1), "{report}");
     assert_eq!(
         kinds(&report, GENERIC),
-        expect(&[("10", "missing"), ("20", "missing"), ("400", "missing")]),
+        expect(&[
+            (k(10).as_str(), "missing"),
+            (k(20).as_str(), "missing"),
+            (k(400).as_str(), "missing")
+        ]),
         "{report}"
     );
     run.stop().await;
@@ -411,7 +431,10 @@ async fn mongo_primary_verify_command_stopped_by_sigterm_continues_from_its_chec
     let run = start(1000, &[]).await;
     run.pg_replica()
         .await
-        .batch_execute("DELETE FROM replica.carts WHERE id = '999'")
+        .batch_execute(&format!(
+            "DELETE FROM replica.carts WHERE id = '{}'",
+            k(999)
+        ))
         .await
         .unwrap();
     let checkpoint = std::env::temp_dir().join(format!("{}.json", unique("verify")));
@@ -472,7 +495,7 @@ async fn mongo_primary_verify_command_stopped_by_sigterm_continues_from_its_chec
     assert!(stderr.contains("continued from checkpoint"), "{stderr}");
     assert_eq!(
         kinds(&report, GENERIC),
-        expect(&[("999", "missing")]),
+        expect(&[(k(999).as_str(), "missing")]),
         "{report}"
     );
     assert_eq!(report["aggregates"][0]["primary_rows"], 1000, "{report}");

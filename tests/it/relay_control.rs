@@ -23,7 +23,7 @@ use dualsync::metrics::names;
 use dualsync::publish::headers;
 
 use crate::common::*;
-use crate::mongo_source::{leads, mongo_pipeline, GENERIC};
+use crate::mongo_common::{leads, mongo_pipeline, GENERIC};
 use crate::operations::{http, scrape, sum};
 use crate::private_servers::PrivateServer;
 use crate::processes::write_config;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::harness::{dead_letters_are_the_poison, schedule, Faults, Pipeline, Proc, Role};
 use crate::common::*;
-use crate::mongo_source::{mongo_pipeline, sink_state, sinks, source_state, GENERIC, TYPED};
+use crate::mongo_common::{mongo_pipeline, sink_state, sinks, source_state, GENERIC, TYPED};
 use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
 
@@ -464,7 +464,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
 /// once (a relay killed between Kafka's acknowledgement and saving its position).
 async fn distinct_versions(
     brokers: &str,
-    p: &crate::mongo_source::MongoPipeline,
+    p: &crate::mongo_common::MongoPipeline,
     seed: u64,
 ) -> (usize, usize) {
     let mut changes = 0;
