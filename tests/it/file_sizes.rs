@@ -16,7 +16,7 @@ const LONG_FILES: &[(&str, &str)] = &[
     ("src/source/outbox.rs", "being split in a parallel branch"),
     (
         "tests/it/mongo_source.rs",
-        "being split in a parallel branch",
+        "the MongoDB source's end-to-end behaviours, one test each; shared set-up is in mongo_common.rs",
     ),
 ];
 
