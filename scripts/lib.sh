@@ -449,6 +449,13 @@ write_env_file() {
         if [[ -x "$(go_tool_bin toxiproxy)" ]]; then
             echo "export DUALSYNC_TEST_TOXIPROXY=$(go_tool_bin toxiproxy)"
         fi
+        # The chart's tests (tests/it/helm.rs) and the compose file's (tests/it/compose.rs).
+        if [[ -x "$(go_tool_bin helm)" ]]; then
+            echo "export DUALSYNC_TEST_HELM=$(go_tool_bin helm)"
+        fi
+        if command -v docker-compose >/dev/null 2>&1; then
+            echo "export DUALSYNC_TEST_DOCKER_COMPOSE=$(command -v docker-compose)"
+        fi
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
