@@ -69,14 +69,9 @@ install_docker_compose() {
         return 0
     fi
     command -v apt-get >/dev/null 2>&1 || die "docker-compose: apt-get not found; install docker-compose (1.29 or newer) by hand"
-    local sudo=()
-    if [[ "$(id -u)" -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "docker-compose: need root or sudo for apt-get"
-        sudo=(sudo)
-    fi
     log "docker-compose: apt-get install -y --no-install-recommends docker-compose"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null \
+    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null \
         || die "docker-compose: apt-get install failed"
     log "docker-compose: installed $(docker-compose version --short 2>/dev/null || echo '?')"
 }

@@ -72,6 +72,17 @@ die() {
     exit 1
 }
 
+# Run a command as root: directly when we are root, else through sudo.
+run_as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
 # Print the last lines of a log file to stderr (used on failures).
 log_tail() {
     local file="$1" lines="${2:-40}"

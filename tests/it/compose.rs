@@ -125,21 +125,19 @@ fn compose_checks_refuse_an_invalid_file_and_variables_the_config_lacks() {
         .into_iter()
         .find(|s| s.name == "relay")
         .unwrap();
-    relay
-        .env
-        .push(("DUALSYNC_KAFKA__BROKER".into(), "redpanda:9092".into()));
-    let e = check(&relay).unwrap_err();
-    assert!(
-        e.contains("kafka.broker (set by $DUALSYNC_KAFKA__BROKER)"),
-        "{e}"
-    );
-    relay.env.pop();
-    relay
-        .env
-        .push(("DUALSYNC_KAFKA_BROKERS".into(), "redpanda:9092".into()));
-    let e = check(&relay).unwrap_err();
-    assert!(
-        e.contains("DUALSYNC_KAFKA_BROKERS is not an override"),
-        "{e}"
-    );
+    for (variable, expected) in [
+        (
+            "DUALSYNC_KAFKA__BROKER",
+            "kafka.broker (set by $DUALSYNC_KAFKA__BROKER)",
+        ),
+        (
+            "DUALSYNC_KAFKA_BROKERS",
+            "DUALSYNC_KAFKA_BROKERS is not an override",
+        ),
+    ] {
+        relay.env.push((variable.into(), "redpanda:9092".into()));
+        let e = check(&relay).unwrap_err();
+        assert!(e.contains(expected), "{e}");
+        relay.env.pop();
+    }
 }
