@@ -459,8 +459,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Config(ConfigCommand::Check { config: arg, sink }) => {
             let config = load_config(&arg)?;
-            if sink.is_some() || config.sinks.len() == 1 {
-                config.sink(sink.as_deref())?;
+            if let Some(name) = sink.as_deref() {
+                config.sink(Some(name))?;
             }
             println!("{}", cli::config::summary(&config));
             Ok(())
