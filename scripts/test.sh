@@ -19,9 +19,9 @@ log "alert rules: promtool check rules and promtool test rules"
 test_prometheus_rules
 # Toxiproxy (Go module proxy) for the fault tests that cut, slow and reset network links.
 install_go_tool toxiproxy
-# Helm (Go module proxy; compiling it took 4 min on a fresh tools folder) for the chart's
-# tests, and Debian's docker-compose (1.29, `config` needs no Docker engine) for the compose
-# file's: tests/it/helm.rs, tests/it/compose.rs.
+# Helm (Go module proxy; compiled once, 4 to 17 min on a fresh machine: docs/contributors.md)
+# for the chart's tests, and Debian's docker-compose (1.29, `config` needs no Docker engine)
+# for the compose file's: tests/it/helm.rs, tests/it/compose.rs.
 install_go_tool helm
 install_docker_compose
 write_env_file
