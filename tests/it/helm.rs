@@ -294,4 +294,7 @@ fn helm_rendering_a_config_dualsync_refuses_fails_the_check() {
     assert!(e.contains("kafka.brokerz: unknown field"), "{e}");
     let e = check_rendered(&render(&["--set", "secrets.source.name=elsewhere"])).unwrap_err();
     assert!(e.contains("Secret elsewhere key url"), "{e}");
+    // Names Kubernetes cannot take stop the rendering itself.
+    let e = helm(&["template", "t", CHART, "--set", "sinks[0].name=Pg_Replica"]).unwrap_err();
+    assert!(e.contains("a sink name must be lower-case"), "{e}");
 }
