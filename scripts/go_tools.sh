@@ -3,16 +3,20 @@
 # $TOOLS_DIR/<name>-<version>/bin and reused while that version is there:
 #
 #   toxiproxy  Shopify's fault proxy (network partitions, slow links, resets) for the fault tests
+#   helm       the Kubernetes package manager: `helm lint` / `helm template` of deploy/helm/dualsync
 #
 # Source it after lib.sh; `install_go_tool toxiproxy` installs one, `go_tool_bin toxiproxy`
-# prints the path of its program.
+# prints the path of its program. Also `install_docker_compose` (Debian's package, for the
+# compose file's test; not a Go tool, but a test tool installed the same way, when missing).
 
 TOXIPROXY_VERSION=2.5.0
+HELM_VERSION=4.3.2
 
 # NAME -> "module@version program-name"
 go_tool_spec() {
     case "$1" in
         toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@v$TOXIPROXY_VERSION toxiproxy-server" ;;
+        helm) echo "helm.sh/helm/v4/cmd/helm@v$HELM_VERSION helm" ;;
         *) die "no Go tool named '$1'" ;;
     esac
 }
@@ -55,4 +59,19 @@ install_go_tool() {
     mv -f "$tmp/$(basename "${module%@*}")" "$bin"
     rm -rf "$tmp"
     log "$name: installed $bin"
+}
+
+# Debian's docker-compose (1.29.2 on bookworm) for tests/it/compose.rs: `docker-compose config`
+# validates docker-compose.yml without a Docker engine. Without its recommended docker.io.
+install_docker_compose() {
+    if command -v docker-compose >/dev/null 2>&1; then
+        log "docker-compose: already installed ($(docker-compose version --short 2>/dev/null || echo '?'))"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "docker-compose: apt-get not found; install docker-compose (1.29 or newer) by hand"
+    log "docker-compose: apt-get install -y --no-install-recommends docker-compose"
+    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null \
+        || die "docker-compose: apt-get install failed"
+    log "docker-compose: installed $(docker-compose version --short 2>/dev/null || echo '?')"
 }

@@ -20,16 +20,6 @@ set -euo pipefail
 # shellcheck source=scripts/prometheus.sh
 . "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh"
 
-run_as_root() {
-    if [[ "$(id -u)" -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root (or sudo) to run: $*"
-    fi
-}
-
 apt_install() {
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these packages by hand: $*"
     log "apt-get update && apt-get install -y $*"

@@ -72,6 +72,17 @@ die() {
     exit 1
 }
 
+# Run a command as root: directly when we are root, else through sudo.
+run_as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
 # Print the last lines of a log file to stderr (used on failures).
 log_tail() {
     local file="$1" lines="${2:-40}"
@@ -448,6 +459,13 @@ write_env_file() {
         # The fault tests' proxy (installed by scripts/test.sh), when it is there.
         if [[ -x "$(go_tool_bin toxiproxy)" ]]; then
             echo "export DUALSYNC_TEST_TOXIPROXY=$(go_tool_bin toxiproxy)"
+        fi
+        # The chart's tests (tests/it/helm.rs) and the compose file's (tests/it/compose.rs).
+        if [[ -x "$(go_tool_bin helm)" ]]; then
+            echo "export DUALSYNC_TEST_HELM=$(go_tool_bin helm)"
+        fi
+        if command -v docker-compose >/dev/null 2>&1; then
+            echo "export DUALSYNC_TEST_DOCKER_COMPOSE=$(command -v docker-compose)"
         fi
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"

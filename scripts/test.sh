@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
 # Apicurio schema registry; Prometheus and promtool from Debian) and the interop tests' Python
-# venv (scripts/interop.sh), runs the alert rules' promtool unit tests, then every test (unit,
+# venv (scripts/interop.sh), Toxiproxy and Helm (scripts/go_tools.sh), docker-compose (Debian),
+# runs the alert rules' promtool unit tests, then every test (unit,
 # property and integration) against those real servers.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -18,6 +19,11 @@ log "alert rules: promtool check rules and promtool test rules"
 test_prometheus_rules
 # Toxiproxy (Go module proxy) for the fault tests that cut, slow and reset network links.
 install_go_tool toxiproxy
+# Helm (Go module proxy; compiled once, 4 to 17 min on a fresh machine: docs/contributors.md)
+# for the chart's tests, and Debian's docker-compose (1.29, `config` needs no Docker engine)
+# for the compose file's: tests/it/helm.rs, tests/it/compose.rs.
+install_go_tool helm
+install_docker_compose
 write_env_file
 # shellcheck source=/dev/null
 . "$ENV_FILE"

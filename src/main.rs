@@ -80,6 +80,9 @@ enum Command {
     /// Outbox table management.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The pipeline file itself.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// The Avro schemas in the schemas folder, and their state in the schema registry.
     #[command(subcommand)]
     Schema(SchemaCommand),
@@ -192,6 +195,19 @@ enum SchemaCommand {
         config: ConfigArg,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the file as relay and apply would (DUALSYNC_* overrides applied),
+    /// connecting to nothing; print a one-line summary, or exit 1 naming the key at fault.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also check that this [sinks.NAME] exists (what `apply --sink NAME` needs).
+        #[arg(long)]
+        sink: Option<String>,
     },
 }
 
@@ -439,6 +455,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 SinkConfig::Mongodb(m) => run.run(|| MongoSink::connect(&m)).await?,
             }
             tracing::info!("apply stopped");
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { config: arg, sink }) => {
+            let config = load_config(&arg)?;
+            if let Some(name) = sink.as_deref() {
+                config.sink(Some(name))?;
+            }
+            println!("{}", cli::config::summary(&config));
             Ok(())
         }
         Command::Outbox(OutboxCommand::Migrate(arg)) => {

@@ -423,13 +423,16 @@ impl Config {
         let mut doc: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::new(path, "(syntax)", e.to_string()))?;
+        let file_doc = doc.clone();
+        let mut overridden = Vec::new();
         for (name, value) in env {
-            overrides::apply_env_override(&mut doc, &name, &value)
+            let key = overrides::apply_env_override(&mut doc, &name, &value)
                 .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
+            overridden.extend(key.map(|key| (key, name)));
         }
         default_mongo_topic_template(&mut doc);
-        let mut config: Config = Config::deserialize(toml::Value::Table(doc))
-            .map_err(|e| ConfigError::new(path, "(structure)", e.to_string().trim().to_string()))?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| overrides::structure_error(path, &e, &file_doc, &overridden))?;
         config.path = path.to_path_buf();
         config.validate()?;
         Ok(config)

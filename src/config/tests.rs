@@ -38,6 +38,58 @@ fn unknown_keys_are_named_with_the_file() {
     assert!(msg.contains("brokerz"), "{msg}");
 }
 
+/// A key refused by the config's structure is named by its path, and by the variable that set
+/// it when one did (what `dualsync config check` prints for a compose file's or a chart's
+/// environment); a mistake in the file blames no variable.
+#[test]
+fn structure_errors_name_the_key_and_the_variable_that_set_it() {
+    let key = |text: &str, env: Vec<(&str, &str)>| parse(text, env).unwrap_err().key;
+    assert_eq!(
+        key(MINIMAL, vec![("DUALSYNC_KAFKA__BROKERZ", "x:1")]),
+        "kafka.brokerz (set by $DUALSYNC_KAFKA__BROKERZ)"
+    );
+    assert_eq!(
+        key(MINIMAL, vec![("DUALSYNC_BOGUS__X", "1")]),
+        "bogus (set by $DUALSYNC_BOGUS__X)"
+    );
+    // Inside a sink (a table tagged by `kind`) and a sink the variables made up.
+    assert_eq!(
+        key(MINIMAL, vec![("DUALSYNC_SINKS__PG__SCHEMAA", "s")]),
+        "sinks.pg.schemaa (set by $DUALSYNC_SINKS__PG__SCHEMAA)"
+    );
+    assert_eq!(
+        key(
+            MINIMAL,
+            vec![("DUALSYNC_SINKS__PGG__URL", "postgres://r/x")]
+        ),
+        "sinks.pgg.kind (set by $DUALSYNC_SINKS__PGG__URL)"
+    );
+    assert_eq!(
+        key(MINIMAL, vec![("DUALSYNC_KAFKA__PARTITIONS", "three")]),
+        "kafka.partitions (set by $DUALSYNC_KAFKA__PARTITIONS)"
+    );
+    // The file's own mistakes, with an unrelated variable set.
+    let url = vec![("DUALSYNC_SINKS__PG__URL", "postgres://r/x")];
+    assert_eq!(
+        key(
+            &MINIMAL.replace("[sinks.pg]", "[sinks.pg]\nschemaa = \"s\""),
+            url.clone()
+        ),
+        "sinks.pg.schemaa"
+    );
+    assert_eq!(
+        key(&MINIMAL.replace("kind = \"postgres\"\n", ""), url),
+        "sinks.pg.kind"
+    );
+    assert_eq!(
+        key(
+            &MINIMAL.replace("brokers =", "partitions = \"3\"\nbrokers ="),
+            vec![]
+        ),
+        "kafka.partitions"
+    );
+}
+
 #[test]
 fn env_overrides_win_and_properties_take_dots() {
     let c = parse(
