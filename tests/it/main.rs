@@ -45,4 +45,5 @@ mod shutdown;
 mod sink_outage;
 mod sinks;
 mod subscriptions;
+mod topic_durability;
 pub mod toxiproxy;
