@@ -34,6 +34,8 @@ fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
         .collect()
 }
 
+/// On the one-broker development cluster the cluster's default is one replica (three-broker
+/// clusters: tests/it/topic_durability.rs).
 #[tokio::test]
 async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
     let servers = servers();

@@ -41,6 +41,7 @@ mod relay_contract;
 mod relay_control;
 mod schema_evolution;
 mod schema_folder;
+mod sequence_backwards;
 mod shutdown;
 mod sink_outage;
 mod sinks;
