@@ -19,7 +19,7 @@ use crate::processes::{spawn, write_config};
 const RECONCILE: &str = "[reconcile.customers]\ntable = \"shop.customers\"\n[reconcile.orders]\ntable = \"shop.orders\"\n";
 
 /// Replicas of each partition of `topic`, as the cluster's metadata lists them.
-fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
+pub fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()

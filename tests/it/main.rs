@@ -17,7 +17,7 @@ mod fingerprints;
 mod interop;
 mod interop_confluent;
 pub mod interop_java;
-mod kafka;
+pub mod kafka;
 mod layers;
 mod logs;
 mod mongo_delivery;

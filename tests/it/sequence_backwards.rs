@@ -42,6 +42,20 @@ async fn sink_has(sink: &dualsync::sink::postgres::PostgresSink, name: &str) -> 
     true
 }
 
+/// A shop pipeline that published and applied [`KEYS`] as "before", its relay and apply
+/// stopped again.
+async fn published_before() -> ShopPipeline {
+    let shop = shop_pipeline("").await;
+    for key in KEYS {
+        upsert_customer(&shop.source, key, "before").await;
+    }
+    eventually("the first events are applied", || {
+        sink_has(&shop.sink, "before")
+    })
+    .await;
+    shop
+}
+
 /// The relay's HTTP endpoint, serving `metrics` until `cancel`.
 async fn serve(
     config: &Config,
@@ -68,22 +82,14 @@ async fn serve(
 /// maximum, and the newer events then arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sequence_restarted_below_published_versions_is_refused_until_resequenced() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let text = pipeline_toml(&servers, &source_url, &sink_url, &unique("t"), "");
-    let config = Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap();
-    let config_file = std::env::temp_dir().join(format!("{}.toml", unique("pipeline")));
-    std::fs::write(&config_file, &text).unwrap();
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let sink = postgres_sink(&config).await;
-
-    for key in KEYS {
-        upsert_customer(&source, key, "before").await;
-    }
-    let running = run_pipeline(&config, &["postgres"]);
-    eventually("the first events are applied", || sink_has(&sink, "before")).await;
+    let ShopPipeline {
+        config,
+        config_file,
+        source,
+        sink,
+        running,
+        ..
+    } = published_before().await;
     running.stop().await;
 
     // The failover: the standby never saw the published transactions (lost with the old
@@ -159,18 +165,12 @@ async fn a_sequence_restarted_below_published_versions_is_refused_until_resequen
 /// are other events. The relay compares event ids at the versions it read back and refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn re_used_versions_are_found_by_event_id_when_the_sequence_climbed_past_the_maximum() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), "");
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let sink = postgres_sink(&config).await;
-    for key in KEYS {
-        upsert_customer(&source, key, "before").await;
-    }
-    let running = run_pipeline(&config, &["postgres"]);
-    eventually("the first events are applied", || sink_has(&sink, "before")).await;
+    let ShopPipeline {
+        config,
+        source,
+        running,
+        ..
+    } = published_before().await;
     running.stop().await;
 
     // Drop and re-create the outbox; more events than were published before.

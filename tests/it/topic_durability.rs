@@ -17,6 +17,7 @@ use dualsync::metrics::Metrics;
 use dualsync::publish::{KafkaHealth, Publisher};
 
 use crate::common::*;
+use crate::kafka::replicas;
 use crate::operations::http;
 use crate::private_kafka::KafkaCluster;
 
@@ -36,22 +37,6 @@ fn live_brokers(brokers: &str) -> usize {
     consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_or(0, |m| m.brokers().len())
-}
-
-/// Replicas of each partition of `topic`.
-fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.replicas().len())
-        .collect()
 }
 
 /// The topic's effective `min.insync.replicas`.
