@@ -96,13 +96,17 @@ CREATE TRIGGER outbox_notify AFTER INSERT ON dualsync.outbox
     FOR EACH STATEMENT EXECUTE FUNCTION dualsync.outbox_notify();
 
 -- Rows must not change once written: an UPDATE of the event columns would publish something
--- other than what was committed. Only the relay's published_at is writable.
+-- other than what was committed. Only the relay's published_at is writable, and seq inside
+-- `dualsync outbox resequence` (which sets dualsync.resequence for its transaction only) after
+-- the sequence went backwards.
 CREATE OR REPLACE FUNCTION dualsync.outbox_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF (NEW.seq, NEW.id, NEW.aggregatetype, NEW.aggregateid, NEW.type, NEW.payload, NEW.traceparent)
+    IF (NEW.id, NEW.aggregatetype, NEW.aggregateid, NEW.type, NEW.payload, NEW.traceparent)
        IS DISTINCT FROM
-       (OLD.seq, OLD.id, OLD.aggregatetype, OLD.aggregateid, OLD.type, OLD.payload, OLD.traceparent) THEN
+       (OLD.id, OLD.aggregatetype, OLD.aggregateid, OLD.type, OLD.payload, OLD.traceparent)
+       OR (NEW.seq IS DISTINCT FROM OLD.seq
+           AND current_setting('dualsync.resequence', true) IS DISTINCT FROM 'on') THEN
         RAISE EXCEPTION 'dualsync.outbox rows are immutable (only published_at may change)';
     END IF;
     RETURN NEW;

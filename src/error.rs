@@ -42,14 +42,19 @@ pub enum Error {
     /// The cluster refused this client's credentials or TLS set-up: retrying cannot help.
     #[error("kafka refused the connection to {brokers} (kafka.brokers): {reason}. Check kafka.properties \"security.protocol\", \"sasl.mechanisms\", \"sasl.username\" and the password (DUALSYNC_KAFKA__PROPERTIES__SASL_PASSWORD), and \"ssl.ca.location\"")]
     KafkaCredentials { brokers: String, reason: String },
-    /// The broker refused to create a topic dualsync needs, for a reason that waiting does not
-    /// change (policy, authorization, too few brokers for the replication factor).
-    #[error("kafka refused to create topic {topic:?} ({partitions} partitions, replication factor {replication}): {code}. {}", topic_creation_hint(*.code))]
+    /// The broker refused to create a topic dualsync needs: fatal for a reason that waiting
+    /// does not change (policy, authorization, more replicas than the cluster has brokers),
+    /// retried when brokers are only down ([`classify`]).
+    #[error("kafka refused to create topic {topic:?} ({partitions} partitions, {}): {code}. {}", replication_text(*.replication), topic_creation_hint(*.code, *.replication, *.brokers))]
     TopicCreation {
         topic: String,
         code: RDKafkaErrorCode,
         partitions: i32,
+        /// `-1`: the cluster's default replication factor.
         replication: i32,
+        /// Brokers the cluster has as far as dualsync could tell (live ones, or the brokers'
+        /// `default.replication.factor` when larger).
+        brokers: i32,
     },
     /// The producer reported a message delivered without the broker's offset for it (inferred
     /// from a later request's success, which does not prove it on a partition the broker holds
@@ -91,6 +96,12 @@ pub enum Error {
     /// A `dlq show` / `dlq replay` request that can only be a mistake, or that matched nothing.
     #[error(transparent)]
     DlqRequest(#[from] RequestError),
+    /// The outbox sequence is at or below a version this pipeline already published (a
+    /// failover to a standby that lost transactions, a re-created outbox): new events would
+    /// re-use versions the sinks hold. The relay publishes nothing until an operator runs
+    /// `dualsync outbox resequence`; it keeps checking meanwhile.
+    #[error("{0}. The relay publishes nothing until `dualsync outbox resequence --config <file>` moves the outbox past the published versions (docs/operations.md#the-outbox-sequence-went-backwards)")]
+    SequenceBehind(String),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -104,10 +115,25 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+fn replication_text(replication: i32) -> String {
+    if replication < 0 {
+        "the cluster's default replication factor".to_string()
+    } else {
+        format!("replication factor {replication}")
+    }
+}
+
+/// Whether a topic creation refused for too few brokers can succeed once brokers come back:
+/// the cluster's default replication factor, or no more replicas than the cluster has brokers.
+fn too_few_brokers_up(code: RDKafkaErrorCode, replication: i32, brokers: i32) -> bool {
+    code == RDKafkaErrorCode::InvalidReplicationFactor && replication <= brokers
+}
+
 /// What an operator should check when a topic cannot be created, by the broker's answer.
-fn topic_creation_hint(code: RDKafkaErrorCode) -> &'static str {
+fn topic_creation_hint(code: RDKafkaErrorCode, replication: i32, brokers: i32) -> &'static str {
     use RDKafkaErrorCode as C;
     match code {
+        _ if too_few_brokers_up(code, replication, brokers) => "Too few brokers are up for the replicas the topic needs; retrying until they are back",
         C::InvalidReplicationFactor => "Set kafka.replication_factor to at most the number of brokers, or leave it unset to follow the cluster",
         C::InvalidPartitions => "Check kafka.partitions against the cluster's limits",
         C::PolicyViolation => "The cluster's create-topic policy refused these settings: check kafka.partitions, kafka.replication_factor and the policy, or create the topic yourself",
@@ -165,6 +191,7 @@ impl Error {
             Error::Halted(_) => "halted",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
+            Error::SequenceBehind(_) => "source.sequence_behind",
         }
     }
 }
@@ -182,7 +209,9 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } => Disposition::Retry,
+        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } | Error::SequenceBehind(_) => {
+            Disposition::Retry
+        }
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -192,7 +221,15 @@ pub fn classify(err: &Error) -> Disposition {
         Error::Registry(e) if e.is_transient() => Disposition::Retry,
         Error::Registry(_) => Disposition::Fatal,
         Error::KafkaCredentials { .. } => Disposition::Fatal,
-        Error::TopicCreation { code, .. } => match code {
+        Error::TopicCreation {
+            code,
+            replication,
+            brokers,
+            ..
+        } => match code {
+            // Brokers down: creating the topic with fewer replicas would make it less durable
+            // for good, so wait for them.
+            _ if too_few_brokers_up(*code, *replication, *brokers) => Disposition::Retry,
             // A controller moving or a request timing out: the same request can succeed.
             RDKafkaErrorCode::RequestTimedOut
             | RDKafkaErrorCode::NotController
@@ -245,6 +282,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::TopicCreation { .. }
         | Error::HistoryLost(_)
         | Error::LeaseLost(_)
+        | Error::SequenceBehind(_)
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
         | Error::Halted(_) => return None,
@@ -416,6 +454,31 @@ fn classify_kafka(e: &KafkaError) -> Disposition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_few_brokers_up_for_a_topic_is_a_wait_and_too_many_replicas_asked_is_fatal() {
+        let refused = |replication, brokers| Error::TopicCreation {
+            topic: "t".into(),
+            code: RDKafkaErrorCode::InvalidReplicationFactor,
+            partitions: 3,
+            replication,
+            brokers,
+        };
+        // The cluster's default while brokers are down; three of a three-broker cluster.
+        assert_eq!(classify(&refused(-1, 3)), Disposition::Retry);
+        assert_eq!(classify(&refused(3, 3)), Disposition::Retry);
+        assert!(refused(-1, 3)
+            .to_string()
+            .contains("the cluster's default replication factor"));
+        // More replicas than the cluster has brokers: no wait helps.
+        assert_eq!(classify(&refused(7, 3)), Disposition::Fatal);
+        assert!(refused(7, 3)
+            .to_string()
+            .contains("kafka.replication_factor"));
+        let outbox = Error::SequenceBehind("next seq 2, published 5".into());
+        assert_eq!(classify(&outbox), Disposition::Retry);
+        assert!(outbox.to_string().contains("dualsync outbox resequence"));
+    }
 
     #[test]
     fn decode_and_encode_errors_dead_letter() {

@@ -192,7 +192,7 @@ fn status_report(s: &AppState) -> serde_json::Value {
     }
     let backlog = m.outbox_backlog.get();
     let oldest = m.outbox_oldest_age.get();
-    let mut warnings = Vec::new();
+    let mut warnings = m.health.warnings();
     if max_lag > t.warn_consumer_lag {
         warnings.push(format!(
             "consumer lag {max_lag} is above {} (http.warn_consumer_lag)",

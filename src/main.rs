@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dualsync::relay::versions::Resequenced;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::apply;
@@ -215,6 +216,10 @@ enum ConfigCommand {
 enum OutboxCommand {
     /// Create or upgrade dualsync.outbox in the source database (idempotent).
     Migrate(ConfigArg),
+    /// After the outbox sequence went backwards (a failover, a re-created outbox): renumber the
+    /// unpublished rows, in order, past the highest version the pipeline published, and move
+    /// the sequence after them (does nothing when the outbox is already past it).
+    Resequence(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -470,6 +475,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let client = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
             dualsync::source::outbox::migrate(&client).await?;
             println!("dualsync.outbox is up to date");
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::Resequence(arg)) => {
+            let config = load_config(&arg)?;
+            match dualsync::relay::versions::resequence(&config).await? {
+                Resequenced::NothingToDo {
+                    published_max,
+                    next,
+                } => println!(
+                    "nothing to do: the outbox's next seq {next} is past the highest published version ({})",
+                    published_max.map_or("none".to_string(), |v| v.to_string())
+                ),
+                Resequenced::Done {
+                    why,
+                    published_max,
+                    renumbered,
+                } => println!(
+                    "{why}\nrenumbered {} unpublished rows to seq {}.. in their order (above the highest published version {published_max}); the next insert gets seq {}",
+                    renumbered.rows, renumbered.first, renumbered.next
+                ),
+            }
             Ok(())
         }
         Command::Schema(SchemaCommand::List(arg)) => {

@@ -346,6 +346,11 @@ pub struct Health {
     /// The stage's circuit breaker: a [`Circuit`] as its `u8`.
     circuit: std::sync::atomic::AtomicU8,
     origin: OnceInstant,
+    /// Why the stage refuses to work until an operator acts (not ready while set).
+    refusing: Mutex<Option<String>>,
+    /// Lasting conditions an operator should fix, for `/status` (e.g. a topic less durable
+    /// than required); each once.
+    warnings: Mutex<Vec<String>>,
 }
 
 /// An `Instant` fixed at first use, so times can be kept in atomics as offsets.
@@ -440,6 +445,23 @@ impl Health {
             tracing::info!("circuit closed: writes succeed again");
         }
     }
+    /// The stage refuses to work (`Some(why and what to do)`) or works again (`None`).
+    pub fn set_refusing(&self, why: Option<String>) {
+        *self.refusing.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+    /// Adds a lasting warning for `/status` (a repeat is ignored).
+    pub fn warn(&self, warning: String) {
+        let mut warnings = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        if !warnings.contains(&warning) {
+            warnings.push(warning);
+        }
+    }
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
     /// How long the current retry episode has lasted, if one is running.
     pub fn retrying_for(&self) -> Option<Duration> {
         match self.retrying_since_ms.load(Ordering::Relaxed) {
@@ -469,6 +491,14 @@ impl Health {
                 c.as_str(),
                 self.consecutive_failures.load(Ordering::Relaxed)
             )),
+        }
+        if let Some(why) = self
+            .refusing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            reasons.push(why);
         }
         if let Some(d) = self.retrying_for().filter(|d| *d >= stuck_after) {
             reasons.push(format!("retrying a transient failure for {}s", d.as_secs()));

@@ -101,8 +101,8 @@ pub struct KafkaConfig {
     /// Partitions of topics the relay creates when they are missing.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
-    /// Replicas of topics dualsync creates. Unset: as many as the cluster has brokers, at
-    /// most 3 (one broker in development, three in production, with no config change).
+    /// Replicas of topics dualsync creates. Unset: the cluster's `default.replication.factor`
+    /// (KIP-464), at least 3 on a cluster of three or more brokers (docs/kafka.md#topics).
     #[serde(default)]
     pub replication_factor: Option<i32>,
     /// Passed to librdkafka unchanged (e.g. `security.protocol`, `sasl.*`, `ssl.*`).

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod mongo;
 pub mod outbox;
+pub mod versions;
 
 use crate::codec::SchemaStore;
 use crate::config::{Config, SourceConfig};
@@ -168,6 +169,9 @@ where
                 }
                 let delay = policy.next_delay();
                 match endpoint(&e, Endpoint::Source) {
+                    _ if matches!(e, Error::SequenceBehind(_)) => {
+                        tracing::error!(error = %e, "relay stopped publishing; it waits as the leader until the outbox is resequenced")
+                    }
                     Some(at) => tracing::warn!(error = %e, retry_in = ?delay, connection = %at,
                         config_key = %at.config_key(),
                         "relay lost its connection to the {at} ({}); reconnecting", at.config_key()),

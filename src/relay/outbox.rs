@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{Header, OwnedHeaders};
 
+use super::versions::SequenceGuard;
 use super::{count_acked, count_read, DeadRow, Relay};
 use crate::codec::OutboxEvent;
 use crate::config::{Config, OnInvalid, OutboxSourceConfig};
@@ -42,15 +43,28 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 /// before it exits leaving them unmarked (they are published again by the next leader).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
-/// Publishes as the leader until cancelled or a failure.
+/// Publishes as the leader until cancelled or a failure. First reads back what the pipeline
+/// published and waits while the outbox would re-use those versions ([`SequenceGuard`]);
+/// checks the durability of the pipeline's existing topics (a warning per weak one).
 pub(super) async fn lead(
     relay: &Relay<'_>,
     source_config: &OutboxSourceConfig,
     source: OutboxSource,
 ) -> Result<(), Error> {
+    let guard = SequenceGuard::load(relay.config).await?;
+    for topic in guard.topics() {
+        relay.publisher.ensure_topic(topic).await?;
+    }
+    if !guard
+        .hold_until_sound(source.client(), &relay.metrics.health, relay.cancel)
+        .await?
+    {
+        return Ok(());
+    }
     let leader = Leader {
         relay,
         source_config,
+        guard,
     };
     leader.lead(source).await
 }
@@ -59,6 +73,7 @@ pub(super) async fn lead(
 struct Leader<'a> {
     relay: &'a Relay<'a>,
     source_config: &'a OutboxSourceConfig,
+    guard: SequenceGuard,
 }
 
 /// A batch handed to the producer and not yet marked published.
@@ -128,6 +143,12 @@ impl Leader<'_> {
                 let (rows, oldest) = source.backlog().await?;
                 metrics.outbox_backlog.set(rows);
                 metrics.outbox_oldest_age.set(oldest);
+                // An outbox re-created under the running relay: stop before re-using versions
+                // (the next take-over waits until it is resequenced).
+                if let Some(why) = self.guard.check(source.client()).await? {
+                    self.drain_on_shutdown(&mut source, in_flight).await?;
+                    return Err(Error::SequenceBehind(why));
+                }
             }
             let paused = self.relay.control.is_paused();
             if paused && in_flight.is_empty() {
@@ -281,6 +302,7 @@ impl Leader<'_> {
         batch: &mut InFlight,
     ) -> Result<(), Error> {
         source.ack(&batch.rows).await?;
+        self.guard.published(batch.rows.iter().map(|r| r.seq));
         let mut per_topic = std::mem::take(&mut batch.per_topic);
         per_topic.remove(&self.relay.config.relay.dead_letter_topic);
         count_acked(

@@ -1,11 +1,13 @@
 //! Sources of change events on the primary side.
 
+pub mod aggregate_filter;
 pub mod mongo;
 pub mod mongo_change;
 pub mod mongo_key;
 pub mod mongo_offsets;
 pub mod mongo_reads;
 pub mod outbox;
+pub mod outbox_sequence;
 pub mod resume_token;
 
 use std::future::Future;

@@ -13,7 +13,6 @@ const LONG_FILES: &[(&str, &str)] = &[
         "src/source/mongo.rs",
         "MongoSource's stream, lease and snapshot phases share its private state",
     ),
-    ("src/source/outbox.rs", "being split in a parallel branch"),
     (
         "tests/it/mongo_source.rs",
         "the MongoDB source's end-to-end behaviours, one test each; shared set-up is in mongo_common.rs",

@@ -19,7 +19,7 @@ use crate::processes::{spawn, write_config};
 const RECONCILE: &str = "[reconcile.customers]\ntable = \"shop.customers\"\n[reconcile.orders]\ntable = \"shop.orders\"\n";
 
 /// Replicas of each partition of `topic`, as the cluster's metadata lists them.
-fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
+pub fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -34,6 +34,8 @@ fn replicas(brokers: &str, topic: &str) -> Vec<usize> {
         .collect()
 }
 
+/// On the one-broker development cluster the cluster's default is one replica (three-broker
+/// clusters: tests/it/topic_durability.rs).
 #[tokio::test]
 async fn topics_dualsync_creates_follow_the_clusters_broker_count() {
     let servers = servers();

@@ -46,12 +46,20 @@ pub struct KafkaCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
     libs: PathBuf,
+    /// Extra `server.properties` lines of every node (later lines win).
+    extra: String,
 }
 
 impl KafkaCluster {
     /// Starts `n` nodes (1 or 3) and returns once every one accepts connections. With three,
     /// internal topics are replicated three times with `min.insync.replicas = 2`.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, "")
+    }
+
+    /// [`KafkaCluster::start`] with `extra` appended to every node's `server.properties`
+    /// (`key=value` lines; they override the defaults above them).
+    pub fn start_with(n: usize, extra: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("dualsync-private-kafka"));
         std::fs::create_dir_all(&dir).unwrap();
         let libs = libs();
@@ -64,7 +72,12 @@ impl KafkaCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Self { nodes, dir, libs };
+        let mut cluster = Self {
+            nodes,
+            dir,
+            libs,
+            extra: extra.to_string(),
+        };
         cluster.format();
         for i in 0..n {
             cluster.spawn(i);
@@ -122,11 +135,12 @@ impl KafkaCluster {
                  share.coordinator.state.topic.replication.factor={rf}\n\
                  share.coordinator.state.topic.min.isr={isr}\n\
                  group.initial.rebalance.delay.ms=0\nnum.network.threads=2\nnum.io.threads=2\n\
-                 background.threads=2\nnum.replica.fetchers=1\n",
+                 background.threads=2\nnum.replica.fetchers=1\n{extra}\n",
                 id = node.id,
                 port = node.port,
                 cport = node.controller_port,
                 data = node.dir.join("data").display(),
+                extra = self.extra,
             );
             let properties = node.dir.join("server.properties");
             std::fs::write(&properties, config).unwrap();

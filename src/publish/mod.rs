@@ -1,6 +1,7 @@
 //! Publishing to Kafka: an idempotent producer (`acks=all`, Java-compatible murmur2
 //! partitioning so a key lands where Java clients would put it), topic creation, and batch
 //! publication that returns only when every message of the batch is acknowledged.
+//! [`durability`]: the replication factor and `min.insync.replicas` of the topics it writes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -21,6 +22,8 @@ use crate::codec::OutboxEvent;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
+
+pub mod durability;
 
 /// Header names of every relay message: the contract with downstream consumers.
 pub mod headers {
@@ -250,6 +253,8 @@ pub struct Publisher {
     kafka: KafkaConfig,
     known_topics: Mutex<HashSet<String>>,
     leaders_wait: Duration,
+    /// Where durability warnings go (`/status`).
+    health: KafkaHealth,
 }
 
 impl Publisher {
@@ -286,12 +291,13 @@ impl Publisher {
             }
         }
         Ok(Self {
-            producer: producer_config.create_with_context(health)?,
+            producer: producer_config.create_with_context(health.clone())?,
             producer_config,
             admin: client_config(kafka).create()?,
             kafka: kafka.clone(),
             known_topics: Mutex::new(HashSet::new()),
             leaders_wait: LEADERS_WAIT,
+            health,
         })
     }
 
@@ -312,35 +318,25 @@ impl Publisher {
         &self.producer_config
     }
 
-    /// The replication factor for a topic dualsync creates: the configured one, or the
-    /// number of brokers in the cluster, at most 3.
-    async fn replication_factor(&self) -> Result<i32, Error> {
-        if let Some(rf) = self.kafka.replication_factor {
-            return Ok(rf);
-        }
-        let client = self.producer.clone();
-        let brokers = tokio::task::spawn_blocking(move || {
-            client
-                .client()
-                .fetch_metadata(None, Duration::from_secs(10))
-                .map(|m| m.brokers().len())
-        })
-        .await
-        .map_err(|_| Error::Kafka(KafkaError::Canceled))??;
-        Ok(brokers.clamp(1, 3) as i32)
-    }
-
-    /// Creates `topic` with the configured partitions unless it exists.
+    /// Creates `topic` with the configured partitions unless it exists, with the durability
+    /// [`durability::settings`] decides, and warns when an existing one has less
+    /// ([`durability::weakness`]).
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
         if self.known_topics.lock().await.contains(topic) {
             return Ok(());
         }
-        let replication = self.replication_factor().await?;
-        let new_topic = NewTopic::new(
+        let cluster = self.cluster().await?;
+        let settings = durability::settings(self.kafka.replication_factor, &cluster);
+        let replication = settings.replication;
+        let min_insync = settings.min_insync.map(|n| n.to_string());
+        let mut new_topic = NewTopic::new(
             topic,
             self.kafka.partitions,
             TopicReplication::Fixed(replication),
         );
+        if let Some(n) = &min_insync {
+            new_topic = new_topic.set("min.insync.replicas", n);
+        }
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = self.admin.create_topics([&new_topic], &options).await?;
         for result in results {
@@ -356,10 +352,12 @@ impl Publisher {
                         code,
                         partitions: self.kafka.partitions,
                         replication,
+                        brokers: cluster.size(),
                     });
                 }
             }
         }
+        self.check_durability(topic, &cluster).await?;
         self.wait_until_leaders_serve(topic).await?;
         self.known_topics.lock().await.insert(topic.to_string());
         Ok(())
