@@ -7,6 +7,7 @@ mod chaos;
 mod column_tables;
 mod commit_lag;
 mod common;
+mod config_urls;
 mod dashboard;
 mod dead_letters;
 mod dlq_commands;
