@@ -91,6 +91,10 @@ pub enum Error {
     /// A `dlq show` / `dlq replay` request that can only be a mistake, or that matched nothing.
     #[error(transparent)]
     DlqRequest(#[from] RequestError),
+    /// A sink call got no answer within its deadline (`sinks.NAME.timeout_ms` plus a grace
+    /// period): a half-open connection, a host gone. Retried on a new connection, never skipped.
+    #[error("sink {sink} did not answer within {after_ms} ms (sinks.{sink}.timeout_ms and 5 s of grace); retrying on a new connection")]
+    SinkTimeout { sink: String, after_ms: u64 },
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -163,6 +167,7 @@ impl Error {
             Error::ForeignTopic { .. } => "dlq.foreign_topic",
             Error::DlqRequest(_) => "dlq.request",
             Error::Halted(_) => "halted",
+            Error::SinkTimeout { .. } => "sink.timeout",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
         }
@@ -182,7 +187,9 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } => Disposition::Retry,
+        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } | Error::SinkTimeout { .. } => {
+            Disposition::Retry
+        }
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -247,6 +254,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::LeaseLost(_)
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
+        | Error::SinkTimeout { .. }
         | Error::Halted(_) => return None,
     })
 }
@@ -289,7 +297,7 @@ impl std::fmt::Display for Endpoint<'_> {
 /// a relay, its sink for apply); `None` when the error is not about a connection.
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
-        Error::Postgres(_) | Error::Mongo(_) => Some(database),
+        Error::Postgres(_) | Error::Mongo(_) | Error::SinkTimeout { .. } => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,

@@ -170,8 +170,32 @@ async fn write<S: Sink>(
     let mut attempts = 1u32;
     let topic = origins.first().map(|m| m.topic()).unwrap_or_default();
     let retrying = RetryEpisode::new(ctx);
+    let at = Endpoint::Sink(&ctx.sink_name);
+    // The watchdog: this write, until it is done, shows in /readyz and /status once it takes
+    // longer than http.stuck_write_secs, whether waiting on a call or retrying one.
+    let _watch = ctx.metrics.health.write_started(
+        format!("{at} ({})", at.config_key()),
+        Duration::from_secs(ctx.config.http.stuck_write_secs),
+    );
+    let deadline = ctx
+        .config
+        .sinks
+        .get(&ctx.sink_name)
+        .map_or(Duration::from_secs(35), |s| s.client_deadline());
     loop {
-        match ctx.sink.apply(records).await {
+        let applied = match tokio::time::timeout(deadline, ctx.sink.apply(records)).await {
+            Ok(applied) => applied,
+            // No answer at all (the server's own deadline would have answered): the
+            // connection may be half-open, so the sink drops it before the retry.
+            Err(_) => {
+                ctx.sink.reset().await;
+                Err(Error::SinkTimeout {
+                    sink: ctx.sink_name.clone(),
+                    after_ms: deadline.as_millis() as u64,
+                })
+            }
+        };
+        match applied {
             Ok(outcome) => {
                 retrying.end();
                 let count = |outcome: &str, n: u64| {

@@ -173,6 +173,9 @@ impl Config {
         if self.http.host.parse::<std::net::IpAddr>().is_err() {
             return err("http.host", "must be an IP address, e.g. 127.0.0.1");
         }
+        if self.http.stuck_write_secs == 0 {
+            return err("http.stuck_write_secs", "must be above 0");
+        }
         if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
             return err("http.warn_failure_rate", "must be between 0 and 1");
         }
@@ -212,6 +215,13 @@ impl Config {
             }
         }
         for (name, sink) in &self.sinks {
+            let timeout_ms = sink.timeout().as_millis();
+            if !(100..=3_600_000).contains(&timeout_ms) {
+                return err(
+                    &format!("sinks.{name}.timeout_ms"),
+                    "must be between 100 and 3600000 (1 hour)",
+                );
+            }
             match sink {
                 SinkConfig::Postgres(p) => {
                     check_url(

@@ -43,6 +43,7 @@ mod relay_control;
 mod schema_evolution;
 mod schema_folder;
 mod shutdown;
+mod sink_deadlines;
 mod sink_outage;
 mod sinks;
 mod subscriptions;
