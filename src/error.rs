@@ -95,6 +95,11 @@ pub enum Error {
     /// period): a half-open connection, a host gone. Retried on a new connection, never skipped.
     #[error("sink {sink} did not answer within {after_ms} ms (sinks.{sink}.timeout_ms and 5 s of grace); retrying on a new connection")]
     SinkTimeout { sink: String, after_ms: u64 },
+    /// A single-object frame names a schema fingerprint the local schemas lack, and the schemas
+    /// folder was not read since the message arrived (rate-limited, or the read failed):
+    /// retried until a read decides, so events written during a deploy wait for their schema.
+    #[error("unknown schema fingerprint {fingerprint}: the schemas folder was not read since this message arrived; waiting for it to be read again")]
+    SchemaPending { fingerprint: String },
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -168,6 +173,7 @@ impl Error {
             Error::DlqRequest(_) => "dlq.request",
             Error::Halted(_) => "halted",
             Error::SinkTimeout { .. } => "sink.timeout",
+            Error::SchemaPending { .. } => "decode.schema_pending",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
         }
@@ -187,9 +193,10 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } | Error::SinkTimeout { .. } => {
-            Disposition::Retry
-        }
+        Error::LeaseLost(_)
+        | Error::UnconfirmedDelivery { .. }
+        | Error::SinkTimeout { .. }
+        | Error::SchemaPending { .. } => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -255,6 +262,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
         | Error::SinkTimeout { .. }
+        | Error::SchemaPending { .. }
         | Error::Halted(_) => return None,
     })
 }

@@ -5,7 +5,7 @@
 //! commit in the sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -43,10 +43,11 @@ fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Backoff {
 async fn decode<S: Sink>(
     ctx: &ApplyContext<S>,
     m: &OwnedMessage,
+    received: Instant,
 ) -> Result<(SinkRecord, i64), Error> {
     let key = m.key().ok_or(DecodeError::NullKey)?;
     let value = m.payload().ok_or(DecodeError::Empty)?;
-    let event = ctx.codec.decode(value).await?;
+    let event = ctx.codec.decode_received(value, received).await?;
     if key != event.aggregate_id.as_bytes() {
         return Err(DecodeError::KeyMismatch {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -105,12 +106,15 @@ pub async fn process<S: Sink>(
     let mut records = Vec::with_capacity(messages.len());
     let mut origins = Vec::with_capacity(messages.len());
     let mut committed = Vec::with_capacity(messages.len());
+    // When this share's messages were in hand: an unknown schema fingerprint is poison only
+    // if the schemas folder, read after this, still lacks it.
+    let received = Instant::now();
     for m in &messages {
         let mut policy = retry_policy(ctx);
         let retrying = RetryEpisode::new(ctx);
         let mut attempts = 1u32;
         loop {
-            match decode(ctx, m).await {
+            match decode(ctx, m, received).await {
                 Ok((r, committed_at)) => {
                     records.push(r);
                     origins.push(m);
