@@ -15,6 +15,7 @@ use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::operations::http;
+use crate::toxiproxy::{host_port, Toxiproxy};
 
 fn customer(id: &str, version: i64) -> Vec<u8> {
     let event = customer_event(
@@ -54,6 +55,20 @@ async fn pipeline_on_fresh_sink(url_tail: &str) -> (Config, String) {
 async fn version_of(config: &Config, key: &str) -> Option<i64> {
     let sink = postgres_sink(config).await;
     sink.get("customers", key).await.unwrap().map(|(v, _)| v)
+}
+
+/// The version of `key` in the sink database at `url`, read past any proxy.
+async fn version_at(url: &str, key: &str) -> Option<i64> {
+    let client = dualsync::pg::connect(url).await.unwrap();
+    let row = client
+        .query_opt(
+            "SELECT version FROM replica.customers WHERE id = $1",
+            &[&key],
+        )
+        .await
+        .ok()
+        .flatten();
+    row.map(|r| r.get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -156,6 +171,52 @@ async fn a_write_stuck_on_a_locked_row_shows_in_readyz_times_out_and_catches_up(
     eventually("caught up and ready again", || async {
         version_of(&config, "c0").await == Some(2)
             && http(addr, "GET", "/readyz", None).await == (200, "ready\n".to_string())
+    })
+    .await;
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}
+
+/// The client-side deadline: a connection that goes silent (a blackhole: open, but nothing
+/// comes back, so `statement_timeout` cannot answer either) is cut off after `timeout_ms` plus
+/// the grace period, dropped, and the write retried on a new connection once the link heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_connection_gone_silent_is_cut_off_and_the_write_retried_on_a_new_one() {
+    let proxy = Toxiproxy::start().await;
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let upstream = host_port(&sink_url);
+    let link = proxy.link("sink", &upstream).await;
+    let mut config = pipeline(
+        &servers,
+        "postgres://unused/db",
+        &sink_url.replace(&upstream, &link.listen),
+        &unique("m"),
+        "",
+    );
+    if let Some(SinkConfig::Postgres(p)) = config.sinks.get_mut("postgres") {
+        p.timeout_ms = 500;
+    }
+    let cancel = CancellationToken::new();
+    let (apply, metrics) = spawn_apply(&config, "postgres", &cancel);
+    produce(&config, &[("c0", 1)]).await;
+    eventually("c0 is applied", || async {
+        version_at(&sink_url, "c0").await == Some(1)
+    })
+    .await;
+
+    proxy.blackhole(&link).await;
+    produce(&config, &[("c0", 2)]).await;
+    eventually("the silent write is cut off and retried", || async {
+        retries(&metrics) >= 1
+    })
+    .await;
+    assert!(!apply.is_finished(), "apply stopped: {:?}", apply.await);
+    assert_eq!(version_at(&sink_url, "c0").await, Some(1));
+
+    proxy.heal(&link).await;
+    eventually("written on a new connection", || async {
+        version_at(&sink_url, "c0").await == Some(2)
     })
     .await;
     cancel.cancel();
