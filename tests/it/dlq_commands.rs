@@ -158,18 +158,30 @@ async fn sink_keys(client: &tokio_postgres::Client) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
+/// A pipeline whose sink is a fresh database, written to a file for the commands: (config,
+/// its file, the sink's URL, the customers topic (created), its dead-letter topic).
+async fn customers_pipeline() -> (Config, std::path::PathBuf, String, String, String) {
     let servers = servers();
     let sink_url = create_database(&servers).await;
     let text = pipeline_toml(&servers, &sink_url, &sink_url, &unique("t"), "");
     let config = Config::from_toml(Path::new("t.toml"), &text, Vec::new()).unwrap();
     let path = write_config(&text);
-    let path = path.to_str().unwrap();
     let topic = config.kafka.topic_for("customers");
     let dlq = format!("{topic}{}", config.apply.dead_letter_suffix);
+    Publisher::new(&config.kafka)
+        .unwrap()
+        .ensure_topic(&topic)
+        .await
+        .unwrap();
+    (config, path, sink_url, topic, dlq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
+    let servers = servers();
+    let (config, path, sink_url, topic, dlq) = customers_pipeline().await;
+    let path = path.to_str().unwrap();
     let publisher = Publisher::new(&config.kafka).unwrap();
-    publisher.ensure_topic(&topic).await.unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)
         .set("partitioner", "murmur2_random")
@@ -485,18 +497,8 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sink_refusals_are_classed_by_cause_and_replayed_by_class() {
     let servers = servers();
-    let sink_url = create_database(&servers).await;
-    let text = pipeline_toml(&servers, &sink_url, &sink_url, &unique("t"), "");
-    let config = Config::from_toml(Path::new("t.toml"), &text, Vec::new()).unwrap();
-    let path = write_config(&text);
+    let (config, path, sink_url, topic, dlq) = customers_pipeline().await;
     let path = path.to_str().unwrap();
-    let topic = config.kafka.topic_for("customers");
-    let dlq = format!("{topic}{}", config.apply.dead_letter_suffix);
-    Publisher::new(&config.kafka)
-        .unwrap()
-        .ensure_topic(&topic)
-        .await
-        .unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)
         .create()

@@ -4,14 +4,12 @@
 //! and retried, and catches up once the lock is released.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use dualsync::config::{Config, SinkConfig};
 use dualsync::http::Control;
 use dualsync::metrics::Metrics;
-use dualsync::sink::SinkReader;
 
 use crate::common::*;
 use crate::operations::http;
@@ -52,11 +50,6 @@ async fn pipeline_on_fresh_sink(url_tail: &str) -> (Config, String) {
     (config, sink_url)
 }
 
-async fn version_of(config: &Config, key: &str) -> Option<i64> {
-    let sink = postgres_sink(config).await;
-    sink.get("customers", key).await.unwrap().map(|(v, _)| v)
-}
-
 /// The version of `key` in the sink database at `url`, read past any proxy.
 async fn version_at(url: &str, key: &str) -> Option<i64> {
     let client = dualsync::pg::connect(url).await.unwrap();
@@ -71,16 +64,21 @@ async fn version_at(url: &str, key: &str) -> Option<i64> {
     row.map(|r| r.get(0))
 }
 
+/// Waits until the sink at `url` holds `key` at `version`.
+async fn wait_version(url: &str, key: &str, version: i64) {
+    eventually(&format!("{key}@{version} is in the sink"), || async {
+        version_at(url, key).await == Some(version)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sink_table_locked_past_lock_timeout_is_retried_not_fatal() {
     let (config, sink_url) = pipeline_on_fresh_sink("?options=-c%20lock_timeout%3D200").await;
     let cancel = CancellationToken::new();
     let (apply, metrics) = spawn_apply(&config, "postgres", &cancel);
     produce(&config, &[("c0", 1)]).await;
-    eventually("c0 is applied", || async {
-        version_of(&config, "c0").await == Some(1)
-    })
-    .await;
+    wait_version(&sink_url, "c0", 1).await;
 
     // A migration holds the table: every write fails with 55P03 after 200 ms.
     let mut migration = dualsync::pg::connect(&sink_url).await.unwrap();
@@ -99,10 +97,8 @@ async fn a_sink_table_locked_past_lock_timeout_is_retried_not_fatal() {
         apply.await
     );
     tx.rollback().await.unwrap();
-    eventually("caught up once the lock is gone", || async {
-        version_of(&config, "c1").await == Some(1) && version_of(&config, "c0").await == Some(2)
-    })
-    .await;
+    wait_version(&sink_url, "c1", 1).await;
+    wait_version(&sink_url, "c0", 2).await;
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
@@ -128,10 +124,7 @@ async fn a_write_stuck_on_a_locked_row_shows_in_readyz_times_out_and_catches_up(
     .await
     .unwrap();
     produce(&config, &[("c0", 1)]).await;
-    eventually("c0 is applied", || async {
-        version_of(&config, "c0").await == Some(1)
-    })
-    .await;
+    wait_version(&sink_url, "c0", 1).await;
     assert_eq!(http(addr, "GET", "/readyz", None).await.0, 200);
 
     // Another session holds c0's row: the next write of c0 waits on it.
@@ -165,11 +158,11 @@ async fn a_write_stuck_on_a_locked_row_shows_in_readyz_times_out_and_catches_up(
     })
     .await;
     assert!(!apply.is_finished(), "apply stopped: {:?}", apply.await);
-    assert_eq!(version_of(&config, "c0").await, Some(1), "still blocked");
+    assert_eq!(version_at(&sink_url, "c0").await, Some(1), "still blocked");
 
     tx.rollback().await.unwrap();
     eventually("caught up and ready again", || async {
-        version_of(&config, "c0").await == Some(2)
+        version_at(&sink_url, "c0").await == Some(2)
             && http(addr, "GET", "/readyz", None).await == (200, "ready\n".to_string())
     })
     .await;
@@ -200,10 +193,7 @@ async fn a_sink_connection_gone_silent_is_cut_off_and_the_write_retried_on_a_new
     let cancel = CancellationToken::new();
     let (apply, metrics) = spawn_apply(&config, "postgres", &cancel);
     produce(&config, &[("c0", 1)]).await;
-    eventually("c0 is applied", || async {
-        version_at(&sink_url, "c0").await == Some(1)
-    })
-    .await;
+    wait_version(&sink_url, "c0", 1).await;
 
     proxy.blackhole(&link).await;
     produce(&config, &[("c0", 2)]).await;
@@ -215,10 +205,7 @@ async fn a_sink_connection_gone_silent_is_cut_off_and_the_write_retried_on_a_new
     assert_eq!(version_at(&sink_url, "c0").await, Some(1));
 
     proxy.heal(&link).await;
-    eventually("written on a new connection", || async {
-        version_at(&sink_url, "c0").await == Some(2)
-    })
-    .await;
+    wait_version(&sink_url, "c0", 2).await;
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }
