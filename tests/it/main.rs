@@ -47,4 +47,5 @@ mod sink_deadlines;
 mod sink_outage;
 mod sinks;
 mod subscriptions;
+mod topic_refusals;
 pub mod toxiproxy;

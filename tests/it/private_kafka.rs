@@ -46,12 +46,22 @@ pub struct KafkaCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
     libs: PathBuf,
+    /// Lines added to every node's `server.properties`, and a folder of classes added to its
+    /// class path (a test's broker plug-in, e.g. a create-topic policy).
+    extra_properties: String,
+    extra_classes: Option<PathBuf>,
 }
 
 impl KafkaCluster {
     /// Starts `n` nodes (1 or 3) and returns once every one accepts connections. With three,
     /// internal topics are replicated three times with `min.insync.replicas = 2`.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, "", None)
+    }
+
+    /// [`Self::start`] with `properties` added to every node's configuration and `classes`
+    /// (a folder of compiled classes) on its class path.
+    pub fn start_with(n: usize, properties: &str, classes: Option<&Path>) -> Self {
         let dir = std::env::temp_dir().join(unique("dualsync-private-kafka"));
         std::fs::create_dir_all(&dir).unwrap();
         let libs = libs();
@@ -64,7 +74,13 @@ impl KafkaCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Self { nodes, dir, libs };
+        let mut cluster = Self {
+            nodes,
+            dir,
+            libs,
+            extra_properties: properties.to_string(),
+            extra_classes: classes.map(Path::to_path_buf),
+        };
         cluster.format();
         for i in 0..n {
             cluster.spawn(i);
@@ -153,6 +169,11 @@ impl KafkaCluster {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Added after formatting: the storage tool would look for a plug-in's classes.
+            let mut config = std::fs::read_to_string(&properties).unwrap();
+            config.push_str(&self.extra_properties);
+            config.push('\n');
+            std::fs::write(&properties, config).unwrap();
         }
     }
 
@@ -172,7 +193,10 @@ impl KafkaCluster {
                 "-XX:TieredStopAtLevel=1",
             ])
             .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()))
+            .arg(match &self.extra_classes {
+                Some(classes) => format!("{}/*:{}", self.libs.display(), classes.display()),
+                None => format!("{}/*", self.libs.display()),
+            })
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
             .arg("kafka.Kafka")
             .arg(node.dir.join("server.properties"))
