@@ -59,8 +59,9 @@ impl KafkaCluster {
         Self::start_with(n, "", None)
     }
 
-    /// [`Self::start`] with `properties` added to every node's configuration and `classes`
-    /// (a folder of compiled classes) on its class path.
+    /// [`Self::start`] with `properties` added to every node's configuration (`{port}` and
+    /// `{controller_port}` replaced by the node's; a key given again overrides the default)
+    /// and `classes` (a folder of compiled classes) on its class path.
     pub fn start_with(n: usize, properties: &str, classes: Option<&Path>) -> Self {
         let dir = std::env::temp_dir().join(unique("dualsync-private-kafka"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -171,7 +172,12 @@ impl KafkaCluster {
             );
             // Added after formatting: the storage tool would look for a plug-in's classes.
             let mut config = std::fs::read_to_string(&properties).unwrap();
-            config.push_str(&self.extra_properties);
+            config.push_str(
+                &self
+                    .extra_properties
+                    .replace("{port}", &node.port.to_string())
+                    .replace("{controller_port}", &node.controller_port.to_string()),
+            );
             config.push('\n');
             std::fs::write(&properties, config).unwrap();
         }
