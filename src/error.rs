@@ -102,6 +102,15 @@ pub enum Error {
     /// `dualsync outbox resequence`; it keeps checking meanwhile.
     #[error("{0}. The relay publishes nothing until `dualsync outbox resequence --config <file>` moves the outbox past the published versions (docs/operations.md#the-outbox-sequence-went-backwards)")]
     SequenceBehind(String),
+    /// A sink call got no answer within its deadline (`sinks.NAME.timeout_ms` plus a grace
+    /// period): a half-open connection, a host gone. Retried on a new connection, never skipped.
+    #[error("sink {sink} did not answer within {after_ms} ms (sinks.{sink}.timeout_ms and 5 s of grace); retrying on a new connection")]
+    SinkTimeout { sink: String, after_ms: u64 },
+    /// A single-object frame names a schema fingerprint the local schemas lack, and the schemas
+    /// folder was not read since the message arrived (rate-limited, or the read failed):
+    /// retried until a read decides, so events written during a deploy wait for their schema.
+    #[error("unknown schema fingerprint {fingerprint}: the schemas folder was not read since this message arrived; waiting for it to be read again")]
+    SchemaPending { fingerprint: String },
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -172,7 +181,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Decode(e) => e.class(),
             Error::Encode(e) => e.class(),
-            Error::Postgres(_) => "postgres",
+            Error::Postgres(e) => postgres_class(e),
             Error::Mongo(_) => "mongodb",
             Error::Kafka(_) if self.is_too_large() => "publish.too_large",
             Error::Kafka(_) => "kafka",
@@ -189,6 +198,8 @@ impl Error {
             Error::ForeignTopic { .. } => "dlq.foreign_topic",
             Error::DlqRequest(_) => "dlq.request",
             Error::Halted(_) => "halted",
+            Error::SinkTimeout { .. } => "sink.timeout",
+            Error::SchemaPending { .. } => "decode.schema_pending",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
             Error::SequenceBehind(_) => "source.sequence_behind",
@@ -209,9 +220,11 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } | Error::SequenceBehind(_) => {
-            Disposition::Retry
-        }
+        Error::LeaseLost(_)
+        | Error::UnconfirmedDelivery { .. }
+        | Error::SequenceBehind(_)
+        | Error::SinkTimeout { .. }
+        | Error::SchemaPending { .. } => Disposition::Retry,
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -285,6 +298,8 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::SequenceBehind(_)
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
+        | Error::SinkTimeout { .. }
+        | Error::SchemaPending { .. }
         | Error::Halted(_) => return None,
     })
 }
@@ -327,30 +342,81 @@ impl std::fmt::Display for Endpoint<'_> {
 /// a relay, its sink for apply); `None` when the error is not about a connection.
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
-        Error::Postgres(_) | Error::Mongo(_) => Some(database),
+        Error::Postgres(_) | Error::Mongo(_) | Error::SinkTimeout { .. } => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,
     }
 }
 
+/// PostgreSQL errors by SQLSTATE (appendix A "PostgreSQL Error Codes"), reviewed class by
+/// class for issue #35 item 8. Retried: 08 connection exception, 40 transaction rollback
+/// (serialization failure, deadlock), 53 insufficient resources, 57 operator intervention
+/// (shutdown, 57014 query_canceled: `statement_timeout` or a cancel), 58 system error, and
+/// single codes that clear by themselves: 55P03 lock_not_available (`lock_timeout`, a
+/// migration holding the table), 55006 object_in_use, 25006 read_only_sql_transaction (a
+/// standby, or a primary being demoted), 25P03 idle_in_transaction_session_timeout, 25P04
+/// transaction_timeout, 72000 snapshot_too_old. Dead-lettered: 22 data exception, 23
+/// integrity constraint violation, 54 program limit exceeded (that one row can never be
+/// written). The rest (28 authorization, 3D/3F missing database or schema, 42 syntax or
+/// access, 0A unsupported, 55000/55P02/55P04, XX internal) is a deployment problem: fatal.
 fn classify_postgres(e: &tokio_postgres::Error) -> Disposition {
     let Some(db) = e.as_db_error() else {
         // No SQLSTATE: the connection broke, timed out, or was closed.
         return Disposition::Retry;
     };
-    let code = db.code().code();
-    match &code[..2] {
-        // connection exception, transaction rollback (serialization failure, deadlock),
-        // insufficient resources, operator intervention (shutdown, cancel), system error.
+    classify_sqlstate(db.code().code())
+}
+
+/// [`classify_postgres`] of a server error, by its SQLSTATE.
+fn classify_sqlstate(code: &str) -> Disposition {
+    match code.get(..2).unwrap_or_default() {
         "08" | "40" | "53" | "57" | "58" => Disposition::Retry,
-        // data exception (bad value for the column type), integrity constraint violation,
-        // program limit exceeded (row or value too large): that event can never be written.
         "22" | "23" | "54" => Disposition::DeadLetter,
-        // 25006 read-only transaction: a replica was promoted or we hit a standby.
-        _ if code == "25006" => Disposition::Retry,
-        // Authorization, missing objects, syntax: a deployment problem, not an event problem.
+        _ if POSTGRES_TRANSIENT_CODES.contains(&code) => Disposition::Retry,
         _ => Disposition::Fatal,
+    }
+}
+
+/// Single SQLSTATEs outside the retried classes that mean "try again later" (see
+/// [`classify_postgres`]).
+const POSTGRES_TRANSIENT_CODES: &[&str] = &[
+    "55P03", // lock_not_available: lock_timeout expired while another session held the lock
+    "55006", // object_in_use
+    "25006", // read_only_sql_transaction
+    "25P03", // idle_in_transaction_session_timeout
+    "25P04", // transaction_timeout (PostgreSQL 17)
+    "72000", // snapshot_too_old
+];
+
+/// The dead-letter class of a PostgreSQL error: `sink.<condition name>` from its SQLSTATE
+/// for what a sink refuses for good (so `dlq replay --class sink.check_violation` selects
+/// one cause), `sink.data_exception` / `sink.integrity_constraint_violation` /
+/// `sink.program_limit_exceeded` for other codes of those classes, `postgres` otherwise.
+fn postgres_class(e: &tokio_postgres::Error) -> &'static str {
+    e.code().map_or("postgres", |c| sqlstate_class(c.code()))
+}
+
+/// [`postgres_class`] by SQLSTATE.
+fn sqlstate_class(code: &str) -> &'static str {
+    match code {
+        "23514" => "sink.check_violation",
+        "23502" => "sink.not_null_violation",
+        "23505" => "sink.unique_violation",
+        "23503" => "sink.foreign_key_violation",
+        "23P01" => "sink.exclusion_violation",
+        "22P02" => "sink.invalid_text_representation",
+        "22003" => "sink.numeric_value_out_of_range",
+        "22001" => "sink.string_data_right_truncation",
+        "22007" => "sink.invalid_datetime_format",
+        "22008" => "sink.datetime_field_overflow",
+        "22021" => "sink.character_not_in_repertoire",
+        "22P05" => "sink.untranslatable_character",
+        "22023" => "sink.invalid_parameter_value",
+        _ if code.starts_with("22") => "sink.data_exception",
+        _ if code.starts_with("23") => "sink.integrity_constraint_violation",
+        _ if code.starts_with("54") => "sink.program_limit_exceeded",
+        _ => "postgres",
     }
 }
 
@@ -359,11 +425,26 @@ fn classify_postgres(e: &tokio_postgres::Error) -> Disposition {
 pub const MONGO_DUPLICATE_KEY: i32 = 11000;
 
 /// MongoDB server codes that mean "try again later", as a command's error, a per-document
-/// write error or a write-concern error.
+/// write error or a write-concern error. Reviewed against the server's error-code list and
+/// the drivers' retryable-writes/reads specifications for issue #35 item 8: added then were
+/// 24 LockTimeout, 46 LockBusy (a lock held by another operation, e.g. an index build),
+/// 133 FailedToSatisfyReadPreference (no primary during an election), 134
+/// ReadConcernMajorityNotAvailableYet, 202 NetworkInterfaceExceededTimeLimit, 10058
+/// LegacyNotPrimary, and the sharding routing codes 63/150/13388 (stale shard version,
+/// epoch or config: refreshed by the router, so the same write succeeds).
 const MONGO_TRANSIENT_CODES: &[i32] = &[
     6,     // HostUnreachable
     7,     // HostNotFound
-    50,    // MaxTimeMSExpired
+    24,    // LockTimeout
+    46,    // LockBusy
+    50,    // MaxTimeMSExpired (the sink's own deadline, sinks.NAME.timeout_ms)
+    63,    // StaleShardVersion
+    133,   // FailedToSatisfyReadPreference
+    134,   // ReadConcernMajorityNotAvailableYet
+    150,   // StaleEpoch
+    202,   // NetworkInterfaceExceededTimeLimit
+    10058, // LegacyNotPrimary
+    13388, // StaleConfig
     64,    // WriteConcernFailed (wtimeout: not yet replicated as asked)
     89,    // NetworkTimeout
     91,    // ShutdownInProgress
@@ -391,6 +472,8 @@ const MONGO_PERMANENT_CODES: &[i32] = &[
     66,                  // ImmutableField
     121,                 // DocumentValidationFailure
     10334,               // BSONObjectTooLarge
+    16755,               // a 2dsphere index cannot extract geo keys from the document
+    17280,               // KeyTooLong (an indexed value over the index key limit)
     17419,               // document exceeds maximum size
     17420,               // document exceeds maximum size (update)
     MONGO_DUPLICATE_KEY, // on a unique secondary index
@@ -398,9 +481,17 @@ const MONGO_PERMANENT_CODES: &[i32] = &[
 
 fn classify_mongo(e: &mongodb::error::Error) -> Disposition {
     use mongodb::error::ErrorKind;
-    if e.contains_label("RetryableWriteError")
-        || e.contains_label("TransientTransactionError")
-        || e.contains_label("NetworkError")
+    // Labels the server or driver attaches when the same operation may succeed again:
+    // retryable writes, transactions, network errors, and (MongoDB 8.x) overload shedding.
+    if [
+        "RetryableWriteError",
+        "TransientTransactionError",
+        "NetworkError",
+        "SystemOverloadedError",
+        "RetryableError",
+    ]
+    .iter()
+    .any(|l| e.contains_label(l))
     {
         return Disposition::Retry;
     }
@@ -536,6 +627,69 @@ mod tests {
         assert_eq!(classify(&concern(64)), Disposition::Retry);
         assert_eq!(classify(&concern(91)), Disposition::Retry);
         assert_eq!(classify(&concern(100)), Disposition::Fatal); // UnsatisfiableWriteConcern
+    }
+
+    /// Issue #35 item 8: a lock held by another session (`lock_timeout`), an object in use
+    /// and the other transient SQLSTATEs are retried, never fatal.
+    #[test]
+    fn postgres_lock_and_timeout_states_retry() {
+        for code in [
+            "55P03", "55006", "57014", "40001", "40P01", "08006", "53300", "25006", "25P03",
+            "25P04", "72000", "57P01",
+        ] {
+            assert_eq!(classify_sqlstate(code), Disposition::Retry, "{code}");
+        }
+        for code in ["23514", "23502", "22P02", "22003", "54000"] {
+            assert_eq!(classify_sqlstate(code), Disposition::DeadLetter, "{code}");
+        }
+        for code in [
+            "42501", "42P01", "3D000", "28P01", "55000", "55P02", "XX000", "0A000",
+        ] {
+            assert_eq!(classify_sqlstate(code), Disposition::Fatal, "{code}");
+        }
+    }
+
+    /// Issue #35 item 11: a sink's refusals get a class per cause, so `dlq replay --class`
+    /// can pick one.
+    #[test]
+    fn postgres_refusals_are_classed_by_sqlstate() {
+        for (code, class) in [
+            ("23514", "sink.check_violation"),
+            ("23502", "sink.not_null_violation"),
+            ("23505", "sink.unique_violation"),
+            ("22P02", "sink.invalid_text_representation"),
+            ("22003", "sink.numeric_value_out_of_range"),
+            ("22999", "sink.data_exception"),
+            ("23999", "sink.integrity_constraint_violation"),
+            ("54001", "sink.program_limit_exceeded"),
+            ("08006", "postgres"),
+        ] {
+            assert_eq!(sqlstate_class(code), class, "{code}");
+        }
+    }
+
+    /// Issue #35 item 8: MongoDB's lock codes (and the other codes added) are retried.
+    #[test]
+    fn mongo_lock_codes_retry() {
+        use mongodb::bson::{doc, from_document};
+        use mongodb::error::{ErrorKind, WriteFailure};
+        for code in [24, 46, 133, 134, 202, 10058, 13388] {
+            let command: Error = Error::Mongo(
+                ErrorKind::Command(
+                    from_document(doc! {"code": code, "codeName": "x", "errmsg": "x"}).unwrap(),
+                )
+                .into(),
+            );
+            assert_eq!(
+                classify(&command),
+                Disposition::Retry,
+                "command error {code}"
+            );
+            let write = mongo_write(WriteFailure::WriteError(
+                from_document(doc! {"code": code, "errmsg": "x"}).unwrap(),
+            ));
+            assert_eq!(classify(&write), Disposition::Retry, "write error {code}");
+        }
     }
 
     #[test]

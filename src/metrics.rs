@@ -351,6 +351,35 @@ pub struct Health {
     /// Lasting conditions an operator should fix, for `/status` (e.g. a topic less durable
     /// than required); each once.
     warnings: Mutex<Vec<String>>,
+    /// Writes under way (the watchdog's view): a write that stays unfinished past its
+    /// threshold makes the process not ready, before the call's own deadline cuts it off.
+    writes: Mutex<WritesInFlight>,
+}
+
+#[derive(Default)]
+struct WritesInFlight {
+    next_id: u64,
+    open: std::collections::BTreeMap<u64, WriteInFlight>,
+}
+
+struct WriteInFlight {
+    /// What is written to, as a reason names it: `sink postgres (sinks.postgres.url)`.
+    target: String,
+    since: Instant,
+    stuck_after: Duration,
+}
+
+/// A write [`Health::write_started`] is watching; dropping it ends the watch.
+pub struct WriteWatch<'a> {
+    health: &'a Health,
+    id: u64,
+}
+
+impl Drop for WriteWatch<'_> {
+    fn drop(&mut self) {
+        let mut writes = self.health.writes.lock().expect("writes lock");
+        writes.open.remove(&self.id);
+    }
 }
 
 /// An `Instant` fixed at first use, so times can be kept in atomics as offsets.
@@ -471,10 +500,50 @@ impl Health {
             )),
         }
     }
+    /// Watches a write to `target` from now until the returned guard is dropped: unfinished
+    /// after `stuck_after` (a call waiting on a lock or a half-open connection, or retried
+    /// after its deadline), it makes the process not ready, with a reason naming `target` and
+    /// for how long.
+    pub fn write_started(&self, target: String, stuck_after: Duration) -> WriteWatch<'_> {
+        let mut writes = self.writes.lock().expect("writes lock");
+        writes.next_id += 1;
+        let id = writes.next_id;
+        writes.open.insert(
+            id,
+            WriteInFlight {
+                target,
+                since: Instant::now(),
+                stuck_after,
+            },
+        );
+        WriteWatch { health: self, id }
+    }
+
     /// The reasons the process is not ready (empty = ready). A retry episode longer than
     /// `stuck_after` counts as stuck.
     pub fn not_ready(&self, stuck_after: Duration) -> NotReady {
         let mut reasons = Vec::new();
+        {
+            let writes = self.writes.lock().expect("writes lock");
+            // The longest-running stuck write of each target.
+            let mut stuck: Vec<(&str, Duration)> = Vec::new();
+            for w in writes.open.values() {
+                let age = w.since.elapsed();
+                if age < w.stuck_after {
+                    continue;
+                }
+                match stuck.iter_mut().find(|(t, _)| *t == w.target) {
+                    Some((_, d)) => *d = (*d).max(age),
+                    None => stuck.push((&w.target, age)),
+                }
+            }
+            for (target, age) in stuck {
+                reasons.push(format!(
+                    "{target}: a write unfinished for {}s (waiting for an answer or retrying)",
+                    age.as_secs()
+                ));
+            }
+        }
         if !self.started.load(Ordering::Relaxed) {
             reasons.push("starting: not connected to its database and broker yet".to_string());
         }
@@ -563,6 +632,22 @@ mod tests {
         );
         assert_eq!(h.not_ready(Duration::ZERO).len(), 1, "stuck at once with 0");
         h.recovered();
+        {
+            let _write = h.write_started("sink pg (sinks.pg.url)".into(), Duration::ZERO);
+            let reasons = h.not_ready(Duration::from_secs(30));
+            assert_eq!(reasons.len(), 1, "{reasons:?}");
+            assert!(reasons[0].starts_with("sink pg (sinks.pg.url): a write unfinished for 0s"));
+            let _young = h.write_started("sink m".into(), Duration::from_secs(60));
+            assert_eq!(
+                h.not_ready(Duration::from_secs(30)).len(),
+                1,
+                "not stuck yet"
+            );
+        }
+        assert!(
+            h.not_ready(Duration::from_secs(30)).is_empty(),
+            "watch ended"
+        );
         h.set_broker_up(false);
         assert_eq!(
             h.not_ready(Duration::ZERO),

@@ -49,6 +49,9 @@ pub struct EventCodec {
     /// dead-lettering every event written with it.
     reload_from: Option<PathBuf>,
     last_reload: Mutex<Option<Instant>>,
+    /// When the last read of the folder that succeeded started: an unknown fingerprint is
+    /// dead-lettered only when a read that started after its message arrived did not find it.
+    last_loaded: Mutex<Option<Instant>>,
     registry: Option<RegistryClient>,
     /// Registry id of each aggregate type's envelope; `Some` once prepared for publishing with
     /// a registry, and then every value is written in the Confluent wire format.
@@ -63,6 +66,7 @@ impl EventCodec {
             store: RwLock::new(store),
             reload_from: None,
             last_reload: Mutex::new(None),
+            last_loaded: Mutex::new(None),
             registry,
             publish_ids: None,
             writers: Mutex::new(HashMap::new()),
@@ -116,15 +120,17 @@ impl EventCodec {
         let Some(dir) = &self.reload_from else {
             return false;
         };
+        let started = Instant::now();
         {
             let mut last = self.last_reload.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < SCHEMA_RELOAD_MIN_INTERVAL) {
                 return false;
             }
-            *last = Some(Instant::now());
+            *last = Some(started);
         }
         match SchemaStore::load_dir(dir) {
             Ok(mut fresh) => {
+                *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
                 let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
                 fresh.keep_fingerprints_of(&store);
                 tracing::info!(folder = %dir.display(), "schemas folder read again for an unknown fingerprint");
@@ -235,6 +241,35 @@ impl EventCodec {
             .expect("not poisoned")
             .insert(aggregate_type.to_string(), id);
         Ok(())
+    }
+
+    /// [`decode`](Self::decode) for apply, of a message `received` at that instant: a
+    /// single-object frame with an unknown fingerprint is dead-lettered only once the schemas
+    /// folder was read (successfully) after the message arrived and still lacks it. While the
+    /// read is rate-limited or fails, it is [`Error::SchemaPending`] (retried): schema skew
+    /// during a deploy waits for the new schema instead of dead-lettering its events.
+    pub async fn decode_received(
+        &self,
+        bytes: &[u8],
+        received: Instant,
+    ) -> Result<OutboxEvent, Error> {
+        match self.decode(bytes).await {
+            Err(Error::Decode(DecodeError::UnknownFingerprint(fingerprint)))
+                if self.reload_from.is_some() =>
+            {
+                let read_since = self
+                    .last_loaded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some_and(|t| t >= received);
+                if read_since {
+                    Err(DecodeError::UnknownFingerprint(fingerprint).into())
+                } else {
+                    Err(Error::SchemaPending { fingerprint })
+                }
+            }
+            decoded => decoded,
+        }
     }
 
     /// Decodes a value in either framing. Errors are [`Error::Decode`] (permanent for this
@@ -380,6 +415,57 @@ mod tests {
             Err(Error::Decode(e)) => e,
             other => panic!("expected a decode error, got {other:?}"),
         }
+    }
+
+    /// Issue #35 item 11: an unknown fingerprint whose reload was rate-limited (the folder was
+    /// read less than a second before, and the deploy landed since) waits; it is dead-lettered
+    /// only after a read that started after the message arrived.
+    #[tokio::test]
+    async fn an_unknown_fingerprint_waits_for_a_read_of_the_folder_after_it_arrived() {
+        use crate::error::{classify, Disposition};
+        let v1 = r#"{"type":"record","name":"Order","fields":[{"name":"id","type":"string"}]}"#;
+        let v2 = r#"{"type":"record","name":"Order","fields":[{"name":"id","type":"string"},{"name":"note","type":["null","string"],"default":null}]}"#;
+        let dir = std::env::temp_dir().join(format!("schemas-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("orders.avsc"), v1).unwrap();
+        let mut codec = EventCodec::new(Arc::new(SchemaStore::load_dir(&dir).unwrap()), None);
+        codec.reload_from = Some(dir.clone());
+        let mut writer = SchemaStore::default();
+        writer.add("orders", v2).unwrap();
+        let bytes = writer
+            .encode(&OutboxEvent {
+                event_id: uuid::Uuid::new_v4(),
+                event_type: "OrderPlaced".into(),
+                aggregate_type: "orders".into(),
+                aggregate_id: "o1".into(),
+                version: 1,
+                created_at_micros: 0,
+                payload: Some(serde_json::json!({"id": "o1", "note": "n"})),
+            })
+            .unwrap();
+
+        // Read after it arrived, and not there: poison.
+        let first = codec.decode_received(&bytes, Instant::now()).await;
+        assert!(matches!(
+            decode_error(first),
+            DecodeError::UnknownFingerprint(_)
+        ));
+        // The deploy lands; the next message arrives within the reload interval.
+        std::fs::write(dir.join("orders.avsc"), v2).unwrap();
+        let received = Instant::now();
+        let pending = codec.decode_received(&bytes, received).await.unwrap_err();
+        assert_eq!(classify(&pending), Disposition::Retry, "{pending}");
+        let end = Instant::now() + Duration::from_secs(10);
+        let decoded = loop {
+            match codec.decode_received(&bytes, received).await {
+                Ok(event) => break event,
+                Err(e) => assert_eq!(classify(&e), Disposition::Retry, "{e}"),
+            }
+            assert!(Instant::now() < end, "never decoded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(decoded.payload.unwrap()["note"], "n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

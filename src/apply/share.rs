@@ -5,7 +5,7 @@
 //! commit in the sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -43,10 +43,11 @@ fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Backoff {
 async fn decode<S: Sink>(
     ctx: &ApplyContext<S>,
     m: &OwnedMessage,
+    received: Instant,
 ) -> Result<(SinkRecord, i64), Error> {
     let key = m.key().ok_or(DecodeError::NullKey)?;
     let value = m.payload().ok_or(DecodeError::Empty)?;
-    let event = ctx.codec.decode(value).await?;
+    let event = ctx.codec.decode_received(value, received).await?;
     if key != event.aggregate_id.as_bytes() {
         return Err(DecodeError::KeyMismatch {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -105,12 +106,15 @@ pub async fn process<S: Sink>(
     let mut records = Vec::with_capacity(messages.len());
     let mut origins = Vec::with_capacity(messages.len());
     let mut committed = Vec::with_capacity(messages.len());
+    // When this share's messages were in hand: an unknown schema fingerprint is poison only
+    // if the schemas folder, read after this, still lacks it.
+    let received = Instant::now();
     for m in &messages {
         let mut policy = retry_policy(ctx);
         let retrying = RetryEpisode::new(ctx);
         let mut attempts = 1u32;
         loop {
-            match decode(ctx, m).await {
+            match decode(ctx, m, received).await {
                 Ok((r, committed_at)) => {
                     records.push(r);
                     origins.push(m);
@@ -170,8 +174,32 @@ async fn write<S: Sink>(
     let mut attempts = 1u32;
     let topic = origins.first().map(|m| m.topic()).unwrap_or_default();
     let retrying = RetryEpisode::new(ctx);
+    let at = Endpoint::Sink(&ctx.sink_name);
+    // The watchdog: this write, until it is done, shows in /readyz and /status once it takes
+    // longer than http.stuck_write_secs, whether waiting on a call or retrying one.
+    let _watch = ctx.metrics.health.write_started(
+        format!("{at} ({})", at.config_key()),
+        Duration::from_secs(ctx.config.http.stuck_write_secs),
+    );
+    let deadline = ctx
+        .config
+        .sinks
+        .get(&ctx.sink_name)
+        .map_or(Duration::from_secs(35), |s| s.client_deadline());
     loop {
-        match ctx.sink.apply(records).await {
+        let applied = match tokio::time::timeout(deadline, ctx.sink.apply(records)).await {
+            Ok(applied) => applied,
+            // No answer at all (the server's own deadline would have answered): the
+            // connection may be half-open, so the sink drops it before the retry.
+            Err(_) => {
+                ctx.sink.reset().await;
+                Err(Error::SinkTimeout {
+                    sink: ctx.sink_name.clone(),
+                    after_ms: deadline.as_millis() as u64,
+                })
+            }
+        };
+        match applied {
             Ok(outcome) => {
                 retrying.end();
                 let count = |outcome: &str, n: u64| {

@@ -298,6 +298,10 @@ pub struct HttpConfig {
     pub token_env: String,
     /// A retry episode longer than this makes `/readyz` fail.
     pub stuck_after_secs: u64,
+    /// A sink write unfinished for longer than this (waiting on its call, or retrying it)
+    /// makes `/readyz` fail, naming the sink: a watchdog that reacts before the call's own
+    /// deadline (`sinks.NAME.timeout_ms`).
+    pub stuck_write_secs: u64,
     pub warn_consumer_lag: i64,
     pub warn_outbox_backlog: i64,
     pub warn_oldest_unpublished_secs: u64,
@@ -314,6 +318,7 @@ impl Default for HttpConfig {
             apply_port: 9465,
             token_env: "DUALSYNC_HTTP_TOKEN".into(),
             stuck_after_secs: 60,
+            stuck_write_secs: 10,
             warn_consumer_lag: 10_000,
             warn_outbox_backlog: 10_000,
             warn_oldest_unpublished_secs: 60,
@@ -398,6 +403,9 @@ mod defaults {
     }
     pub fn registry_timeout_ms() -> u64 {
         10_000
+    }
+    pub fn sink_timeout_ms() -> u64 {
+        30_000
     }
     pub fn tombstone_retention_secs() -> u64 {
         7 * 24 * 3600

@@ -469,3 +469,54 @@ fn configuration_reference_matches_the_config_types() {
         );
     }
 }
+
+/// Issue #35 item 12: a URL its client cannot parse stops start-up naming its key (the
+/// password never printed); broker lists are host:port entries.
+#[test]
+fn unparseable_urls_and_broker_lists_name_their_key() {
+    for (var, value, key) in [
+        (
+            "DUALSYNC_SOURCE__URL",
+            "postgres://u:Pw-9@127.0.0.1:notaport/x",
+            "source.url",
+        ),
+        (
+            "DUALSYNC_SINKS__PG__URL",
+            "postgresql://h:99999/db",
+            "sinks.pg.url",
+        ),
+        (
+            "DUALSYNC_SINKS__PG__URL",
+            "postgres://h/db?sslmode=maybe",
+            "sinks.pg.url",
+        ),
+        ("DUALSYNC_KAFKA__BROKERS", "k:notaport", "kafka.brokers"),
+        ("DUALSYNC_KAFKA__BROKERS", "k:9092,:9093", "kafka.brokers"),
+        ("DUALSYNC_KAFKA__BROKERS", "k:0", "kafka.brokers"),
+    ] {
+        let e = parse(MINIMAL, vec![(var, value)]).unwrap_err();
+        assert_eq!(e.key, key, "{value}");
+        assert!(!e.to_string().contains("Pw-9"), "{e}");
+    }
+    for ok in [
+        "k1:9092, k2:9093",
+        "k",
+        "SASL_SSL://k:9096",
+        "[::1]:9092",
+        "10.0.0.1:9092",
+    ] {
+        parse(MINIMAL, vec![("DUALSYNC_KAFKA__BROKERS", ok)]).unwrap();
+    }
+    let mongo = format!(
+        "{MINIMAL}\n[sinks.m]\nkind = \"mongodb\"\nurl = \"mongodb://u:Pw-9@h:notaport/\"\ndatabase = \"d\"\n"
+    )
+    .replace("[sinks.pg]", "[apply]\ngroup_id = \"g-{sink}\"\n[sinks.pg]");
+    let e = parse(&mongo, vec![]).unwrap_err();
+    assert_eq!(e.key, "sinks.m.url");
+    assert!(!e.to_string().contains("Pw-9"), "{e}");
+    let registry = format!("{MINIMAL}\n[schema_registry]\nurl = \"http://r:notaport\"\n");
+    assert_eq!(
+        parse(&registry, vec![]).unwrap_err().key,
+        "schema_registry.url"
+    );
+}

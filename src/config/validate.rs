@@ -17,6 +17,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return err("kafka.brokers", "must list at least one host:port");
         }
+        check_brokers(&self.path, &self.kafka.brokers)?;
         if !self.kafka.topic_template.contains("{aggregatetype}") {
             return err(
                 "kafka.topic_template",
@@ -172,6 +173,9 @@ impl Config {
         if self.http.host.parse::<std::net::IpAddr>().is_err() {
             return err("http.host", "must be an IP address, e.g. 127.0.0.1");
         }
+        if self.http.stuck_write_secs == 0 {
+            return err("http.stuck_write_secs", "must be above 0");
+        }
         if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
             return err("http.warn_failure_rate", "must be between 0 and 1");
         }
@@ -211,6 +215,13 @@ impl Config {
             }
         }
         for (name, sink) in &self.sinks {
+            let timeout_ms = sink.timeout().as_millis();
+            if !(100..=3_600_000).contains(&timeout_ms) {
+                return err(
+                    &format!("sinks.{name}.timeout_ms"),
+                    "must be between 100 and 3600000 (1 hour)",
+                );
+            }
             match sink {
                 SinkConfig::Postgres(p) => {
                     check_url(
@@ -340,6 +351,8 @@ fn is_identifier(s: &str) -> bool {
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// A URL of one of `schemes` that its client can parse: a port that is not a number, a bad
+/// option or escape is a configuration error at start-up, not a connection to retry forever.
 fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     let scheme = url.split("://").next().unwrap_or("");
     if !url.contains("://") || !schemes.contains(&scheme) {
@@ -352,6 +365,74 @@ fn check_url(path: &Path, key: &str, url: &str, schemes: &[&str]) -> Result<(), 
                 redact_url(url)
             ),
         ));
+    }
+    let parsed = match scheme {
+        "postgres" | "postgresql" => url
+            .parse::<tokio_postgres::Config>()
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "mongodb" | "mongodb+srv" => mongodb::options::ConnectionString::parse(url)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        _ => match reqwest::Url::parse(url) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+            Ok(_) => Err("it has no host".to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    parsed.map_err(|reason| {
+        ConfigError::new(
+            path,
+            key,
+            format!(
+                "cannot be parsed: {} (got {})",
+                without_password(&reason, url),
+                redact_url(url)
+            ),
+        )
+    })
+}
+
+/// `reason` with the URL's password (if it has one and the parser quoted it) hidden.
+fn without_password(reason: &str, url: &str) -> String {
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let password = rest
+        .rfind('@')
+        .and_then(|at| rest[..at].split_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => reason.replace(p, "***"),
+        None => reason.to_string(),
+    }
+}
+
+/// `kafka.brokers`: comma-separated `host:port` (or `host`, librdkafka's default port 9092),
+/// optionally `PROTOCOL://host:port`, IPv6 hosts in brackets.
+fn check_brokers(path: &Path, brokers: &str) -> Result<(), ConfigError> {
+    for entry in brokers.split(',').map(str::trim) {
+        let address = entry.split_once("://").map_or(entry, |(_, a)| a);
+        let (host, port) = match address.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, "")) => (host, None),
+                Some((host, tail)) => (host, Some(tail.strip_prefix(':').unwrap_or(tail))),
+                None => ("", None),
+            },
+            None => match address.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (address, None),
+            },
+        };
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+        if host.is_empty() || host.contains(['/', '@', ' ']) || !port_ok {
+            return Err(ConfigError::new(
+                path,
+                "kafka.brokers",
+                format!(
+                    "{entry:?} is not host:port (a host name or IP address and a port number between 1 and 65535)"
+                ),
+            ));
+        }
     }
     Ok(())
 }

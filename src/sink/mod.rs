@@ -72,6 +72,12 @@ pub trait Sink: Send + Sync + 'static {
         batch: &[SinkRecord],
     ) -> impl Future<Output = Result<ApplyOutcome, Error>> + Send;
 
+    /// A call got no answer within its client-side deadline and was abandoned: drop any
+    /// connection that may be half-open, so the retry starts on a new one.
+    fn reset(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Removes tombstones older than `older_than` from the namespaces this sink has seen.
     fn purge_tombstones(
         &self,

@@ -56,6 +56,9 @@ pub struct MongoSink {
     /// `run_command` does not add the client's on its own.
     write_concern: Option<Document>,
     intercept: Option<CommandInterceptor>,
+    /// `maxTimeMS` of every write command (`sinks.NAME.timeout_ms`): a write waiting on a
+    /// lock fails with MaxTimeMSExpired (retried) instead of holding the partitions.
+    max_time_ms: i64,
 }
 
 /// A statement of the batch: (index into the caller's batch, the document to write).
@@ -78,6 +81,7 @@ impl MongoSink {
             seen: Mutex::new(HashSet::new()),
             write_concern,
             intercept: None,
+            max_time_ms: config.timeout_ms as i64,
         })
     }
 
@@ -89,7 +93,8 @@ impl MongoSink {
     }
 
     /// Runs a write command, unless the interceptor answers it.
-    async fn write_command(&self, command: Document) -> Result<Document, Error> {
+    async fn write_command(&self, mut command: Document) -> Result<Document, Error> {
+        command.insert("maxTimeMS", self.max_time_ms);
         if let Some(reply) = self.intercept.as_ref().and_then(|f| f(&command)) {
             return Ok(reply);
         }

@@ -31,6 +31,9 @@ pub struct PostgresSink {
     /// Aggregate types with a column mapping; the rest use document tables.
     column_tables: BTreeMap<String, ColumnTableConfig>,
     known_tables: Mutex<HashSet<String>>,
+    /// `statement_timeout` of the sink's connections (`sinks.NAME.timeout_ms`): a write
+    /// waiting on a lock fails with 57014 (retried) instead of holding the partitions.
+    statement_timeout_ms: u64,
 }
 
 /// The sink's connection, with the upsert of each table prepared on it once: a statement
@@ -129,6 +132,7 @@ impl PostgresSink {
             schema: config.schema.clone(),
             column_tables: config.tables.clone(),
             known_tables: Mutex::new(HashSet::new()),
+            statement_timeout_ms: config.timeout_ms,
         };
         let client = sink.client().await?;
         client
@@ -184,8 +188,15 @@ impl PostgresSink {
                 return Ok(c.clone());
             }
         }
+        let client = crate::pg::connect(&self.url).await?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                self.statement_timeout_ms
+            ))
+            .await?;
         let connection = Arc::new(Connection {
-            client: crate::pg::connect(&self.url).await?,
+            client,
             upserts: Mutex::new(HashMap::new()),
         });
         *guard = Some(connection.clone());
@@ -288,6 +299,11 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
+    /// Forgets the connection: a call on it got no answer, so it may be half-open.
+    async fn reset(&self) {
+        self.connection.lock().await.take();
+    }
+
     async fn apply(&self, batch: &[SinkRecord]) -> Result<ApplyOutcome, Error> {
         let (kept, dropped) = newest_per_key(batch);
         let mut by_table: BTreeMap<&str, Vec<(usize, &SinkRecord)>> = BTreeMap::new();

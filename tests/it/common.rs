@@ -187,6 +187,7 @@ pub async fn fresh_postgres_sink(servers: &Servers) -> PostgresSink {
         url: dualsync::config::Secret::new(url),
         schema: "replica".into(),
         tombstone_retention_secs: 60,
+        timeout_ms: 30_000,
         tables: Default::default(),
     })
     .await
@@ -199,6 +200,7 @@ pub async fn fresh_mongo_sink(servers: &Servers) -> MongoSink {
         url: dualsync::config::Secret::new(servers.mongo.clone()),
         database: unique("t"),
         tombstone_retention_secs: 60,
+        timeout_ms: 30_000,
     })
     .await
     .unwrap()

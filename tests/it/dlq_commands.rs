@@ -158,18 +158,30 @@ async fn sink_keys(client: &tokio_postgres::Client) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
+/// A pipeline whose sink is a fresh database, written to a file for the commands: (config,
+/// its file, the sink's URL, the customers topic (created), its dead-letter topic).
+async fn customers_pipeline() -> (Config, std::path::PathBuf, String, String, String) {
     let servers = servers();
     let sink_url = create_database(&servers).await;
     let text = pipeline_toml(&servers, &sink_url, &sink_url, &unique("t"), "");
     let config = Config::from_toml(Path::new("t.toml"), &text, Vec::new()).unwrap();
     let path = write_config(&text);
-    let path = path.to_str().unwrap();
     let topic = config.kafka.topic_for("customers");
     let dlq = format!("{topic}{}", config.apply.dead_letter_suffix);
+    Publisher::new(&config.kafka)
+        .unwrap()
+        .ensure_topic(&topic)
+        .await
+        .unwrap();
+    (config, path, sink_url, topic, dlq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
+    let servers = servers();
+    let (config, path, sink_url, topic, dlq) = customers_pipeline().await;
+    let path = path.to_str().unwrap();
     let publisher = Publisher::new(&config.kafka).unwrap();
-    publisher.ensure_topic(&topic).await.unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &servers.kafka)
         .set("partitioner", "murmur2_random")
@@ -247,13 +259,13 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
     assert_eq!(listed[0]["messages"], 10);
     assert_eq!(
         listed[0]["by_class"],
-        json!({"decode.wrong_topic": 1, "postgres": 9})
+        json!({"decode.wrong_topic": 1, "sink.check_violation": 9})
     );
     let table = ok(&["dlq", "list", "-c", path]);
     let line = table.lines().find(|l| l.starts_with(&dlq)).expect(&table);
     assert!(
         line.split_whitespace().nth(1) == Some("10")
-            && line.ends_with("decode.wrong_topic=1 postgres=9"),
+            && line.ends_with("decode.wrong_topic=1 sink.check_violation=9"),
         "{table}"
     );
     assert!(!table.contains(&foreign), "{table}");
@@ -271,7 +283,7 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
     assert_eq!(event["event_id"], second[1].event_id.to_string());
     assert_eq!(event["version"], 106);
     assert_eq!(event["payload"]["name"], "bad b6");
-    assert_eq!(b6["class"], "postgres");
+    assert_eq!(b6["class"], "sink.check_violation");
     let h = |name: &str| header_of(b6, name);
     let (p, o) = origin["b6"];
     assert_eq!(h(headers::STAGE), "sink");
@@ -432,7 +444,9 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
         );
         let want_sent: BTreeSet<String> = expected
             .iter()
-            .filter(|l| l.class == "postgres" && !replayed.contains(&(l.partition, l.offset)))
+            .filter(|l| {
+                l.class == "sink.check_violation" && !replayed.contains(&(l.partition, l.offset))
+            })
             .map(|l| l.key.clone())
             .collect();
         assert_eq!(sent, want_sent, "{filter:?}: {outcomes}");
@@ -447,7 +461,10 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
             }
         }
         replayed.extend(coordinates(
-            expected.iter().copied().filter(|l| l.class == "postgres"),
+            expected
+                .iter()
+                .copied()
+                .filter(|l| l.class == "sink.check_violation"),
         ));
         applied.extend(sent);
         eventually(
@@ -470,6 +487,77 @@ async fn dlq_commands_list_show_and_replay_apply_letters_with_each_filter() {
     // Nothing came back: the misrouted order was not sent to be dead-lettered again.
     let listed: Json = serde_json::from_str(&ok(&["dlq", "list", "-c", path, "--json"])).unwrap();
     assert_eq!(listed[0]["messages"], 10, "{listed}");
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}
+
+/// Issue #35 item 11: the PostgreSQL sink's refusals are dead-lettered with a class named
+/// after the SQLSTATE (was: all `postgres`), so `dlq replay --class` sends back exactly the
+/// letters one fixed cause refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sink_refusals_are_classed_by_cause_and_replayed_by_class() {
+    let servers = servers();
+    let (config, path, sink_url, topic, dlq) = customers_pipeline().await;
+    let path = path.to_str().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers.kafka)
+        .create()
+        .unwrap();
+    let sink = dualsync::pg::connect(&sink_url).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
+    let event = |id: &str, name: &str, email: &str| {
+        customer_event(
+            id,
+            10,
+            Some(json!({"id": id, "name": name, "email": email, "order_count": 1})),
+        )
+    };
+    produce(&producer, &topic, &[event("c0", "good", "taken")]).await;
+    eventually("c0 is applied", || async {
+        sink_keys(&sink).await.contains("c0")
+    })
+    .await;
+    sink.batch_execute(
+        "ALTER TABLE replica.customers ADD CONSTRAINT no_bad_names CHECK (doc->>'name' NOT LIKE 'bad%');
+         CREATE UNIQUE INDEX one_email ON replica.customers ((doc->>'email'))",
+    )
+    .await
+    .unwrap();
+    produce(
+        &producer,
+        &topic,
+        &[
+            event("k1", "bad 1", "k1"),
+            event("u1", "fine", "taken"),
+            event("k2", "bad 2", "k2"),
+            event("u2", "fine", "taken"),
+        ],
+    )
+    .await;
+    read_topic(&servers.kafka, &dlq, 4).await;
+    let listed: Json = serde_json::from_str(&ok(&["dlq", "list", "-c", path, "--json"])).unwrap();
+    assert_eq!(
+        listed[0]["by_class"],
+        json!({"sink.check_violation": 2, "sink.unique_violation": 2}),
+        "{listed}"
+    );
+
+    // The operator fixes the CHECK constraint and replays what it refused, and only that.
+    sink.batch_execute("ALTER TABLE replica.customers DROP CONSTRAINT no_bad_names")
+        .await
+        .unwrap();
+    let (selected, sent, outcomes) = replay(path, &dlq, &["--class", "sink.check_violation"]);
+    assert_eq!(selected.len(), 2, "{outcomes}");
+    assert_eq!(
+        sent,
+        ["k1".to_string(), "k2".to_string()].into(),
+        "{outcomes}"
+    );
+    eventually("k1 and k2 are applied", || async {
+        sink_keys(&sink).await == ["c0", "k1", "k2"].map(String::from).into()
+    })
+    .await;
     cancel.cancel();
     apply.await.unwrap().unwrap();
 }

@@ -46,20 +46,23 @@ pub struct KafkaCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
     libs: PathBuf,
-    /// Extra `server.properties` lines of every node (later lines win).
-    extra: String,
+    /// Lines added to every node's `server.properties`, and a folder of classes added to its
+    /// class path (a test's broker plug-in, e.g. a create-topic policy).
+    extra_properties: String,
+    extra_classes: Option<PathBuf>,
 }
 
 impl KafkaCluster {
     /// Starts `n` nodes (1 or 3) and returns once every one accepts connections. With three,
     /// internal topics are replicated three times with `min.insync.replicas = 2`.
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, "")
+        Self::start_with(n, "", None)
     }
 
-    /// [`KafkaCluster::start`] with `extra` appended to every node's `server.properties`
-    /// (`key=value` lines; they override the defaults above them).
-    pub fn start_with(n: usize, extra: &str) -> Self {
+    /// [`Self::start`] with `properties` added to every node's configuration (`{port}` and
+    /// `{controller_port}` replaced by the node's; a key given again overrides the default)
+    /// and `classes` (a folder of compiled classes) on its class path.
+    pub fn start_with(n: usize, properties: &str, classes: Option<&Path>) -> Self {
         let dir = std::env::temp_dir().join(unique("dualsync-private-kafka"));
         std::fs::create_dir_all(&dir).unwrap();
         let libs = libs();
@@ -76,7 +79,8 @@ impl KafkaCluster {
             nodes,
             dir,
             libs,
-            extra: extra.to_string(),
+            extra_properties: properties.to_string(),
+            extra_classes: classes.map(Path::to_path_buf),
         };
         cluster.format();
         for i in 0..n {
@@ -135,12 +139,11 @@ impl KafkaCluster {
                  share.coordinator.state.topic.replication.factor={rf}\n\
                  share.coordinator.state.topic.min.isr={isr}\n\
                  group.initial.rebalance.delay.ms=0\nnum.network.threads=2\nnum.io.threads=2\n\
-                 background.threads=2\nnum.replica.fetchers=1\n{extra}\n",
+                 background.threads=2\nnum.replica.fetchers=1\n",
                 id = node.id,
                 port = node.port,
                 cport = node.controller_port,
                 data = node.dir.join("data").display(),
-                extra = self.extra,
             );
             let properties = node.dir.join("server.properties");
             std::fs::write(&properties, config).unwrap();
@@ -167,6 +170,16 @@ impl KafkaCluster {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Added after formatting: the storage tool would look for a plug-in's classes.
+            let mut config = std::fs::read_to_string(&properties).unwrap();
+            config.push_str(
+                &self
+                    .extra_properties
+                    .replace("{port}", &node.port.to_string())
+                    .replace("{controller_port}", &node.controller_port.to_string()),
+            );
+            config.push('\n');
+            std::fs::write(&properties, config).unwrap();
         }
     }
 
@@ -186,7 +199,10 @@ impl KafkaCluster {
                 "-XX:TieredStopAtLevel=1",
             ])
             .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()))
+            .arg(match &self.extra_classes {
+                Some(classes) => format!("{}/*:{}", self.libs.display(), classes.display()),
+                None => format!("{}/*", self.libs.display()),
+            })
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
             .arg("kafka.Kafka")
             .arg(node.dir.join("server.properties"))

@@ -141,6 +141,7 @@ async fn column_sink(tables_toml: &str) -> (PostgresSink, tokio_postgres::Client
         url: Secret::new(url.clone()),
         schema: "replica".into(),
         tombstone_retention_secs: 60,
+        timeout_ms: 30_000,
         tables,
     })
     .await
