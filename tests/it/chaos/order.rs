@@ -1,0 +1,50 @@
+//! Per-key order on an event topic, as a consumer sees it: within a partition, a key's
+//! versions never decrease, except for a redelivery of an event already there (same version,
+//! same bytes: a relay killed between Kafka's acknowledgement and marking its rows publishes
+//! them again). A different event at a version at or below one already seen is an order
+//! violation: two relays publishing at once, or a leader that kept publishing after losing
+//! its lock.
+
+use std::collections::{HashMap, HashSet};
+
+use rdkafka::message::{Message, OwnedMessage};
+
+use crate::common::header;
+
+/// One line per violation (partition, key, the version that went backwards and the newest
+/// before it). Messages without a version header (poison) are not events and are skipped.
+/// `messages` are in (partition, offset) order, as `read_topic_until` returns them.
+pub(super) fn violations(messages: &[OwnedMessage]) -> Vec<String> {
+    #[derive(Default)]
+    struct Key {
+        newest: i64,
+        seen: HashSet<(i64, Vec<u8>)>,
+    }
+    let mut keys: HashMap<(i32, Vec<u8>), Key> = HashMap::new();
+    let mut out = Vec::new();
+    for m in messages {
+        let Some(version) = header(m, dualsync::publish::headers::VERSION)
+            .and_then(|v| v.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        let key = m.key().unwrap_or_default().to_vec();
+        let payload = m.payload().unwrap_or_default().to_vec();
+        let k = keys.entry((m.partition(), key.clone())).or_default();
+        if k.seen.contains(&(version, payload.clone())) {
+            continue; // a redelivery of an identical event
+        }
+        if !k.seen.is_empty() && version <= k.newest {
+            out.push(format!(
+                "partition {} key {}: version {version} at offset {} after version {}",
+                m.partition(),
+                String::from_utf8_lossy(&key),
+                m.offset(),
+                k.newest
+            ));
+        }
+        k.newest = k.newest.max(version);
+        k.seen.insert((version, payload));
+    }
+    out
+}
