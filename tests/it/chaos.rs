@@ -2,18 +2,30 @@
 //! aggregates (creates, updates, deletes), and a seeded schedule of faults — `kill -9` of the
 //! relay, of either apply, of a relay and an apply together, a second relay started and
 //! stopped, poison messages produced straight to an event topic, a restart of the MongoDB sink
-//! server, a restart of the PostgreSQL server holding the primary (and the PostgreSQL sink),
-//! and `kill -9` of a broker of a three-node Apache Kafka cluster (the leader of a partition in
-//! use, or the active KRaft controller), restarted after a random delay. Event topics have
-//! three replicas and `min.insync.replicas = 2`. Afterwards both sinks must match the primary record by record,
-//! every outbox row must be in its topic, and the dead-letter topic must hold exactly the
-//! injected poison (once per sink's consumer group).
+//! server, a restart of the PostgreSQL primary (which also holds the PostgreSQL sink), and
+//! `kill -9` of a broker of a three-node Apache Kafka cluster (the leader of a partition in
+//! use, or the active KRaft controller), restarted after a random delay — and network faults:
+//! every connection of the relay and the applies (PostgreSQL primary and sink, each broker,
+//! MongoDB) goes through a Toxiproxy link, cut (partition), slowed (latency, bandwidth) or
+//! reset for a while; the relay leader cut off from PostgreSQL while a standby relay still
+//! reaches it; and a failover of the PostgreSQL primary to its synchronous standby (killed,
+//! promoted; everyone reconnects through a multi-host URL). Event topics have three replicas
+//! and `min.insync.replicas = 2`.
 //!
-//! Every server is the test's own (a private PostgreSQL cluster, a private SecantusDB, a
-//! private three-node Kafka cluster), so restarting them disturbs no other test.
+//! Afterwards: both sinks match the primary record by record, every outbox row is in its
+//! topic, per-key order holds in the topics (chaos/order.rs), every acknowledged probe commit
+//! survived, and the dead-letter topic holds exactly the injected poison (once per sink's
+//! consumer group). For each network fault and failover the schedule prints a `chaos fault`
+//! line: time until healthy again, the longest commit → applied, what each process logged.
+//!
+//! Every server is the test's own (a private PostgreSQL primary and standby, a private
+//! SecantusDB, a private three-node Kafka cluster, a private Toxiproxy), so disturbing them
+//! disturbs no other test.
 //!
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
-//! sets its length (default 6, the CI configuration; `make chaos` runs longer ones).
+//! sets its length (default 6, the CI configuration; `make chaos` runs longer ones),
+//! `DUALSYNC_CHAOS_FIRST` the kinds it starts with (CI: a partition, a slow link, the leader
+//! cut-off).
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +44,7 @@ use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
 use crate::toxiproxy::host_port;
 
-mod failover;
+pub(crate) mod failover;
 mod harness;
 mod mongo;
 mod network;

@@ -88,14 +88,13 @@ impl Pair {
         let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
         // Kept in postgresql.auto.conf, which the base backup copies: a promoted standby asks
         // for a synchronous standby of its own, which the rebuild gives it.
-        admin
-            .batch_execute(
-                "ALTER SYSTEM SET synchronous_standby_names = '*';
-                 ALTER SYSTEM SET synchronous_commit = 'on';
-                 SELECT pg_reload_conf();",
-            )
-            .await
-            .unwrap();
+        for statement in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "ALTER SYSTEM SET synchronous_commit = 'on'",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(statement).await.unwrap();
+        }
         let data = std::env::temp_dir().join(unique("dualsync-private-pg-standby"));
         let standby = standby_of(&primary, data, crate::common::free_port());
         let pair = Self {

@@ -296,8 +296,8 @@ pub(super) async fn healthy_after(
     None
 }
 
-/// What each process logged at WARN or ERROR from the byte offsets in `from` on: the count and
-/// the first such line, one entry per process.
+/// What each process logged from the byte offsets in `from` on: how many lines (a flood shows
+/// here), how many at WARN or ERROR, and the first of those, one entry per process.
 pub(super) fn logged(procs: &Pipeline, from: &[usize; 3]) -> String {
     [&procs.relay, &procs.apply_pg, &procs.apply_mongo]
         .iter()
@@ -313,7 +313,12 @@ pub(super) fn logged(procs: &Pipeline, from: &[usize; 3]) -> String {
                 .map(|l| l.split_once(": ").map_or(*l, |(_, m)| m))
                 .unwrap_or("-");
             let first: String = first.chars().take(160).collect();
-            format!("{}: {} warn/error lines, first: {first}", p.name, loud.len())
+            format!(
+                "{}: {} lines, {} warn/error, first: {first}",
+                p.name,
+                text.lines().count(),
+                loud.len()
+            )
         })
         .collect::<Vec<_>>()
         .join(" | ")

@@ -48,3 +48,41 @@ pub(super) fn violations(messages: &[OwnedMessage]) -> Vec<String> {
     }
     out
 }
+
+/// The check itself: a redelivered identical event passes, a different event at an older or
+/// equal version of a key in its partition is flagged, other keys and partitions are apart.
+#[test]
+fn order_check_flags_a_version_going_back_but_not_a_redelivery() {
+    use rdkafka::message::{OwnedHeaders, Timestamp};
+    let event = |partition: i32, offset: i64, key: &str, version: i64, payload: &str| {
+        let headers = OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: dualsync::publish::headers::VERSION,
+            value: Some(&version.to_string()),
+        });
+        OwnedMessage::new(
+            Some(payload.as_bytes().to_vec()),
+            Some(key.as_bytes().to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            Some(headers),
+        )
+    };
+    let fine = [
+        event(0, 0, "a", 1, "a1"),
+        event(0, 1, "a", 2, "a2"),
+        event(0, 2, "b", 1, "b1"),
+        event(0, 3, "a", 1, "a1"), // redelivered
+        event(0, 4, "a", 2, "a2"),
+        event(0, 5, "a", 3, "a3"),
+        event(1, 0, "a", 1, "a1"), // another partition
+    ];
+    assert_eq!(violations(&fine), Vec::<String>::new());
+    let backwards = [
+        event(0, 0, "a", 2, "a2"),
+        event(0, 1, "a", 1, "a1"),
+        event(0, 2, "a", 2, "a2-other"),
+    ];
+    assert_eq!(violations(&backwards).len(), 2, "{:?}", violations(&backwards));
+}
