@@ -103,7 +103,15 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     let advertised: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let kafka = KafkaCluster::start_with(3, &advertised);
     let brokers: Vec<(u16, u16)> = kafka.proxied_ports().into_iter().zip(advertised).collect();
-    let net = Net::start(&pg.addresses(), &brokers, &host_port(&mongo_server.url())).await;
+    // The shared schema registry (subjects are named after the schedule's unique topics).
+    let registry = std::env::var("DUALSYNC_TEST_REGISTRY_URL").expect("DUALSYNC_TEST_REGISTRY_URL");
+    let net = Net::start(
+        &pg.addresses(),
+        &brokers,
+        &host_port(&mongo_server.url()),
+        &host_port(&registry),
+    )
+    .await;
 
     let (source_db, sink_db, mongo_db) = (unique("t"), unique("t"), unique("t"));
     let admin = dualsync::pg::connect(&pg.primary().url()).await.unwrap();
@@ -133,7 +141,17 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     };
     // Dynamic group membership, as most deployments run it: a member killed with -9 is
     // expired by the broker after `session.timeout.ms` and its partitions move to the others.
-    let text = pipeline_toml(&proxied, &relay_url, &sink_url, &mongo_db, RECONCILE);
+    let registry_section = format!(
+        "[schema_registry]\nurl = \"{}\"\n",
+        registry.replace(&host_port(&registry), &net.registry.listen)
+    );
+    let text = pipeline_toml(
+        &proxied,
+        &relay_url,
+        &sink_url,
+        &mongo_db,
+        &format!("{RECONCILE}{registry_section}"),
+    );
     let config = Config::from_toml(std::path::Path::new("chaos.toml"), &text, Vec::new()).unwrap();
     let file = std::env::temp_dir().join(format!("{}.toml", unique("chaos")));
     std::fs::write(&file, &text).unwrap();
@@ -334,10 +352,16 @@ async fn published_once_at_least(
             Some((rdkafka::Message::key(m)?.to_vec(), version))
         };
         // Read until every row was seen (duplicates make the topic longer than the outbox).
+        // Counted as the messages arrive: recounting them all after each one was quadratic,
+        // and a schedule whose writers run through minutes of network faults writes tens of
+        // thousands of events.
+        let seen = std::sync::Mutex::new((std::collections::HashSet::new(), 0));
         let messages = read_topic_until(&servers.kafka, &config.kafka.topic_for(aggregate), {
             move |ms| {
-                let seen: std::collections::HashSet<_> = ms.iter().filter_map(event_of).collect();
-                seen.len() >= rows
+                let (set, counted) = &mut *seen.lock().unwrap();
+                set.extend(ms[*counted..].iter().filter_map(event_of));
+                *counted = ms.len();
+                set.len() >= rows
             }
         })
         .await;

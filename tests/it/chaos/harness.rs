@@ -218,6 +218,8 @@ pub(super) struct Faults {
     started: Instant,
     /// Kinds the schedule starts with, in order (`DUALSYNC_CHAOS_FIRST`), before random ones.
     first: Vec<usize>,
+    /// Kinds drawn but not injected (`DUALSYNC_CHAOS_SKIP`, same form).
+    skip: Vec<usize>,
 }
 
 impl Faults {
@@ -236,7 +238,8 @@ impl Faults {
             kinds,
             drawn: vec![0; kinds.len()],
             started: Instant::now(),
-            first: first_kinds(kinds),
+            first: named_kinds(kinds, "DUALSYNC_CHAOS_FIRST"),
+            skip: named_kinds(kinds, "DUALSYNC_CHAOS_SKIP"),
         }
     }
 
@@ -250,6 +253,10 @@ impl Faults {
     ) -> Option<(usize, Duration)> {
         let (fault, restart_after) =
             draw_fault(rng, self.started, step, self.kinds, self.first.get(step)).await;
+        if self.skip.contains(&fault) {
+            println!("        skipped (DUALSYNC_CHAOS_SKIP)");
+            return None;
+        }
         self.drawn[fault] += 1;
         let shared = self.inject(fault, step, restart_after, procs, rng).await;
         (!shared).then_some((fault, restart_after))
@@ -318,12 +325,13 @@ pub(super) fn schedule(name: &str) -> (u64, usize, StdRng) {
     (seed, faults, StdRng::seed_from_u64(seed))
 }
 
-/// The kinds named in `DUALSYNC_CHAOS_FIRST` (comma-separated, e.g. `partition,slow
-/// link,leader cut-off`) that this schedule has, in order: CI's short schedule starts with them
-/// so it always covers them; the random draws go on after. Names of another schedule's kinds
-/// are skipped.
-fn first_kinds(kinds: &[&str]) -> Vec<usize> {
-    std::env::var("DUALSYNC_CHAOS_FIRST")
+/// The kinds named in `variable` (comma-separated, e.g. `partition,slow link,leader cut-off`)
+/// that this schedule has, in order. `DUALSYNC_CHAOS_FIRST`: CI's short schedule starts with
+/// them so it always covers them; the random draws go on after. `DUALSYNC_CHAOS_SKIP`: drawn
+/// but not injected (e.g. the leader cut-off on a build without its fix), the seed's other
+/// draws unchanged. Names of another schedule's kinds are ignored.
+fn named_kinds(kinds: &[&str], variable: &str) -> Vec<usize> {
+    std::env::var(variable)
         .unwrap_or_default()
         .split(',')
         .filter_map(|name| kinds.iter().position(|k| *k == name.trim()))

@@ -29,12 +29,20 @@ pub(super) struct Net {
     pub(super) kafka: Vec<Link>,
     /// The MongoDB apply's sink link.
     pub(super) mongo: Link,
+    /// The schema registry's (relay and applies).
+    pub(super) registry: Link,
 }
 
 impl Net {
     /// `pg` are the two PostgreSQL clusters' `host:port`; `kafka` the brokers' client ports
-    /// and the proxy ports they advertise; `mongo` the MongoDB sink's `host:port`.
-    pub(super) async fn start(pg: &[String; 2], kafka: &[(u16, u16)], mongo: &str) -> Self {
+    /// and the proxy ports they advertise; `mongo` the MongoDB sink's `host:port`; `registry`
+    /// the schema registry's.
+    pub(super) async fn start(
+        pg: &[String; 2],
+        kafka: &[(u16, u16)],
+        mongo: &str,
+        registry: &str,
+    ) -> Self {
         let proxy = Toxiproxy::start().await;
         let mut pairs = Vec::new();
         for who in ["relay", "standby", "sink"] {
@@ -54,6 +62,7 @@ impl Net {
             );
         }
         let mongo = proxy.link("mongo", mongo).await;
+        let registry = proxy.link("registry", registry).await;
         let sink_pg = pairs.pop().unwrap();
         let standby_pg = pairs.pop().unwrap();
         let relay_pg = pairs.pop().unwrap();
@@ -64,6 +73,7 @@ impl Net {
             sink_pg,
             kafka: brokers,
             mongo,
+            registry,
         }
     }
 
@@ -78,6 +88,7 @@ impl Net {
             ("PostgreSQL primary (relay)".into(), self.relay_pg.clone()),
             ("PostgreSQL sink (apply-pg)".into(), self.sink_pg.clone()),
             ("MongoDB sink (apply-mongo)".into(), vec![self.mongo.clone()]),
+            ("schema registry (all)".into(), vec![self.registry.clone()]),
         ];
         for (i, l) in self.kafka.iter().enumerate() {
             t.push((format!("Kafka broker {} (all)", i + 1), vec![l.clone()]));
@@ -296,8 +307,9 @@ pub(super) async fn healthy_after(
     None
 }
 
-/// What each process logged from the byte offsets in `from` on: how many lines (a flood shows
-/// here), how many at WARN or ERROR, and the first of those, one entry per process.
+/// What each process logged from the byte offsets in `from` on: how many lines at INFO or
+/// above (a flood shows here; the schedule runs dualsync at DEBUG), how many at WARN or ERROR,
+/// and the first of those, one entry per process.
 pub(super) fn logged(procs: &Pipeline, from: &[usize; 3]) -> String {
     [&procs.relay, &procs.apply_pg, &procs.apply_mongo]
         .iter()
@@ -316,7 +328,9 @@ pub(super) fn logged(procs: &Pipeline, from: &[usize; 3]) -> String {
             format!(
                 "{}: {} lines, {} warn/error, first: {first}",
                 p.name,
-                text.lines().count(),
+                text.lines()
+                    .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+                    .count(),
                 loud.len()
             )
         })
