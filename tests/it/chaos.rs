@@ -214,13 +214,21 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
             12 => net.resets(&mut rng).await,
             13 => {
                 let (took, healed) = leader_cut_off(&net, standby_path, seed, &procs).await;
-                let what = format!("relay leader (standby led {:.1}s after)", took.as_secs_f64());
+                let what = format!(
+                    "relay leader (standby led {:.1}s after)",
+                    took.as_secs_f64()
+                );
                 (what, healed)
             }
             _ => {
                 pg.failover().await;
-                println!("        failover done: the standby is primary, the old primary its standby");
-                ("PostgreSQL primary killed, standby promoted".to_string(), Instant::now())
+                println!(
+                    "        failover done: the standby is primary, the old primary its standby"
+                );
+                (
+                    "PostgreSQL primary killed, standby promoted".to_string(),
+                    Instant::now(),
+                )
             }
         };
         let healthy = healthy_after(&procs, &probes, healed).await;
@@ -319,9 +327,10 @@ async fn write_until(url: String, seed: u64, stop: CancellationToken) -> u64 {
         if stop.is_cancelled() && round >= 3 {
             break;
         }
-        written += dualsync::demo::generate_at_rate(&url, 20, 150, 1000, 3, seed + round, Some(200.0))
-            .await
-            .unwrap();
+        written +=
+            dualsync::demo::generate_at_rate(&url, 20, 150, 1000, 3, seed + round, Some(200.0))
+                .await
+                .unwrap();
     }
     written
 }

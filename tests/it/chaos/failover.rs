@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::unique;
-use crate::private_servers::PrivateServer;
+use crate::private_servers::{run, PrivateServer};
 
 /// Two clusters: `servers[primary]` is the primary, the other its synchronous standby.
 pub(crate) struct Pair {
@@ -49,16 +49,6 @@ fn pg_program(server: &PrivateServer, program: &str) -> Command {
     }
 }
 
-fn run(mut cmd: Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A streaming standby of `primary` in a new folder `data` on `port`, started.
 fn standby_of(primary: &PrivateServer, data: PathBuf, port: u16) -> PrivateServer {
     let PrivateServer::Postgres { bin, as_root, .. } = primary else {
@@ -70,7 +60,7 @@ fn standby_of(primary: &PrivateServer, data: PathBuf, port: u16) -> PrivateServe
         .arg(&data)
         .args(["-h", "127.0.0.1", "-p", &port_of(primary).to_string()])
         .args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast"]);
-    run(backup);
+    run(&mut backup);
     let mut standby = PrivateServer::Postgres {
         bin: bin.clone(),
         data,
@@ -150,9 +140,11 @@ impl Pair {
             .arg("-D")
             .arg(self.servers[new].data())
             .args(["promote", "-w", "-t", "60"]);
-        run(promote);
+        run(&mut promote);
         self.primary = new;
-        let admin = dualsync::pg::connect(&self.servers[new].url()).await.unwrap();
+        let admin = dualsync::pg::connect(&self.servers[new].url())
+            .await
+            .unwrap();
         let old_data: PathBuf = self.servers[old].data().to_path_buf();
         remove_cluster(&old_data);
         let rebuilt = standby_of(&self.servers[new], old_data, port_of(&self.servers[old]));

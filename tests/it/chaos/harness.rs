@@ -116,7 +116,9 @@ impl Proc {
     /// `127.0.0.1:port` of the current run's HTTP endpoint, once it listens.
     pub(super) fn http_address(&self) -> Option<String> {
         let log = self.log();
-        let line = log.lines().rfind(|l| l.contains("http endpoint listening"))?;
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("http endpoint listening"))?;
         let address = line.split("address=").nth(1)?;
         Some(address.split_whitespace().next()?.to_string())
     }

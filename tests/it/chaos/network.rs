@@ -87,7 +87,10 @@ impl Net {
         let mut t = vec![
             ("PostgreSQL primary (relay)".into(), self.relay_pg.clone()),
             ("PostgreSQL sink (apply-pg)".into(), self.sink_pg.clone()),
-            ("MongoDB sink (apply-mongo)".into(), vec![self.mongo.clone()]),
+            (
+                "MongoDB sink (apply-mongo)".into(),
+                vec![self.mongo.clone()],
+            ),
             ("schema registry (all)".into(), vec![self.registry.clone()]),
         ];
         for (i, l) in self.kafka.iter().enumerate() {
@@ -230,9 +233,7 @@ impl Probes {
                     }
                     if !in_mongo {
                         in_mongo = matches!(
-                            customers
-                                .find_one(mongodb::bson::doc! {"_id": &id})
-                                .await,
+                            customers.find_one(mongodb::bson::doc! {"_id": &id}).await,
                             Ok(Some(_))
                         );
                     }
@@ -365,7 +366,8 @@ pub(super) async fn leader_cut_off(
     seed: u64,
     procs: &Pipeline,
 ) -> (Duration, Instant) {
-    let mut standby = super::harness::Proc::new("chaos-relay-standby", &["relay", "-c", standby_config]);
+    let mut standby =
+        super::harness::Proc::new("chaos-relay-standby", &["relay", "-c", standby_config]);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -413,6 +415,9 @@ pub(super) async fn leader_cut_off(
             procs.tails()
         )
     });
-    println!("        the standby relay led {:.1}s after the cut-off", took.as_secs_f64());
+    println!(
+        "        the standby relay led {:.1}s after the cut-off",
+        took.as_secs_f64()
+    );
     (took, healed)
 }

@@ -23,8 +23,8 @@ pub(super) fn violations(messages: &[OwnedMessage]) -> Vec<String> {
     let mut keys: HashMap<(i32, Vec<u8>), Key> = HashMap::new();
     let mut out = Vec::new();
     for m in messages {
-        let Some(version) = header(m, dualsync::publish::headers::VERSION)
-            .and_then(|v| v.parse::<i64>().ok())
+        let Some(version) =
+            header(m, dualsync::publish::headers::VERSION).and_then(|v| v.parse::<i64>().ok())
         else {
             continue;
         };
@@ -84,5 +84,10 @@ fn order_check_flags_a_version_going_back_but_not_a_redelivery() {
         event(0, 1, "a", 1, "a1"),
         event(0, 2, "a", 2, "a2-other"),
     ];
-    assert_eq!(violations(&backwards).len(), 2, "{:?}", violations(&backwards));
+    assert_eq!(
+        violations(&backwards).len(),
+        2,
+        "{:?}",
+        violations(&backwards)
+    );
 }
