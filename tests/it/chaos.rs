@@ -213,7 +213,12 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
             11 => net.slow(&mut rng).await,
             12 => net.resets(&mut rng).await,
             13 => {
-                let (took, healed) = leader_cut_off(&net, standby_path, seed, &procs).await;
+                // The standby stops afterwards, so the first relay leads again.
+                let mut standby = Proc::new("chaos-relay-standby", &["relay", "-c", standby_path]);
+                let tails = || procs.tails();
+                let (took, healed) =
+                    leader_cut_off(&net.proxy, &net.relay_pg, &mut standby, seed, &tails).await;
+                standby.stop();
                 let what = format!(
                     "relay leader (standby led {:.1}s after)",
                     took.as_secs_f64()

@@ -99,62 +99,93 @@ impl Net {
         t
     }
 
-    async fn heal(&self, links: &[Link]) {
-        for l in links {
-            self.proxy.heal(l).await;
-        }
-    }
-
-    /// A partition: one target blackholed for 5–60 s, then healed. Returns what was cut.
+    /// A partition of one target (see [`partition`]).
     pub(super) async fn partition(&self, rng: &mut StdRng) -> (String, Instant) {
         let (name, links) = pick(self.targets(), rng);
-        let hold = Duration::from_secs(rng.gen_range(5..=60));
-        println!("        partition of {name} for {hold:?}");
-        for l in &links {
-            self.proxy.blackhole(l).await;
-        }
-        tokio::time::sleep(hold).await;
-        self.heal(&links).await;
-        (name, Instant::now())
+        partition(&self.proxy, &name, &links, rng).await
     }
 
-    /// A slow link for 10–60 s: latency 200–2,000 ms with jitter, or 2–16 KB/s.
+    /// A slow link to one target (see [`slow`]).
     pub(super) async fn slow(&self, rng: &mut StdRng) -> (String, Instant) {
         let (name, links) = pick(self.targets(), rng);
-        let hold = Duration::from_secs(rng.gen_range(10..=60));
-        let what = if rng.gen_bool(0.5) {
-            let latency = rng.gen_range(200..=2000);
-            let jitter = latency / 4;
-            for l in &links {
-                self.proxy.latency(l, latency, jitter).await;
-            }
-            format!("latency {latency}±{jitter} ms")
-        } else {
-            let rate = rng.gen_range(2..=16);
-            for l in &links {
-                self.proxy.bandwidth(l, rate).await;
-            }
-            format!("{rate} KB/s")
-        };
-        println!("        slow link to {name}: {what} for {hold:?}");
-        tokio::time::sleep(hold).await;
-        self.heal(&links).await;
-        (format!("{name}, {what}"), Instant::now())
+        slow(&self.proxy, &name, &links, rng).await
     }
 
-    /// Connections reset (RST) 0–500 ms after data arrives, new ones too, for 5–20 s.
+    /// Resets on one target (see [`resets`]).
     pub(super) async fn resets(&self, rng: &mut StdRng) -> (String, Instant) {
         let (name, links) = pick(self.targets(), rng);
-        let hold = Duration::from_secs(rng.gen_range(5..=20));
-        let after = rng.gen_range(0..=500);
-        println!("        resets on {name} ({after} ms after data) for {hold:?}");
-        for l in &links {
-            self.proxy.reset_peer(l, after).await;
-        }
-        tokio::time::sleep(hold).await;
-        self.heal(&links).await;
-        (name, Instant::now())
+        resets(&self.proxy, &name, &links, rng).await
     }
+}
+
+async fn heal(proxy: &Toxiproxy, links: &[Link]) {
+    for l in links {
+        proxy.heal(l).await;
+    }
+}
+
+/// A partition: `links` (the server `name` as one process sees it) blackholed for 5–60 s, then
+/// healed. Returns what was cut and when it healed.
+pub(super) async fn partition(
+    proxy: &Toxiproxy,
+    name: &str,
+    links: &[Link],
+    rng: &mut StdRng,
+) -> (String, Instant) {
+    let hold = Duration::from_secs(rng.gen_range(5..=60));
+    println!("        partition of {name} for {hold:?}");
+    for l in links {
+        proxy.blackhole(l).await;
+    }
+    tokio::time::sleep(hold).await;
+    heal(proxy, links).await;
+    (name.to_string(), Instant::now())
+}
+
+/// A slow link for 10–60 s: latency 200–2,000 ms with jitter, or 2–16 KB/s.
+pub(super) async fn slow(
+    proxy: &Toxiproxy,
+    name: &str,
+    links: &[Link],
+    rng: &mut StdRng,
+) -> (String, Instant) {
+    let hold = Duration::from_secs(rng.gen_range(10..=60));
+    let what = if rng.gen_bool(0.5) {
+        let latency = rng.gen_range(200..=2000);
+        let jitter = latency / 4;
+        for l in links {
+            proxy.latency(l, latency, jitter).await;
+        }
+        format!("latency {latency}±{jitter} ms")
+    } else {
+        let rate = rng.gen_range(2..=16);
+        for l in links {
+            proxy.bandwidth(l, rate).await;
+        }
+        format!("{rate} KB/s")
+    };
+    println!("        slow link to {name}: {what} for {hold:?}");
+    tokio::time::sleep(hold).await;
+    heal(proxy, links).await;
+    (format!("{name}, {what}"), Instant::now())
+}
+
+/// Connections reset (RST) 0–500 ms after data arrives, new ones too, for 5–20 s.
+pub(super) async fn resets(
+    proxy: &Toxiproxy,
+    name: &str,
+    links: &[Link],
+    rng: &mut StdRng,
+) -> (String, Instant) {
+    let hold = Duration::from_secs(rng.gen_range(5..=20));
+    let after = rng.gen_range(0..=500);
+    println!("        resets on {name} ({after} ms after data) for {hold:?}");
+    for l in links {
+        proxy.reset_peer(l, after).await;
+    }
+    tokio::time::sleep(hold).await;
+    heal(proxy, links).await;
+    (name.to_string(), Instant::now())
 }
 
 fn pick(mut targets: Vec<(String, Vec<Link>)>, rng: &mut StdRng) -> (String, Vec<Link>) {
@@ -348,26 +379,25 @@ pub(super) fn log_marks(procs: &Pipeline) -> [usize; 3] {
     ]
 }
 
-/// How long the standby relay may take to lead after the leader was cut off from PostgreSQL:
+/// How long the standby relay may take to lead after the leader was cut off from its source:
 /// the issue's target (30 s) plus a margin for a loaded 2-core machine.
 const TAKEOVER_DEADLINE: Duration = Duration::from_secs(45);
 
-/// The relay leader cut off from PostgreSQL (its links blackholed; open connections stay open)
-/// while a standby relay (`standby_config`, on links of its own) still reaches it: the standby
-/// must lead within [`TAKEOVER_DEADLINE`]; then the leader's links heal and the standby stops,
-/// so the first relay leads again. Returns how long the takeover took and when it healed.
+/// The relay leader cut off from its source (`leader_links` blackholed; open connections stay
+/// open) while `standby`, a relay on links of its own, still reaches it: the standby must lead
+/// within [`TAKEOVER_DEADLINE`]. The links heal before this returns (how long the takeover
+/// took, when it healed); the caller decides what becomes of the two relays.
 ///
-/// Needs the relay leader to notice a half-open PostgreSQL connection (keepalives, server-side
-/// timeouts: task E of issue #36); without that the old leader keeps the outbox lock and this
-/// fails.
+/// For PostgreSQL this needs the relay leader to notice a half-open connection (keepalives,
+/// server-side timeouts: task E of issue #36); without that the old leader keeps the outbox
+/// lock and this fails.
 pub(super) async fn leader_cut_off(
-    net: &Net,
-    standby_config: &str,
+    proxy: &Toxiproxy,
+    leader_links: &[Link],
+    standby: &mut super::harness::Proc,
     seed: u64,
-    procs: &Pipeline,
+    tails: &dyn Fn() -> String,
 ) -> (Duration, Instant) {
-    let mut standby =
-        super::harness::Proc::new("chaos-relay-standby", &["relay", "-c", standby_config]);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -390,8 +420,8 @@ pub(super) async fn leader_cut_off(
         async move { listening }
     })
     .await;
-    for l in &net.relay_pg {
-        net.proxy.blackhole(l).await;
+    for l in leader_links {
+        proxy.blackhole(l).await;
     }
     let cut = Instant::now();
     let mut took = None;
@@ -402,17 +432,16 @@ pub(super) async fn leader_cut_off(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for l in &net.relay_pg {
-        net.proxy.heal(l).await;
+    for l in leader_links {
+        proxy.heal(l).await;
     }
     let healed = Instant::now();
-    let standby_tail = standby.tail();
-    standby.stop();
     let took = took.unwrap_or_else(|| {
         panic!(
             "seed {seed}: the standby relay did not lead within {TAKEOVER_DEADLINE:?} of the \
-             leader's cut-off from PostgreSQL\nstandby:\n{standby_tail}\n{}",
-            procs.tails()
+             leader's cut-off from its source\nstandby:\n{}\n{}",
+            standby.tail(),
+            tails()
         )
     });
     println!(
