@@ -108,13 +108,16 @@ done
             echo "orders) and single-document writes on 12 customers and 24 carts; faults: kill -9 of the"
             echo "relay / an apply / both, poison, a standby relay taking over from one killed with -9,"
             echo "restarts of the primary's and the MongoDB sink's servers, kill -9 of a partition leader"
-            echo "or of the active KRaft controller."
+            echo "or of the active KRaft controller; and on the leading relay's own Toxiproxy link to the"
+            echo "primary a partition, a slow link, resets, and the leader cut off while a standby relay"
+            echo "takes the lease over."
         else
             echo "kill -9 of relay / apply / both, a second relay started and stopped, poison messages,"
             echo "a restart of the MongoDB sink's server, a restart of the PostgreSQL server holding the"
             echo "primary and the PostgreSQL sink, kill -9 of the leader of a partition in use or of the"
             echo "active KRaft controller; writers contending on 20 customers and 150 orders at 200"
-            echo "changes/s."
+            echo "changes/s; every connection through Toxiproxy: partitions, slow links, resets, the relay"
+            echo "leader cut off from PostgreSQL, a failover of the primary to its synchronous standby."
         fi
         echo
         cat "$LINES_DIR/$schedule"
