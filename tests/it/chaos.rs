@@ -216,8 +216,15 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
                 // The standby stops afterwards, so the first relay leads again.
                 let mut standby = Proc::new("chaos-relay-standby", &["relay", "-c", standby_path]);
                 let tails = || procs.tails();
-                let (took, healed) =
-                    leader_cut_off(&net.proxy, &net.relay_pg, &mut standby, seed, &tails).await;
+                let (took, healed) = leader_cut_off(
+                    &net.proxy,
+                    &procs.relay,
+                    &net.relay_pg,
+                    &mut standby,
+                    seed,
+                    &tails,
+                )
+                .await;
                 standby.stop();
                 let what = format!(
                     "relay leader (standby led {:.1}s after)",

@@ -422,6 +422,7 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
                 let tails = || procs.tails();
                 leader_cut_off(
                     &proxy,
+                    &procs.relay,
                     &[links[leading].clone()],
                     &mut standby,
                     seed,

@@ -379,12 +379,20 @@ pub(super) fn log_marks(procs: &Pipeline) -> [usize; 3] {
     ]
 }
 
+/// Whether a `/metrics` line is the leader gauge at 1 (`dualsync_relay_leader{role="relay",…} 1`:
+/// the gauge has labels).
+fn is_leader_sample(line: &str) -> bool {
+    line.strip_prefix(dualsync::metrics::names::RELAY_LEADER)
+        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        && line.split_whitespace().last() == Some("1")
+}
+
 /// How long the standby relay may take to lead after the leader was cut off from its source:
 /// the target (30 s) plus a margin for a loaded 2-core machine.
 const TAKEOVER_DEADLINE: Duration = Duration::from_secs(45);
 
-/// The relay leader cut off from its source (`leader_links` blackholed; open connections stay
-/// open) while `standby`, a relay on links of its own, still reaches it: the standby must lead
+/// The relay `leader` cut off from its source (`leader_links` blackholed; open connections
+/// stay open) while `standby`, a relay on links of its own, still reaches it: the standby must lead
 /// within [`TAKEOVER_DEADLINE`]. The links heal before this returns (how long the takeover
 /// took, when it healed); the caller decides what becomes of the two relays.
 ///
@@ -393,6 +401,7 @@ const TAKEOVER_DEADLINE: Duration = Duration::from_secs(45);
 /// lock and this fails.
 pub(super) async fn leader_cut_off(
     proxy: &Toxiproxy,
+    leader: &super::harness::Proc,
     leader_links: &[Link],
     standby: &mut super::harness::Proc,
     seed: u64,
@@ -410,11 +419,17 @@ pub(super) async fn leader_cut_off(
                 Ok(r) => r
                     .text()
                     .await
-                    .is_ok_and(|t| t.lines().any(|l| l == "dualsync_relay_leader 1")),
+                    .is_ok_and(|t| t.lines().any(is_leader_sample)),
                 Err(_) => false,
             }
         }
     };
+    // The leader leads (a schedule may cut it off right after a start) and the standby
+    // listens before the cut.
+    crate::common::eventually("the relay leads before its cut-off", || {
+        leads(leader.http_address())
+    })
+    .await;
     crate::common::eventually("the standby relay listens", || {
         let listening = standby.http_address().is_some();
         async move { listening }
@@ -449,4 +464,17 @@ pub(super) async fn leader_cut_off(
         took.as_secs_f64()
     );
     (took, healed)
+}
+
+/// The leader gauge is found with its labels, and only at 1.
+#[test]
+fn the_leader_gauge_is_read_with_its_labels() {
+    assert!(is_leader_sample(
+        "dualsync_relay_leader{pipeline=\"p\",role=\"relay\"} 1"
+    ));
+    assert!(is_leader_sample("dualsync_relay_leader 1"));
+    assert!(!is_leader_sample(
+        "dualsync_relay_leader{pipeline=\"p\",role=\"relay\"} 0"
+    ));
+    assert!(!is_leader_sample("dualsync_relay_leader_total 1"));
 }
