@@ -43,9 +43,13 @@ fi
 # MongoDB primary) one after the other: each runs its own three-broker Kafka cluster and
 # databases and kills processes and brokers, which on two cores is best not shared. The short CI schedule uses a fixed
 # seed so a red run replays exactly (see DUALSYNC_CHAOS_SEED's default below and the chaos
-# report in docs/ for what it draws). Override with DUALSYNC_CHAOS_SEED.
+# report in docs/ for what it draws). Override with DUALSYNC_CHAOS_SEED. The outbox schedule
+# starts with a network partition, a slow link and the relay leader cut off from PostgreSQL
+# (DUALSYNC_CHAOS_FIRST), then draws the rest from the seed.
 # One test at a time: each integration test runs real processes against shared servers, and
 # on two cores two of them side by side made timing-sensitive ones flaky (seen 2026-12-03).
 cargo test --all-targets --locked -- --skip chaos:: --test-threads=1
 log "running the short fault-injection schedules"
-DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-5}" cargo test --test it --locked -- chaos:: --test-threads=1
+DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-5}" \
+    DUALSYNC_CHAOS_FIRST="${DUALSYNC_CHAOS_FIRST:-partition,slow link,leader cut-off}" \
+    cargo test --test it --locked -- chaos:: --test-threads=1

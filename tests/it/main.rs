@@ -4,6 +4,7 @@
 
 mod backlog;
 mod chaos;
+mod chaos_multi_host;
 mod column_tables;
 mod commit_lag;
 mod common;

@@ -32,6 +32,10 @@ struct Node {
     id: usize,
     port: u16,
     controller_port: u16,
+    /// A second client listener advertised at another address (a proxy's port in front of
+    /// it), for tests whose clients must connect through a fault proxy; brokers talk to each
+    /// other on `port`.
+    proxied: Option<(u16, u16)>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -56,13 +60,25 @@ impl KafkaCluster {
     /// Starts `n` nodes (1 or 3) and returns once every one accepts connections. With three,
     /// internal topics are replicated three times with `min.insync.replicas = 2`.
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, "", None)
+        Self::build(n, &[], "", None)
     }
 
     /// [`Self::start`] with `properties` added to every node's configuration (`{port}` and
     /// `{controller_port}` replaced by the node's; a key given again overrides the default)
     /// and `classes` (a folder of compiled classes) on its class path.
     pub fn start_with(n: usize, properties: &str, classes: Option<&Path>) -> Self {
+        Self::build(n, &[], properties, classes)
+    }
+
+    /// As [`Self::start`], and node `i + 1` also listens for clients on a port of its own that
+    /// it advertises as `127.0.0.1:advertised[i]` (a proxy forwarding to [`Self::proxied_ports`]):
+    /// clients bootstrapping there get the proxy's addresses in the metadata, so every one of
+    /// their connections goes through it, while the brokers replicate directly.
+    pub fn start_proxied(n: usize, advertised: &[u16]) -> Self {
+        Self::build(n, advertised, "", None)
+    }
+
+    fn build(n: usize, advertised: &[u16], properties: &str, classes: Option<&Path>) -> Self {
         let dir = std::env::temp_dir().join(unique("dualsync-private-kafka"));
         std::fs::create_dir_all(&dir).unwrap();
         let libs = libs();
@@ -71,6 +87,7 @@ impl KafkaCluster {
                 id,
                 port: free_port(),
                 controller_port: free_port(),
+                proxied: advertised.get(id - 1).map(|a| (free_port(), *a)),
                 dir: dir.join(format!("node-{id}")),
                 child: None,
             })
@@ -124,13 +141,20 @@ impl KafkaCluster {
             .join(",");
         for node in &self.nodes {
             std::fs::create_dir_all(node.dir.join("data")).unwrap();
+            let (client_listener, client_advertised) = match node.proxied {
+                Some((own, proxy)) => (
+                    format!(",CLIENT://127.0.0.1:{own}"),
+                    format!(",CLIENT://127.0.0.1:{proxy}"),
+                ),
+                None => Default::default(),
+            };
             let config = format!(
                 "process.roles=broker,controller\nnode.id={id}\n\
                  controller.quorum.bootstrap.servers={voters}\n\
                  controller.listener.names=CONTROLLER\n\
-                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
-                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
-                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}{client_listener}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}{client_advertised}\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CLIENT:PLAINTEXT\n\
                  inter.broker.listener.name=PLAINTEXT\nlog.dirs={data}\n\
                  auto.create.topics.enable=false\ndefault.replication.factor={rf}\n\
                  min.insync.replicas={isr}\noffsets.topic.replication.factor={rf}\n\
@@ -245,6 +269,14 @@ impl KafkaCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The client ports of [`Self::start_with`], node by node: what the proxy forwards to.
+    pub fn proxied_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.proxied.map(|(own, _)| own))
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -15,7 +15,8 @@ fn env_path(name: &str) -> PathBuf {
     })
 }
 
-fn run(cmd: &mut Command) {
+/// Runs `cmd` and fails the test, with its output, unless it succeeds.
+pub(crate) fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),

@@ -105,7 +105,13 @@ impl Toxiproxy {
 
     /// A new link to `upstream` (`host:port`) on a free local port.
     pub async fn link(&self, name: &str, upstream: &str) -> Link {
-        let listen = format!("127.0.0.1:{}", free_port());
+        self.link_at(name, free_port(), upstream).await
+    }
+
+    /// A new link to `upstream` on local port `port`, chosen beforehand (a Kafka broker must
+    /// advertise the port before the link exists).
+    pub async fn link_at(&self, name: &str, port: u16, upstream: &str) -> Link {
+        let listen = format!("127.0.0.1:{port}");
         let created = self
             .call(
                 reqwest::Method::POST,

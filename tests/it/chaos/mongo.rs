@@ -6,7 +6,10 @@
 //! -9` of the relay mid-stream, of either apply, of the relay and an apply together, poison
 //! messages, a standby relay taking over from an active one killed with `-9` (the lease), a
 //! restart of the MongoDB sink's server and of the primary's, and `kill -9` of a partition's
-//! leader or of the active KRaft controller. Afterwards each sink must equal the primary
+//! leader or of the active KRaft controller; and network faults on the leading relay's own
+//! Toxiproxy link to the primary — a partition, a slow link, resets — and the leader cut off
+//! from the primary while a standby relay (on the other link) still reaches it, which must
+//! take the lease over within 45 s. Afterwards each sink must equal the primary
 //! document by document (deleted documents absent), no two changes may share a version, and
 //! only the injected poison may be dead-lettered (nothing by the relay).
 //!
@@ -26,13 +29,15 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
 use super::harness::{dead_letters_are_the_poison, schedule, Faults, Pipeline, Proc, Role};
+use super::network::{leader_cut_off, log_marks, logged};
 use crate::common::*;
 use crate::mongo_common::{mongo_pipeline, sink_state, sinks, source_state, GENERIC, TYPED};
 use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
+use crate::toxiproxy::{host_port, Toxiproxy};
 
 /// The schedule's fault kinds, by the number the seeded RNG draws.
-const FAULT_KINDS: [&str; 10] = [
+const FAULT_KINDS: [&str; 14] = [
     "relay kill",
     "apply-pg kill",
     "apply-mongo kill",
@@ -43,6 +48,10 @@ const FAULT_KINDS: [&str; 10] = [
     "primary restart",
     "partition leader kill",
     "controller kill",
+    "partition",
+    "slow link",
+    "resets",
+    "leader cut-off",
 ];
 
 /// Documents the writers contend on: customers (a schema in `schemas/`, typed events) and
@@ -306,9 +315,21 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
         mongo: mongo_sink_server.url(),
     };
     let primary_url = format!("{}&serverSelectionTimeoutMS=5000", primary.url());
+    // Each relay reaches the primary through a Toxiproxy link of its own (the writers and the
+    // checks directly): `relays[leading]` is the leader's link and configuration file.
+    let proxy = Toxiproxy::start().await;
+    let upstream = host_port(&primary.url());
+    let mut links = Vec::new();
+    for i in 0..2 {
+        links.push(proxy.link(&format!("mongo-primary-{i}"), &upstream).await);
+    }
+    let relay_urls: Vec<String> = links
+        .iter()
+        .map(|l| primary_url.replace(&upstream, &l.listen))
+        .collect();
     let p = mongo_pipeline(
         &servers,
-        &primary_url,
+        &relay_urls[0],
         "snapshot_on_start = true",
         None,
         None,
@@ -334,9 +355,13 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
             .await
             .unwrap();
     }
-    let file = crate::processes::write_config(&p.toml);
-    let path = file.to_str().unwrap();
-    let mut procs = Pipeline::start("chaos-mongo", path);
+    let files = [
+        crate::processes::write_config(&p.toml),
+        crate::processes::write_config(&p.toml.replace(&relay_urls[0], &relay_urls[1])),
+    ];
+    let paths: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
+    let mut leading = 0;
+    let mut procs = Pipeline::start("chaos-mongo", paths[0]);
     let stop = CancellationToken::new();
     let writers: Vec<_> = (0..3)
         .map(|_| {
@@ -364,10 +389,50 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
             5 => {
                 // A standby joins, the relay it stands by for dies with -9: the standby takes
                 // the lease over once it expires and goes on from the saved position.
-                let standby = Proc::new("chaos-mongo-relay-standby", &["relay", "-c", path]);
+                leading = 1 - leading;
+                let standby = Proc::new(
+                    "chaos-mongo-relay-standby",
+                    &["relay", "-c", paths[leading]],
+                );
                 tokio::time::sleep(restart_after).await;
                 procs.relay.kill9();
                 procs.relay = standby;
+            }
+            10..=12 => {
+                // The leading relay's link to the primary: cut, slowed or reset, then healed.
+                let marks = log_marks(&procs);
+                let link = [links[leading].clone()];
+                let name = "MongoDB primary (relay)";
+                let (what, _) = match fault {
+                    10 => super::network::partition(&proxy, name, &link, &mut rng).await,
+                    11 => super::network::slow(&proxy, name, &link, &mut rng).await,
+                    _ => super::network::resets(&proxy, name, &link, &mut rng).await,
+                };
+                println!("        {what}: {}", logged(&procs, &marks));
+            }
+            13 => {
+                // The leader cut off from the primary while a standby on the other link still
+                // reaches it: the standby must take the lease over; the old leader (lease
+                // lost) then stops cleanly.
+                let marks = log_marks(&procs);
+                let mut standby = Proc::new(
+                    "chaos-mongo-relay-standby",
+                    &["relay", "-c", paths[1 - leading]],
+                );
+                let tails = || procs.tails();
+                leader_cut_off(
+                    &proxy,
+                    &procs.relay,
+                    &[links[leading].clone()],
+                    &mut standby,
+                    seed,
+                    &tails,
+                )
+                .await;
+                println!("        {}", logged(&procs, &marks));
+                procs.relay.stop();
+                procs.relay = standby;
+                leading = 1 - leading;
             }
             _ => {
                 // The primary goes away and comes back on its data: the relay's stream, its
