@@ -1,0 +1,242 @@
+//! Faults that are not polite: a relay leader whose host is cut off from PostgreSQL without
+//! its connection being closed (a Toxiproxy blackhole on the leader's link only; the standby
+//! reaches the server directly). The server must free the leader lock although nothing ever
+//! closes the socket, the old leader must stop publishing before that, and the standby must
+//! take over within the stated bound with per-key order and completeness intact on the topic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+use dualsync::config::Config;
+use dualsync::publish::headers;
+
+use crate::common::*;
+use crate::toxiproxy::{host_port, Toxiproxy};
+
+/// The bound docs/operations.md states for a take-over after the leader is cut off.
+const TAKE_OVER_BOUND: Duration = Duration::from_secs(30);
+/// Keys the writer cycles through: several versions of each land on every partition.
+const KEYS: usize = 12;
+
+/// One outbox row the writer committed: `(seq, aggregate id, created_at in micros)`.
+type Written = (i64, String, i64);
+
+/// Writes `customers` rows, one per statement, cycling over [`KEYS`] keys, until `stop`.
+async fn write_until(source_url: String, stop: CancellationToken) -> Vec<Written> {
+    let client = dualsync::pg::connect(&source_url).await.unwrap();
+    let insert = client
+        .prepare(
+            "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
+             VALUES ('customers', $1, 'CustomerUpserted', $2)
+             RETURNING seq, (extract(epoch FROM created_at) * 1000000)::int8",
+        )
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for n in 0.. {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let id = format!("c{}", n % KEYS);
+        let payload =
+            serde_json::json!({"id": id, "name": format!("n{n}"), "email": "e", "order_count": n});
+        let row = client.query_one(&insert, &[&id, &payload]).await.unwrap();
+        written.push((row.get(0), id, row.get(1)));
+    }
+    written
+}
+
+/// The pid holding this database's relay leader lock, if any.
+async fn leader_lock_holder(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND classid = x'6473796e'::int4::oid AND objsubid = 2
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// What the topic shows: for every message in partition order, per key, a version below the
+/// highest seen so far is only allowed as a redelivery of an identical earlier message; every
+/// written row is on the topic. Returns the worst commit → on-topic delay (the first copy's
+/// timestamp minus the row's `created_at`).
+fn check_topic(messages: &[OwnedMessage], written: &[Written]) -> Duration {
+    let mut seen: HashMap<(i32, Vec<u8>), (i64, BTreeSet<(i64, Vec<u8>)>)> = HashMap::new();
+    let mut first_on_topic: BTreeMap<i64, i64> = BTreeMap::new();
+    for m in messages {
+        let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();
+        let key = m.key().unwrap().to_vec();
+        let value = m.payload().unwrap_or_default().to_vec();
+        let (max, copies) = seen.entry((m.partition(), key.clone())).or_default();
+        if version < *max {
+            assert!(
+                copies.contains(&(version, value.clone())),
+                "key {} went back from version {max} to {version} at partition {} offset {}, and that is not a redelivery of an identical event",
+                String::from_utf8_lossy(&key),
+                m.partition(),
+                m.offset()
+            );
+        }
+        *max = (*max).max(version);
+        copies.insert((version, value));
+        let millis = m.timestamp().to_millis().unwrap();
+        first_on_topic.entry(version).or_insert(millis);
+    }
+    let mut worst = 0i64;
+    for (seq, id, created_micros) in written {
+        let Some(on_topic) = first_on_topic.get(seq) else {
+            panic!("outbox row seq {seq} ({id}) is missing from the topic");
+        };
+        worst = worst.max(on_topic * 1000 - created_micros);
+    }
+    Duration::from_micros(worst.max(0) as u64)
+}
+
+/// Issues #35 item 7 and #36: the leader's link to PostgreSQL is blackholed (no FIN, no RST:
+/// the server keeps seeing an open connection, whose keepalives Toxiproxy answers). Before the
+/// fix the server held the session lock for as long as the socket lived (about two hours) and
+/// the standby never led.
+#[tokio::test]
+async fn a_leader_cut_off_from_postgres_steps_down_before_the_standby_takes_over() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let admin = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::source::outbox::migrate(&admin).await.unwrap();
+    let proxy = Toxiproxy::start().await;
+    let upstream = host_port(&source_url);
+    let link = proxy.link("leader_pg", &upstream).await;
+    let leader_url = source_url.replace(&upstream, &link.listen);
+
+    // One pipeline, two relays: the leader through the link, the standby directly.
+    let text = pipeline_toml(&servers, "@SOURCE@", &source_url, &unique("t"), "");
+    let config =
+        |url: &str| Config::from_toml(Path::new("t.toml"), &text.replace("@SOURCE@", url), vec![]);
+    let (leader_config, standby_config) =
+        (config(&leader_url).unwrap(), config(&source_url).unwrap());
+    let topic = leader_config.kafka.topic_for("customers");
+
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(write_until(source_url.clone(), stop_writing.clone()));
+    let cancel = CancellationToken::new();
+    let (leader_task, leader) = spawn_relay(&leader_config, &cancel);
+    eventually("the first relay leads and publishes", || async {
+        leader.relay_leader.get() == 1 && leader_published(&leader) > 50
+    })
+    .await;
+    let old_pid = leader_lock_holder(&admin)
+        .await
+        .expect("the leader holds the lock");
+    let (standby_task, standby) = spawn_relay(&standby_config, &cancel);
+    eventually("the standby connects", || async {
+        standby
+            .health
+            .not_ready(Duration::from_secs(3600))
+            .is_empty()
+    })
+    .await;
+    assert_eq!(
+        standby.relay_leader.get(),
+        0,
+        "the standby leads beside the leader"
+    );
+
+    proxy.blackhole(&link).await;
+    let cut = Instant::now();
+    let (mut leader_stopped, mut lock_freed) = (None, None);
+    let took_over = loop {
+        let now = Instant::now();
+        if leader_stopped.is_none() && leader.relay_leader.get() == 0 {
+            leader_stopped = Some(now);
+        }
+        if lock_freed.is_none() && leader_lock_holder(&admin).await != Some(old_pid) {
+            lock_freed = Some(now);
+        }
+        if standby.relay_leader.get() == 1 {
+            break now;
+        }
+        assert!(
+            now - cut < TAKE_OVER_BOUND + Duration::from_secs(15),
+            "the standby did not take over within {:?} of the leader's cut-off (leader stopped: {:?}, lock freed: {:?})",
+            now - cut,
+            leader_stopped.map(|t| t - cut),
+            lock_freed.map(|t| t - cut),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let take_over = took_over - cut;
+    let leader_stopped =
+        leader_stopped.expect("the cut-off leader still led when the standby took over");
+    let lock_freed = lock_freed.expect("the standby led while the old session held the lock");
+    eprintln!(
+        "leader stopped {:?}, server freed the lock {:?}, standby led {:?} after the cut-off",
+        leader_stopped - cut,
+        lock_freed - cut,
+        take_over
+    );
+    assert!(
+        leader_stopped < lock_freed,
+        "the old leader still led when the server freed its lock"
+    );
+    assert!(take_over <= TAKE_OVER_BOUND, "take-over took {take_over:?}");
+
+    // The new leader carries on; then everything written is on the topic, in order per key.
+    let published_at_take_over = leader_published(&standby);
+    eventually("the new leader publishes", || async {
+        leader_published(&standby) > published_at_take_over + 100
+    })
+    .await;
+    stop_writing.cancel();
+    let written = writer.await.unwrap();
+    eventually("the outbox is drained", || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM dualsync.outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    proxy.heal(&link).await;
+    cancel.cancel();
+    for task in [leader_task, standby_task] {
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let versions: BTreeSet<String> = written.iter().map(|(seq, ..)| seq.to_string()).collect();
+    let messages = read_topic_until(&servers.kafka, &topic, move |got| {
+        let on_topic: BTreeSet<String> = got
+            .iter()
+            .filter_map(|m| header(m, headers::VERSION))
+            .collect();
+        versions.is_subset(&on_topic)
+    })
+    .await;
+    let worst = check_topic(&messages, &written);
+    eprintln!(
+        "{} rows, {} messages; worst commit -> on-topic delay across the hand-over {worst:?}",
+        written.len(),
+        messages.len()
+    );
+}
+
+/// Events a relay published (marked after Kafka's acknowledgement).
+fn leader_published(metrics: &dualsync::metrics::Metrics) -> u64 {
+    dualsync::metrics::total(&metrics.published)
+}
