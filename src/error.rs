@@ -84,6 +84,11 @@ pub enum Error {
     /// Another relay took over this pipeline's lease: step down and wait as standby.
     #[error("relay lease of pipeline {0:?} was taken over by another relay")]
     LeaseLost(String),
+    /// The outbox leader's session answered nothing for this long (a partition, a half-open
+    /// connection): the relay steps down before the server can free the leader lock, and
+    /// connects again.
+    #[error("the source's leader session (source.url) answered nothing for {0:?}: stepping down before the server frees the leader lock")]
+    LeaderSilent(std::time::Duration),
     /// A dead-letter tool was pointed at a topic that is not one of this pipeline's dead-letter
     /// topics (another pipeline's letters on a shared cluster, or not a dead-letter topic).
     #[error("topic {topic:?} is not a dead-letter topic of pipeline {pipeline:?} (its relay dead-letter topic, or one of its event topics followed by apply.dead_letter_suffix); `dualsync dlq list` shows this pipeline's")]
@@ -165,6 +170,7 @@ impl Error {
             Error::Halted(_) => "halted",
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
+            Error::LeaderSilent(_) => "source.leader_silent",
         }
     }
 }
@@ -182,7 +188,9 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::HistoryLost(_)
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_) | Error::UnconfirmedDelivery { .. } => Disposition::Retry,
+        Error::LeaseLost(_) | Error::LeaderSilent(_) | Error::UnconfirmedDelivery { .. } => {
+            Disposition::Retry
+        }
         Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
@@ -245,6 +253,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::TopicCreation { .. }
         | Error::HistoryLost(_)
         | Error::LeaseLost(_)
+        | Error::LeaderSilent(_)
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
         | Error::Halted(_) => return None,
@@ -289,7 +298,7 @@ impl std::fmt::Display for Endpoint<'_> {
 /// a relay, its sink for apply); `None` when the error is not about a connection.
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
-        Error::Postgres(_) | Error::Mongo(_) => Some(database),
+        Error::Postgres(_) | Error::Mongo(_) | Error::LeaderSilent(_) => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,

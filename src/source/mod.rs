@@ -1,5 +1,6 @@
 //! Sources of change events on the primary side.
 
+pub mod leader_lease;
 pub mod mongo;
 pub mod mongo_change;
 pub mod mongo_offsets;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use dualsync::config::Config;
 use dualsync::publish::headers;
+use dualsync::source::leader_lease::LeaderLease;
 
 use crate::common::*;
 use crate::toxiproxy::{host_port, Toxiproxy};
@@ -72,7 +73,9 @@ async fn leader_lock_holder(client: &tokio_postgres::Client) -> Option<i32> {
 /// written row is on the topic. Returns the worst commit → on-topic delay (the first copy's
 /// timestamp minus the row's `created_at`).
 fn check_topic(messages: &[OwnedMessage], written: &[Written]) -> Duration {
-    let mut seen: HashMap<(i32, Vec<u8>), (i64, BTreeSet<(i64, Vec<u8>)>)> = HashMap::new();
+    // Per (partition, key): the highest version so far, and every (version, value) seen.
+    type Copies = (i64, BTreeSet<(i64, Vec<u8>)>);
+    let mut seen: HashMap<(i32, Vec<u8>), Copies> = HashMap::new();
     let mut first_on_topic: BTreeMap<i64, i64> = BTreeMap::new();
     for m in messages {
         let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();
@@ -184,8 +187,11 @@ async fn a_leader_cut_off_from_postgres_steps_down_before_the_standby_takes_over
         lock_freed - cut,
         take_over
     );
+    // Toxiproxy passes the old leader's close on once it steps down, so here the lock goes
+    // as soon as it stopped; `a_silent_session_s_lock_is_freed_by_the_server_clock` shows
+    // the server freeing it without that close.
     assert!(
-        leader_stopped < lock_freed,
+        leader_stopped <= lock_freed,
         "the old leader still led when the server freed its lock"
     );
     assert!(take_over <= TAKE_OVER_BOUND, "take-over took {take_over:?}");
@@ -234,6 +240,87 @@ async fn a_leader_cut_off_from_postgres_steps_down_before_the_standby_takes_over
         written.len(),
         messages.len()
     );
+}
+
+/// What the server sees of a leader that vanished without closing anything: the session,
+/// behind a blackholed link the test never closes, with the leader session's settings (here a
+/// 5 s lease) is ended by the server about one lease after its last query, although Toxiproxy
+/// keeps the TCP connection alive (it answers the server's keepalives). The control: the
+/// same session with only the TCP settings (what a server before PostgreSQL 14 gets) still
+/// holds its lock well after that.
+#[tokio::test]
+async fn a_silent_session_s_lock_is_freed_by_the_server_clock() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let admin = dualsync::pg::connect(&source_url).await.unwrap();
+    let proxy = Toxiproxy::start().await;
+    let upstream = host_port(&source_url);
+    let link = proxy.link("silent_pg", &upstream).await;
+    let via_link = source_url.replace(&upstream, &link.listen);
+    let lease = LeaderLease::new(Duration::from_secs(5));
+    let mut sessions = Vec::new();
+    for (key, server_version) in [(1, 150_000), (2, 130_000)] {
+        let client = dualsync::pg::connect(&via_link).await.unwrap();
+        client
+            .batch_execute(&lease.server_settings(server_version))
+            .await
+            .unwrap();
+        let pid: i32 = client
+            .query_one(
+                "SELECT pg_backend_pid() WHERE pg_try_advisory_lock(x'6473796e'::int4, $1)",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        sessions.push((client, pid));
+    }
+    let (with_clock, tcp_only) = (sessions[0].1, sessions[1].1);
+    let holds_lock = |pid: i32| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND granted)",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    proxy.blackhole(&link).await;
+    let cut = Instant::now();
+    eventually("the server ends the silent session", || async {
+        !holds_lock(with_clock).await
+    })
+    .await;
+    let freed = cut.elapsed();
+    eprintln!("the server freed the silent session's lock {freed:?} after the cut-off");
+    assert!(
+        freed >= Duration::from_secs(4) && freed <= Duration::from_secs(8),
+        "freed after {freed:?}, expected about the 5 s lease"
+    );
+    let gone: bool = admin
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+            &[&with_clock],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        gone,
+        "the session holding no lock is still in pg_stat_activity"
+    );
+    // Not a synchronisation: the control must still hold its lock a while past the lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        holds_lock(tcp_only).await,
+        "TCP alone freed the lock behind a live proxy"
+    );
+    drop(sessions);
+    proxy.heal(&link).await;
 }
 
 /// Events a relay published (marked after Kafka's acknowledgement).
