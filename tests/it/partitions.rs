@@ -323,6 +323,154 @@ async fn a_silent_session_s_lock_is_freed_by_the_server_clock() {
     proxy.heal(&link).await;
 }
 
+/// Sends `signal` (`STOP`, `CONT`, `TERM`) to a process this test started.
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {}", child.id());
+}
+
+/// A leader whose host vanishes: the `dualsync relay` process is frozen (SIGSTOP: nothing it
+/// holds is closed, nothing is sent) and its link blackholed. Only the server's clock can free
+/// the lock; the standby must lead within the bound, and the old leader, thawed after that,
+/// must step down without publishing (its lease ran out while it was frozen) — the pause of a
+/// virtual machine or a long GC stop looks the same to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_s_lock_is_freed_by_the_server_and_the_thawed_leader_steps_down() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let admin = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::source::outbox::migrate(&admin).await.unwrap();
+    let proxy = Toxiproxy::start().await;
+    let upstream = host_port(&source_url);
+    let link = proxy.link("frozen_pg", &upstream).await;
+    let leader_url = source_url.replace(&upstream, &link.listen);
+    let text = pipeline_toml(&servers, "@SOURCE@", &source_url, &unique("t"), "");
+    let leader_file = crate::processes::write_config(&text.replace("@SOURCE@", &leader_url));
+    let standby_config = Config::from_toml(
+        Path::new("t.toml"),
+        &text.replace("@SOURCE@", &source_url),
+        vec![],
+    )
+    .unwrap();
+    let topic = standby_config.kafka.topic_for("customers");
+
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(write_until(source_url.clone(), stop_writing.clone()));
+    let log = format!("{}.log", unique("frozen-leader"));
+    let mut old =
+        crate::processes::spawn(&["relay", "--config", leader_file.to_str().unwrap()], &log);
+    eventually("the relay process leads and publishes", || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM dualsync.outbox WHERE published_at IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 50
+    })
+    .await;
+    let old_pid = leader_lock_holder(&admin)
+        .await
+        .expect("the leader holds the lock");
+    let cancel = CancellationToken::new();
+    let (standby_task, standby) = spawn_relay(&standby_config, &cancel);
+    eventually("the standby connects", || async {
+        standby
+            .health
+            .not_ready(Duration::from_secs(3600))
+            .is_empty()
+    })
+    .await;
+
+    signal(&old, "STOP");
+    proxy.blackhole(&link).await;
+    let cut = Instant::now();
+    let mut lock_freed = None;
+    let took_over = loop {
+        let now = Instant::now();
+        if lock_freed.is_none() && leader_lock_holder(&admin).await != Some(old_pid) {
+            lock_freed = Some(now);
+        }
+        if standby.relay_leader.get() == 1 {
+            break now;
+        }
+        assert!(
+            now - cut < TAKE_OVER_BOUND + Duration::from_secs(15),
+            "the standby did not take over within {:?} of freezing the leader (lock freed: {:?})",
+            now - cut,
+            lock_freed.map(|t| t - cut),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let take_over = took_over - cut;
+    eprintln!(
+        "frozen leader: the server freed its lock {:?} and the standby led {take_over:?} after the cut-off",
+        lock_freed.map(|t| t - cut)
+    );
+    assert!(take_over <= TAKE_OVER_BOUND, "take-over took {take_over:?}");
+
+    // Thawed, still cut off: it finds its lease run out and steps down.
+    signal(&old, "CONT");
+    crate::processes::wait_for_log(
+        &log,
+        "stepping down before the server frees the leader lock",
+    );
+    proxy.heal(&link).await;
+    let published_at_take_over = leader_published(&standby);
+    eventually("the new leader publishes", || async {
+        leader_published(&standby) > published_at_take_over + 100
+    })
+    .await;
+    stop_writing.cancel();
+    let written = writer.await.unwrap();
+    eventually("the outbox is drained", || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM dualsync.outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    assert_eq!(
+        standby.relay_leader.get(),
+        1,
+        "the thawed leader took the lock back"
+    );
+    signal(&old, "TERM");
+    let status = crate::processes::wait_exit(&mut old, Duration::from_secs(30));
+    assert!(status.success(), "old leader's exit status: {status}");
+    cancel.cancel();
+    tokio::time::timeout(DEADLINE, standby_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let versions: BTreeSet<String> = written.iter().map(|(seq, ..)| seq.to_string()).collect();
+    let messages = read_topic_until(&servers.kafka, &topic, move |got| {
+        let on_topic: BTreeSet<String> = got
+            .iter()
+            .filter_map(|m| header(m, headers::VERSION))
+            .collect();
+        versions.is_subset(&on_topic)
+    })
+    .await;
+    let worst = check_topic(&messages, &written);
+    eprintln!(
+        "{} rows, {} messages; worst commit -> on-topic delay across the hand-over {worst:?}",
+        written.len(),
+        messages.len()
+    );
+}
+
 /// Events a relay published (marked after Kafka's acknowledgement).
 fn leader_published(metrics: &dualsync::metrics::Metrics) -> u64 {
     dualsync::metrics::total(&metrics.published)
