@@ -84,10 +84,10 @@ pub enum Error {
     /// Another relay took over this pipeline's lease: step down and wait as standby.
     #[error("relay lease of pipeline {0:?} was taken over by another relay")]
     LeaseLost(String),
-    /// The outbox leader's session answered nothing for this long (a partition, a half-open
-    /// connection): the relay steps down before the server can free the leader lock, and
-    /// connects again.
-    #[error("the source's leader session (source.url) answered nothing for {0:?}: stepping down before the server frees the leader lock")]
+    /// The source confirmed the relay's leadership (an answered query on the outbox leader's
+    /// session, a renewed MongoDB lease) last this long ago (a partition, a half-open
+    /// connection): the relay steps down before a standby can take over, and connects again.
+    #[error("the source (source.url) confirmed this relay's leadership last {0:?} ago: stepping down before a standby can take over")]
     LeaderSilent(std::time::Duration),
     /// A dead-letter tool was pointed at a topic that is not one of this pipeline's dead-letter
     /// topics (another pipeline's letters on a shared cluster, or not a dead-letter topic).

@@ -12,6 +12,9 @@
 //! leader has stopped publishing. A call on the session gets no longer than that either, so a
 //! half-open connection surfaces as [`Error::LeaderSilent`] instead of a hang.
 //!
+//! The MongoDB relay uses the same rule for its lease document: it counts itself the leader
+//! until three quarters of `lease_secs` after the send time of its last confirmed renewal.
+//!
 //! Take-over after a cut-off: the server frees the lock at most `lease_secs` after the last
 //! answered query (at most a heartbeat before the cut), and the standby, which tries the lock
 //! every 500 ms, leads within about `lease_secs` + 1 s (21 s with the default of 20).
@@ -73,6 +76,17 @@ impl LeaderLease {
     /// Whether this process may still publish as the leader at `now`.
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at()
+    }
+
+    /// Resolves once the lease has run out (a confirmation meanwhile moves it on).
+    pub async fn lapsed(&self) {
+        loop {
+            let at = self.expires_at();
+            if Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
     }
 
     /// Runs a call on the session: it confirms the lease when answered, and fails with

@@ -20,6 +20,7 @@
 //! stream (surely), and the stream's version is higher, so the sink converges.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -31,6 +32,7 @@ use mongodb::{Client, Collection, Cursor, Database};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::leader_lease::LeaderLease;
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
 use super::mongo_offsets::{lease_expiry, read_position, try_lease, Position, TxnPlace};
 use super::resume_token;
@@ -118,6 +120,9 @@ pub struct MongoSource {
     last_renewal: Instant,
     /// Fired by the lease keeper when another relay took the lease over.
     lease_lost: CancellationToken,
+    /// Until when this relay may publish as the leader: three quarters of `lease_secs` after
+    /// its last confirmed renewal, so it stops before a standby can take the lease.
+    lease: Arc<LeaderLease>,
     /// Stops the lease keeper when this source is dropped or releases the lease.
     keeper: tokio_util::sync::DropGuard,
     saved_token: Option<Document>,
@@ -154,8 +159,11 @@ impl MongoSource {
             uuid::Uuid::new_v4().simple()
         );
         let mut announced = false;
+        let lease = Arc::new(LeaderLease::new(Duration::from_secs(config.lease_secs)));
         loop {
+            let sent = Instant::now();
             if try_lease(&offsets, pipeline, &owner, config.lease_secs).await? {
+                lease.confirm(sent);
                 tracing::info!(pipeline, "relay is the active leader");
                 break;
             }
@@ -180,6 +188,7 @@ impl MongoSource {
             owner.clone(),
             config.lease_secs,
             lease_lost.clone(),
+            lease.clone(),
             keeper_stop.clone(),
         ));
         let mut source = Self {
@@ -199,6 +208,7 @@ impl MongoSource {
             },
             last_renewal: Instant::now(),
             lease_lost: lease_lost.clone(),
+            lease,
             keeper: keeper_stop.clone().drop_guard(),
             saved_token: None,
             placed: None,
@@ -358,6 +368,11 @@ impl MongoSource {
         }
     }
 
+    /// Until when this relay may publish as the leader (see [`LeaderLease`]).
+    pub fn lease(&self) -> Arc<LeaderLease> {
+        self.lease.clone()
+    }
+
     /// How often the lease is renewed: a third of it.
     pub fn renewal_interval(&self) -> Duration {
         Duration::from_secs(self.config.lease_secs) / 3
@@ -372,6 +387,7 @@ impl MongoSource {
         if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
+        let sent = Instant::now();
         if !try_lease(
             &self.offsets,
             &self.pipeline,
@@ -382,6 +398,7 @@ impl MongoSource {
         {
             return Err(Error::LeaseLost(self.pipeline.clone()));
         }
+        self.lease.confirm(sent);
         self.last_renewal = Instant::now();
         Ok(())
     }
@@ -402,6 +419,7 @@ impl MongoSource {
         let mut set = set;
         set.insert("updated_at", DateTime::now());
         set.insert("expires_at", lease_expiry(self.config.lease_secs));
+        let sent = Instant::now();
         let result = self
             .offsets
             .update_one(
@@ -412,6 +430,7 @@ impl MongoSource {
         if result.matched_count == 0 {
             return Err(self.why_not_saved().await);
         }
+        self.lease.confirm(sent);
         self.last_renewal = Instant::now();
         if let Position::After(token, _) = position {
             self.saved_token = Some(token);
@@ -623,8 +642,8 @@ pub(crate) fn history_lost_or(e: mongodb::error::Error) -> Error {
     }
 }
 
-/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
-/// another relay holds it. A renewal that fails for a transient reason is tried again at the
+/// Renews the lease every third of `lease_secs` until `stop`, confirming `lease` with each
+/// renewal; fires `lost` (and returns) when another relay holds it. A renewal that fails for a transient reason is tried again at the
 /// next interval: the lease outlives two missed renewals.
 async fn keep_lease(
     offsets: Collection<Document>,
@@ -632,6 +651,7 @@ async fn keep_lease(
     owner: String,
     lease_secs: u64,
     lost: CancellationToken,
+    lease: Arc<LeaderLease>,
     stop: CancellationToken,
 ) {
     let interval = Duration::from_secs(lease_secs) / 3;
@@ -640,8 +660,9 @@ async fn keep_lease(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        let sent = Instant::now();
         match try_lease(&offsets, &pipeline, &owner, lease_secs).await {
-            Ok(true) => {}
+            Ok(true) => lease.confirm(sent),
             Ok(false) => {
                 tracing::warn!(pipeline, "the relay lease was taken over by another relay");
                 lost.cancel();

@@ -547,18 +547,19 @@ pub async fn purge_published(
                 let retention = retention_secs as f64;
                 let mut params: Vec<&(dyn ToSql + Sync)> = vec![&retention, &PURGE_CHUNK];
                 params.extend(filter.params());
-                let deleted = c
-                    .execute(
-                        &format!(
-                            "DELETE FROM dualsync.outbox WHERE seq IN (
-                                SELECT seq FROM dualsync.outbox
-                                WHERE published_at < now() - make_interval(secs => $1) {}
-                                LIMIT $2)",
-                            filter.condition(3)
-                        ),
-                        &params,
-                    )
-                    .await;
+                let sql = format!(
+                    "DELETE FROM dualsync.outbox WHERE seq IN (
+                        SELECT seq FROM dualsync.outbox
+                        WHERE published_at < now() - make_interval(secs => $1) {}
+                        LIMIT $2)",
+                    filter.condition(3)
+                );
+                // Stopped with the leader even mid-statement: behind a half-open link the
+                // statement would otherwise hold this task and its connection for good.
+                let deleted = tokio::select! {
+                    deleted = c.execute(&sql, &params) => deleted,
+                    _ = cancel.cancelled() => return,
+                };
                 match deleted {
                     Ok(n) => {
                         purged += n;
