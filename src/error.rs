@@ -89,6 +89,11 @@ pub enum Error {
     /// Another relay took over this pipeline's lease: step down and wait as standby.
     #[error("relay lease of pipeline {0:?} was taken over by another relay")]
     LeaseLost(String),
+    /// The source confirmed the relay's leadership (an answered query on the outbox leader's
+    /// session, a renewed MongoDB lease) last this long ago (a partition, a half-open
+    /// connection): the relay steps down before a standby can take over, and connects again.
+    #[error("the source (source.url) confirmed this relay's leadership last {0:?} ago: stepping down before a standby can take over")]
+    LeaderSilent(std::time::Duration),
     /// A dead-letter tool was pointed at a topic that is not one of this pipeline's dead-letter
     /// topics (another pipeline's letters on a shared cluster, or not a dead-letter topic).
     #[error("topic {topic:?} is not a dead-letter topic of pipeline {pipeline:?} (its relay dead-letter topic, or one of its event topics followed by apply.dead_letter_suffix); `dualsync dlq list` shows this pipeline's")]
@@ -203,6 +208,7 @@ impl Error {
             Error::HistoryLost(_) => "source.history_lost",
             Error::LeaseLost(_) => "source.lease_lost",
             Error::SequenceBehind(_) => "source.sequence_behind",
+            Error::LeaderSilent(_) => "source.leader_silent",
         }
     }
 }
@@ -221,6 +227,7 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
         Error::LeaseLost(_)
+        | Error::LeaderSilent(_)
         | Error::UnconfirmedDelivery { .. }
         | Error::SequenceBehind(_)
         | Error::SinkTimeout { .. }
@@ -296,6 +303,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::HistoryLost(_)
         | Error::LeaseLost(_)
         | Error::SequenceBehind(_)
+        | Error::LeaderSilent(_)
         | Error::ForeignTopic { .. }
         | Error::UnconfirmedDelivery { .. }
         | Error::SinkTimeout { .. }
@@ -342,7 +350,9 @@ impl std::fmt::Display for Endpoint<'_> {
 /// a relay, its sink for apply); `None` when the error is not about a connection.
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
-        Error::Postgres(_) | Error::Mongo(_) | Error::SinkTimeout { .. } => Some(database),
+        Error::Postgres(_) | Error::Mongo(_) | Error::SinkTimeout { .. } | Error::LeaderSilent(_) => {
+            Some(database)
+        }
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,

@@ -345,6 +345,9 @@ mod defaults {
     pub fn lease_secs() -> u64 {
         10
     }
+    pub fn outbox_lease_secs() -> u64 {
+        20
+    }
     pub fn relay_linger_ms() -> u64 {
         2
     }

@@ -108,4 +108,10 @@ pub struct OutboxSourceConfig {
     /// `include_aggregates`.
     #[serde(default)]
     pub exclude_aggregates: Vec<String>,
+    /// The leader's session lease: the server ends a session silent this long (freeing the
+    /// leader lock), the leader stops publishing after three quarters of it without an
+    /// answer, and a standby takes over about this long after the leader was cut off
+    /// (`source::leader_lease`).
+    #[serde(default = "super::defaults::outbox_lease_secs")]
+    pub lease_secs: u64,
 }

@@ -58,6 +58,12 @@ impl Config {
             if s.max_batches_in_flight == 0 || s.max_batches_in_flight > 64 {
                 return err("source.max_batches_in_flight", "must be between 1 and 64");
             }
+            if !(4..=3600).contains(&s.lease_secs) {
+                return err(
+                    "source.lease_secs",
+                    "must be between 4 and 3600 (the leader queries its session every quarter of it)",
+                );
+            }
             check_url(
                 &self.path,
                 "source.url",

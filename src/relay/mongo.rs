@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, Outgoing, Publisher};
+use crate::source::leader_lease::LeaderLease;
 use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
 use crate::source::mongo_reads::{cluster_time, read_collection, watched_collections};
@@ -38,21 +40,43 @@ type DeadChange = super::DeadRow;
 struct Leader<'a> {
     relay: &'a Relay<'a>,
     source_config: &'a MongoSourceConfig,
+    /// Nothing is handed to the producer once it has run out.
+    lease: Arc<LeaderLease>,
 }
 
-/// Publishes as the leader until cancelled or a failure, then hands the lease over at once
-/// instead of after it runs out (a no-op when it was lost).
+/// How long a leader that steps down tries to hand its lease over: a leader cut off from
+/// MongoDB cannot, and the lease then expires by itself.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Publishes as the leader until cancelled, a failure, or its lease running out unconfirmed
+/// (cut off from MongoDB: it stops before a standby can take over, see
+/// [`crate::source::leader_lease`]), then hands the lease over at once instead of after it
+/// runs out (a no-op when it was lost).
 pub(super) async fn lead(
     relay: &Relay<'_>,
     source_config: &MongoSourceConfig,
     mut source: MongoSource,
 ) -> Result<(), Error> {
+    let lease = source.lease();
     let leader = Leader {
         relay,
         source_config,
+        lease: lease.clone(),
     };
-    let led = leader.lead(&mut source).await;
-    source.release().await;
+    // Dropping the loop mid-batch is safe: what it read is saved only after Kafka acknowledged
+    // it, so the next leader reads it again.
+    let led = tokio::select! {
+        biased;
+        _ = lease.lapsed() => Err(Error::LeaderSilent(lease.valid_for())),
+        led = leader.lead(&mut source) => led,
+    };
+    relay.metrics.relay_leader.set(0);
+    if tokio::time::timeout(RELEASE_DEADLINE, source.release())
+        .await
+        .is_err()
+    {
+        tracing::warn!("could not release the relay lease in time; it expires by itself");
+    }
     led
 }
 
@@ -99,6 +123,7 @@ impl Leader<'_> {
                 }
                 messages.push(message);
             }
+            self.ensure_leading()?;
             let published = tokio::select! {
                 r = self.relay.publisher.publish_all(messages) => r,
                 _ = cancel.cancelled() => return Ok(()),
@@ -120,6 +145,14 @@ impl Leader<'_> {
             source.ack(&changes).await?;
             super::count_acked(metrics, per_topic, dead);
             tracing::debug!(changes = changes.len(), "batch published");
+        }
+    }
+
+    /// Fails once the lease ran out unconfirmed: a standby may take it over from then on.
+    fn ensure_leading(&self) -> Result<(), Error> {
+        match self.lease.is_valid_at(Instant::now()) {
+            true => Ok(()),
+            false => Err(Error::LeaderSilent(self.lease.valid_for())),
         }
     }
 
@@ -167,6 +200,7 @@ impl Leader<'_> {
         dead: &mut Vec<DeadChange>,
     ) -> Result<bool, Error> {
         for change in changes {
+            self.ensure_leading()?;
             let (message, _) = self.message_for(change)?;
             let sent = tokio::select! {
                 r = self.relay.publisher.publish_all(vec![message]) => r,

@@ -20,6 +20,7 @@
 //! the duplicate of its older one. The version headers tell them apart.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -31,11 +32,13 @@ use crate::config::{Config, OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{event_headers, headers, Acks, Outgoing};
+use crate::source::leader_lease::LeaderLease;
 use crate::source::outbox::{OutboxRow, OutboxSource};
 use crate::source::Source;
 use crate::wire::EventCodec;
 
-/// How often the leader samples the outbox backlog for the metrics.
+/// How often the leader samples the outbox backlog for the metrics (more often when its
+/// lease needs a heartbeat sooner: the sample is that heartbeat).
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the purger waits once no published row is past its retention.
 const PURGE_INTERVAL: Duration = Duration::from_secs(5);
@@ -65,8 +68,14 @@ pub(super) async fn lead(
         relay,
         source_config,
         guard,
+        lease: source.lease(),
     };
-    leader.lead(source).await
+    let mut source = source;
+    let result = leader.lead(&mut source).await;
+    // No longer leading before the session (and with it the lock) is let go.
+    relay.metrics.relay_leader.set(0);
+    drop(source);
+    result
 }
 
 /// Everything the leader loop needs besides the source.
@@ -74,6 +83,8 @@ struct Leader<'a> {
     relay: &'a Relay<'a>,
     source_config: &'a OutboxSourceConfig,
     guard: SequenceGuard,
+    /// Nothing is handed to the producer once it has run out.
+    lease: Arc<LeaderLease>,
 }
 
 /// A batch handed to the producer and not yet marked published.
@@ -117,7 +128,7 @@ async fn oldest_acked(in_flight: &mut VecDeque<InFlight>) -> Result<(), Error> {
 }
 
 impl Leader<'_> {
-    async fn lead(&self, mut source: OutboxSource) -> Result<(), Error> {
+    async fn lead(&self, source: &mut OutboxSource) -> Result<(), Error> {
         let (metrics, cancel) = (self.relay.metrics, self.relay.cancel);
         let depth = self.source_config.max_batches_in_flight;
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
@@ -137,8 +148,10 @@ impl Leader<'_> {
         let _purger = purger;
         let mut last_sample: Option<Instant> = None;
         let mut was_paused = false;
+        // The sample keeps the session from idling out on the server (`leader_lease`).
+        let sample_interval = BACKLOG_SAMPLE_INTERVAL.min(self.lease.heartbeat());
         loop {
-            if last_sample.is_none_or(|t| t.elapsed() >= BACKLOG_SAMPLE_INTERVAL) {
+            if last_sample.is_none_or(|t| t.elapsed() >= sample_interval) {
                 last_sample = Some(Instant::now());
                 let (rows, oldest) = source.backlog().await?;
                 metrics.outbox_backlog.set(rows);
@@ -146,7 +159,7 @@ impl Leader<'_> {
                 // An outbox re-created under the running relay: stop before re-using versions
                 // (the next take-over waits until it is resequenced).
                 if let Some(why) = self.guard.check(source.client()).await? {
-                    self.drain_on_shutdown(&mut source, in_flight).await?;
+                    self.drain_on_shutdown(source, in_flight).await?;
                     return Err(Error::SequenceBehind(why));
                 }
             }
@@ -159,14 +172,13 @@ impl Leader<'_> {
                 }
                 was_paused = true;
                 // Waking to sample: a paused relay's backlog is what operators watch grow.
-                let next_sample =
-                    last_sample.map_or(Instant::now(), |t| t + BACKLOG_SAMPLE_INTERVAL);
+                let next_sample = last_sample.map_or(Instant::now(), |t| t + sample_interval);
                 tokio::select! {
                     _ = self.relay.control.wait_resumed(cancel) => {}
                     _ = tokio::time::sleep_until(next_sample.into()) => {}
                 }
                 if cancel.is_cancelled() {
-                    return self.drain_on_shutdown(&mut source, in_flight).await;
+                    return self.drain_on_shutdown(source, in_flight).await;
                 }
                 continue;
             }
@@ -179,13 +191,13 @@ impl Leader<'_> {
                 && in_flight.len() < depth
                 && !in_flight.back().is_some_and(|b| b.refused_too_large);
             let read_started = Instant::now();
-            let next_sample = last_sample.map_or(read_started, |t| t + BACKLOG_SAMPLE_INTERVAL);
+            let next_sample = last_sample.map_or(read_started, |t| t + sample_interval);
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return self.drain_on_shutdown(&mut source, in_flight).await,
+                _ = cancel.cancelled() => return self.drain_on_shutdown(source, in_flight).await,
                 acked = oldest_acked(&mut in_flight) => {
                     let batch = in_flight.pop_front().expect("a batch was in flight");
-                    if !self.settle(&mut source, batch, acked).await? {
+                    if !self.settle(source, batch, acked).await? {
                         return Ok(()); // cancelled during a row-by-row republish
                     }
                 }
@@ -205,8 +217,19 @@ impl Leader<'_> {
         }
     }
 
+    /// Fails once the lease ran out: past it the server may free the lock for a standby, so
+    /// nothing more goes to the producer (what it holds already is at-least-once duplicates
+    /// of rows the next leader publishes again).
+    fn ensure_leading(&self) -> Result<(), Error> {
+        match self.lease.is_valid_at(Instant::now()) {
+            true => Ok(()),
+            false => Err(Error::LeaderSilent(self.lease.valid_for())),
+        }
+    }
+
     /// Encodes a batch and hands it to the producer.
     async fn send(&self, rows: Vec<OutboxRow>, read_ms: f64) -> Result<InFlight, Error> {
+        self.ensure_leading()?;
         count_read(self.relay.metrics, rows.len());
         let waited_ms = rows
             .first()
@@ -390,6 +413,7 @@ impl Leader<'_> {
         let mut per_topic = HashMap::new();
         let mut dead = Vec::new();
         for row in rows {
+            self.ensure_leading()?;
             // Already logged by the first attempt at the batch.
             let (message, invalid) = self.message_for(row, false)?;
             let topic = message.topic.clone();

@@ -1,6 +1,7 @@
 //! Sources of change events on the primary side.
 
 pub mod aggregate_filter;
+pub mod leader_lease;
 pub mod mongo;
 pub mod mongo_change;
 pub mod mongo_key;

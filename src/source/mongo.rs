@@ -20,6 +20,7 @@
 //! stream (surely), and the stream's version is higher, so the sink converges.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -31,6 +32,7 @@ use mongodb::{Client, Collection, Cursor, Database};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::leader_lease::LeaderLease;
 use super::mongo_change::{parse_event, MongoChange, NotPublished};
 use super::mongo_offsets::{
     keep_lease, read_position, server_expiry, try_lease, Position, TxnPlace,
@@ -121,6 +123,9 @@ pub struct MongoSource {
     last_renewal: Instant,
     /// Fired by the lease keeper when another relay took the lease over.
     lease_lost: CancellationToken,
+    /// Until when this relay may publish as the leader: three quarters of `lease_secs` after
+    /// its last confirmed renewal, so it stops before a standby can take the lease.
+    lease: Arc<LeaderLease>,
     /// Stops the lease keeper when this source is dropped or releases the lease.
     keeper: tokio_util::sync::DropGuard,
     saved_token: Option<Document>,
@@ -169,8 +174,11 @@ impl MongoSource {
             uuid::Uuid::new_v4().simple()
         );
         let mut announced = false;
+        let lease = Arc::new(LeaderLease::new(Duration::from_secs(config.lease_secs)));
         loop {
+            let sent = Instant::now();
             if try_lease(&offsets, pipeline, &owner, config).await? {
+                lease.confirm(sent);
                 tracing::info!(pipeline, "relay is the active leader");
                 break;
             }
@@ -195,6 +203,7 @@ impl MongoSource {
             owner.clone(),
             config.clone(),
             lease_lost.clone(),
+            lease.clone(),
             keeper_stop.clone(),
         ));
         let mut source = Self {
@@ -214,6 +223,7 @@ impl MongoSource {
             },
             last_renewal: Instant::now(),
             lease_lost: lease_lost.clone(),
+            lease,
             keeper: keeper_stop.clone().drop_guard(),
             saved_token: None,
             placed: None,
@@ -362,6 +372,11 @@ impl MongoSource {
         }
     }
 
+    /// Until when this relay may publish as the leader (see [`LeaderLease`]).
+    pub fn lease(&self) -> Arc<LeaderLease> {
+        self.lease.clone()
+    }
+
     /// How often the lease is renewed: a third of it.
     pub fn renewal_interval(&self) -> Duration {
         Duration::from_secs(self.config.lease_secs) / 3
@@ -376,9 +391,11 @@ impl MongoSource {
         if self.last_renewal.elapsed() < self.renewal_interval() {
             return Ok(());
         }
+        let sent = Instant::now();
         if !try_lease(&self.offsets, &self.pipeline, &self.owner, &self.config).await? {
             return Err(Error::LeaseLost(self.pipeline.clone()));
         }
+        self.lease.confirm(sent);
         self.last_renewal = Instant::now();
         Ok(())
     }
@@ -405,6 +422,7 @@ impl MongoSource {
         set.insert("updated_at", "$$NOW");
         set.insert("renewed_at", "$$NOW");
         set.insert("expires_at", server_expiry(&self.config));
+        let sent = Instant::now();
         let result = self
             .offsets
             .update_one(
@@ -415,6 +433,7 @@ impl MongoSource {
         if result.matched_count == 0 {
             return Err(self.why_not_saved().await);
         }
+        self.lease.confirm(sent);
         self.last_renewal = Instant::now();
         if let Position::After(token, _) = position {
             self.saved_token = Some(token);

@@ -129,15 +129,16 @@ pub async fn read_position(
     Ok(saved.get_timestamp("start_at").ok().map(Position::At))
 }
 
-/// Renews the lease every third of `lease_secs` until `stop`; fires `lost` (and returns) when
-/// another relay holds it. A renewal that fails for a transient reason is tried again at the
-/// next interval: the lease outlives two missed renewals.
+/// Renews the lease every third of `lease_secs` until `stop`, confirming `lease` with each
+/// renewal; fires `lost` (and returns) when another relay holds it. A renewal that fails for a
+/// transient reason is tried again at the next interval: the lease outlives two missed renewals.
 pub(super) async fn keep_lease(
     offsets: Collection<Document>,
     pipeline: String,
     owner: String,
     config: MongoSourceConfig,
     lost: CancellationToken,
+    lease: std::sync::Arc<super::leader_lease::LeaderLease>,
     stop: CancellationToken,
 ) {
     let interval = Duration::from_secs(config.lease_secs) / 3;
@@ -146,8 +147,9 @@ pub(super) async fn keep_lease(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        let sent = std::time::Instant::now();
         match try_lease(&offsets, &pipeline, &owner, &config).await {
-            Ok(true) => {}
+            Ok(true) => lease.confirm(sent),
             Ok(false) => {
                 tracing::warn!(pipeline, "the relay lease was taken over by another relay");
                 lost.cancel();

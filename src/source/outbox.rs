@@ -21,7 +21,10 @@
 //! - One active relay. The leader holds a session-level advisory lock on the same connection it
 //!   reads and marks with, so if that connection dies the lock is gone and so is its ability to
 //!   mark rows; a standby polling for the lock takes over and re-reads everything unmarked.
+//!   A connection cut off without being closed is ended by the server's clock and, before
+//!   that, given up by the leader ([`super::leader_lease`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,6 +34,7 @@ use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 pub use super::aggregate_filter::AggregateFilter;
+use super::leader_lease::{LeaderLease, STANDBY_RETRY};
 use super::Source;
 use crate::config::OutboxSourceConfig;
 use crate::error::Error;
@@ -118,6 +122,8 @@ pub struct OutboxSource {
     /// A lock statement was cancelled before its answer: whether the lock is held is unknown
     /// until the next (idempotent) take or release.
     wait_lock_uncertain: bool,
+    /// Until when this session may count itself the leader; bounds every call on it.
+    lease: Arc<LeaderLease>,
 }
 
 /// The leader's per-batch statements, prepared once per session: a statement prepared per
@@ -229,8 +235,9 @@ impl OutboxSource {
             }
         });
         let filter = AggregateFilter::new(config);
-        let commit_times = tracks_commit_timestamps(&client).await?;
-        check_outbox(&client).await?;
+        let lease = Arc::new(LeaderLease::new(Duration::from_secs(config.lease_secs)));
+        let commit_times = lease.call(tracks_commit_timestamps(&client)).await?;
+        lease.call(check_outbox(&client)).await?;
         // The read must walk the `outbox_unpublished` index in `seq` order and stop after a
         // batch. When the table grew since its last ANALYZE (a backlog: just what the relay
         // has to catch up on), the planner expects a few rows and instead fetches every
@@ -240,9 +247,26 @@ impl OutboxSource {
         // a mark lost in a server crash leaves its rows unpublished, so they are published
         // again (a duplicate, never a loss), and the next read no longer queues behind an
         // fsync (measured at light load: stalls of 100-200 ms while PostgreSQL checkpoints).
-        client.batch_execute(SESSION_SETTINGS).await?;
+        lease.call(client.batch_execute(SESSION_SETTINGS)).await?;
+        // The server's clock on this session, so that a cut-off leader's lock is freed.
+        let version: i32 = lease
+            .call(client.query_one("SELECT current_setting('server_version_num')::int4", &[]))
+            .await?
+            .get(0);
+        if version < 140_000 {
+            tracing::warn!(server_version_num = version, "the source server predates PostgreSQL 14 (no idle_session_timeout): the leader lock of a relay cut off behind a live proxy is freed only when TCP notices, so a standby may wait long to take over");
+        }
+        lease
+            .call(client.batch_execute(&lease.server_settings(version)))
+            .await?;
         let read_sql = filter.read_batch_sql(commit_times);
-        let statements = Statements::prepare(&client, &read_sql, config.retention_secs).await?;
+        let statements = lease
+            .call(Statements::prepare(
+                &client,
+                &read_sql,
+                config.retention_secs,
+            ))
+            .await?;
         let mut source = Self {
             client,
             wakeups,
@@ -256,6 +280,7 @@ impl OutboxSource {
             wait_key: None,
             waiting: false,
             wait_lock_uncertain: false,
+            lease,
         };
         // Connected: a standby is as healthy as the leader.
         health.set_database_up(true);
@@ -265,17 +290,21 @@ impl OutboxSource {
         let mut announced = false;
         loop {
             let row = source
-                .client
-                .query_one(
+                .lease
+                .call(source.client.query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
                     &[&LEADER_LOCK_CLASS, &key],
-                )
+                ))
                 .await?;
             if row.get::<_, bool>(0) {
                 tracing::info!(pipeline, "relay is the active leader");
                 source
-                    .client
-                    .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                    .lease
+                    .call(
+                        source
+                            .client
+                            .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")),
+                    )
                     .await?;
                 source.wait_key = source.register(pipeline, key).await?;
                 return Ok(Some(source));
@@ -286,7 +315,7 @@ impl OutboxSource {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(STANDBY_RETRY) => {}
             }
         }
     }
@@ -295,23 +324,23 @@ impl OutboxSource {
     /// predates `dualsync.outbox_relays`: writers then notify on every insert.
     async fn register(&self, pipeline: &str, key: i32) -> Result<Option<i32>, Error> {
         let exists: bool = self
-            .client
-            .query_one(
+            .lease
+            .call(self.client.query_one(
                 "SELECT to_regclass('dualsync.outbox_relays') IS NOT NULL",
                 &[],
-            )
+            ))
             .await?
             .get(0);
         if !exists {
             tracing::warn!(pipeline, "dualsync.outbox_relays is missing: every outbox insert sends a NOTIFY, which serialises the writers' commits; run `dualsync outbox migrate` to update the outbox");
             return Ok(None);
         }
-        self.client
-            .execute(
+        self.lease
+            .call(self.client.execute(
                 "INSERT INTO dualsync.outbox_relays (lock_key, pipeline) VALUES ($1, $2)
                  ON CONFLICT (lock_key) DO NOTHING",
                 &[&key, &pipeline],
-            )
+            ))
             .await?;
         Ok(Some(key))
     }
@@ -330,8 +359,11 @@ impl OutboxSource {
         };
         self.wait_lock_uncertain = true;
         let taken = self
-            .client
-            .query_one(TAKE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
+            .lease
+            .call(
+                self.client
+                    .query_one(TAKE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key]),
+            )
             .await?
             .get(0);
         self.waiting = taken;
@@ -349,8 +381,11 @@ impl OutboxSource {
         self.last_empty_read = None;
         if let Some(key) = self.wait_key {
             self.wait_lock_uncertain = true;
-            self.client
-                .query(RELEASE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key])
+            self.lease
+                .call(
+                    self.client
+                        .query(RELEASE_WAIT_LOCK, &[&WAIT_LOCK_CLASS, &key]),
+                )
                 .await?;
         }
         self.waiting = false;
@@ -364,7 +399,10 @@ impl OutboxSource {
         let pending: Vec<i64> = self.pending.iter().copied().collect();
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&limit, &pending];
         params.extend(self.filter.params());
-        let rows = self.client.query(&self.statements.read, &params).await?;
+        let rows = self
+            .lease
+            .call(self.client.query(&self.statements.read, &params))
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| OutboxRow {
@@ -381,12 +419,18 @@ impl OutboxSource {
             .collect())
     }
 
+    /// The session's lease: whether this process may still publish as the leader, and how
+    /// often the session must be queried (the backlog sample is that query).
+    pub fn lease(&self) -> Arc<LeaderLease> {
+        self.lease.clone()
+    }
+
     /// Rows of this pipeline's aggregate types still waiting to be published (a gauge for
     /// operators): unpublished rows and the age in seconds of the oldest one (0 when none).
     pub async fn backlog(&self) -> Result<(i64, f64), Error> {
         let row = self
-            .client
-            .query_one(
+            .lease
+            .call(self.client.query_one(
                 &format!(
                     "SELECT count(*),
                         coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
@@ -394,7 +438,7 @@ impl OutboxSource {
                     self.filter.condition(1)
                 ),
                 &self.filter.params(),
-            )
+            ))
             .await?;
         Ok((row.get(0), row.get(1)))
     }
@@ -471,7 +515,9 @@ impl Source for OutboxSource {
     /// Marks the rows published, or deletes them when `retention_secs = 0`.
     async fn ack(&mut self, rows: &[OutboxRow]) -> Result<(), Error> {
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        self.client.execute(&self.statements.mark, &[&seqs]).await?;
+        self.lease
+            .call(self.client.execute(&self.statements.mark, &[&seqs]))
+            .await?;
         // Only now: a read between the statement's commit and here still excludes them, which
         // is harmless; the reverse order would let a read return rows still being marked.
         for seq in &seqs {
@@ -508,18 +554,19 @@ pub async fn purge_published(
                 let retention = retention_secs as f64;
                 let mut params: Vec<&(dyn ToSql + Sync)> = vec![&retention, &PURGE_CHUNK];
                 params.extend(filter.params());
-                let deleted = c
-                    .execute(
-                        &format!(
-                            "DELETE FROM dualsync.outbox WHERE seq IN (
-                                SELECT seq FROM dualsync.outbox
-                                WHERE published_at < now() - make_interval(secs => $1) {}
-                                LIMIT $2)",
-                            filter.condition(3)
-                        ),
-                        &params,
-                    )
-                    .await;
+                let sql = format!(
+                    "DELETE FROM dualsync.outbox WHERE seq IN (
+                        SELECT seq FROM dualsync.outbox
+                        WHERE published_at < now() - make_interval(secs => $1) {}
+                        LIMIT $2)",
+                    filter.condition(3)
+                );
+                // Stopped with the leader even mid-statement: behind a half-open link the
+                // statement would otherwise hold this task and its connection for good.
+                let deleted = tokio::select! {
+                    deleted = c.execute(&sql, &params) => deleted,
+                    _ = cancel.cancelled() => return,
+                };
                 match deleted {
                     Ok(n) => {
                         purged += n;

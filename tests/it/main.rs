@@ -35,6 +35,7 @@ pub mod operations;
 mod outbox_order;
 mod outbox_purge;
 mod outbox_wakeup;
+mod partitions;
 pub mod pipeline_scope;
 mod private_kafka;
 mod private_servers;
