@@ -3,16 +3,21 @@
 # $TOOLS_DIR/<name>-<version>/bin and reused while that version is there:
 #
 #   toxiproxy  Shopify's fault proxy (network partitions, slow links, resets) for the fault tests
+#   ferretdb   FerretDB, a second, independent MongoDB-wire server (SQLite backend) that the
+#              MongoDB sink tests run against besides SecantusDB; scripts/ferretdb.sh builds it
+#              (with `go build`: `go install` of it makes a program that cannot start)
 #
 # Source it after lib.sh; `install_go_tool toxiproxy` installs one, `go_tool_bin toxiproxy`
 # prints the path of its program.
 
 TOXIPROXY_VERSION=2.5.0
+FERRETDB_VERSION=1.24.2
 
 # NAME -> "module@version program-name"
 go_tool_spec() {
     case "$1" in
         toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@v$TOXIPROXY_VERSION toxiproxy-server" ;;
+        ferretdb) echo "github.com/FerretDB/FerretDB/cmd/ferretdb@v$FERRETDB_VERSION ferretdb" ;;
         *) die "no Go tool named '$1'" ;;
     esac
 }

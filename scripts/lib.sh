@@ -17,6 +17,7 @@
 #   DUALSYNC_KAFKA_HEAP     JVM heap of each broker (default: 1g for one node, 768m each for three)
 #   DUALSYNC_MONGO_PORT     Mongo (SecantusDB)   (default: 27117)
 #   DUALSYNC_REGISTRY_PORT  schema registry (Apicurio) (default: 18081; scripts/registry.sh)
+#   DUALSYNC_FERRETDB_PORT  FerretDB, the second MongoDB-wire server (default: 27118; scripts/ferretdb.sh)
 #   DUALSYNC_START_TIMEOUT  seconds to wait for a server to answer (default: 60)
 
 if [[ -n "${DUALSYNC_LIB_LOADED:-}" ]]; then
@@ -101,10 +102,12 @@ parse_servers() {
             kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
             registry | apicurio) echo registry ;;
+            # Optional, never part of `all`: scripts/test.sh starts it (scripts/ferretdb.sh).
+            ferretdb | ferret) echo ferretdb ;;
             # Optional, never part of `all`: see scripts/prometheus.sh.
             prometheus) echo prometheus ;;
             *)
-                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|prometheus|all)" >&2
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|ferretdb|prometheus|all)" >&2
                 return 2
                 ;;
         esac
@@ -115,7 +118,7 @@ parse_servers() {
 servers_from_args() {
     local out
     if ! out="$(parse_servers "$@")"; then
-        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|prometheus|all]..."
+        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|ferretdb|prometheus|all]..."
     fi
     printf '%s\n' "$out"
 }
@@ -136,6 +139,7 @@ server_port() {
         kafka) echo "$KAFKA_PORT" ;;
         mongo) echo "$MONGO_PORT" ;;
         registry) echo "$REGISTRY_PORT" ;;
+        ferretdb) echo "$FERRETDB_PORT" ;;
         *) die "unknown server $1" ;;
     esac
 }
@@ -148,6 +152,7 @@ server_cmd_pattern() {
         kafka | kafka-*) echo kafka.Kafka ;;
         mongo) echo secantusd ;;
         registry) echo apicurio-registry-runner ;;
+        ferretdb) echo ferretdb ;;
     esac
 }
 
@@ -422,6 +427,7 @@ server_address() {
         kafka) kafka_brokers ;;
         mongo) mongo_url ;;
         registry) registry_url ;;
+        ferretdb) ferretdb_url ;;
     esac
 }
 
@@ -439,6 +445,11 @@ write_env_file() {
         echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
         echo "export DUALSYNC_TEST_KAFKA_LIBS=$KAFKA_LIBS"
         echo "export DUALSYNC_TEST_REGISTRY_URL=$(registry_url)"
+        # The second MongoDB-wire server the MongoDB sink tests also run against, when it is
+        # installed (scripts/test.sh installs and starts it).
+        if [[ -x "$(go_tool_bin ferretdb)" ]]; then
+            echo "export DUALSYNC_TEST_FERRETDB_URL=$(ferretdb_url)"
+        fi
         if [[ -r "$STATE_DIR/kafka/sasl-password" ]]; then
             echo "export DUALSYNC_TEST_KAFKA_SASL_BROKERS=$BIND_HOST:$KAFKA_SASL_PORT"
             echo "export DUALSYNC_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER"
@@ -477,3 +488,7 @@ export_pipeline_env() {
 # The schema registry's install/up/down (the fifth server).
 # shellcheck source=scripts/registry.sh
 . "$REPO_ROOT/scripts/registry.sh"
+
+# FerretDB's install/up/down (the sixth server, a second MongoDB-wire server).
+# shellcheck source=scripts/ferretdb.sh
+. "$REPO_ROOT/scripts/ferretdb.sh"

@@ -2,7 +2,7 @@
 # Start the local servers (installing what is missing), wait until they
 # answer, and (re)write $STATE_DIR/env for the tests and the demo.
 #
-#   scripts/up.sh [postgres|kafka|mongo|registry|all]...   (default: all)
+#   scripts/up.sh [postgres|kafka|mongo|registry|ferretdb|all]...   (default: all)
 #
 # A server whose pid file points at a live process is left alone.
 set -euo pipefail
