@@ -22,6 +22,7 @@ mod kafka;
 mod layers;
 mod logs;
 mod mongo_delivery;
+mod mongo_servers;
 mod mongo_source;
 mod mongo_verify;
 mod new_topics;
