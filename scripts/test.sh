@@ -57,7 +57,6 @@ FERRETDB_SINK_TESTS=(
     mongo_delivery::a_write_concern_error_is_retried_not_fatal
     end_to_end::outbox_to_both_sinks_and_replay_changes_nothing
     subscriptions::apply_consumes_exactly_its_listed_topics_or_its_regex
-    dead_letters::an_oversize_document_is_dead_lettered_without_stalling_the_partition
 )
 log "running the MongoDB sink's tests against FerretDB ($DUALSYNC_TEST_FERRETDB_URL)"
 DUALSYNC_TEST_MONGO_URL="$DUALSYNC_TEST_FERRETDB_URL" \
