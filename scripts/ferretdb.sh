@@ -52,13 +52,11 @@ install_ferretdb() {
     log "ferretdb: installed $bin"
 }
 
-# 0 when FERRETDB answers a `ping` with ok: 1 (pymongo from SecantusDB's venv when it is
-# there; otherwise an open port is taken as the answer).
+# 0 when FerretDB answers a `ping` with ok: 1 (with SecantusDB's pymongo when it is installed;
+# otherwise an open port is taken as the answer).
 ferretdb_ping() {
     if [[ -x "$SECANTUS_HOME/bin/python" ]]; then
-        "$SECANTUS_HOME/bin/python" -c "import sys, pymongo
-c = pymongo.MongoClient('$(ferretdb_url)', serverSelectionTimeoutMS=2000)
-sys.exit(0 if c.admin.command('ping').get('ok') == 1 else 1)"
+        mongo_wire_ping "$(ferretdb_url)"
     else
         port_open "$FERRETDB_PORT"
     fi

@@ -421,6 +421,14 @@ kafka_brokers() {
 }
 mongo_url() { echo "mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"; }
 
+# mongo_wire_ping URL -> 0 when the server at URL answers `ping` with ok: 1 (a real round trip
+# with the pymongo that ships in SecantusDB's venv).
+mongo_wire_ping() {
+    "$SECANTUS_HOME/bin/python" -c "import sys, pymongo
+c = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=2000)
+sys.exit(0 if c.admin.command('ping').get('ok') == 1 else 1)" "$1"
+}
+
 server_address() {
     case "$1" in
         postgres) pg_url ;;
