@@ -13,6 +13,8 @@
 //! is upserted again. Every other per-document error goes through [`classify`]: transient
 //! ones (not primary, write conflict) fail the batch so it is retried, permanent ones are
 //! dead-lettered, fatal ones stop apply. A write-concern error is classified the same way.
+//! A reply that accounts for fewer statements than were sent (FerretDB stops at the first
+//! failing one) is settled statement by statement, never taken as the rest written.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
