@@ -457,6 +457,8 @@ write_env_file() {
         # installed (scripts/test.sh installs and starts it).
         if [[ -x "$(go_tool_bin ferretdb)" ]]; then
             echo "export DUALSYNC_TEST_FERRETDB_URL=$(ferretdb_url)"
+            # Its program, for the tests that run a FerretDB of their own.
+            echo "export DUALSYNC_TEST_FERRETDB=$(go_tool_bin ferretdb)"
         fi
         if [[ -r "$STATE_DIR/kafka/sasl-password" ]]; then
             echo "export DUALSYNC_TEST_KAFKA_SASL_BROKERS=$BIND_HOST:$KAFKA_SASL_PORT"
