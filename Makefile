@@ -20,6 +20,7 @@ COMPOSE ?= docker compose
 help: ## Show this help
 	@echo "Usage: make <target> [SERVERS=\"postgres kafka mongo registry\"]"
 	@echo "  (SERVERS=prometheus: the optional Prometheus with dualsync's alert rules, docs/operations.md)"
+	@echo "  (SERVERS=ferretdb: the optional FerretDB, the second MongoDB-wire server make test uses)"
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -72,7 +73,7 @@ compose-down: ## Stop the Docker Compose stack and delete its volumes
 	$(COMPOSE) down -v
 
 clean-state: ## Stop local servers and delete all local state (.local)
-	bash scripts/down.sh all prometheus
+	bash scripts/down.sh all prometheus ferretdb
 	@# up.sh leaves a symlink when the data dir had to live outside the repo.
 	@if [ -L "$(STATE_DIR)/pg" ]; then target="$$(readlink "$(STATE_DIR)/pg")"; \
 		echo "rm -rf $${target%/pg}"; rm -rf "$${target%/pg}"; fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the local servers started by scripts/up.sh. Idempotent.
 #
-#   scripts/down.sh [postgres|kafka|mongo|registry|all]...   (default: all)
+#   scripts/down.sh [postgres|kafka|mongo|registry|ferretdb|all]...   (default: all)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

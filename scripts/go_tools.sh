@@ -4,6 +4,9 @@
 #
 #   toxiproxy  Shopify's fault proxy (network partitions, slow links, resets) for the fault tests
 #   helm       the Kubernetes package manager: `helm lint` / `helm template` of deploy/helm/dualsync
+#   ferretdb   FerretDB, a second, independent MongoDB-wire server (SQLite backend) that the
+#              MongoDB sink tests run against besides SecantusDB; scripts/ferretdb.sh builds it
+#              (with `go build`: `go install` of it makes a program that cannot start)
 #
 # Source it after lib.sh; `install_go_tool toxiproxy` installs one, `go_tool_bin toxiproxy`
 # prints the path of its program. Also `install_docker_compose` (Debian's package, for the
@@ -11,12 +14,14 @@
 
 TOXIPROXY_VERSION=2.5.0
 HELM_VERSION=4.3.2
+FERRETDB_VERSION=1.24.2
 
 # NAME -> "module@version program-name"
 go_tool_spec() {
     case "$1" in
         toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@v$TOXIPROXY_VERSION toxiproxy-server" ;;
         helm) echo "helm.sh/helm/v4/cmd/helm@v$HELM_VERSION helm" ;;
+        ferretdb) echo "github.com/FerretDB/FerretDB/cmd/ferretdb@v$FERRETDB_VERSION ferretdb" ;;
         *) die "no Go tool named '$1'" ;;
     esac
 }

@@ -2,7 +2,7 @@
 # Install the local servers used by the tests and the demo, only what is
 # missing. Idempotent; prints what it did.
 #
-#   scripts/install.sh [postgres|kafka|mongo|registry|all]...   (default: all)
+#   scripts/install.sh [postgres|kafka|mongo|registry|ferretdb|all]...   (default: all)
 #
 #   postgres  Debian's `postgresql` package (binaries only; the system
 #             cluster is never used; scripts/up.sh runs its own cluster)
@@ -14,6 +14,8 @@
 #   registry  Apicurio Registry built from its Maven Central jars
 #             (scripts/registry/) into $TOOLS_DIR/apicurio-registry-<version>
 #             (about a minute the first time; scripts/registry.sh)
+#   ferretdb  FerretDB built with `go install` from the Go module proxy into
+#             $TOOLS_DIR/ferretdb-<version>/bin (needs Go; scripts/ferretdb.sh)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -17,6 +17,7 @@
 #   DUALSYNC_KAFKA_HEAP     JVM heap of each broker (default: 1g for one node, 768m each for three)
 #   DUALSYNC_MONGO_PORT     Mongo (SecantusDB)   (default: 27117)
 #   DUALSYNC_REGISTRY_PORT  schema registry (Apicurio) (default: 18081; scripts/registry.sh)
+#   DUALSYNC_FERRETDB_PORT  FerretDB, the second MongoDB-wire server (default: 27118; scripts/ferretdb.sh)
 #   DUALSYNC_START_TIMEOUT  seconds to wait for a server to answer (default: 60)
 
 if [[ -n "${DUALSYNC_LIB_LOADED:-}" ]]; then
@@ -112,10 +113,12 @@ parse_servers() {
             kafka) echo kafka ;;
             mongo | mongodb | secantus) echo mongo ;;
             registry | apicurio) echo registry ;;
+            # Optional, never part of `all`: scripts/test.sh starts it (scripts/ferretdb.sh).
+            ferretdb | ferret) echo ferretdb ;;
             # Optional, never part of `all`: see scripts/prometheus.sh.
             prometheus) echo prometheus ;;
             *)
-                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|prometheus|all)" >&2
+                echo "unknown server '$arg' (expected postgres|kafka|mongo|registry|ferretdb|prometheus|all)" >&2
                 return 2
                 ;;
         esac
@@ -126,7 +129,7 @@ parse_servers() {
 servers_from_args() {
     local out
     if ! out="$(parse_servers "$@")"; then
-        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|prometheus|all]..."
+        die "usage: $(basename "$0") [postgres|kafka|mongo|registry|ferretdb|prometheus|all]..."
     fi
     printf '%s\n' "$out"
 }
@@ -147,6 +150,7 @@ server_port() {
         kafka) echo "$KAFKA_PORT" ;;
         mongo) echo "$MONGO_PORT" ;;
         registry) echo "$REGISTRY_PORT" ;;
+        ferretdb) echo "$FERRETDB_PORT" ;;
         *) die "unknown server $1" ;;
     esac
 }
@@ -159,6 +163,7 @@ server_cmd_pattern() {
         kafka | kafka-*) echo kafka.Kafka ;;
         mongo) echo secantusd ;;
         registry) echo apicurio-registry-runner ;;
+        ferretdb) echo ferretdb ;;
     esac
 }
 
@@ -427,12 +432,21 @@ kafka_brokers() {
 }
 mongo_url() { echo "mongodb://$BIND_HOST:$MONGO_PORT/?directConnection=true"; }
 
+# mongo_wire_ping URL -> 0 when the server at URL answers `ping` with ok: 1 (a real round trip
+# with the pymongo that ships in SecantusDB's venv).
+mongo_wire_ping() {
+    "$SECANTUS_HOME/bin/python" -c "import sys, pymongo
+c = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=2000)
+sys.exit(0 if c.admin.command('ping').get('ok') == 1 else 1)" "$1"
+}
+
 server_address() {
     case "$1" in
         postgres) pg_url ;;
         kafka) kafka_brokers ;;
         mongo) mongo_url ;;
         registry) registry_url ;;
+        ferretdb) ferretdb_url ;;
     esac
 }
 
@@ -450,6 +464,13 @@ write_env_file() {
         echo "export DUALSYNC_TEST_MONGOD=$SECANTUS_BIN"
         echo "export DUALSYNC_TEST_KAFKA_LIBS=$KAFKA_LIBS"
         echo "export DUALSYNC_TEST_REGISTRY_URL=$(registry_url)"
+        # The second MongoDB-wire server the MongoDB sink tests also run against, when it is
+        # installed (scripts/test.sh installs and starts it).
+        if [[ -x "$(go_tool_bin ferretdb)" ]]; then
+            echo "export DUALSYNC_TEST_FERRETDB_URL=$(ferretdb_url)"
+            # Its program, for the tests that run a FerretDB of their own.
+            echo "export DUALSYNC_TEST_FERRETDB=$(go_tool_bin ferretdb)"
+        fi
         if [[ -r "$STATE_DIR/kafka/sasl-password" ]]; then
             echo "export DUALSYNC_TEST_KAFKA_SASL_BROKERS=$BIND_HOST:$KAFKA_SASL_PORT"
             echo "export DUALSYNC_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER"
@@ -495,3 +516,7 @@ export_pipeline_env() {
 # The schema registry's install/up/down (the fifth server).
 # shellcheck source=scripts/registry.sh
 . "$REPO_ROOT/scripts/registry.sh"
+
+# FerretDB's install/up/down (the sixth server, a second MongoDB-wire server).
+# shellcheck source=scripts/ferretdb.sh
+. "$REPO_ROOT/scripts/ferretdb.sh"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One line per local server: running/stopped, pid, address.
 #
-#   scripts/status.sh [postgres|kafka|mongo|registry|all]...   (default: all)
+#   scripts/status.sh [postgres|kafka|mongo|registry|ferretdb|all]...   (default: all)
 #
 # Exit status: 0 when every listed server runs, 3 otherwise.
 set -euo pipefail

@@ -2,7 +2,7 @@
 # Start the local servers (installing what is missing), wait until they
 # answer, and (re)write $STATE_DIR/env for the tests and the demo.
 #
-#   scripts/up.sh [postgres|kafka|mongo|registry|all]...   (default: all)
+#   scripts/up.sh [postgres|kafka|mongo|registry|ferretdb|all]...   (default: all)
 #
 # A server whose pid file points at a live process is left alone.
 set -euo pipefail
@@ -348,9 +348,7 @@ up_mongo() {
     fi
     # A real round trip (hello/ping) with the pymongo that ships in the venv.
     if ! wait_until "mongo ping on $BIND_HOST:$MONGO_PORT" "$START_TIMEOUT" \
-        "$SECANTUS_HOME/bin/python" -c "import sys, pymongo
-c = pymongo.MongoClient('$(mongo_url)', serverSelectionTimeoutMS=2000)
-sys.exit(0 if c.admin.command('ping').get('ok') == 1 else 1)"; then
+        mongo_wire_ping "$(mongo_url)"; then
         log_tail "$logf"
         die "mongo: server on $BIND_HOST:$MONGO_PORT does not answer a ping; see $logf"
     fi

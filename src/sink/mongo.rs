@@ -13,6 +13,8 @@
 //! is upserted again. Every other per-document error goes through [`classify`]: transient
 //! ones (not primary, write conflict) fail the batch so it is retried, permanent ones are
 //! dead-lettered, fatal ones stop apply. A write-concern error is classified the same way.
+//! A reply that accounts for fewer statements than were sent (FerretDB stops at the first
+//! failing one) is settled statement by statement, never taken as the rest written.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -207,15 +209,32 @@ impl MongoSink {
         let reply = self
             .guarded_update(collection, batch, statements, true)
             .await?;
-        let mut collided = Vec::new();
-        let mut refused = HashSet::new();
-        for e in reply
+        let errors = reply
             .get_array("writeErrors")
             .map(|a| a.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(Bson::as_document)
-        {
+            .unwrap_or_default();
+        // Every statement of an unordered upsert batch is either counted in `n` (matched or
+        // upserted) or has a write error. FerretDB 1.x runs the statements in order whatever
+        // `ordered` says, stops at the first that fails and reports it at index 0 without `n`:
+        // its reply does not say which statements ran. A stored document carrying the
+        // statement's own `updated_at` went in with it; every other statement is sent again
+        // on its own, where index 0 can only mean that statement.
+        if statements.len() > 1 && count(&reply) as usize + errors.len() < statements.len() {
+            let went_in = self.written_by(collection, statements).await?;
+            let mut collided = Vec::new();
+            for statement in statements {
+                if went_in.contains(&statement.0) {
+                    outcome.written.push(statement.0);
+                    continue;
+                }
+                let one = std::slice::from_ref(statement);
+                collided.extend(Box::pin(self.upsert(collection, batch, one, outcome)).await?);
+            }
+            return Ok(collided);
+        }
+        let mut collided = Vec::new();
+        let mut refused = HashSet::new();
+        for e in errors.iter().filter_map(Bson::as_document) {
             let index = e.get_i32("index").unwrap_or(-1);
             let Some(statement) = usize::try_from(index).ok().and_then(|i| statements.get(i))
             else {
@@ -310,11 +329,7 @@ impl MongoSink {
             );
             return Err(error);
         }
-        let matched = reply
-            .get_i32("n")
-            .map(i64::from)
-            .or_else(|_| reply.get_i64("n"))
-            .unwrap_or(0) as u64;
+        let matched = count(&reply);
         // The reply counts the matched statements without naming them: when some but not all
         // matched, the stored versions tell which ones this write put there.
         let indexes = statements.iter().map(|(i, _)| *i);
@@ -335,6 +350,42 @@ impl MongoSink {
         outcome.stale += (statements.len() - written.len()) as u64;
         outcome.written.extend(written);
         Ok(())
+    }
+
+    /// The statements whose document is stored as they wrote it (same `_dualsync`: version,
+    /// tombstone flag and the `updated_at` stamped when the statement was made).
+    async fn written_by(
+        &self,
+        collection: &str,
+        statements: &[Statement],
+    ) -> Result<HashSet<usize>, Error> {
+        let keys: Vec<&str> = statements
+            .iter()
+            .filter_map(|(_, d)| d.get_str("_id").ok())
+            .collect();
+        let found: Vec<Document> = self
+            .db
+            .collection::<Document>(collection)
+            .find(doc! {"_id": {"$in": keys}})
+            .projection(doc! {META_FIELD: 1})
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .await?
+            .try_collect()
+            .await?;
+        let stored: std::collections::HashMap<&str, &Bson> = found
+            .iter()
+            .filter_map(|d| Some((d.get_str("_id").ok()?, d.get(META_FIELD)?)))
+            .collect();
+        Ok(statements
+            .iter()
+            .filter(|(_, d)| {
+                d.get_str("_id")
+                    .ok()
+                    .and_then(|id| stored.get(id))
+                    .is_some_and(|meta| Some(*meta) == d.get(META_FIELD))
+            })
+            .map(|(i, _)| *i)
+            .collect())
     }
 
     /// The stored versions of `keys` (tombstones included) in `collection`, read from the
@@ -490,6 +541,16 @@ fn stored(mut d: Document) -> StoredRecord {
         return (key, version, None);
     }
     (key, version, Some(Bson::Document(d).into_relaxed_extjson()))
+}
+
+/// The `n` of a write command's reply (statements matched or upserted); 0 when it is missing.
+fn count(reply: &Document) -> u64 {
+    reply
+        .get_i32("n")
+        .map(i64::from)
+        .or_else(|_| reply.get_i64("n"))
+        .unwrap_or(0)
+        .max(0) as u64
 }
 
 /// A `writeConcernError` of a reply, as an [`Error`] the classifier understands.

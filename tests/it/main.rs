@@ -1,5 +1,6 @@
 //! Integration tests against the real servers started by `make up` (PostgreSQL, Apache Kafka,
-//! the SecantusDB MongoDB server, the Apicurio schema registry).
+//! the SecantusDB MongoDB server, the Apicurio schema registry); scripts/test.sh runs the
+//! MongoDB sink's tests a second time against FerretDB.
 //! One binary for all of them, to link once.
 
 mod backlog;
@@ -28,6 +29,7 @@ mod logs;
 mod mongo_common;
 mod mongo_delivery;
 mod mongo_primary_faults;
+mod mongo_servers;
 mod mongo_source;
 mod mongo_verify;
 mod new_topics;

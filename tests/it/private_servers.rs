@@ -1,5 +1,5 @@
-//! Servers owned by one test (a PostgreSQL cluster or a SecantusDB process, each on a free
-//! port), for tests that stop, restart or reconfigure a server without disturbing the others.
+//! Servers owned by one test (a PostgreSQL cluster, a SecantusDB or a FerretDB process, each
+//! on a free port), for tests that stop, restart or reconfigure a server without disturbing the others.
 //! A test's own Kafka cluster is in `private_kafka`.
 
 use std::os::unix::fs::MetadataExt;
@@ -40,6 +40,8 @@ pub enum PrivateServer {
         data: PathBuf,
         port: u16,
         child: Option<Child>,
+        /// FerretDB (SQLite backend in `data`) rather than SecantusDB.
+        ferretdb: bool,
     },
 }
 
@@ -78,6 +80,22 @@ impl PrivateServer {
             data,
             port: free_port(),
             child: None,
+            ferretdb: false,
+        };
+        server.start();
+        server
+    }
+
+    /// A FerretDB with its SQLite data in a folder of its own.
+    pub fn ferretdb() -> Self {
+        let data = std::env::temp_dir().join(unique("dualsync-private-ferretdb"));
+        std::fs::create_dir_all(&data).unwrap();
+        let mut server = Self::Mongo {
+            bin: env_path("DUALSYNC_TEST_FERRETDB"),
+            data,
+            port: free_port(),
+            child: None,
+            ferretdb: true,
         };
         server.start();
         server
@@ -127,6 +145,23 @@ impl PrivateServer {
                 data,
                 port,
                 child,
+                ferretdb: true,
+            } => {
+                // No debug listener (its default port is shared) and no telemetry.
+                let mut cmd = Command::new(&*bin);
+                cmd.arg("--handler=sqlite")
+                    .arg(format!("--sqlite-url=file:{}/", data.display()))
+                    .arg(format!("--state-dir={}", data.display()))
+                    .arg(format!("--listen-addr=127.0.0.1:{port}"))
+                    .args(["--debug-addr=-", "--telemetry=disable", "--log-level=warn"]);
+                *child = Some(spawn_logged(cmd, data, *port, "FerretDB"));
+            }
+            Self::Mongo {
+                bin,
+                data,
+                port,
+                child,
+                ferretdb: false,
             } => {
                 // Its working directory is the data folder: it reads ./secantusd.toml if any.
                 let mut cmd = Command::new(&*bin);
@@ -150,7 +185,7 @@ impl PrivateServer {
                     let deadline = Instant::now() + Duration::from_secs(30);
                     while c.try_wait().unwrap().is_none() {
                         if Instant::now() >= deadline {
-                            eprintln!("SecantusDB {} ignored SIGTERM for 30 s; killing it", c.id());
+                            eprintln!("server {} ignored SIGTERM for 30 s; killing it", c.id());
                             c.kill().ok();
                             c.wait().unwrap();
                             break;

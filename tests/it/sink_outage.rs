@@ -227,3 +227,10 @@ async fn mongodb_sink_stopped_for_20_s_mid_stream_loses_and_doubles_nothing() {
     let server = tokio::task::block_in_place(PrivateServer::mongo);
     sink_survives_an_outage(server, "mongo").await;
 }
+
+/// The same outage with the MongoDB sink on FerretDB, the second MongoDB-wire server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongodb_sink_on_ferretdb_stopped_for_20_s_mid_stream_loses_and_doubles_nothing() {
+    let server = tokio::task::block_in_place(PrivateServer::ferretdb);
+    sink_survives_an_outage(server, "mongo").await;
+}
