@@ -350,9 +350,10 @@ impl std::fmt::Display for Endpoint<'_> {
 /// a relay, its sink for apply); `None` when the error is not about a connection.
 pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>> {
     match err {
-        Error::Postgres(_) | Error::Mongo(_) | Error::SinkTimeout { .. } | Error::LeaderSilent(_) => {
-            Some(database)
-        }
+        Error::Postgres(_)
+        | Error::Mongo(_)
+        | Error::SinkTimeout { .. }
+        | Error::LeaderSilent(_) => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
         Error::Registry(_) => Some(Endpoint::Registry),
         _ => None,

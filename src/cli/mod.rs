@@ -1,6 +1,7 @@
 //! The command front-ends of the `dualsync` binary: argument shapes, tables and JSON on
 //! stdout, progress on stderr. The work itself is in the library.
 
+pub mod args;
 pub mod config;
 pub mod dlq;
 pub mod progress;
