@@ -300,7 +300,7 @@ pub async fn run<S: Sink>(
         }
         if last_purge.elapsed() > Duration::from_secs(600) {
             last_purge = Instant::now();
-            match ctx.sink.purge_tombstones(tombstone_retention).await {
+            match ctx.sink.purge_tombstones(tombstone_retention, Duration::from_secs(600)).await {
                 Ok(n) if n > 0 => tracing::info!(purged = n, "purged old tombstones"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "tombstone purge failed; will try again"),

@@ -33,6 +33,7 @@ mod private_kafka;
 mod private_servers;
 mod processes;
 mod progress;
+mod purge_horizon;
 mod real_registry;
 mod reconcile;
 mod registry;
