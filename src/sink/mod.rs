@@ -66,7 +66,10 @@ impl ApplyOutcome {
 /// not listed in `rejected` is durably written or was stale; only then may the caller commit
 /// the input position. On `Err` nothing may be assumed written (a retry is safe).
 pub trait Sink: Send + Sync + 'static {
-    /// Writes a batch. Records of one key may appear several times; the newest version wins.
+    /// Writes a batch. Records of one key may appear several times; the newest version wins
+    /// (the older ones count as stale). When the newest version of a key is `rejected`, apply
+    /// writes that key's older versions of the batch again, so the sink ends as if the events
+    /// had been applied one by one.
     fn apply(
         &self,
         batch: &[SinkRecord],

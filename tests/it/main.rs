@@ -44,6 +44,7 @@ mod schema_evolution;
 mod schema_folder;
 mod shutdown;
 mod sink_outage;
+mod sink_refusals;
 mod sinks;
 mod subscriptions;
 pub mod toxiproxy;
