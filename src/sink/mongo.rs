@@ -351,6 +351,31 @@ impl MongoSink {
         Ok(())
     }
 
+    /// Adds the sink's collections this process has not written yet (an idle or restarted
+    /// member) to the seen ones, so its purge covers them: every collection of the database
+    /// holding documents with dualsync's bookkeeping.
+    async fn discover_collections(&self) -> Result<(), Error> {
+        for name in self.db.list_collection_names().await? {
+            if name == HORIZON_COLLECTION
+                || name.starts_with("system.")
+                || self.seen.lock().await.contains(&name)
+            {
+                continue;
+            }
+            let ours = self
+                .db
+                .collection::<Document>(&name)
+                .find_one(doc! {META_FIELD: {"$exists": true}})
+                .await?
+                .is_some();
+            if ours {
+                self.prepare_collection(&name).await?;
+                self.seen.lock().await.insert(name);
+            }
+        }
+        Ok(())
+    }
+
     /// One purge cycle of `collection` (see [`Sink::purge_tombstones`]): settle a raise that
     /// has been in force for `grace`, delete the settled tombstones in chunks, then raise the
     /// horizon over the tombstones now past the retention (unless a raise is still pending).
@@ -568,6 +593,7 @@ impl Sink for MongoSink {
         let cutoff = DateTime::from_millis(
             DateTime::now().timestamp_millis() - older_than.as_millis() as i64,
         );
+        self.discover_collections().await?;
         let collections: Vec<String> = self.seen.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for c in collections {

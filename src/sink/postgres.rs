@@ -401,6 +401,7 @@ impl Sink for PostgresSink {
 
     async fn purge_tombstones(&self, older_than: Duration, grace: Duration) -> Result<u64, Error> {
         let client = self.client().await?;
+        self.discover_tables(&client).await?;
         let tables: Vec<String> = self.known_tables.lock().await.iter().cloned().collect();
         let horizon = self.horizon_table();
         let mut purged = 0;
@@ -441,7 +442,7 @@ impl Sink for PostgresSink {
                 .execute(
                     &format!(
                         "INSERT INTO {horizon} AS h (namespace, version, settled, pending_since)
-                         SELECT $1, max(version), NULL, now() FROM {table}
+                         SELECT $1, max(version), -1, now() FROM {table}
                          WHERE deleted AND updated_at < now() - make_interval(secs => $2)
                          HAVING max(version) IS NOT NULL
                          ON CONFLICT (namespace) DO UPDATE
@@ -458,6 +459,31 @@ impl Sink for PostgresSink {
 }
 
 impl PostgresSink {
+    /// Adds the sink's tables that this process has not written yet (an idle or restarted
+    /// member) to the known ones, so its purge covers them: every table of the schema with
+    /// the sink's bookkeeping columns.
+    async fn discover_tables(&self, client: &Client) -> Result<(), Error> {
+        let rows = client
+            .query(
+                "SELECT table_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND column_name IN ('version', 'deleted', 'updated_at')
+                 GROUP BY table_name HAVING count(*) = 3",
+                &[&self.schema],
+            )
+            .await?;
+        for row in rows {
+            let name: String = row.get(0);
+            let namespace = self
+                .column_tables
+                .iter()
+                .find(|(ns, t)| t.table.as_deref().unwrap_or(ns.as_str()) == name)
+                .map(|(ns, _)| ns.clone())
+                .unwrap_or(name);
+            self.ensure_table(client, &namespace).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes `table`'s tombstones older than `older_than` at or below `settled`, a chunk per
     /// statement (each a short transaction: apply's writes on the same connection wait behind
     /// one chunk at most).
@@ -472,7 +498,8 @@ impl PostgresSink {
             "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
                SELECT ctid FROM {table}
                WHERE deleted AND updated_at < now() - make_interval(secs => $1) AND version <= $2
-               LIMIT $3))"
+               LIMIT $3))
+             AND deleted AND version <= $2"
         );
         let mut purged = 0;
         loop {

@@ -299,3 +299,123 @@ async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_mongo() {
     assert_eq!(outcome.rejected.len(), 1, "{outcome:?}");
     assert_eq!(a.get("things", "x").await.unwrap(), None);
 }
+
+/// An apply process with nothing to consume still purges (issue #35 item 9): its purge runs
+/// on its own timer (`apply.tombstone_purge_interval_secs`), over every table of the sink,
+/// including those another member wrote. The purge's filter is indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_member_purges_expired_tombstones_postgres() {
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
+    config.apply.tombstone_purge_interval_secs = 1;
+    let other_member = postgres_sink(&config).await;
+    other_member
+        .apply(&[thing("gone", 1, Some(1)), thing("live", 1, Some(1))])
+        .await
+        .unwrap();
+    other_member
+        .apply(&[thing("gone", 2, None), thing("young", 3, None)])
+        .await
+        .unwrap();
+    let replica = dualsync::pg::connect(&sink_url).await.unwrap();
+    // Past the retention (7 days by default).
+    replica
+        .execute(
+            "UPDATE replica.things SET updated_at = now() - interval '8 days' WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
+    eventually("the idle member purges the expired tombstone", || async {
+        other_member.get("things", "gone").await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        other_member.get("things", "young").await.unwrap(),
+        Some((3, None))
+    );
+    assert!(other_member.get("things", "live").await.unwrap().is_some());
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+
+    // The tombstones have a partial index, and the purge's chunk query can use it.
+    let index: String = replica
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'replica' AND indexname = 'things_tombstones'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(index.contains("WHERE deleted"), "{index}");
+    replica.batch_execute("SET enable_seqscan = off").await.unwrap();
+    let plan: Vec<String> = replica
+        .query(
+            "EXPLAIN SELECT ctid FROM replica.things
+             WHERE deleted AND updated_at < now() - interval '1 hour' AND version <= 10 LIMIT 1000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("things_tombstones")),
+        "{plan:?}"
+    );
+}
+
+/// [`an_idle_member_purges_expired_tombstones_postgres`] on a MongoDB sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_member_purges_expired_tombstones_mongo() {
+    let servers = servers();
+    let mut config = pipeline_without_postgres(&servers, &unique("t"));
+    config.apply.tombstone_purge_interval_secs = 1;
+    let dualsync::config::SinkConfig::Mongodb(mongo) = &config.sinks["mongo"] else {
+        unreachable!()
+    };
+    let other_member = MongoSink::connect(mongo).await.unwrap();
+    other_member
+        .apply(&[thing("gone", 1, Some(1)), thing("live", 1, Some(1))])
+        .await
+        .unwrap();
+    other_member
+        .apply(&[thing("gone", 2, None), thing("young", 3, None)])
+        .await
+        .unwrap();
+    let things = other_member.database().collection::<Document>("things");
+    let eight_days_ago = mongodb::bson::DateTime::from_millis(
+        mongodb::bson::DateTime::now().timestamp_millis() - 8 * 24 * 3600 * 1000,
+    );
+    things
+        .update_one(
+            mongodb::bson::doc! {"_id": "gone"},
+            mongodb::bson::doc! {"$set": {"_dualsync.updated_at": eight_days_ago}},
+        )
+        .await
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let (apply, _) = spawn_apply(&config, "mongo", &cancel);
+    eventually("the idle member purges the expired tombstone", || async {
+        other_member.get("things", "gone").await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        other_member.get("things", "young").await.unwrap(),
+        Some((3, None))
+    );
+    assert!(other_member.get("things", "live").await.unwrap().is_some());
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+    let indexes = things.list_index_names().await.unwrap();
+    assert!(
+        indexes.contains(&dualsync::sink::mongo::TOMBSTONE_INDEX.to_string()),
+        "{indexes:?}"
+    );
+}
