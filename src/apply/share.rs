@@ -242,10 +242,7 @@ async fn write<S: Sink>(
 
 /// The indexes of the records of `records` older than a refused record of the same key (the
 /// sink counted them stale against the refused one), in batch order.
-fn older_versions_of_refused(
-    records: &[SinkRecord],
-    rejected: &[(usize, Error)],
-) -> Vec<usize> {
+fn older_versions_of_refused(records: &[SinkRecord], rejected: &[(usize, Error)]) -> Vec<usize> {
     if rejected.is_empty() {
         return Vec::new();
     }
@@ -357,5 +354,35 @@ async fn dead_letter<S: Sink>(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: &str, version: i64) -> SinkRecord {
+        SinkRecord {
+            namespace: "n".into(),
+            key: key.into(),
+            version,
+            document: None,
+        }
+    }
+
+    /// Only the older versions of a refused key are written again; a newer version of that
+    /// key (never refused) and other keys are not.
+    #[test]
+    fn older_versions_of_a_refused_record_are_retried() {
+        let records = [
+            rec("k", 1),
+            rec("j", 1),
+            rec("k", 3),
+            rec("k", 2),
+            rec("k", 4),
+        ];
+        let refused = vec![(2, Error::Rejected("no".into()))];
+        assert_eq!(older_versions_of_refused(&records, &refused), vec![0, 3]);
+        assert!(older_versions_of_refused(&records, &[]).is_empty());
     }
 }

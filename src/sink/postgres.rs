@@ -424,7 +424,9 @@ impl Sink for PostgresSink {
                 Some(v) => Some(v),
                 None => client
                     .query_opt(
-                        &format!("SELECT COALESCE(settled, version) FROM {horizon} WHERE namespace = $1"),
+                        &format!(
+                            "SELECT COALESCE(settled, version) FROM {horizon} WHERE namespace = $1"
+                        ),
                         &[&namespace],
                     )
                     .await?
@@ -504,7 +506,10 @@ impl PostgresSink {
         let mut purged = 0;
         loop {
             let n = client
-                .execute(&delete, &[&older_than.as_secs_f64(), &settled, &PURGE_CHUNK])
+                .execute(
+                    &delete,
+                    &[&older_than.as_secs_f64(), &settled, &PURGE_CHUNK],
+                )
                 .await?;
             purged += n;
             if n < PURGE_CHUNK as u64 {

@@ -352,7 +352,10 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
         .unwrap()
         .get(0);
     assert!(index.contains("WHERE deleted"), "{index}");
-    replica.batch_execute("SET enable_seqscan = off").await.unwrap();
+    replica
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .unwrap();
     let plan: Vec<String> = replica
         .query(
             "EXPLAIN SELECT ctid FROM replica.things

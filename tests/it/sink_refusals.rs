@@ -90,7 +90,10 @@ async fn a_refused_newest_version_leaves_the_older_valid_one_in_both_sinks() {
         assert_eq!(header(letter, dlq::OFFSET).as_deref(), Some("2"));
     }
     let mongo_sink = MongoSink::connect(mongo).await.unwrap();
-    let v1 = Some((1, Some(json!({"id": "k", "name": "v1", "email": "e", "order_count": 1}))));
+    let v1 = Some((
+        1,
+        Some(json!({"id": "k", "name": "v1", "email": "e", "order_count": 1})),
+    ));
     eventually("both sinks hold k@1 and other@1", || async {
         pg.get("customers", "other").await.unwrap().is_some()
             && mongo_sink
@@ -101,7 +104,11 @@ async fn a_refused_newest_version_leaves_the_older_valid_one_in_both_sinks() {
     })
     .await;
     assert_eq!(pg.get("customers", "k").await.unwrap(), v1, "PostgreSQL");
-    assert_eq!(mongo_sink.get("customers", "k").await.unwrap(), v1, "MongoDB");
+    assert_eq!(
+        mongo_sink.get("customers", "k").await.unwrap(),
+        v1,
+        "MongoDB"
+    );
     cancel.cancel();
     pg_apply.await.unwrap().unwrap();
     mongo_apply.await.unwrap().unwrap();

@@ -80,9 +80,12 @@ async fn version_guard_suite<S: Sink + SinkReader>(sink: &S) {
     // Old tombstones are purged; young ones are kept.
     sink.apply(&[rec("c", 1, None)]).await.unwrap();
     assert_eq!(
-        sink.purge_tombstones(std::time::Duration::from_secs(3600), std::time::Duration::ZERO)
-            .await
-            .unwrap(),
+        sink.purge_tombstones(
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::ZERO
+        )
+        .await
+        .unwrap(),
         0
     );
     let purged = std::sync::atomic::AtomicU64::new(0);
