@@ -30,6 +30,9 @@ use crate::error::{classify, Disposition, Error};
 
 pub struct PostgresSink {
     connection: Mutex<Option<Arc<Connection>>>,
+    /// The tombstone purge's own connection: a purge statement held up (a lock, a large
+    /// chunk) never holds up the writes pipelined on the write connection.
+    purge_connection: Mutex<Option<Arc<Connection>>>,
     url: String,
     schema: String,
     /// Aggregate types with a column mapping; the rest use document tables.
@@ -129,6 +132,7 @@ impl PostgresSink {
     pub async fn connect(config: &PostgresSinkConfig) -> Result<Self, Error> {
         let sink = Self {
             connection: Mutex::new(None),
+            purge_connection: Mutex::new(None),
             url: config.url.expose().to_string(),
             schema: config.schema.clone(),
             column_tables: config.tables.clone(),
@@ -187,14 +191,22 @@ impl PostgresSink {
     /// The shared connection, reconnecting when the last one broke (its prepared statements
     /// go with it).
     async fn client(&self) -> Result<Arc<Connection>, Error> {
-        let mut guard = self.connection.lock().await;
+        Self::connection(&self.connection, &self.url).await
+    }
+
+    /// `slot`'s connection, reconnecting when the last one broke.
+    async fn connection(
+        slot: &Mutex<Option<Arc<Connection>>>,
+        url: &str,
+    ) -> Result<Arc<Connection>, Error> {
+        let mut guard = slot.lock().await;
         if let Some(c) = guard.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
         let connection = Arc::new(Connection {
-            client: crate::pg::connect(&self.url).await?,
+            client: crate::pg::connect(url).await?,
             upserts: Mutex::new(HashMap::new()),
         });
         *guard = Some(connection.clone());
@@ -315,9 +327,11 @@ impl PostgresSink {
                 .collect::<Vec<_>>()
                 .join("\n"),
         };
+        let index = format!("{}_tombstones", self.table_name(namespace));
         // A table (re)created here starts with no purge horizon: its horizon row, if any, is
         // a dropped table's, and removing it in the same transaction lets a sink be rebuilt by
-        // dropping the table and resetting the group. The partial index serves the purge.
+        // dropping the table and resetting the group. The partial index serves the purge; it is
+        // looked up first, as `CREATE INDEX` locks out writes (also one that finds it exists).
         client
             .batch_execute(&format!(
                 "DO $dualsync$ BEGIN
@@ -330,13 +344,20 @@ impl PostgresSink {
                        updated_at timestamptz NOT NULL DEFAULT now());
                      DELETE FROM {horizon} WHERE namespace = {namespace_literal};
                    END IF;
-                 END $dualsync$;
-                 CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at) WHERE deleted",
+                   IF to_regclass({index_literal}) IS NULL THEN
+                     CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at) WHERE deleted;
+                   END IF;
+                 END $dualsync$",
                 key = layout.key_column(),
                 table_literal = quote_literal(&table),
                 horizon = self.horizon_table(),
                 namespace_literal = quote_literal(namespace),
-                index = quote_ident(&format!("{}_tombstones", self.table_name(namespace))),
+                index = quote_ident(&index),
+                index_literal = quote_literal(&format!(
+                    "{}.{}",
+                    quote_ident(&self.schema),
+                    quote_ident(&index)
+                )),
             ))
             .await
             .or_else(ignore_concurrent_create)?;
@@ -400,7 +421,7 @@ impl Sink for PostgresSink {
     }
 
     async fn purge_tombstones(&self, older_than: Duration, grace: Duration) -> Result<u64, Error> {
-        let client = self.client().await?;
+        let client = Self::connection(&self.purge_connection, &self.url).await?;
         self.discover_tables(&client).await?;
         let tables: Vec<String> = self.known_tables.lock().await.iter().cloned().collect();
         let horizon = self.horizon_table();

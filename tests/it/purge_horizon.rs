@@ -422,3 +422,68 @@ async fn an_idle_member_purges_expired_tombstones_mongo() {
         "{indexes:?}"
     );
 }
+
+/// A purge that is held up (here: an expired tombstone's row locked by another session) never
+/// holds up apply: the purge is a task of its own, on a connection of its own, so apply goes
+/// on consuming and writing meanwhile; the purge finishes once the row is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_keeps_writing_while_a_purge_is_held_up() {
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
+    config.apply.tombstone_purge_interval_secs = 1;
+    let other_member = postgres_sink(&config).await;
+    other_member
+        .apply(&[SinkRecord::from(customer("gone", 1, "g"))])
+        .await
+        .unwrap();
+    other_member
+        .apply(&[SinkRecord::from(customer_event("gone", 2, None))])
+        .await
+        .unwrap();
+    let mut holder = dualsync::pg::connect(&sink_url).await.unwrap();
+    holder
+        .execute(
+            "UPDATE replica.customers SET updated_at = now() - interval '8 days' WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM replica.customers WHERE id = 'gone' FOR KEY SHARE",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let cancel = CancellationToken::new();
+    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
+    let observer = dualsync::pg::connect(&sink_url).await.unwrap();
+    eventually("the purge is held up on the locked tombstone", || async {
+        waiting_on_locks(&observer).await >= 1
+    })
+    .await;
+    let (topic, producer) = topic_with_producer(&config, "customers").await;
+    let event = schemas().encode(&customer("c1", 100, "n")).unwrap();
+    produce_in_order(&producer, &topic, &[("c1", &event)]).await;
+    eventually("apply writes while the purge is held up", || async {
+        other_member.get("customers", "c1").await.unwrap().is_some()
+    })
+    .await;
+    assert!(
+        waiting_on_locks(&observer).await >= 1,
+        "the purge was still held"
+    );
+    hold.commit().await.unwrap();
+    eventually("the purge finishes once the row is released", || async {
+        other_member
+            .get("customers", "gone")
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    cancel.cancel();
+    apply.await.unwrap().unwrap();
+}
