@@ -153,10 +153,12 @@ async fn finished_or_waiting<T>(
 }
 
 /// Two members of one group share a PostgreSQL sink. B purges `x`'s tombstone (v10) while A
-/// writes a late `x@7`: the purge is held on `x`'s row by a third session, A's write starts
-/// while it is held, then the row is released. A late event must never bring `x` back,
-/// whatever order the two end in. (Before the fix, the purge's delete and horizon committed
-/// together while A's statement already held the old horizon: A inserted `x@7`.)
+/// writes a late `x@7`; a third session holds `x`'s row (`FOR SHARE`: it holds up a delete and
+/// a write's row lock alike), A's write starts while B's purge is held or done, then the row is
+/// released. A late event must never bring `x` back, whatever order the two end in. (Before
+/// the fix, B's delete and horizon committed together while A's statement, waiting behind
+/// B's delete, already held the old horizon: A re-inserted `x@7` once the tombstone was gone.
+/// Now B's first cycle only raises the horizon, and deletes a grace later.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_postgres() {
     let servers = servers();
@@ -179,12 +181,9 @@ async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_postgres() 
     let mut holder = dualsync::pg::connect(&url).await.unwrap();
     let observer = dualsync::pg::connect(&url).await.unwrap();
     let hold = holder.transaction().await.unwrap();
-    hold.execute(
-        "SELECT 1 FROM replica.things WHERE id = 'x' FOR KEY SHARE",
-        &[],
-    )
-    .await
-    .unwrap();
+    hold.execute("SELECT 1 FROM replica.things WHERE id = 'x' FOR SHARE", &[])
+        .await
+        .unwrap();
 
     // B's purge cycles, as its timer would run them, with a grace far longer than A's write.
     let purger = {
