@@ -18,14 +18,6 @@ use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 
-fn customer(id: &str, version: i64, name: &str) -> dualsync::codec::OutboxEvent {
-    customer_event(
-        id,
-        version,
-        Some(json!({"id": id, "name": name, "email": "e", "order_count": 1})),
-    )
-}
-
 /// The issue's fix-and-replay scenario: `c7`'s first event is refused by the sink (a CHECK
 /// constraint) and dead-lettered; deletes of other customers are applied and their tombstones
 /// purged, so the horizon passes `c7`'s version; the constraint is dropped and the letter
@@ -40,7 +32,7 @@ async fn a_replayed_first_write_below_the_purge_horizon_is_dead_lettered_not_dro
     let config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
     // Another member of the group: it creates the table, and purges.
     let member = postgres_sink(&config).await;
-    let seed = SinkRecord::from(customer("seed", 1, "s"));
+    let seed = SinkRecord::from(named_customer("seed", 1, "s"));
     member.apply(&[seed]).await.unwrap();
     let replica = dualsync::pg::connect(&sink_url).await.unwrap();
     replica
@@ -51,23 +43,14 @@ async fn a_replayed_first_write_below_the_purge_horizon_is_dead_lettered_not_dro
         .unwrap();
 
     let (topic, producer) = topic_with_producer(&config, "customers").await;
-    let schemas = schemas();
     let events = [
-        customer("c7", 5, "refused"),
-        customer("d1", 6, "d"),
-        customer("d2", 7, "d"),
+        named_customer("c7", 5, "refused"),
+        named_customer("d1", 6, "d"),
+        named_customer("d2", 7, "d"),
         customer_event("d1", 20, None),
         customer_event("d2", 21, None),
     ];
-    let encoded: Vec<(String, Vec<u8>)> = events
-        .iter()
-        .map(|e| (e.aggregate_id.clone(), schemas.encode(e).unwrap()))
-        .collect();
-    let messages: Vec<(&str, &[u8])> = encoded
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_slice()))
-        .collect();
-    produce_in_order(&producer, &topic, &messages).await;
+    produce_events(&producer, &topic, &events).await;
 
     let cancel = CancellationToken::new();
     let (apply, _stats) = spawn_apply(&config, "postgres", &cancel);
@@ -109,8 +92,7 @@ async fn a_replayed_first_write_below_the_purge_horizon_is_dead_lettered_not_dro
     assert_eq!(member.get("customers", "c7").await.unwrap(), None);
 
     // The recovery the letter names: the primary's state at a version above the horizon.
-    let repaired = schemas.encode(&customer("c7", 22, "fixed")).unwrap();
-    produce_in_order(&producer, &topic, &[("c7", &repaired)]).await;
+    produce_events(&producer, &topic, &[named_customer("c7", 22, "fixed")]).await;
     eventually("c7 arrives at its new version", || async {
         member.get("customers", "c7").await.unwrap().map(|r| r.0) == Some(22)
     })
@@ -126,6 +108,32 @@ fn thing(key: &str, version: i64, n: Option<i64>) -> SinkRecord {
         version,
         document: n.map(|n| json!({ "n": n })),
     }
+}
+
+/// After A's late `x@7` (its `outcome`) raced B's purge: `x` was not resurrected; once the
+/// grace has passed B purges the tombstone, and the late event is refused (named), never
+/// written.
+async fn not_resurrected<S: Sink + SinkReader>(
+    a: &S,
+    b: &S,
+    outcome: dualsync::sink::ApplyOutcome,
+) {
+    assert_eq!(outcome.applied(), 0, "{outcome:?}");
+    assert_ne!(
+        a.get("things", "x").await.unwrap(),
+        Some((7, Some(json!({"n": 7})))),
+        "x was resurrected"
+    );
+    eventually("x's tombstone is purged", || async {
+        b.purge_tombstones(Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap();
+        b.get("things", "x").await.unwrap().is_none()
+    })
+    .await;
+    let outcome = a.apply(&[thing("x", 7, Some(7))]).await.unwrap();
+    assert_eq!(outcome.rejected.len(), 1, "{outcome:?}");
+    assert_eq!(a.get("things", "x").await.unwrap(), None);
 }
 
 /// How many sessions of `db` (a database name) wait on a lock.
@@ -204,26 +212,7 @@ async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_postgres() 
     finished_or_waiting(&writer, &observer, 2).await;
     hold.commit().await.unwrap();
     purger.await.unwrap();
-    let outcome = writer.await.unwrap();
-    assert_eq!(outcome.applied(), 0, "{outcome:?}");
-    assert_ne!(
-        a.get("things", "x").await.unwrap(),
-        Some((7, Some(json!({"n": 7})))),
-        "x was resurrected"
-    );
-
-    // Once the grace has passed, the tombstone goes, and the late event is refused (named),
-    // never written.
-    eventually("x's tombstone is purged", || async {
-        b.purge_tombstones(Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap();
-        b.get("things", "x").await.unwrap().is_none()
-    })
-    .await;
-    let outcome = a.apply(&[thing("x", 7, Some(7))]).await.unwrap();
-    assert_eq!(outcome.rejected.len(), 1, "{outcome:?}");
-    assert_eq!(a.get("things", "x").await.unwrap(), None);
+    not_resurrected(&*a, &b, writer.await.unwrap()).await;
 }
 
 /// The same race on MongoDB (no transactions there): A reads the horizon, then, before A's
@@ -280,23 +269,7 @@ async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_mongo() {
             .unwrap();
     }
     go_tx.send(()).unwrap();
-    let outcome = writer.await.unwrap();
-    assert_eq!(outcome.applied(), 0, "{outcome:?}");
-    assert_ne!(
-        a.get("things", "x").await.unwrap(),
-        Some((7, Some(json!({"n": 7})))),
-        "x was resurrected"
-    );
-    eventually("x's tombstone is purged", || async {
-        b.purge_tombstones(Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap();
-        b.get("things", "x").await.unwrap().is_none()
-    })
-    .await;
-    let outcome = a.apply(&[thing("x", 7, Some(7))]).await.unwrap();
-    assert_eq!(outcome.rejected.len(), 1, "{outcome:?}");
-    assert_eq!(a.get("things", "x").await.unwrap(), None);
+    not_resurrected(&*a, &b, writer.await.unwrap()).await;
 }
 
 /// An apply process with nothing to consume still purges (issue #35 item 9): its purge runs
@@ -433,7 +406,7 @@ async fn apply_keeps_writing_while_a_purge_is_held_up() {
     config.apply.tombstone_purge_interval_secs = 1;
     let other_member = postgres_sink(&config).await;
     other_member
-        .apply(&[SinkRecord::from(customer("gone", 1, "g"))])
+        .apply(&[SinkRecord::from(named_customer("gone", 1, "g"))])
         .await
         .unwrap();
     other_member
@@ -464,8 +437,7 @@ async fn apply_keeps_writing_while_a_purge_is_held_up() {
     })
     .await;
     let (topic, producer) = topic_with_producer(&config, "customers").await;
-    let event = schemas().encode(&customer("c1", 100, "n")).unwrap();
-    produce_in_order(&producer, &topic, &[("c1", &event)]).await;
+    produce_events(&producer, &topic, &[named_customer("c1", 100, "n")]).await;
     eventually("apply writes while the purge is held up", || async {
         other_member.get("customers", "c1").await.unwrap().is_some()
     })

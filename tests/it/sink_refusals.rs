@@ -16,14 +16,6 @@ use dualsync::sink::{Sink, SinkReader, SinkRecord};
 
 use crate::common::*;
 
-fn customer(id: &str, version: i64, name: &str) -> dualsync::codec::OutboxEvent {
-    customer_event(
-        id,
-        version,
-        Some(json!({"id": id, "name": name, "email": "e", "order_count": 1})),
-    )
-}
-
 /// One batch holds `k@1` (valid) and `k@2` (refused by the sink: a CHECK constraint on
 /// PostgreSQL, a JSON-schema validator on MongoDB). Applied one by one, `k@1` is written and
 /// `k@2` dead-lettered; both sinks must end there (MongoDB used to write only the newest
@@ -36,7 +28,7 @@ async fn a_refused_newest_version_leaves_the_older_valid_one_in_both_sinks() {
     let refused = format!("refused-{}", "x".repeat(30));
     // PostgreSQL: a CHECK constraint on the (created) table.
     let pg = postgres_sink(&config).await;
-    pg.apply(&[SinkRecord::from(customer("seed", 1, "s"))])
+    pg.apply(&[SinkRecord::from(named_customer("seed", 1, "s"))])
         .await
         .unwrap();
     let replica = dualsync::pg::connect(&sink_url).await.unwrap();
@@ -64,21 +56,12 @@ async fn a_refused_newest_version_leaves_the_older_valid_one_in_both_sinks() {
 
     // Everything is on the topic before apply starts: one batch.
     let (topic, producer) = topic_with_producer(&config, "customers").await;
-    let schemas = schemas();
     let events = [
-        customer("k", 1, "v1"),
-        customer("other", 1, "o1"),
-        customer("k", 2, &refused),
+        named_customer("k", 1, "v1"),
+        named_customer("other", 1, "o1"),
+        named_customer("k", 2, &refused),
     ];
-    let encoded: Vec<(String, Vec<u8>)> = events
-        .iter()
-        .map(|e| (e.aggregate_id.clone(), schemas.encode(e).unwrap()))
-        .collect();
-    let messages: Vec<(&str, &[u8])> = encoded
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_slice()))
-        .collect();
-    produce_in_order(&producer, &topic, &messages).await;
+    produce_events(&producer, &topic, &events).await;
 
     let cancel = CancellationToken::new();
     let (pg_apply, _) = spawn_apply(&config, "postgres", &cancel);
