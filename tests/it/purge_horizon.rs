@@ -272,16 +272,9 @@ async fn a_purge_by_one_member_never_lets_another_resurrect_a_record_mongo() {
     not_resurrected(&*a, &b, writer.await.unwrap()).await;
 }
 
-/// An apply process with nothing to consume still purges (issue #35 item 9): its purge runs
-/// on its own timer (`apply.tombstone_purge_interval_secs`), over every table of the sink,
-/// including those another member wrote. The purge's filter is indexed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_idle_member_purges_expired_tombstones_postgres() {
-    let servers = servers();
-    let sink_url = create_database(&servers).await;
-    let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
-    config.apply.tombstone_purge_interval_secs = 1;
-    let other_member = postgres_sink(&config).await;
+/// Another member's writes: `gone` live then deleted (its tombstone is then backdated past
+/// the retention), `live`, and `young`, a fresh tombstone.
+async fn seed_tombstones<S: Sink>(other_member: &S) {
     other_member
         .apply(&[thing("gone", 1, Some(1)), thing("live", 1, Some(1))])
         .await
@@ -290,18 +283,17 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
         .apply(&[thing("gone", 2, None), thing("young", 3, None)])
         .await
         .unwrap();
-    let replica = dualsync::pg::connect(&sink_url).await.unwrap();
-    // Past the retention (7 days by default).
-    replica
-        .execute(
-            "UPDATE replica.things SET updated_at = now() - interval '8 days' WHERE id = 'gone'",
-            &[],
-        )
-        .await
-        .unwrap();
+}
 
+/// Runs apply on `sink_name` with nothing to consume until it purged `gone`'s expired
+/// tombstone (and only that).
+async fn idle_apply_purges<S: SinkReader>(
+    config: &dualsync::config::Config,
+    sink_name: &str,
+    other_member: &S,
+) {
     let cancel = CancellationToken::new();
-    let (apply, _) = spawn_apply(&config, "postgres", &cancel);
+    let (apply, _) = spawn_apply(config, sink_name, &cancel);
     eventually("the idle member purges the expired tombstone", || async {
         other_member.get("things", "gone").await.unwrap().is_none()
     })
@@ -313,6 +305,30 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
     assert!(other_member.get("things", "live").await.unwrap().is_some());
     cancel.cancel();
     apply.await.unwrap().unwrap();
+}
+
+/// An apply process with nothing to consume still purges (issue #35 item 9): its purge runs
+/// on its own timer (`apply.tombstone_purge_interval_secs`), over every table of the sink,
+/// including those another member wrote. The purge's filter is indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_member_purges_expired_tombstones_postgres() {
+    let servers = servers();
+    let sink_url = create_database(&servers).await;
+    let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
+    config.apply.tombstone_purge_interval_secs = 1;
+    let other_member = postgres_sink(&config).await;
+    seed_tombstones(&other_member).await;
+    let replica = dualsync::pg::connect(&sink_url).await.unwrap();
+    // Past the retention (7 days by default).
+    replica
+        .execute(
+            "UPDATE replica.things SET updated_at = now() - interval '8 days' WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    idle_apply_purges(&config, "postgres", &other_member).await;
 
     // The tombstones have a partial index, and the purge's chunk query can use it.
     let index: String = replica
@@ -355,14 +371,7 @@ async fn an_idle_member_purges_expired_tombstones_mongo() {
         unreachable!()
     };
     let other_member = MongoSink::connect(mongo).await.unwrap();
-    other_member
-        .apply(&[thing("gone", 1, Some(1)), thing("live", 1, Some(1))])
-        .await
-        .unwrap();
-    other_member
-        .apply(&[thing("gone", 2, None), thing("young", 3, None)])
-        .await
-        .unwrap();
+    seed_tombstones(&other_member).await;
     let things = other_member.database().collection::<Document>("things");
     let eight_days_ago = mongodb::bson::DateTime::from_millis(
         mongodb::bson::DateTime::now().timestamp_millis() - 8 * 24 * 3600 * 1000,
@@ -375,19 +384,7 @@ async fn an_idle_member_purges_expired_tombstones_mongo() {
         .await
         .unwrap();
 
-    let cancel = CancellationToken::new();
-    let (apply, _) = spawn_apply(&config, "mongo", &cancel);
-    eventually("the idle member purges the expired tombstone", || async {
-        other_member.get("things", "gone").await.unwrap().is_none()
-    })
-    .await;
-    assert_eq!(
-        other_member.get("things", "young").await.unwrap(),
-        Some((3, None))
-    );
-    assert!(other_member.get("things", "live").await.unwrap().is_some());
-    cancel.cancel();
-    apply.await.unwrap().unwrap();
+    idle_apply_purges(&config, "mongo", &other_member).await;
     let indexes = things.list_index_names().await.unwrap();
     assert!(
         indexes.contains(&dualsync::sink::mongo::TOMBSTONE_INDEX.to_string()),
