@@ -397,6 +397,8 @@ impl MongoSink {
             match stored.get(&record.key) {
                 Some(v) if *v == record.version && matched > 0 => outcome.written.push(*i),
                 Some(v) if *v >= record.version => outcome.stale += 1,
+                // A delete of a key the collection does not hold: absent is what it asks for.
+                None if record.document.is_none() => outcome.stale += 1,
                 _ => outcome.rejected.push((
                     *i,
                     Error::BelowPurgeHorizon {

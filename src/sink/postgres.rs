@@ -235,7 +235,8 @@ impl PostgresSink {
     /// Above the horizon a record is upserted. At or below it a record may only update a row
     /// the table holds: `UPDATE` re-checks a row another session deleted meanwhile (a purge),
     /// where an insert would re-create it. Such a record is refused when the statement's
-    /// snapshot holds no row of its key at least as new (absent, or deleted meanwhile).
+    /// snapshot holds no row of its key at least as new (absent, or deleted meanwhile); a
+    /// delete of a key the table does not hold is stale (absent is what it asks for).
     fn upsert_sql(&self, namespace: &str) -> String {
         let layout = self.layout(namespace);
         let (columns, values) = layout.value_columns("u.doc", 6);
@@ -269,7 +270,7 @@ impl PostgresSink {
              SELECT id, NULL::int8 FROM updated
              UNION ALL SELECT id, NULL::int8 FROM inserted
              UNION ALL SELECT u.id, h.version FROM u, h
-               WHERE u.version <= h.version
+               WHERE u.version <= h.version AND NOT u.deleted
                  AND u.id NOT IN (SELECT id FROM updated)
                  AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.{key} = u.id AND e.version >= u.version)",
             t = self.table(namespace),

@@ -340,6 +340,11 @@ async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
         .unwrap();
     assert_eq!((written(&o), o.stale), (vec![1], 1));
     assert_below_horizon(&o, &[0], 10);
+    // A delete at or below the horizon of a key the sink does not hold changes nothing and
+    // loses nothing (the key is absent either way): stale, not refused.
+    let o = sink.apply(&[rec("gone", 8, None)]).await.unwrap();
+    assert_eq!((o.applied(), o.stale, o.rejected.len()), (0, 1, 0));
+    assert_eq!(sink.get("things", "gone").await.unwrap(), None);
     // A held key at or below the horizon whose stored version is newer is stale, as always.
     let o = sink
         .apply(&[rec("live", 2, Some(json!({"n": 2})))])
