@@ -64,6 +64,18 @@ pub enum Error {
     /// The sink refused this one record for a reason that retrying cannot change.
     #[error("sink rejected the record: {0}")]
     Rejected(String),
+    /// A record for a key the sink does not hold, at or below the purge horizon of its
+    /// namespace: it may be older than a delete whose tombstone was purged (writing it could
+    /// resurrect a deleted record) or the key's first write: the sink cannot tell, so it is
+    /// dead-lettered rather than counted stale. `verify --repair` re-emits the primary's state
+    /// at a new, higher version, which the sink then takes.
+    #[error("{namespace} {key:?} version {version} is at or below the sink's purge horizon ({horizon}) and the sink holds no record of that key: it may be older than a delete whose tombstone was purged, so it is not written. If the record should exist, run `dualsync verify --repair` (it re-emits the primary's current state at a new, higher version)")]
+    BelowPurgeHorizon {
+        namespace: String,
+        key: String,
+        version: i64,
+        horizon: i64,
+    },
     /// A setting or a command's argument does not fit what dualsync found (a topic or
     /// collection that is not there, a server that is not a replica set).
     #[error("{0}")]
@@ -195,6 +207,7 @@ impl Error {
             Error::UnconfirmedDelivery { .. } => "kafka.unconfirmed_delivery",
             Error::KafkaCredentials { .. } => "kafka.credentials",
             Error::Rejected(_) => "sink.rejected",
+            Error::BelowPurgeHorizon { .. } => "sink.below_purge_horizon",
             Error::Misconfigured(_) => "setup.config",
             Error::Connect(_) => "setup.connect",
             Error::Schema(_) => "setup.schema",
@@ -232,7 +245,10 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::SequenceBehind(_)
         | Error::SinkTimeout { .. }
         | Error::SchemaPending { .. } => Disposition::Retry,
-        Error::Decode(_) | Error::Encode(_) | Error::Rejected(_) => Disposition::DeadLetter,
+        Error::Decode(_)
+        | Error::Encode(_)
+        | Error::Rejected(_)
+        | Error::BelowPurgeHorizon { .. } => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
         Error::Mongo(e) => classify_mongo(e),
         Error::Kafka(e) => classify_kafka(e),
@@ -298,6 +314,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         Error::Encode(_)
         | Error::Decode(_)
         | Error::Rejected(_)
+        | Error::BelowPurgeHorizon { .. }
         | Error::KafkaCredentials { .. }
         | Error::TopicCreation { .. }
         | Error::HistoryLost(_)

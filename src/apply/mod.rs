@@ -13,7 +13,7 @@ mod share;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::client::ClientContext;
@@ -273,8 +273,14 @@ pub async fn run<S: Sink>(
         ctx.metrics.clone(),
         cancel.clone(),
     ));
-    let tombstone_retention = tombstone_retention(config, sink_name);
-    let mut last_purge = Instant::now();
+    let interval = Duration::from_secs(config.apply.tombstone_purge_interval_secs);
+    let purger = tokio::spawn(purge_tombstones(
+        ctx.sink.clone(),
+        tombstone_retention(config, sink_name),
+        interval,
+        purge_grace(config, sink_name, interval),
+        cancel.clone(),
+    ));
     let mut pending = Vec::new();
     let result = loop {
         if control.is_paused() {
@@ -298,22 +304,54 @@ pub async fn run<S: Sink>(
         if cancel.is_cancelled() {
             break Ok(());
         }
-        if last_purge.elapsed() > Duration::from_secs(600) {
-            last_purge = Instant::now();
-            match ctx.sink.purge_tombstones(tombstone_retention).await {
-                Ok(n) if n > 0 => tracing::info!(purged = n, "purged old tombstones"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "tombstone purge failed; will try again"),
-            }
-        }
     };
     lag_sampler.abort();
+    purger.abort();
     // Whatever happened, hand the group the positions of everything that was fully handled.
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!("final offsets committed"),
         Err(e) => tracing::debug!(error = %e, "no final offsets to commit"),
     }
     result
+}
+
+/// The sink's tombstone purge, every `interval` (idle or not), as its own task: the poll loop
+/// never waits for it, and each of its statements is bounded (the sinks delete in chunks).
+/// `grace` is the time between raising a horizon and deleting under it ([`purge_grace`]).
+/// Failures are logged and tried again at the next interval.
+async fn purge_tombstones<S: Sink>(
+    sink: Arc<S>,
+    retention: Duration,
+    interval: Duration,
+    grace: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            purged = sink.purge_tombstones(retention, grace) => match purged {
+                Ok(n) if n > 0 => tracing::info!(purged = n, "purged old tombstones"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "tombstone purge failed; will try again"),
+            },
+        }
+    }
+}
+
+/// The purge's grace between raising a horizon and deleting the tombstones it covers: a write
+/// that read the horizon before the raise must be over by then. No sink statement outlives
+/// `sinks.NAME.timeout_ms` (the server cancels it), so the grace is the purge interval, or that
+/// deadline and a second when the interval is shorter.
+fn purge_grace(config: &Config, sink_name: &str, interval: Duration) -> Duration {
+    let deadline = config
+        .sinks
+        .get(sink_name)
+        .map_or(Duration::ZERO, |s| s.timeout());
+    interval.max(deadline + Duration::from_secs(1))
 }
 
 fn tombstone_retention(config: &Config, sink_name: &str) -> Duration {

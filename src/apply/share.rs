@@ -208,8 +208,9 @@ async fn write<S: Sink>(
                         .with_label_values(&[topic, outcome])
                         .inc_by(n)
                 };
+                let older = older_versions_of_refused(records, &outcome.rejected);
                 count("written", outcome.applied());
-                count("stale", outcome.stale);
+                count("stale", outcome.stale.saturating_sub(older.len() as u64));
                 observe_lag(ctx, committed, &outcome.written);
                 for (index, error) in &outcome.rejected {
                     if !dead_letter(ctx, origins[*index], error, FailedStage::Sink, attempts)
@@ -218,7 +219,16 @@ async fn write<S: Sink>(
                         return Ok(false);
                     }
                 }
-                return Ok(true);
+                if older.is_empty() {
+                    return Ok(true);
+                }
+                // The sink wrote only the newest version of each key, and refused some: the
+                // older versions of those keys were counted stale against it. Applied one by
+                // one they would have gone in, so they are written now (newest first again).
+                let pick = |from: &[i64]| older.iter().map(|&i| from[i]).collect::<Vec<_>>();
+                let again: Vec<SinkRecord> = older.iter().map(|&i| records[i].clone()).collect();
+                let origins: Vec<&OwnedMessage> = older.iter().map(|&i| origins[i]).collect();
+                return Box::pin(write(ctx, &again, &origins, &pick(committed))).await;
             }
             Err(e) => match classify(&e) {
                 Disposition::Retry => {
@@ -256,6 +266,25 @@ async fn write<S: Sink>(
             },
         }
     }
+}
+
+/// The indexes of the records of `records` older than a refused record of the same key (the
+/// sink counted them stale against the refused one), in batch order.
+fn older_versions_of_refused(records: &[SinkRecord], rejected: &[(usize, Error)]) -> Vec<usize> {
+    if rejected.is_empty() {
+        return Vec::new();
+    }
+    (0..records.len())
+        .filter(|&i| {
+            let r = &records[i];
+            rejected.iter().any(|(j, _)| {
+                let refused = &records[*j];
+                refused.namespace == r.namespace
+                    && refused.key == r.key
+                    && refused.version > r.version
+            })
+        })
+        .collect()
 }
 
 /// Keeps the retry metrics and readiness in step with one write's retry loop: counted once per
@@ -353,5 +382,35 @@ async fn dead_letter<S: Sink>(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: &str, version: i64) -> SinkRecord {
+        SinkRecord {
+            namespace: "n".into(),
+            key: key.into(),
+            version,
+            document: None,
+        }
+    }
+
+    /// Only the older versions of a refused key are written again; a newer version of that
+    /// key (never refused) and other keys are not.
+    #[test]
+    fn older_versions_of_a_refused_record_are_retried() {
+        let records = [
+            rec("k", 1),
+            rec("j", 1),
+            rec("k", 3),
+            rec("k", 2),
+            rec("k", 4),
+        ];
+        let refused = vec![(2, Error::Rejected("no".into()))];
+        assert_eq!(older_versions_of_refused(&records, &refused), vec![0, 3]);
+        assert!(older_versions_of_refused(&records, &[]).is_empty());
     }
 }

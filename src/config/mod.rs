@@ -247,6 +247,11 @@ pub struct ApplyConfig {
     pub retry_initial_ms: u64,
     #[serde(default = "defaults::retry_max_ms")]
     pub retry_max_ms: u64,
+    /// How often the sink's tombstone purge runs (its own task, idle or not), and the grace
+    /// between raising a purge horizon and deleting the tombstones it covers: longer than any
+    /// sink write can take.
+    #[serde(default = "defaults::tombstone_purge_interval_secs")]
+    pub tombstone_purge_interval_secs: u64,
 }
 
 impl Default for ApplyConfig {
@@ -262,6 +267,7 @@ impl Default for ApplyConfig {
             dead_letter_suffix: defaults::dlq_suffix(),
             retry_initial_ms: defaults::retry_initial_ms(),
             retry_max_ms: defaults::retry_max_ms(),
+            tombstone_purge_interval_secs: defaults::tombstone_purge_interval_secs(),
         }
     }
 }
@@ -412,6 +418,9 @@ mod defaults {
     }
     pub fn tombstone_retention_secs() -> u64 {
         7 * 24 * 3600
+    }
+    pub fn tombstone_purge_interval_secs() -> u64 {
+        600
     }
 }
 

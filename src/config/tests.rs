@@ -520,3 +520,27 @@ fn unparseable_urls_and_broker_lists_name_their_key() {
         "schema_registry.url"
     );
 }
+
+/// Issue #35 item 1: a retention shorter than the lag between partitions turns live events
+/// into dead letters (below the purge horizon), so it has a floor; the purge needs a timer.
+#[test]
+fn tombstone_retention_has_a_floor_and_the_purge_an_interval() {
+    let e = parse(
+        &format!("{MINIMAL}tombstone_retention_secs = 3599\n"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "sinks.pg.tombstone_retention_secs");
+    let c = parse(
+        &format!("{MINIMAL}tombstone_retention_secs = 3600\n"),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(c.apply.tombstone_purge_interval_secs, 600);
+    let e = parse(
+        &format!("{MINIMAL}[apply]\ntombstone_purge_interval_secs = 0\n"),
+        vec![],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "apply.tombstone_purge_interval_secs");
+}

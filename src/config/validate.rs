@@ -220,12 +220,25 @@ impl Config {
                 return err("apply.topic_regex", &format!("is not a valid regex: {e}"));
             }
         }
+        if self.apply.tombstone_purge_interval_secs == 0 {
+            return err("apply.tombstone_purge_interval_secs", "must be at least 1");
+        }
         for (name, sink) in &self.sinks {
             let timeout_ms = sink.timeout().as_millis();
             if !(100..=3_600_000).contains(&timeout_ms) {
                 return err(
                     &format!("sinks.{name}.timeout_ms"),
                     "must be between 100 and 3600000 (1 hour)",
+                );
+            }
+            let retention = match sink {
+                SinkConfig::Postgres(p) => p.tombstone_retention_secs,
+                SinkConfig::Mongodb(m) => m.tombstone_retention_secs,
+            };
+            if retention < MIN_TOMBSTONE_RETENTION_SECS {
+                return err(
+                    &format!("sinks.{name}.tombstone_retention_secs"),
+                    &format!("must be at least {MIN_TOMBSTONE_RETENTION_SECS} (1 hour): an event that arrives later than this after a delete of another key of its type is dead-lettered (below the purge horizon), so the retention must outlast any lag between partitions"),
                 );
             }
             match sink {
@@ -444,6 +457,10 @@ fn check_brokers(path: &Path, brokers: &str) -> Result<(), ConfigError> {
 }
 
 /// MongoDB's database name rules (the characters it refuses on any platform).
+/// The shortest tombstone retention: events arriving this much later than a purged delete of
+/// their aggregate type are dead-lettered as below the purge horizon.
+pub const MIN_TOMBSTONE_RETENTION_SECS: u64 = 3600;
+
 fn is_mongo_name(name: &str) -> bool {
     !name.is_empty() && name.len() < 64 && !name.contains(['/', '\\', '.', ' ', '"', '$', '\0'])
 }

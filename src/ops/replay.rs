@@ -5,7 +5,8 @@
 //! with the current schemas and published to its aggregate's topic. Either way the version it
 //! carries is the original one, so apply's version guard decides: a replay never overwrites
 //! anything newer the sink holds, and never brings back a record whose tombstone was purged
-//! after a newer delete (the sink's purge horizon makes such a replay stale). Each replayed message carries `__dualsync.replay.*` headers naming the dead
+//! after a newer delete (a replay at or below the sink's purge horizon, for a key it does not
+//! hold, is dead-lettered again as `sink.below_purge_horizon`; `verify --repair` recovers it). Each replayed message carries `__dualsync.replay.*` headers naming the dead
 //! letter it came from, and every replay is recorded in `<dead-letter topic>.replayed` (key
 //! `partition:offset`), so a second replay of the same message is refused unless forced.
 //! Messages that would fail again the same way (they still do not decode or encode with the

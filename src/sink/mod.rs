@@ -66,7 +66,10 @@ impl ApplyOutcome {
 /// not listed in `rejected` is durably written or was stale; only then may the caller commit
 /// the input position. On `Err` nothing may be assumed written (a retry is safe).
 pub trait Sink: Send + Sync + 'static {
-    /// Writes a batch. Records of one key may appear several times; the newest version wins.
+    /// Writes a batch. Records of one key may appear several times; the newest version wins
+    /// (the older ones count as stale). When the newest version of a key is `rejected`, apply
+    /// writes that key's older versions of the batch again, so the sink ends as if the events
+    /// had been applied one by one.
     fn apply(
         &self,
         batch: &[SinkRecord],
@@ -78,12 +81,26 @@ pub trait Sink: Send + Sync + 'static {
         async {}
     }
 
-    /// Removes tombstones older than `older_than` from the namespaces this sink has seen.
+    /// One cycle of the tombstone purge of the namespaces this sink has seen, in two phases
+    /// so that no member's write can race it into a resurrection:
+    ///
+    /// 1. raise the namespace's purge horizon to the newest tombstone older than
+    ///    `older_than` (the horizon in force from then on);
+    /// 2. in a later cycle, at least `grace` after that raise, delete the tombstones the
+    ///    raised horizon covers, in bounded chunks.
+    ///
+    /// A write that read the horizon before the raise still finds the tombstones, as long as
+    /// no write takes longer than `grace`. Returns the number of tombstones deleted.
     fn purge_tombstones(
         &self,
         older_than: Duration,
+        grace: Duration,
     ) -> impl Future<Output = Result<u64, Error>> + Send;
 }
+
+/// Tombstones one purge statement deletes: a short statement, so a purge never holds the
+/// sink (or a connection apply writes through) for long.
+pub const PURGE_CHUNK: i64 = 1000;
 
 /// Reading a sink back, for `verify` (and tests): not part of the apply loop's contract, so a
 /// sink's write path never depends on it.

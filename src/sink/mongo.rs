@@ -34,11 +34,19 @@ use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 /// Field holding dualsync's bookkeeping in every document.
 pub const META_FIELD: &str = "_dualsync";
 
-/// Collection of the purge horizons: per collection (`_id`), the highest version of any
-/// tombstone ever purged (`version`). An event at or below it may be older than a purged
-/// delete, so it may update a document that exists but never insert one: a late event or a
-/// replay cannot bring a deleted record back.
+/// Collection of the purge horizons: per collection (`_id`), `version`, the highest version of
+/// any tombstone the purge may delete (in force for every write from the moment it is
+/// raised), `settled` (tombstones up to it may be deleted now: it has been in force for the
+/// purge's grace; absent in a horizon written before the two-phase purge, which had deleted
+/// up to `version`) and `pending_since` (when `version` was raised above `settled`). An event
+/// at or below `version` may be older than a purged delete, so it may update a document that
+/// exists but never insert one; for a key the collection does not hold it is refused
+/// ([`Error::BelowPurgeHorizon`]), so a late event or a replay cannot bring a deleted record
+/// back and nothing is dropped silently.
 pub const HORIZON_COLLECTION: &str = "dualsync_purge_horizon";
+
+/// The index the tombstone purge's filter uses, created with each collection.
+pub const TOMBSTONE_INDEX: &str = "dualsync_tombstones";
 
 /// Rounds of upserts for keys whose insert keeps colliding with a document older than the
 /// record: the first collision is a race with another writer, which one more round settles;
@@ -63,8 +71,18 @@ pub struct MongoSink {
     max_time_ms: i64,
 }
 
+#[path = "mongo_purge.rs"]
+mod purge;
+
 /// A statement of the batch: (index into the caller's batch, the document to write).
 type Statement = (usize, Document);
+
+/// A collection's purge horizon (see [`HORIZON_COLLECTION`]).
+struct Horizon {
+    version: i64,
+    settled: i64,
+    pending_since: Option<DateTime>,
+}
 
 impl MongoSink {
     pub async fn connect(config: &MongoSinkConfig) -> Result<Self, Error> {
@@ -150,12 +168,12 @@ impl MongoSink {
         todo: Vec<Statement>,
         outcome: &mut ApplyOutcome,
     ) -> Result<(), Error> {
-        let horizon = self.horizon(collection).await?;
+        let horizon = self.horizon(collection).await?.map(|h| h.version);
         let (bounded, mut todo): (Vec<Statement>, Vec<Statement>) = todo
             .into_iter()
             .partition(|(i, _)| horizon.is_some_and(|h| batch[*i].version <= h));
-        if !bounded.is_empty() {
-            self.update_existing(collection, batch, &bounded, outcome)
+        if let (false, Some(h)) = (bounded.is_empty(), horizon) {
+            self.update_existing(collection, batch, &bounded, h, outcome)
                 .await?;
         }
         if todo.is_empty() {
@@ -295,23 +313,74 @@ impl MongoSink {
     }
 
     /// The purge horizon of `collection` (see [`HORIZON_COLLECTION`]), from the primary.
-    async fn horizon(&self, collection: &str) -> Result<Option<i64>, Error> {
+    async fn horizon(&self, collection: &str) -> Result<Option<Horizon>, Error> {
         let found = self
             .db
             .collection::<Document>(HORIZON_COLLECTION)
             .find_one(doc! {"_id": collection})
             .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
             .await?;
-        Ok(found.and_then(|d| d.get_i64("version").ok()))
+        Ok(found.and_then(|d| {
+            let version = d.get_i64("version").ok()?;
+            Some(Horizon {
+                version,
+                settled: d.get_i64("settled").unwrap_or(version),
+                pending_since: d.get_datetime("pending_since").ok().copied(),
+            })
+        }))
     }
 
-    /// Statements at or below the purge horizon: written only over a document that exists
-    /// with an older version (no upsert), stale otherwise.
+    /// First sight of `collection` in this process: a collection that does not exist yet is
+    /// created here and starts with no purge horizon (a horizon left by a dropped collection
+    /// is removed first, so a sink can be rebuilt by dropping it and resetting the group), and
+    /// the purge's index is created.
+    async fn prepare_collection(&self, collection: &str) -> Result<(), Error> {
+        let exists = !self
+            .db
+            .list_collection_names()
+            .filter(doc! {"name": collection})
+            .await?
+            .is_empty();
+        if !exists {
+            self.db
+                .collection::<Document>(HORIZON_COLLECTION)
+                .delete_one(doc! {"_id": collection})
+                .await?;
+            if let Err(e) = self.db.create_collection(collection).await {
+                // NamespaceExists: another member created it meanwhile.
+                if !matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 48) {
+                    return Err(e.into());
+                }
+            }
+        }
+        self.db
+            .collection::<Document>(collection)
+            .create_index(
+                mongodb::IndexModel::builder()
+                    .keys(doc! {
+                        format!("{META_FIELD}.deleted"): 1,
+                        format!("{META_FIELD}.updated_at"): 1,
+                    })
+                    .options(
+                        mongodb::options::IndexOptions::builder()
+                            .name(TOMBSTONE_INDEX.to_string())
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Statements at or below the purge horizon `horizon`: written only over a document that
+    /// exists with an older version (no upsert), stale when it holds a newer one, refused when
+    /// it holds none.
     async fn update_existing(
         &self,
         collection: &str,
         batch: &[SinkRecord],
         statements: &[Statement],
+        horizon: i64,
         outcome: &mut ApplyOutcome,
     ) -> Result<(), Error> {
         let reply = self
@@ -330,25 +399,37 @@ impl MongoSink {
             return Err(error);
         }
         let matched = count(&reply);
-        // The reply counts the matched statements without naming them: when some but not all
-        // matched, the stored versions tell which ones this write put there.
-        let indexes = statements.iter().map(|(i, _)| *i);
-        let written: Vec<usize> = if matched == 0 {
-            Vec::new()
-        } else if matched >= statements.len() as u64 {
-            indexes.collect()
-        } else {
-            let keys: Vec<&str> = statements
-                .iter()
-                .map(|(i, _)| batch[*i].key.as_str())
-                .collect();
-            let stored = self.stored_versions(collection, &keys).await?;
-            indexes
-                .filter(|i| stored.get(&batch[*i].key) == Some(&batch[*i].version))
-                .collect()
-        };
-        outcome.stale += (statements.len() - written.len()) as u64;
-        outcome.written.extend(written);
+        if matched >= statements.len() as u64 {
+            outcome.written.extend(statements.iter().map(|(i, _)| *i));
+            return Ok(());
+        }
+        // The reply counts the matched statements without naming them: the stored versions
+        // tell which ones this write put there, which were stale, and which keys the
+        // collection does not hold (refused: the sink cannot tell them from records older
+        // than a purged delete).
+        let keys: Vec<&str> = statements
+            .iter()
+            .map(|(i, _)| batch[*i].key.as_str())
+            .collect();
+        let stored = self.stored_versions(collection, &keys).await?;
+        for (i, _) in statements {
+            let record = &batch[*i];
+            match stored.get(&record.key) {
+                Some(v) if *v == record.version && matched > 0 => outcome.written.push(*i),
+                Some(v) if *v >= record.version => outcome.stale += 1,
+                // A delete of a key the collection does not hold: absent is what it asks for.
+                None if record.document.is_none() => outcome.stale += 1,
+                _ => outcome.rejected.push((
+                    *i,
+                    Error::BelowPurgeHorizon {
+                        namespace: collection.to_string(),
+                        key: record.key.clone(),
+                        version: record.version,
+                        horizon,
+                    },
+                )),
+            }
+        }
         Ok(())
     }
 
@@ -431,7 +512,10 @@ impl Sink for MongoSink {
             }
         }
         for (collection, docs) in by_collection {
-            self.seen.lock().await.insert(collection.to_string());
+            if !self.seen.lock().await.contains(collection) {
+                self.prepare_collection(collection).await?;
+                self.seen.lock().await.insert(collection.to_string());
+            }
             self.write_collection(collection, batch, docs, &mut outcome)
                 .await?;
         }
@@ -439,39 +523,15 @@ impl Sink for MongoSink {
         Ok(outcome)
     }
 
-    async fn purge_tombstones(&self, older_than: Duration) -> Result<u64, Error> {
+    async fn purge_tombstones(&self, older_than: Duration, grace: Duration) -> Result<u64, Error> {
         let cutoff = DateTime::from_millis(
             DateTime::now().timestamp_millis() - older_than.as_millis() as i64,
         );
+        self.discover_collections().await?;
         let collections: Vec<String> = self.seen.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for c in collections {
-            let old_tombstones = doc! {
-                format!("{META_FIELD}.deleted"): true,
-                format!("{META_FIELD}.updated_at"): {"$lt": cutoff},
-            };
-            // The horizon moves first: a crash between the two leaves it ahead of the purge,
-            // which only makes more late events stale, never resurrects one.
-            let newest: Option<Document> = self
-                .db
-                .collection::<Document>(&c)
-                .find_one(old_tombstones.clone())
-                .sort(doc! {format!("{META_FIELD}.version"): -1})
-                .projection(doc! {format!("{META_FIELD}.version"): 1})
-                .await?;
-            let Some(newest) = newest else { continue };
-            let (_, version, _) = stored(newest);
-            self.db
-                .collection::<Document>(HORIZON_COLLECTION)
-                .update_one(doc! {"_id": &c}, doc! {"$max": {"version": version}})
-                .upsert(true)
-                .await?;
-            let r = self
-                .db
-                .collection::<Document>(&c)
-                .delete_many(old_tombstones)
-                .await?;
-            purged += r.deleted_count;
+            purged += self.purge_collection(&c, cutoff, grace).await?;
         }
         Ok(purged)
     }

@@ -5,8 +5,11 @@
 //! - with `[sinks.NAME.tables.<aggregatetype>]`, a **column table**: the key column, one typed
 //!   column per mapped payload field, and the same `version`, `deleted`, `updated_at`.
 //!
-//! A batch is one `INSERT .. ON CONFLICT DO UPDATE .. WHERE version < EXCLUDED.version` per
-//! table, so a stale event is a no-op inside the database, atomically. Column values are cast
+//! A batch is one statement per table: records above the purge horizon go through
+//! `INSERT .. ON CONFLICT DO UPDATE .. WHERE version < EXCLUDED.version`, records at or below
+//! it may only `UPDATE` a row the table holds (a row deleted meanwhile is not re-inserted),
+//! so a stale event is a no-op inside the database, atomically; a record at or below the
+//! horizon for a key the table does not hold is refused as [`Error::BelowPurgeHorizon`]. Column values are cast
 //! by PostgreSQL from the payload's JSON (`(doc #>> path)::type`): a value that does not cast
 //! fails the batch with a data exception, and apply isolates and dead-letters that record.
 
@@ -26,6 +29,9 @@ use crate::error::{classify, Disposition, Error};
 
 pub struct PostgresSink {
     connection: Mutex<Option<Arc<Connection>>>,
+    /// The tombstone purge's own connection: a purge statement held up (a lock, a large
+    /// chunk) never holds up the writes pipelined on the write connection.
+    purge_connection: Mutex<Option<Arc<Connection>>>,
     url: String,
     schema: String,
     /// Aggregate types with a column mapping; the rest use document tables.
@@ -51,6 +57,9 @@ impl std::ops::Deref for Connection {
         &self.client
     }
 }
+
+#[path = "postgres_purge.rs"]
+mod purge;
 
 /// How one aggregate type is laid out in its table.
 enum Layout<'a> {
@@ -128,6 +137,7 @@ impl PostgresSink {
     pub async fn connect(config: &PostgresSinkConfig) -> Result<Self, Error> {
         let sink = Self {
             connection: Mutex::new(None),
+            purge_connection: Mutex::new(None),
             url: config.url.expose().to_string(),
             schema: config.schema.clone(),
             column_tables: config.tables.clone(),
@@ -142,10 +152,15 @@ impl PostgresSink {
             ))
             .await
             .or_else(ignore_concurrent_create)?;
+        // `settled` and `pending_since` came with the two-phase purge: a horizon row written
+        // before it has deleted everything up to `version` already (settled = version).
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (namespace text PRIMARY KEY, version bigint NOT NULL)",
-                sink.horizon_table()
+                "CREATE TABLE IF NOT EXISTS {h} (namespace text PRIMARY KEY, version bigint NOT NULL,
+                    settled bigint, pending_since timestamptz);
+                 ALTER TABLE {h} ADD COLUMN IF NOT EXISTS settled bigint,
+                    ADD COLUMN IF NOT EXISTS pending_since timestamptz",
+                h = sink.horizon_table()
             ))
             .await
             .or_else(ignore_concurrent_create)?;
@@ -182,18 +197,25 @@ impl PostgresSink {
     /// The shared connection, reconnecting when the last one broke (its prepared statements
     /// go with it).
     async fn client(&self) -> Result<Arc<Connection>, Error> {
-        let mut guard = self.connection.lock().await;
+        Self::connection(&self.connection, &self.url, self.statement_timeout_ms).await
+    }
+
+    /// `slot`'s connection, reconnecting when the last one broke; every statement on it is
+    /// bounded by `statement_timeout_ms` (the sink's deadline).
+    async fn connection(
+        slot: &Mutex<Option<Arc<Connection>>>,
+        url: &str,
+        statement_timeout_ms: u64,
+    ) -> Result<Arc<Connection>, Error> {
+        let mut guard = slot.lock().await;
         if let Some(c) = guard.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
-        let client = crate::pg::connect(&self.url).await?;
+        let client = crate::pg::connect(url).await?;
         client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}",
-                self.statement_timeout_ms
-            ))
+            .batch_execute(&format!("SET statement_timeout = {statement_timeout_ms}"))
             .await?;
         let connection = Arc::new(Connection {
             client,
@@ -217,6 +239,14 @@ impl PostgresSink {
 
     /// One batch into `namespace`'s table: `$1..$4` the records' keys, documents, versions
     /// and deletion flags, `$5` the namespace, then the mapped columns' payload paths.
+    /// Returns `(key, horizon)` per record: `horizon` NULL for a record written, the horizon
+    /// for one refused as below it; the records not returned were stale.
+    ///
+    /// Above the horizon a record is upserted. At or below it a record may only update a row
+    /// the table holds: `UPDATE` re-checks a row another session deleted meanwhile (a purge),
+    /// where an insert would re-create it. Such a record is refused when the statement's
+    /// snapshot holds no row of its key at least as new (absent, or deleted meanwhile); a
+    /// delete of a key the table does not hold is stale (absent is what it asks for).
     fn upsert_sql(&self, namespace: &str) -> String {
         let layout = self.layout(namespace);
         let (columns, values) = layout.value_columns("u.doc", 6);
@@ -224,29 +254,51 @@ impl PostgresSink {
             .iter()
             .map(|c| format!("{c} = EXCLUDED.{c}"))
             .collect();
+        let sets: Vec<String> = columns
+            .iter()
+            .zip(&values)
+            .map(|(c, v)| format!("{c} = {v}"))
+            .collect();
         format!(
-            "INSERT INTO {t} AS t ({key}, {columns}, version, deleted, updated_at)
-             SELECT u.id, {values}, u.version, u.deleted, now()
-             FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::bool[]) AS u(id, doc, version, deleted)
-             WHERE u.version > COALESCE((SELECT h.version FROM {horizon} h WHERE h.namespace = $5), -1)
-                OR EXISTS (SELECT 1 FROM {t} e WHERE e.{key} = u.id)
-             ON CONFLICT ({key}) DO UPDATE
-               SET {updates}, version = EXCLUDED.version,
-                   deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
-               WHERE t.version < EXCLUDED.version
-             RETURNING t.{key}",
+            "WITH u AS (
+               SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::bool[]) AS u(id, doc, version, deleted)),
+             h AS (
+               SELECT COALESCE((SELECT h.version FROM {horizon} h WHERE h.namespace = $5), -1) AS version),
+             updated AS (
+               UPDATE {t} AS t SET {sets}, version = u.version, deleted = u.deleted, updated_at = now()
+               FROM u, h
+               WHERE u.version <= h.version AND t.{key} = u.id AND t.version < u.version
+               RETURNING t.{key} AS id),
+             inserted AS (
+               INSERT INTO {t} AS t ({key}, {columns}, version, deleted, updated_at)
+               SELECT u.id, {values}, u.version, u.deleted, now() FROM u, h WHERE u.version > h.version
+               ON CONFLICT ({key}) DO UPDATE
+                 SET {updates}, version = EXCLUDED.version,
+                     deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at
+                 WHERE t.version < EXCLUDED.version
+               RETURNING t.{key} AS id)
+             SELECT id, NULL::int8 FROM updated
+             UNION ALL SELECT id, NULL::int8 FROM inserted
+             UNION ALL SELECT u.id, h.version FROM u, h
+               WHERE u.version <= h.version AND NOT u.deleted
+                 AND u.id NOT IN (SELECT id FROM updated)
+                 AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.{key} = u.id AND e.version >= u.version)",
             t = self.table(namespace),
             horizon = self.horizon_table(),
             key = layout.key_column(),
             columns = columns.join(", "),
             values = values.join(", "),
             updates = updates.join(", "),
+            sets = sets.join(", "),
         )
     }
 
-    /// Per aggregate type, the highest version of any tombstone ever purged: an event at or
-    /// below it for a key the table no longer holds is stale (it may be older than the purged
-    /// delete), so a late event or a replay cannot bring a deleted record back.
+    /// Per aggregate type, the purge horizon: `version`, the highest version of any tombstone
+    /// the purge may delete (in force for every write from the moment it is raised), `settled`
+    /// (tombstones up to it may be deleted now: it has been in force for the purge's grace)
+    /// and `pending_since` (when `version` was raised above `settled`). An event at or below
+    /// `version` for a key the table does not hold may be older than a purged delete: it is
+    /// refused (dead-lettered), never written, so nothing deleted comes back.
     fn horizon_table(&self) -> String {
         format!("{}.dualsync_purge_horizon", quote_ident(&self.schema))
     }
@@ -259,11 +311,18 @@ impl PostgresSink {
     }
 
     fn table(&self, namespace: &str) -> String {
-        let name = match self.layout(namespace) {
+        format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(self.table_name(namespace))
+        )
+    }
+
+    fn table_name<'a>(&'a self, namespace: &'a str) -> &'a str {
+        match self.layout(namespace) {
             Layout::Columns(ColumnTableConfig { table: Some(t), .. }) => t.as_str(),
             _ => namespace,
-        };
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(name))
+        }
     }
 
     async fn ensure_table(&self, client: &Client, namespace: &str) -> Result<(), Error> {
@@ -281,15 +340,37 @@ impl PostgresSink {
                 .collect::<Vec<_>>()
                 .join("\n"),
         };
+        let index = format!("{}_tombstones", self.table_name(namespace));
+        // A table (re)created here starts with no purge horizon: its horizon row, if any, is
+        // a dropped table's, and removing it in the same transaction lets a sink be rebuilt by
+        // dropping the table and resetting the group. The partial index serves the purge; it is
+        // looked up first, as `CREATE INDEX` locks out writes (also one that finds it exists).
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} (
-                    {key} text PRIMARY KEY,
-                    {value_columns}
-                    version bigint NOT NULL,
-                    deleted boolean NOT NULL DEFAULT false,
-                    updated_at timestamptz NOT NULL DEFAULT now())",
+                "DO $dualsync$ BEGIN
+                   IF to_regclass({table_literal}) IS NULL THEN
+                     CREATE TABLE {table} (
+                       {key} text PRIMARY KEY,
+                       {value_columns}
+                       version bigint NOT NULL,
+                       deleted boolean NOT NULL DEFAULT false,
+                       updated_at timestamptz NOT NULL DEFAULT now());
+                     DELETE FROM {horizon} WHERE namespace = {namespace_literal};
+                   END IF;
+                   IF to_regclass({index_literal}) IS NULL THEN
+                     CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at) WHERE deleted;
+                   END IF;
+                 END $dualsync$",
                 key = layout.key_column(),
+                table_literal = quote_literal(&table),
+                horizon = self.horizon_table(),
+                namespace_literal = quote_literal(namespace),
+                index = quote_ident(&index),
+                index_literal = quote_literal(&format!(
+                    "{}.{}",
+                    quote_ident(&self.schema),
+                    quote_ident(&index)
+                )),
             ))
             .await
             .or_else(ignore_concurrent_create)?;
@@ -331,50 +412,41 @@ impl Sink for PostgresSink {
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 vec![&ids, &docs, &versions, &deleted, &namespace];
             params.extend(paths.iter().map(|p| p as &(dyn ToSql + Sync)));
-            // Keys are unique here (newest_per_key): the returned keys name the written records.
-            let written: std::collections::HashSet<String> = client
+            // Keys are unique here (newest_per_key): the returned keys name the records.
+            let returned: HashMap<String, Option<i64>> = client
                 .query(&upsert, &params)
                 .await?
                 .into_iter()
-                .map(|row| row.get(0))
+                .map(|row| (row.get(0), row.get(1)))
                 .collect();
             for (i, r) in &records {
-                if written.contains(&r.key) {
-                    outcome.written.push(*i);
-                } else {
-                    outcome.stale += 1;
+                match returned.get(&r.key) {
+                    Some(None) => outcome.written.push(*i),
+                    Some(Some(horizon)) => outcome.rejected.push((
+                        *i,
+                        Error::BelowPurgeHorizon {
+                            namespace: r.namespace.clone(),
+                            key: r.key.clone(),
+                            version: r.version,
+                            horizon: *horizon,
+                        },
+                    )),
+                    None => outcome.stale += 1,
                 }
             }
         }
         Ok(outcome)
     }
 
-    async fn purge_tombstones(&self, older_than: Duration) -> Result<u64, Error> {
-        let client = self.client().await?;
+    async fn purge_tombstones(&self, older_than: Duration, grace: Duration) -> Result<u64, Error> {
+        let client = Self::connection(&self.purge_connection, &self.url, self.statement_timeout_ms).await?;
+        self.discover_tables(&client).await?;
         let tables: Vec<String> = self.known_tables.lock().await.iter().cloned().collect();
         let mut purged = 0;
         for namespace in tables {
-            // The purge and the horizon move together: one statement, one transaction.
-            let row = client
-                .query_one(
-                    &format!(
-                        "WITH purged AS (
-                            DELETE FROM {t} WHERE deleted AND updated_at < now() - make_interval(secs => $1)
-                            RETURNING version),
-                         horizon AS (
-                            INSERT INTO {horizon} (namespace, version)
-                            SELECT $2, max(version) FROM purged HAVING count(*) > 0
-                            ON CONFLICT (namespace) DO UPDATE
-                              SET version = GREATEST({horizon}.version, EXCLUDED.version)
-                            RETURNING 1)
-                         SELECT count(*) FROM purged",
-                        t = self.table(&namespace),
-                        horizon = self.horizon_table(),
-                    ),
-                    &[&(older_than.as_secs_f64()), &namespace],
-                )
+            purged += self
+                .purge_namespace(&client, &namespace, older_than, grace)
                 .await?;
-            purged += row.get::<_, i64>(0) as u64;
         }
         Ok(purged)
     }

@@ -545,6 +545,34 @@ pub async fn produce_in_order(
     }
 }
 
+/// Encodes `events` with the local schemas and produces them to partition 0 of `topic`, in
+/// order, keyed by their aggregate ids.
+pub async fn produce_events(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    events: &[dualsync::codec::OutboxEvent],
+) {
+    let schemas = schemas();
+    let encoded: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| (e.aggregate_id.clone(), schemas.encode(e).unwrap()))
+        .collect();
+    let messages: Vec<(&str, &[u8])> = encoded
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    produce_in_order(producer, topic, &messages).await;
+}
+
+/// A `customers` upsert of `id` named `name`.
+pub fn named_customer(id: &str, version: i64, name: &str) -> dualsync::codec::OutboxEvent {
+    customer_event(
+        id,
+        version,
+        Some(serde_json::json!({"id": id, "name": name, "email": "e", "order_count": 1})),
+    )
+}
+
 /// Every mismatch `verify` finds, over all `[reconcile.*]` aggregates of `config`.
 pub async fn verify_all(
     source: &tokio_postgres::Client,

@@ -179,7 +179,7 @@ async fn bad_outbox_rows_go_to_the_relay_dead_letter_topic() {
 }
 
 /// `dualsync dlq replay --force` of every letter in `dlq_topic`, with the local schemas.
-async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::ops::replay::Outcome> {
+pub async fn force_replay(config: &Config, dlq_topic: &str) -> Vec<dualsync::ops::replay::Outcome> {
     let letters = {
         let (config, dlq_topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || dualsync::ops::inspect::read_topic(&config, &dlq_topic))

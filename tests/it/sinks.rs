@@ -80,15 +80,18 @@ async fn version_guard_suite<S: Sink + SinkReader>(sink: &S) {
     // Old tombstones are purged; young ones are kept.
     sink.apply(&[rec("c", 1, None)]).await.unwrap();
     assert_eq!(
-        sink.purge_tombstones(std::time::Duration::from_secs(3600))
-            .await
-            .unwrap(),
+        sink.purge_tombstones(
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::ZERO
+        )
+        .await
+        .unwrap(),
         0
     );
     let purged = std::sync::atomic::AtomicU64::new(0);
     eventually("the tombstone is purged", || async {
         let n = sink
-            .purge_tombstones(std::time::Duration::ZERO)
+            .purge_tombstones(std::time::Duration::ZERO, std::time::Duration::ZERO)
             .await
             .unwrap();
         purged.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n >= 1
@@ -277,7 +280,9 @@ columns = [
 /// After a tombstone is purged, a late event older than the purged delete (a replay of an old
 /// dead letter, a consumer group reset) must not bring the record back: the sink keeps the
 /// highest version it ever purged per aggregate type, and an event at or below it for a key
-/// it no longer holds is stale. Newer events, and events of keys it still holds, are applied.
+/// it does not hold is refused as `sink.below_purge_horizon` (dead-lettered, never silently
+/// stale: it may as well be a first write). Newer events, and events of keys it still holds,
+/// are applied.
 async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
     sink.apply(&[
         rec("x", 5, Some(json!({"n": 5}))),
@@ -287,7 +292,7 @@ async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
     .unwrap();
     sink.apply(&[rec("x", 10, None)]).await.unwrap();
     eventually("the tombstone of x is purged", || async {
-        sink.purge_tombstones(std::time::Duration::ZERO)
+        sink.purge_tombstones(std::time::Duration::ZERO, std::time::Duration::ZERO)
             .await
             .unwrap();
         sink.get("things", "x").await.unwrap().is_none()
@@ -298,14 +303,19 @@ async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
         .apply(&[rec("x", 7, Some(json!({"n": 7})))])
         .await
         .unwrap();
-    assert_eq!((o.applied(), o.stale), (0, 1), "x stays deleted");
+    assert_eq!((o.applied(), o.stale), (0, 0), "x stays deleted");
+    assert_below_horizon(&o, &[0], 10);
     assert_eq!(sink.get("things", "x").await.unwrap(), None);
-    // A key never seen, at or below the horizon: stale too (it may predate a purged delete).
+    // A key never seen, at or below the horizon: the sink cannot tell a first write from a
+    // record older than a purged delete, so it refuses it with a class that says so (apply
+    // dead-letters it): never written, never silently stale.
     let o = sink
         .apply(&[rec("y", 10, Some(json!({"n": 10})))])
         .await
         .unwrap();
-    assert_eq!((o.applied(), o.stale), (0, 1));
+    assert_eq!((o.applied(), o.stale), (0, 0));
+    assert_below_horizon(&o, &[0], 10);
+    assert_eq!(sink.get("things", "y").await.unwrap(), None);
     // Newer than the horizon: applied; a key still held follows its own version.
     let o = sink
         .apply(&[
@@ -319,16 +329,41 @@ async fn purge_horizon_suite<S: Sink + SinkReader>(sink: &S) {
         sink.get("things", "live").await.unwrap(),
         Some((4, Some(json!({"n": 4}))))
     );
-    // At or below the horizon, a held key is written and an unknown one is stale: the
+    // At or below the horizon, a held key is written and an unknown one is refused: the
     // outcome names which (MongoDB's reply only counts them).
     let o = sink
         .apply(&[
             rec("z", 9, Some(json!({"n": 9}))),
             rec("live", 5, Some(json!({"n": 5}))),
+            rec("live", 4, Some(json!({"n": 4}))),
         ])
         .await
         .unwrap();
     assert_eq!((written(&o), o.stale), (vec![1], 1));
+    assert_below_horizon(&o, &[0], 10);
+    // A delete at or below the horizon of a key the sink does not hold changes nothing and
+    // loses nothing (the key is absent either way): stale, not refused.
+    let o = sink.apply(&[rec("gone", 8, None)]).await.unwrap();
+    assert_eq!((o.applied(), o.stale, o.rejected.len()), (0, 1, 0));
+    assert_eq!(sink.get("things", "gone").await.unwrap(), None);
+    // A held key at or below the horizon whose stored version is newer is stale, as always.
+    let o = sink
+        .apply(&[rec("live", 2, Some(json!({"n": 2})))])
+        .await
+        .unwrap();
+    assert_eq!((o.applied(), o.stale, o.rejected.len()), (0, 1, 0));
+}
+
+/// `outcome` refused exactly the records `indexes`, each as below the purge horizon `horizon`.
+fn assert_below_horizon(o: &dualsync::sink::ApplyOutcome, indexes: &[usize], horizon: i64) {
+    let refused: Vec<usize> = o.rejected.iter().map(|(i, _)| *i).collect();
+    assert_eq!(refused, indexes, "{:?}", o.rejected);
+    for (_, e) in &o.rejected {
+        assert_eq!(e.class(), "sink.below_purge_horizon", "{e}");
+        assert_eq!(classify(e), Disposition::DeadLetter, "{e}");
+        assert!(e.to_string().contains(&format!("({horizon})")), "{e}");
+        assert!(e.to_string().contains("verify --repair"), "{e}");
+    }
 }
 
 #[tokio::test]
