@@ -371,18 +371,29 @@ fn poison_producer(brokers: &str) -> FutureProducer {
 }
 
 /// Produces one message that is no event (keyed `poison-<step>`) to `topic`; returns its key.
+/// A schedule may draw poison before the relay created the topic (auto-creation is off), or
+/// while a broker is down: the produce is tried again until it lands, up to a deadline.
 pub(super) async fn inject_poison(producer: &FutureProducer, topic: &str, step: usize) -> String {
     let key = format!("poison-{step}");
-    producer
-        .send(
-            FutureRecord::to(topic)
-                .key(&key)
-                .payload(&b"\x00not an event"[..]),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("poison produced");
-    key
+    let deadline = Instant::now() + crate::common::DEADLINE;
+    loop {
+        let sent = producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&b"\x00not an event"[..]),
+                Duration::from_secs(10),
+            )
+            .await;
+        match sent {
+            Ok(_) => return key,
+            Err((e, _)) if Instant::now() < deadline => {
+                println!("  poison to {topic} not produced yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err((e, _)) => panic!("poison to {topic} not produced within the deadline: {e}"),
+        }
+    }
 }
 
 /// A broker crashes mid-stream (`kill -9`) and comes back on its data after `restart_after`:
