@@ -439,7 +439,8 @@ impl Sink for PostgresSink {
     }
 
     async fn purge_tombstones(&self, older_than: Duration, grace: Duration) -> Result<u64, Error> {
-        let client = Self::connection(&self.purge_connection, &self.url, self.statement_timeout_ms).await?;
+        let client =
+            Self::connection(&self.purge_connection, &self.url, self.statement_timeout_ms).await?;
         self.discover_tables(&client).await?;
         let tables: Vec<String> = self.known_tables.lock().await.iter().cloned().collect();
         let mut purged = 0;
