@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
 # Apicurio schema registry; Prometheus and promtool from Debian) and the interop tests' Python
-# venv (scripts/interop.sh), Toxiproxy and Helm (scripts/go_tools.sh), docker-compose (Debian),
+# venv (scripts/interop.sh), Toxiproxy, Helm and Jaeger (scripts/go_tools.sh), docker-compose (Debian),
 # runs the alert rules' promtool unit tests, then every test (unit,
 # property and integration) against those real servers.
 set -euo pipefail
@@ -23,6 +23,9 @@ install_go_tool toxiproxy
 # for the chart's tests, and Debian's docker-compose (1.29, `config` needs no Docker engine)
 # for the compose file's: tests/it/helm.rs, tests/it/compose.rs.
 install_go_tool helm
+# Jaeger (Go module proxy; one large build, the time it takes: docs/contributors.md) for the
+# traces test against a real collector and query API: tests/it/traces.rs.
+install_go_tool jaeger
 install_docker_compose
 write_env_file
 # shellcheck source=/dev/null

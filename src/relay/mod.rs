@@ -27,6 +27,7 @@ use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::OutboxSource;
+use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
 /// What every relay leader works with, set up once by [`run`] whichever the source.
@@ -37,6 +38,8 @@ pub(crate) struct Relay<'a> {
     pub metrics: &'a Metrics,
     pub control: &'a Control,
     pub cancel: &'a CancellationToken,
+    /// `[telemetry]`'s tracer: a span per published batch (outbox source).
+    pub traces: Option<&'a Traces>,
 }
 
 /// Runs the relay until `cancel`: standby until it holds the leader lock (outbox) or lease
@@ -67,6 +70,7 @@ pub async fn run(
             metrics: Some(metrics.clone()),
         },
     )?;
+    let tracer = Traces::start(config, "relay")?;
     let relay = Relay {
         config,
         publisher: &publisher,
@@ -74,8 +78,9 @@ pub async fn run(
         metrics: &metrics,
         control: &control,
         cancel: &cancel,
+        traces: tracer.as_ref(),
     };
-    match (mongo_source, &outbox_source) {
+    let result = match (mongo_source, &outbox_source) {
         (Some(source), _) => {
             lead_until_cancelled(
                 &relay,
@@ -107,7 +112,9 @@ pub async fn run(
             .await
         }
         (None, None) => unreachable!("an outbox source unless a MongoDB one"),
-    }
+    };
+    traces::shutdown(tracer).await;
+    result
 }
 
 /// A batch was read from the source.
