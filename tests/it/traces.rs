@@ -222,24 +222,19 @@ async fn a_writers_trace_shows_the_relays_and_applys_batch_spans_in_jaeger() {
         s.dedup();
         s
     };
-    let mut spans = Vec::new();
     eventually(
         "the relay's and apply's spans in the writer's trace",
-        || {
-            let jaeger = &jaeger;
-            let trace_id = &trace_id;
-            let spans = &mut spans;
-            async move {
-                *spans = jaeger.trace(trace_id).await;
-                services(spans) == ["dualsync-apply", "dualsync-relay"]
-            }
+        || async {
+            services(&jaeger.trace(&trace_id).await) == ["dualsync-apply", "dualsync-relay"]
         },
     )
     .await;
+    let spans = jaeger.trace(&trace_id).await;
+    let config = shop.config.clone();
     shop.stop().await;
 
-    let topic = shop.config.kafka.topic_for("customers");
-    let pipeline = shop.config.pipeline.name.clone();
+    let topic = config.kafka.topic_for("customers");
+    let pipeline = config.pipeline.name.clone();
     let relay = spans
         .iter()
         .find(|s| s.service == "dualsync-relay")
@@ -258,13 +253,14 @@ async fn a_writers_trace_shows_the_relays_and_applys_batch_spans_in_jaeger() {
         assert_eq!(span.tag("dualsync.pipeline"), pipeline);
         assert_eq!(span.tag("dualsync.aggregate_type"), "customers");
         assert_eq!(span.tag("dualsync.version"), seq.to_string());
-        // A batch of one is the writer's child; its link (to the same span) is kept too.
-        assert!(
-            span.references
-                .contains(&("CHILD_OF".into(), trace_id.clone(), writer_span.clone())),
-            "{} is not the writer's child: {:?}",
-            span.operation,
-            span.references
+        // A batch of one is the writer's child (it is in the writer's trace) and links to
+        // the writer's span: Jaeger shows the two as one FOLLOWS_FROM reference (a link to
+        // the parent overrides the parent's CHILD_OF).
+        assert_eq!(
+            span.references,
+            [("FOLLOWS_FROM".into(), trace_id.clone(), writer_span.clone())],
+            "{}",
+            span.operation
         );
     }
     // Only apply knows where the event sits in Kafka.
@@ -272,12 +268,12 @@ async fn a_writers_trace_shows_the_relays_and_applys_batch_spans_in_jaeger() {
         .tag("messaging.destination.partition.id")
         .parse()
         .unwrap();
-    assert!((0..shop.config.kafka.partitions).contains(&partition));
+    assert!((0..config.kafka.partitions).contains(&partition));
     let offset: i64 = apply.tag("messaging.kafka.offset").parse().unwrap();
     assert!(offset >= 0);
     assert_eq!(
         apply.tag("messaging.consumer.group.name"),
-        shop.config.group_id("postgres")
+        config.group_id("postgres")
     );
     assert_eq!(apply.tag("dualsync.sink"), "postgres");
 }
