@@ -277,3 +277,71 @@ async fn a_writers_trace_shows_the_relays_and_applys_batch_spans_in_jaeger() {
     );
     assert_eq!(apply.tag("dualsync.sink"), "postgres");
 }
+
+/// Two writers' rows committed together go out in one batch (as a rule): its span is in the
+/// first writer's trace and links to both, so each writer's span is referenced by a relay
+/// and an apply span found from the writers' traces, whichever way the batches fell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_span_links_to_every_writer_in_it() {
+    let jaeger = Jaeger::start().await;
+    let mut shop = shop_pipeline(&format!(
+        "[telemetry]\notlp_endpoint = \"{}/v1/traces\"\n",
+        jaeger.otlp
+    ))
+    .await;
+    let writers = [writer_context(), writer_context()];
+    let customer = unique("c");
+    let tx = shop.source.transaction().await.unwrap();
+    for (trace, span) in &writers {
+        tx.execute(
+            "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload, traceparent)
+             VALUES ('customers', $1, 'CustomerUpserted',
+                     jsonb_build_object('id', $1::text, 'name', 'n', 'email', 'e', 'order_count', 0),
+                     $2)",
+            &[&customer, &format!("00-{trace}-{span}-01")],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // Every (service, writer) pair: a span of that service, in either writer's trace, whose
+    // references point at that writer's span.
+    let covered = |spans: &[Span]| -> bool {
+        ["dualsync-relay", "dualsync-apply"].iter().all(|service| {
+            writers.iter().all(|(trace, span)| {
+                spans.iter().any(|s| {
+                    s.service == *service
+                        && s.references
+                            .iter()
+                            .any(|(kind, t, sp)| kind == "FOLLOWS_FROM" && t == trace && sp == span)
+                })
+            })
+        })
+    };
+    let all_spans = || async {
+        let mut spans = jaeger.trace(&writers[0].0).await;
+        spans.extend(jaeger.trace(&writers[1].0).await);
+        spans
+    };
+    eventually("relay and apply spans linked to both writers", || async {
+        covered(&all_spans().await)
+    })
+    .await;
+    let spans = all_spans().await;
+    shop.stop().await;
+    // Where one span covers both writers, it says it carried both.
+    for s in spans.iter().filter(|s| s.references.len() == 2) {
+        assert_eq!(s.tag("messaging.batch.message_count"), "2", "{s:?}");
+    }
+    // The relay reads both rows of one commit in one batch: one span, in the first writer's
+    // trace, linking to the second writer's trace too.
+    let relay: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == "dualsync-relay")
+        .collect();
+    assert!(
+        relay.iter().any(|s| s.references.len() == 2),
+        "no relay span links both writers: {relay:?}"
+    );
+}
