@@ -7,6 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
@@ -20,8 +22,6 @@ use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
 use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::wire::EventCodec;
-use opentelemetry::trace::SpanKind;
-use opentelemetry::KeyValue;
 
 /// How a topic's share of a batch ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -33,9 +33,7 @@ use crate::error::Error;
 use crate::publish::{event_headers, headers, Acks, Outgoing};
 use crate::source::outbox::{OutboxRow, OutboxSource};
 use crate::source::Source;
-use crate::traces::{parse_traceparent, BatchSpan, EventTrace};
 use crate::wire::EventCodec;
-use opentelemetry::trace::SpanKind;
 
 /// How often the leader samples the outbox backlog for the metrics.
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -285,7 +283,7 @@ impl Leader<'_> {
         }
         self.mark_published(source, &mut batch).await?;
         if let (Some(traces), Some(started)) = (self.relay.traces, batch.span_start) {
-            self.record_span(traces, &batch.rows, started);
+            super::record_span(traces, self.relay.config, &batch.rows, started);
         }
         // Where a batch's time goes (`read_ms` includes waiting for rows when idle;
         // `publish_ms` runs from the hand-over to the producer to the last acknowledgement).
@@ -300,32 +298,6 @@ impl Leader<'_> {
             "batch published"
         );
         Ok(true)
-    }
-
-    /// The batch's `send` span: linked to (and, for the first, the child of) each row's
-    /// `traceparent` (see [`crate::traces`]). Kafka's partitions and offsets are not known
-    /// here (the acknowledgements carry none), so its events have neither.
-    fn record_span(&self, traces: &crate::traces::Traces, rows: &[OutboxRow], started: SystemTime) {
-        let config = self.relay.config;
-        let events: Vec<EventTrace> = rows
-            .iter()
-            .map(|row| EventTrace {
-                traceparent: row.traceparent.as_deref().and_then(parse_traceparent),
-                topic: config.kafka.topic_for(&row.aggregate_type),
-                aggregate_type: row.aggregate_type.clone(),
-                version: Some(row.seq),
-                partition: None,
-                offset: None,
-            })
-            .collect();
-        traces.record(BatchSpan {
-            operation: "send",
-            kind: SpanKind::Producer,
-            started,
-            events: &events,
-            extra: Vec::new(),
-            error: None,
-        });
     }
 
     /// Marks an acknowledged batch's rows and counts its events (not its dead letters, which
