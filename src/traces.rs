@@ -21,7 +21,7 @@ use opentelemetry::trace::{
     TraceState, Tracer, TracerProvider,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
@@ -119,7 +119,6 @@ impl Traces {
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
             .with_endpoint(url)
             .with_timeout(Duration::from_millis(t.export_timeout_ms))
-            .with_headers(Default::default())
             .build()
             .map_err(|e| config_error(e.to_string()))?;
         let service = format!("{}-{stage}", t.service_name);
