@@ -7,6 +7,7 @@
 #   ferretdb   FerretDB, a second, independent MongoDB-wire server (SQLite backend) that the
 #              MongoDB sink tests run against besides SecantusDB; scripts/ferretdb.sh builds it
 #              (with `go build`: `go install` of it makes a program that cannot start)
+#   jaeger     Jaeger v1 all-in-one (in-memory, OTLP HTTP in, query API out) for tests/it/traces.rs
 #
 # Source it after lib.sh; `install_go_tool toxiproxy` installs one, `go_tool_bin toxiproxy`
 # prints the path of its program. Also `install_docker_compose` (Debian's package, for the
@@ -15,6 +16,7 @@
 TOXIPROXY_VERSION=2.5.0
 HELM_VERSION=4.3.2
 FERRETDB_VERSION=1.24.2
+JAEGER_VERSION=1.75.0
 
 # NAME -> "module@version program-name"
 go_tool_spec() {
@@ -22,6 +24,7 @@ go_tool_spec() {
         toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@v$TOXIPROXY_VERSION toxiproxy-server" ;;
         helm) echo "helm.sh/helm/v4/cmd/helm@v$HELM_VERSION helm" ;;
         ferretdb) echo "github.com/FerretDB/FerretDB/cmd/ferretdb@v$FERRETDB_VERSION ferretdb" ;;
+        jaeger) echo "github.com/jaegertracing/jaeger/cmd/jaeger@v$JAEGER_VERSION jaeger" ;;
         *) die "no Go tool named '$1'" ;;
     esac
 }
@@ -40,6 +43,24 @@ go_tool_bin() {
     echo "$(go_tool_home "$1")/bin/${spec##* }"
 }
 
+# go_install_in DIR MODULE@VERSION: `go install` into DIR. A module whose go.mod has `replace`
+# directives (Jaeger's) refuses `go install m@v`; it is built as a tool of a throw-away module
+# instead (`go get -tool`, then `go install` there), which ignores those replaces as any
+# dependent would.
+go_install_in() {
+    local dir="$1" module="$2"
+    if GOBIN="$dir" GOFLAGS=-mod=mod go install "$module"; then
+        return 0
+    fi
+    mkdir -p "$dir/mod"
+    (
+        cd "$dir/mod" &&
+            go mod init dualsync-tools.invalid/build &&
+            go get -tool "$module" &&
+            GOBIN="$dir" GOFLAGS=-mod=mod go install "${module%@*}"
+    )
+}
+
 install_go_tool() {
     local name="$1" spec module program home bin tmp
     spec="$(go_tool_spec "$name")"
@@ -54,7 +75,7 @@ install_go_tool() {
     command -v go >/dev/null 2>&1 || die "$name: the Go toolchain is needed to build $module (go install); install Go 1.22 or newer"
     log "$name: go install $module (into $home)"
     tmp="$(mktemp -d)"
-    if ! GOBIN="$tmp" GOFLAGS=-mod=mod go install "$module" >"$tmp/install.log" 2>&1; then
+    if ! go_install_in "$tmp" "$module" >"$tmp/install.log" 2>&1; then
         log_tail "$tmp/install.log" 40
         rm -rf "$tmp"
         die "$name: go install $module failed"

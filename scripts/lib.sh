@@ -485,6 +485,10 @@ write_env_file() {
         if [[ -x "$(go_tool_bin helm)" ]]; then
             echo "export DUALSYNC_TEST_HELM=$(go_tool_bin helm)"
         fi
+        # The traces test's Jaeger (tests/it/traces.rs).
+        if [[ -x "$(go_tool_bin jaeger)" ]]; then
+            echo "export DUALSYNC_TEST_JAEGER=$(go_tool_bin jaeger)"
+        fi
         if command -v docker-compose >/dev/null 2>&1; then
             echo "export DUALSYNC_TEST_DOCKER_COMPOSE=$(command -v docker-compose)"
         fi
@@ -509,7 +513,7 @@ export_pipeline_env() {
     export DUALSYNC_SINKS__MONGO__DATABASE="$mongo_db"
 }
 
-# Test tools built with `go install` (Toxiproxy).
+# Test tools built with `go install` (Toxiproxy, Helm, Jaeger).
 # shellcheck source=scripts/go_tools.sh
 . "$REPO_ROOT/scripts/go_tools.sh"
 

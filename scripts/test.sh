@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make test`: installs and starts what the tests need (PostgreSQL, Apache Kafka, SecantusDB, the
 # Apicurio schema registry, FerretDB; Prometheus and promtool from Debian) and the interop tests'
-# Python venv (scripts/interop.sh), Toxiproxy and Helm (scripts/go_tools.sh), docker-compose
-# (Debian), runs the alert rules' promtool unit tests, then every test (unit, property and
-# integration) against those real servers, and the MongoDB sink's tests a second time against
-# FerretDB.
+# Python venv (scripts/interop.sh), Toxiproxy, Helm and Jaeger (scripts/go_tools.sh),
+# docker-compose (Debian), runs the alert rules' promtool unit tests, then every test (unit,
+# property and integration) against those real servers, and the MongoDB sink's tests a second
+# time against FerretDB.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -25,6 +25,9 @@ install_go_tool toxiproxy
 # for the chart's tests, and Debian's docker-compose (1.29, `config` needs no Docker engine)
 # for the compose file's: tests/it/helm.rs, tests/it/compose.rs.
 install_go_tool helm
+# Jaeger (Go module proxy; one large build, the time it takes: docs/contributors.md) for the
+# traces test against a real collector and query API: tests/it/traces.rs.
+install_go_tool jaeger
 install_docker_compose
 write_env_file
 # shellcheck source=/dev/null

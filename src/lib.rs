@@ -26,4 +26,5 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod traces;
 pub mod wire;

@@ -33,6 +33,7 @@ use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_MS};
 use crate::sink::Sink;
+use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
 pub use share::{check_route, ShareResult};
@@ -48,6 +49,8 @@ pub struct ApplyContext<S: Sink> {
     pub group: String,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    /// `[telemetry]`'s tracer: a span per sink write (one topic of a batch).
+    pub traces: Option<Traces>,
 }
 
 /// The consumer's librdkafka context: logs every rebalance, keeps the assignment size in the
@@ -257,6 +260,7 @@ pub async fn run<S: Sink>(
     consumer.subscribe(&topic_refs)?;
     tracing::info!(group = %group, topics = ?topics, sink = sink_name, "apply started");
 
+    let tracer = Traces::start(config, "apply")?;
     let ctx = Arc::new(ApplyContext {
         sink,
         sink_name: sink_name.to_string(),
@@ -266,6 +270,7 @@ pub async fn run<S: Sink>(
         group,
         metrics,
         cancel: cancel.clone(),
+        traces: tracer.clone(),
     });
     ctx.metrics.health.set_started();
     let lag_sampler = tokio::spawn(sample_consumer_lag(
@@ -312,6 +317,7 @@ pub async fn run<S: Sink>(
         Ok(()) => tracing::info!("final offsets committed"),
         Err(e) => tracing::debug!(error = %e, "no final offsets to commit"),
     }
+    traces::shutdown(tracer).await;
     result
 }
 
@@ -561,7 +567,11 @@ async fn process_batch<S: Sink>(
                 .batch_size
                 .with_label_values(&[stage::APPLY])
                 .observe(messages.len() as f64);
+            let span = ctx.traces.as_ref().map(|_| share::span_events(&messages));
             let result = share::process(&ctx, messages).await;
+            if let (Some(traces), Some((started, events))) = (&ctx.traces, span) {
+                share::record_span(&ctx, traces, started, &events, &result);
+            }
             (topic, last, result)
         }
         .instrument(span)

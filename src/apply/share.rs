@@ -7,6 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
@@ -15,8 +17,10 @@ use crate::config::{Config, OnInvalid, SourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
+use crate::publish::{header_str, headers};
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
+use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::wire::EventCodec;
 
 /// How a topic's share of a batch ended.
@@ -383,6 +387,46 @@ async fn dead_letter<S: Sink>(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The share's events as its span sees them, taken before the write consumes the messages
+/// (only with `[telemetry]`).
+pub(super) fn span_events(messages: &[OwnedMessage]) -> (std::time::SystemTime, Vec<EventTrace>) {
+    let events = messages
+        .iter()
+        .map(|m| EventTrace {
+            traceparent: header_str(m, headers::TRACEPARENT).and_then(parse_traceparent),
+            topic: m.topic().to_string(),
+            aggregate_type: header_str(m, headers::AGGREGATE_TYPE)
+                .unwrap_or_default()
+                .to_string(),
+            version: header_str(m, headers::VERSION).and_then(|v| v.parse().ok()),
+            partition: Some(m.partition()),
+            offset: Some(m.offset()),
+        })
+        .collect();
+    (std::time::SystemTime::now(), events)
+}
+
+/// The share's `process` span (see [`crate::traces`]); an error that stops apply marks it.
+pub(super) fn record_span<S: Sink>(
+    ctx: &ApplyContext<S>,
+    traces: &Traces,
+    started: std::time::SystemTime,
+    events: &[EventTrace],
+    result: &Result<ShareResult, Error>,
+) {
+    traces.record(BatchSpan {
+        operation: "process",
+        kind: SpanKind::Consumer,
+        started,
+        events,
+        extra: vec![
+            KeyValue::new(attr::CONSUMER_GROUP, ctx.group.clone()),
+            KeyValue::new(attr::SINK, ctx.sink_name.clone()),
+        ],
+        error: result.as_ref().err().map(|e| e.to_string()),
+    });
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub http: HttpConfig,
+    /// OTLP trace export; absent (the default): no exporter and no per-event work.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// Per aggregate type: where the primary keeps its current state (for `verify` and
     /// `snapshot`).
     #[serde(default)]
@@ -333,9 +336,46 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[telemetry]`: where the relay and apply send their batch spans (OTLP over HTTP/protobuf).
+/// See docs/operations.md#traces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector (Jaeger, the OpenTelemetry Collector, Tempo): a base URL such
+    /// as `http://127.0.0.1:4318` (`/v1/traces` is appended) or the full traces URL.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans is this plus the process's stage: `dualsync-relay`,
+    /// `dualsync-apply`.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    /// How long one export request may take before it is given up (spans are dropped,
+    /// never the pipeline's work).
+    #[serde(default = "defaults::export_timeout_ms")]
+    pub export_timeout_ms: u64,
+}
+
+/// The traces URL of an OTLP/HTTP endpoint: a base URL (no path) gets `/v1/traces`, as the
+/// OpenTelemetry exporter specification does for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub fn traces_url(endpoint: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("needs http:// or https:// and a host".into());
+    }
+    Ok(match url.path() {
+        "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+        _ => endpoint.to_string(),
+    })
+}
+
 mod defaults {
     use super::OnInvalid;
     use std::path::PathBuf;
+    pub fn service_name() -> String {
+        "dualsync".into()
+    }
+    pub fn export_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn relay_batch_size() -> usize {
         1000
     }

@@ -24,6 +24,7 @@ fn defaults_fill_in() {
     assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");
     assert_eq!(c.group_id("pg"), "dualsync-p-pg");
     assert_eq!(c.sink(None).unwrap().0, "pg");
+    assert!(c.telemetry.is_none(), "traces are off by default");
 }
 
 #[test]
@@ -493,6 +494,16 @@ fn unparseable_urls_and_broker_lists_name_their_key() {
         ("DUALSYNC_KAFKA__BROKERS", "k:notaport", "kafka.brokers"),
         ("DUALSYNC_KAFKA__BROKERS", "k:9092,:9093", "kafka.brokers"),
         ("DUALSYNC_KAFKA__BROKERS", "k:0", "kafka.brokers"),
+        (
+            "DUALSYNC_TELEMETRY__OTLP_ENDPOINT",
+            "collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "DUALSYNC_TELEMETRY__OTLP_ENDPOINT",
+            "grpc://collector:4317",
+            "telemetry.otlp_endpoint",
+        ),
     ] {
         let e = parse(MINIMAL, vec![(var, value)]).unwrap_err();
         assert_eq!(e.key, key, "{value}");

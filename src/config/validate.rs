@@ -179,6 +179,20 @@ impl Config {
         if self.http.host.parse::<std::net::IpAddr>().is_err() {
             return err("http.host", "must be an IP address, e.g. 127.0.0.1");
         }
+        if let Some(t) = &self.telemetry {
+            if super::traces_url(&t.otlp_endpoint).is_err() {
+                return err(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL of an OTLP/HTTP collector",
+                );
+            }
+            if t.service_name.trim().is_empty() {
+                return err("telemetry.service_name", "must not be empty");
+            }
+            if t.export_timeout_ms == 0 {
+                return err("telemetry.export_timeout_ms", "must be above 0");
+            }
+        }
         if self.http.stuck_write_secs == 0 {
             return err("http.stuck_write_secs", "must be above 0");
         }

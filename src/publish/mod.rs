@@ -41,6 +41,15 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
 }
 
+/// A header of a consumed message as text (`None`: absent, null or not UTF-8).
+pub fn header_str<'a, M: rdkafka::message::Message>(m: &'a M, key: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
 /// The seven event headers every relay message carries, whichever the source, so consumers
 /// can route and order without decoding the value (see docs/consumers.md).
 pub fn event_headers(event: &OutboxEvent, committed_at_micros: i64) -> OwnedHeaders {

@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use opentelemetry::trace::SpanKind;
 use tokio_util::sync::CancellationToken;
 
 pub mod mongo;
@@ -26,7 +27,8 @@ use crate::metrics::{stage, Metrics};
 use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::mongo::MongoSource;
-use crate::source::outbox::OutboxSource;
+use crate::source::outbox::{OutboxRow, OutboxSource};
+use crate::traces::{self, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::wire::EventCodec;
 
 /// What every relay leader works with, set up once by [`run`] whichever the source.
@@ -37,6 +39,8 @@ pub(crate) struct Relay<'a> {
     pub metrics: &'a Metrics,
     pub control: &'a Control,
     pub cancel: &'a CancellationToken,
+    /// `[telemetry]`'s tracer: a span per published batch (outbox source).
+    pub traces: Option<&'a Traces>,
 }
 
 /// Runs the relay until `cancel`: standby until it holds the leader lock (outbox) or lease
@@ -67,6 +71,7 @@ pub async fn run(
             metrics: Some(metrics.clone()),
         },
     )?;
+    let tracer = Traces::start(config, "relay")?;
     let relay = Relay {
         config,
         publisher: &publisher,
@@ -74,8 +79,9 @@ pub async fn run(
         metrics: &metrics,
         control: &control,
         cancel: &cancel,
+        traces: tracer.as_ref(),
     };
-    match (mongo_source, &outbox_source) {
+    let result = match (mongo_source, &outbox_source) {
         (Some(source), _) => {
             lead_until_cancelled(
                 &relay,
@@ -107,7 +113,9 @@ pub async fn run(
             .await
         }
         (None, None) => unreachable!("an outbox source unless a MongoDB one"),
-    }
+    };
+    traces::shutdown(tracer).await;
+    result
 }
 
 /// A batch was read from the source.
@@ -195,3 +203,28 @@ where
 
 /// A dead-lettered row, for the metrics: `(its event topic, error class)`.
 type DeadRow = (String, &'static str);
+
+/// An outbox batch's `send` span: linked to (and, for the first, the child of) each row's
+/// `traceparent` (see [`crate::traces`]). Kafka's partitions and offsets are not known here
+/// (the acknowledgements carry none), so its events have neither.
+fn record_span(traces: &Traces, config: &Config, rows: &[OutboxRow], started: SystemTime) {
+    let events: Vec<EventTrace> = rows
+        .iter()
+        .map(|row| EventTrace {
+            traceparent: row.traceparent.as_deref().and_then(parse_traceparent),
+            topic: config.kafka.topic_for(&row.aggregate_type),
+            aggregate_type: row.aggregate_type.clone(),
+            version: Some(row.seq),
+            partition: None,
+            offset: None,
+        })
+        .collect();
+    traces.record(BatchSpan {
+        operation: "send",
+        kind: SpanKind::Producer,
+        started,
+        events: &events,
+        extra: Vec::new(),
+        error: None,
+    });
+}

@@ -101,6 +101,8 @@ struct InFlight {
     waited_ms: f64,
     encode_ms: f64,
     sent_at: Instant,
+    /// When it was handed to the producer, for its span; `None` without `[telemetry]`.
+    span_start: Option<SystemTime>,
 }
 
 fn ms(from: Instant, to: Instant) -> f64 {
@@ -269,6 +271,7 @@ impl Leader<'_> {
             waited_ms,
             encode_ms: ms(encode_started, sent_at),
             sent_at,
+            span_start: self.relay.traces.map(|_| SystemTime::now()),
         })
     }
 
@@ -302,6 +305,9 @@ impl Leader<'_> {
             return Ok(false);
         }
         self.mark_published(source, &mut batch).await?;
+        if let (Some(traces), Some(started)) = (self.relay.traces, batch.span_start) {
+            super::record_span(traces, self.relay.config, &batch.rows, started);
+        }
         // Where a batch's time goes (`read_ms` includes waiting for rows when idle;
         // `publish_ms` runs from the hand-over to the producer to the last acknowledgement).
         tracing::debug!(

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -111,11 +111,7 @@ pub fn is_event_topic(config: &Config, topic: &str) -> bool {
 }
 
 fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
-    let headers = m.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
+    crate::publish::header_str(m, key)
 }
 
 /// Reads the last [`TAIL`] records of every partition of the pipeline's event topics.

@@ -62,3 +62,4 @@ mod subscriptions;
 mod topic_durability;
 mod topic_refusals;
 pub mod toxiproxy;
+mod traces;
