@@ -11,8 +11,9 @@
 //! Why nothing is skipped: the token saved is that of the last change of a batch, written only
 //! after Kafka acknowledged every message of the batch ([`Source::ack`]); after a crash the
 //! stream resumes *after* that token, so at worst the unacknowledged batch is published again,
-//! which apply's version guard absorbs. When idle, the stream's post-batch token is saved too,
-//! so a quiet collection in a busy database does not let its position fall out of the oplog.
+//! which apply's version guard absorbs. When idle, with no batch pending, the stream's
+//! post-batch token is saved too, so a quiet collection in a busy database does not let its
+//! position fall out of the oplog.
 //!
 //! Snapshot: the start time `T` is taken first, then every watched collection is read and
 //! published as `snapshot` events with version `version_of(T) - 1`, and the stream then starts

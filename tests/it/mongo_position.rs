@@ -2,7 +2,8 @@
 //! contract: it never passes a change Kafka has not acknowledged, even when the relay reads
 //! ahead (idle round trips in between), and a relay whose lease was taken over cannot move it.
 
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
 use dualsync::config::{MongoSourceConfig, SourceConfig};
@@ -47,47 +48,73 @@ async fn next_changes(relay: &mut MongoSource, cancel: &CancellationToken) -> Ve
     }
 }
 
+/// A leader that has read one change (`_id: "a"`) and not acknowledged it.
+struct OneChangeRead {
+    p: MongoPipeline,
+    offsets: Collection<Document>,
+    cancel: CancellationToken,
+    relay: MongoSource,
+    read: Vec<MongoChange>,
+}
+
+impl OneChangeRead {
+    async fn new() -> Self {
+        let servers = servers();
+        let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
+        let offsets = p
+            .source_db
+            .collection::<Document>(&source_config(&p).offsets_collection);
+        let cancel = CancellationToken::new();
+        let mut relay = lead(&p, &cancel).await;
+        let carts = p.source_db.collection::<Document>(GENERIC);
+        carts.insert_one(doc! {"_id": "a"}).await.unwrap();
+        let read = next_changes(&mut relay, &cancel).await;
+        assert_eq!(read.len(), 1);
+        Self {
+            p,
+            offsets,
+            cancel,
+            relay,
+            read,
+        }
+    }
+
+    async fn position(&self) -> Option<Position> {
+        read_position(&self.offsets, &self.p.config.pipeline.name)
+            .await
+            .unwrap()
+    }
+}
+
 /// The relay may read the next batch before the last one is acknowledged (the `Source`
 /// contract allows it). A round trip that comes back empty meanwhile must not save the
 /// stream's post-batch token: it lies past the unacknowledged changes, and a relay taking
 /// over from it would never publish them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_read_saves_no_position_past_an_unacknowledged_change() {
-    let servers = servers();
-    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
-    let offsets = p
-        .source_db
-        .collection::<Document>(&source_config(&p).offsets_collection);
-    let name = &p.config.pipeline.name;
-    let cancel = CancellationToken::new();
-    let mut relay = lead(&p, &cancel).await;
-    let carts = p.source_db.collection::<Document>(GENERIC);
-    carts.insert_one(doc! {"_id": "a"}).await.unwrap();
-    let read = next_changes(&mut relay, &cancel).await;
-    assert_eq!(read.len(), 1);
+    let mut t = OneChangeRead::new().await;
     // Where idle round trips before the change left it (before the change).
-    let before = read_position(&offsets, name).await.unwrap();
+    let before = t.position().await;
     // Other writes to the database (the lease's own) move the post-batch token on.
     for _ in 0..5 {
-        assert!(relay.next_batch(&cancel).await.unwrap().is_empty());
+        assert!(t.relay.next_batch(&t.cancel).await.unwrap().is_empty());
     }
     assert_eq!(
-        read_position(&offsets, name).await.unwrap(),
+        t.position().await,
         before,
         "the position moved past a change read but not acknowledged"
     );
     // The relay goes away without acknowledging: the next leader reads the change again.
-    relay.release().await;
-    drop(relay);
-    let mut next = lead(&p, &cancel).await;
-    let again = next_changes(&mut next, &cancel).await;
+    t.relay.release().await;
+    let mut next = lead(&t.p, &t.cancel).await;
+    let again = next_changes(&mut next, &t.cancel).await;
     assert_eq!(
         again[0].key(),
-        read[0].key(),
+        t.read[0].key(),
         "the next leader skipped the change"
     );
     next.ack(&again).await.unwrap();
-    let saved = read_position(&offsets, name).await.unwrap();
+    let saved = t.position().await;
     assert!(
         matches!(&saved, Some(Position::After(token, _)) if Some(token) == again.last().unwrap().token.as_ref()),
         "acknowledged, the position is the change's token: {saved:?}"
@@ -99,34 +126,24 @@ async fn an_idle_read_saves_no_position_past_an_unacknowledged_change() {
 /// on the owner in the same update, and fails with `LeaseLost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_lost_its_lease_cannot_move_the_position() {
-    let servers = servers();
-    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
-    let offsets = p
-        .source_db
-        .collection::<Document>(&source_config(&p).offsets_collection);
-    let name = &p.config.pipeline.name;
-    let cancel = CancellationToken::new();
-    let mut relay = lead(&p, &cancel).await;
-    let carts = p.source_db.collection::<Document>(GENERIC);
-    carts.insert_one(doc! {"_id": "a"}).await.unwrap();
-    let read = next_changes(&mut relay, &cancel).await;
+    let mut t = OneChangeRead::new().await;
     // What a standby does once the lease ran out: take it over and save its own position.
-    let theirs = Position::At(mongodb::bson::Timestamp {
+    let at = Timestamp {
         time: 1,
         increment: 1,
-    });
-    offsets
+    };
+    t.offsets
         .update_one(
-            doc! {"_id": name},
-            doc! {"$set": {"owner": "standby", "token": Bson::Null, "start_at": mongodb::bson::Timestamp { time: 1, increment: 1 }}},
+            doc! {"_id": &t.p.config.pipeline.name},
+            doc! {"$set": {"owner": "standby", "token": Bson::Null, "start_at": at}},
         )
         .await
         .unwrap();
-    let acked = relay.ack(&read).await;
+    let acked = t.relay.ack(&t.read).await;
     assert!(matches!(acked, Err(Error::LeaseLost(_))), "{acked:?}");
     assert_eq!(
-        read_position(&offsets, name).await.unwrap(),
-        Some(theirs),
+        t.position().await,
+        Some(Position::At(at)),
         "the old leader overwrote the new leader's position"
     );
 }
