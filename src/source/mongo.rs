@@ -11,8 +11,9 @@
 //! Why nothing is skipped: the token saved is that of the last change of a batch, written only
 //! after Kafka acknowledged every message of the batch ([`Source::ack`]); after a crash the
 //! stream resumes *after* that token, so at worst the unacknowledged batch is published again,
-//! which apply's version guard absorbs. When idle, the stream's post-batch token is saved too,
-//! so a quiet collection in a busy database does not let its position fall out of the oplog.
+//! which apply's version guard absorbs. When idle, with no batch pending, the stream's
+//! post-batch token is saved too, so a quiet collection in a busy database does not let its
+//! position fall out of the oplog.
 //!
 //! Snapshot: the start time `T` is taken first, then every watched collection is read and
 //! published as `snapshot` events with version `version_of(T) - 1`, and the stream then starts
@@ -133,6 +134,9 @@ pub struct MongoSource {
     placed: Option<TxnPlace>,
     /// An error the reader reported after changes still to publish; returned next time.
     deferred: Option<Error>,
+    /// Stream batches returned and not acknowledged yet: while any is, an idle round trip's
+    /// post-batch token (past them) must not be saved.
+    unacked: usize,
 }
 
 impl MongoSource {
@@ -228,6 +232,7 @@ impl MongoSource {
             saved_token: None,
             placed: None,
             deferred: None,
+            unacked: 0,
         };
         match read_position(&source.offsets, pipeline).await? {
             Some(Position::After(token, place)) => {
@@ -272,6 +277,7 @@ impl MongoSource {
     pub async fn begin_snapshot(&mut self) -> Result<(), Error> {
         let start_at = cluster_time(&self.db).await?;
         self.placed = None;
+        self.unacked = 0;
         let pending: VecDeque<String> = watched_collections(&self.db, &self.config, &[])
             .await?
             .into();
@@ -549,9 +555,13 @@ impl MongoSource {
             };
         }
         // Idle with every earlier change acknowledged: move the saved position up to the
-        // stream's post-batch token, so it never ages out of the oplog.
+        // stream's post-batch token, so it never ages out of the oplog. Not while a batch is
+        // pending (the relay may read ahead): the token is past it, and a relay taking over
+        // from there would never publish it.
         // (An empty round trip means every change of a transaction was delivered: no place.)
-        if let (true, Some(token)) = (batch.is_empty(), idle_token) {
+        if !batch.is_empty() {
+            self.unacked += 1;
+        } else if let (0, Some(token)) = (self.unacked, idle_token) {
             if self.saved_token.as_ref() != Some(&token) {
                 self.save(Position::After(token, None)).await?;
             }
@@ -587,6 +597,9 @@ impl Source for MongoSource {
             .find_map(|c| Some((c.token.clone()?, (c.cluster_time, c.txn_index))));
         if let Some((token, place)) = last {
             self.save(Position::After(token, Some(place))).await?;
+        }
+        if !changes.is_empty() {
+            self.unacked = self.unacked.saturating_sub(1);
         }
         Ok(())
     }

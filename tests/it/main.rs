@@ -28,6 +28,8 @@ mod layers;
 mod logs;
 mod mongo_common;
 mod mongo_delivery;
+mod mongo_partitions;
+mod mongo_position;
 mod mongo_primary_faults;
 mod mongo_servers;
 mod mongo_source;

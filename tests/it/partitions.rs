@@ -20,9 +20,9 @@ use crate::common::*;
 use crate::toxiproxy::{host_port, Toxiproxy};
 
 /// The bound docs/operations.md states for a take-over after the leader is cut off.
-const TAKE_OVER_BOUND: Duration = Duration::from_secs(30);
+pub(crate) const TAKE_OVER_BOUND: Duration = Duration::from_secs(30);
 /// Keys the writer cycles through: several versions of each land on every partition.
-const KEYS: usize = 12;
+pub(crate) const KEYS: usize = 12;
 
 /// One outbox row the writer committed: `(seq, aggregate id, created_at in micros)`.
 type Written = (i64, String, i64);
@@ -71,7 +71,7 @@ async fn leader_lock_holder(client: &tokio_postgres::Client) -> Option<i32> {
 /// Per-key order on the topic: in partition order, a version below the key's highest so far
 /// is only allowed as a redelivery of an identical earlier message. Returns the first
 /// on-topic timestamp (ms) of each version.
-fn check_order(messages: &[OwnedMessage]) -> BTreeMap<i64, i64> {
+pub(crate) fn check_order(messages: &[OwnedMessage]) -> BTreeMap<i64, i64> {
     // Per (partition, key): the highest version so far, and every (version, value) seen.
     type Copies = (i64, BTreeSet<(i64, Vec<u8>)>);
     let mut seen: HashMap<(i32, Vec<u8>), Copies> = HashMap::new();
@@ -298,7 +298,7 @@ async fn a_leader_cut_off_from_postgres_steps_down_before_the_standby_takes_over
 }
 
 /// Cancels the relays and waits until each ended without an error.
-async fn stop_relays<const N: usize>(
+pub(crate) async fn stop_relays<const N: usize>(
     cancel: &CancellationToken,
     tasks: [tokio::task::JoinHandle<Result<(), dualsync::error::Error>>; N],
 ) {
@@ -313,7 +313,7 @@ async fn stop_relays<const N: usize>(
 }
 
 /// Waits until a standby relay is connected and ready, and checks that it does not lead.
-async fn standby_connects(standby: &dualsync::metrics::Metrics) {
+pub(crate) async fn standby_connects(standby: &dualsync::metrics::Metrics) {
     eventually("the standby connects", || async {
         standby
             .health
@@ -467,142 +467,6 @@ async fn a_frozen_leader_s_lock_is_freed_by_the_server_and_the_thawed_leader_ste
 }
 
 /// Events a relay published (marked after Kafka's acknowledgement).
-fn leader_published(metrics: &dualsync::metrics::Metrics) -> u64 {
+pub(crate) fn leader_published(metrics: &dualsync::metrics::Metrics) -> u64 {
     dualsync::metrics::total(&metrics.published)
-}
-
-/// The same cut-off for a MongoDB primary: the leader's link to MongoDB is blackholed, the
-/// standby reaches MongoDB directly. The standby must lead once the lease runs out, the old
-/// leader must have stepped down before, and per-key order must hold on the topic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mongo_leader_cut_off_steps_down_before_the_standby_takes_over() {
-    mongo_leader_cut_off(false).await;
-}
-
-/// Known defect, found by the test above and left open: across this hand-over a change is
-/// sometimes missing from the topic (1 of ~120-230 writes in about a third of the runs; 2-4
-/// on the code before the leader stepped down, so not caused by it). Suspected: the resume
-/// position saved while idle (the stream's post-batch token) or SecantusDB's resume after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: a MongoDB change is sometimes missing after a relay hand-over"]
-async fn a_mongo_leader_cut_off_loses_no_change() {
-    mongo_leader_cut_off(true).await;
-}
-
-/// The MongoDB cut-off; `complete`: also require every write on the topic.
-async fn mongo_leader_cut_off(complete: bool) {
-    use crate::mongo_common::{leads, mongo_pipeline, GENERIC};
-    use mongodb::bson::{doc, Document};
-
-    let servers = servers();
-    let p = mongo_pipeline(&servers, &servers.mongo, "", None, None).await;
-    let proxy = Toxiproxy::start().await;
-    let upstream = host_port(&servers.mongo);
-    let link = proxy.link("leader_mongo", &upstream).await;
-    let via_link = servers.mongo.replace(&upstream, &link.listen);
-    let leader_config = Config::from_toml(
-        Path::new("t.toml"),
-        &p.toml.replacen(&servers.mongo, &via_link, 1),
-        vec![],
-    )
-    .unwrap();
-    let carts = p.source_db.collection::<Document>(GENERIC);
-    let cancel = CancellationToken::new();
-    let (leader_task, leader) = spawn_relay(&leader_config, &cancel);
-    leads(&leader).await;
-    // Without a saved position the stream starts when the leader opens it: once this write is
-    // published, every later one is on the stream.
-    carts.insert_one(doc! {"_id": "first"}).await.unwrap();
-    eventually("the leader streams", || async {
-        leader_published(&leader) >= 1
-    })
-    .await;
-    let stop_writing = CancellationToken::new();
-    let writer = {
-        let (carts, stop) = (carts.clone(), stop_writing.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            let mut n = 0u64;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let id = format!("k{}", n % KEYS as u64);
-                carts
-                    .update_one(doc! {"_id": &id}, doc! {"$inc": {"n": 1}})
-                    .upsert(true)
-                    .await
-                    .unwrap();
-                n += 1;
-            }
-            n
-        })
-    };
-    eventually("the leader publishes", || async {
-        leader_published(&leader) > 50
-    })
-    .await;
-    let (standby_task, standby) = spawn_relay(&p.config, &cancel);
-    standby_connects(&standby).await;
-
-    proxy.blackhole(&link).await;
-    let cut = Instant::now();
-    let mut leader_stopped = None;
-    let took_over = loop {
-        let now = Instant::now();
-        if leader_stopped.is_none() && leader.relay_leader.get() == 0 {
-            leader_stopped = Some(now);
-        }
-        if standby.relay_leader.get() == 1 {
-            break now;
-        }
-        assert!(
-            now - cut < TAKE_OVER_BOUND + Duration::from_secs(15),
-            "the standby did not take over within {:?} (leader stopped: {:?})",
-            now - cut,
-            leader_stopped.map(|t| t - cut)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let take_over = took_over - cut;
-    eprintln!(
-        "mongo: leader stopped {:?}, standby led {take_over:?} after the cut-off",
-        leader_stopped.map(|t| t - cut)
-    );
-    let leader_stopped =
-        leader_stopped.expect("the cut-off leader still led when the standby took over");
-    assert!(leader_stopped <= took_over);
-    assert!(take_over <= TAKE_OVER_BOUND, "take-over took {take_over:?}");
-    let published_at_take_over = leader_published(&standby);
-    eventually("the new leader publishes", || async {
-        leader_published(&standby) > published_at_take_over + 50
-    })
-    .await;
-    stop_writing.cancel();
-    let writes = writer.await.unwrap();
-    proxy.heal(&link).await;
-    stop_relays(&cancel, [leader_task, standby_task]).await;
-    let distinct = |got: &[OwnedMessage]| -> usize {
-        got.iter()
-            .map(|m| (m.key().map(<[u8]>::to_vec), header(m, headers::VERSION)))
-            .collect::<BTreeSet<_>>()
-            .len()
-    };
-    // Until every write is there, or (when not required) the new leader's last one is.
-    let published = leader_published(&leader) + leader_published(&standby);
-    let messages = read_topic_until(&servers.kafka, &p.topic(GENERIC), move |got| {
-        distinct(got) as u64 > writes || (!complete && got.len() as u64 >= published)
-    })
-    .await;
-    check_order(&messages);
-    eprintln!(
-        "mongo: {writes} writes, {} messages, {} distinct changes",
-        messages.len(),
-        distinct(&messages) - 1
-    );
-    if complete {
-        assert_eq!(
-            distinct(&messages) as u64,
-            writes + 1,
-            "every write is on the topic once (duplicates aside)"
-        );
-    }
 }
