@@ -48,6 +48,8 @@ pub struct ApplyContext<S: Sink> {
     pub group: String,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    /// Runs of slow and of failing sink writes, each told in a few lines.
+    pub signals: share::WriteSignals,
 }
 
 /// The consumer's librdkafka context: logs every rebalance, keeps the assignment size in the
@@ -66,6 +68,7 @@ pub struct ConsumerEvents {
 
 impl ClientContext for ConsumerEvents {
     fn stats(&self, statistics: Statistics) {
+        crate::publish::chatter::statistics(&statistics);
         self.metrics
             .health
             .set_broker_up(crate::publish::brokers_up(&statistics));
@@ -73,6 +76,10 @@ impl ClientContext for ConsumerEvents {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         self.health.error(error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::publish::chatter::log(level, fac, message);
     }
 }
 
@@ -266,6 +273,7 @@ pub async fn run<S: Sink>(
         group,
         metrics,
         cancel: cancel.clone(),
+        signals: share::WriteSignals::default(),
     });
     ctx.metrics.health.set_started();
     let lag_sampler = tokio::spawn(sample_consumer_lag(
