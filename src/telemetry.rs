@@ -144,6 +144,61 @@ impl Episodes {
     }
 }
 
+/// A client of `url` whose server faults (unreachable, failed heartbeats, and the recovery)
+/// are logged naming the server and `key`, the config key of the URL.
+pub async fn mongo_client(url: &str, key: &str) -> mongodb::error::Result<mongodb::Client> {
+    let mut options = mongodb::options::ClientOptions::parse(url).await?;
+    watch_mongo_servers(&mut options, key);
+    mongodb::Client::with_options(options)
+}
+
+/// Tells what a MongoDB client sees of its servers, per server: the first failure (a server
+/// marked unknown, a failed heartbeat) as one warning naming the server and `config_key`, a
+/// summary every 30 s while it lasts, and one line once it answers again with no failure for
+/// 5 s. Without it a partition or resets of the link are silent: operations just wait in
+/// server selection.
+pub fn watch_mongo_servers(options: &mut mongodb::options::ClientOptions, config_key: &str) {
+    use mongodb::event::{sdam::SdamEvent, EventHandler};
+    use mongodb::ServerType;
+    let episodes = Episodes::new(Duration::from_secs(30), Duration::from_secs(5));
+    let key = config_key.to_string();
+    options.sdam_event_handler = Some(EventHandler::callback(move |event: SdamEvent| {
+        let now = Instant::now();
+        let (server, failure) = match event {
+            SdamEvent::ServerDescriptionChanged(e) => {
+                let failure = (e.new_description.server_type() == ServerType::Unknown)
+                    .then(|| e.new_description.error().map(|e| e.to_string()))
+                    .map(Option::unwrap_or_default);
+                (e.address.to_string(), failure)
+            }
+            SdamEvent::ServerHeartbeatFailed(e) => {
+                (e.server_address.to_string(), Some(e.failure.to_string()))
+            }
+            SdamEvent::ServerHeartbeatSucceeded(e) => (e.server_address.to_string(), None),
+            _ => return,
+        };
+        match failure {
+            Some(error) => match episodes.fault(&server, now) {
+                Say::Start => tracing::warn!(server, config_key = key, %error,
+                    "MongoDB server {server} ({key}) unreachable: {error}; retrying, further failures summarised"),
+                Say::Summary { held_back, lasting } => {
+                    tracing::warn!(server, config_key = key, %error,
+                    "MongoDB server {server} ({key}) still unreachable after {}s ({} more failures): {error}",
+                    lasting.as_secs(), held_back + 1)
+                }
+                _ => {}
+            },
+            None => {
+                if let Some(Say::End { signals, lasted }) = episodes.ok(&server, now) {
+                    tracing::info!(server, config_key = key,
+                        "MongoDB server {server} ({key}) reachable again after {signals} failures over {:.1}s",
+                        lasted.as_secs_f64());
+                }
+            }
+        }
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

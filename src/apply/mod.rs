@@ -466,6 +466,13 @@ fn partition_lags(consumer: &GroupConsumer) -> Vec<(String, i32, i64)> {
 fn consumer_error(e: Error) -> Result<(), Error> {
     match classify(&e) {
         Disposition::Fatal => Err(e),
+        // Connection trouble is told by the client's context, per broker and in a few lines
+        // (publish::chatter); here it would be one more line per reconnect.
+        _ if matches!(&e, Error::Kafka(k) if crate::publish::chatter::is_connection_error(k.rdkafka_error_code())) =>
+        {
+            tracing::debug!(error = %e, "consumer reported a connection problem; continuing");
+            Ok(())
+        }
         _ => {
             tracing::warn!(error = %e, "consumer reported a transient problem; continuing");
             Ok(())

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
-use crate::telemetry::{Episodes, Say};
 use crate::codec::DecodeError;
 use crate::config::{Config, OnInvalid, SourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
@@ -18,6 +17,7 @@ use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::metrics::stage;
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
+use crate::telemetry::{Episodes, Say};
 use crate::wire::EventCodec;
 
 /// How a topic's share of a batch ended.
@@ -386,8 +386,12 @@ impl WriteSignals {
     fn written(&self, target: &str, took: Duration, slow_after: Duration) {
         let now = Instant::now();
         if let Some(Say::End { signals, lasted }) = self.failing.ok(target, now) {
-            tracing::info!(target_sink = target, failures = signals,
-                "sink writes succeed again ({target}) after {signals} failed attempts over {:.1}s", lasted.as_secs_f64());
+            tracing::info!(
+                target_sink = target,
+                failures = signals,
+                "sink writes succeed again ({target}) after {signals} failed attempts over {:.1}s",
+                lasted.as_secs_f64()
+            );
         }
         if took >= slow_after {
             match self.slow.fault(target, now) {
@@ -400,8 +404,12 @@ impl WriteSignals {
                 _ => {}
             }
         } else if let Some(Say::End { signals, lasted }) = self.slow.ok(target, now) {
-            tracing::info!(target_sink = target, slow_writes = signals,
-                "sink writes fast again ({target}): {signals} slow writes over {:.1}s", lasted.as_secs_f64());
+            tracing::info!(
+                target_sink = target,
+                slow_writes = signals,
+                "sink writes fast again ({target}): {signals} slow writes over {:.1}s",
+                lasted.as_secs_f64()
+            );
         }
     }
 }
@@ -412,9 +420,11 @@ fn tell_failure(signal: Say, target: &str, e: &Error, attempts: u32) {
     match signal {
         Say::Start => tracing::warn!(error = %e, attempts, target_sink = target,
             "sink write failed ({target}); retrying with backoff, further failures summarised"),
-        Say::Summary { held_back, lasting } => tracing::warn!(error = %e, attempts, target_sink = target,
+        Say::Summary { held_back, lasting } => {
+            tracing::warn!(error = %e, attempts, target_sink = target,
             "sink write still failing ({target}) after {}s: {} more failed attempts; retrying with backoff",
-            lasting.as_secs(), held_back + 1),
+            lasting.as_secs(), held_back + 1)
+        }
         _ => {}
     }
 }

@@ -32,6 +32,10 @@ pub fn broker_of(message: &str) -> Option<&str> {
         None => message,
     };
     let (name, _) = message.split_once(": ")?;
+    // The consumer group's coordinator connection has a logical name of its own.
+    if name == "GroupCoordinator" {
+        return Some(name);
+    }
     let (address, id) = name.rsplit_once('/')?;
     (!name.contains(' ') && address.contains(':') && !id.is_empty()).then_some(name)
 }
@@ -63,6 +67,19 @@ pub fn error(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
     let say = BROKERS.fault(broker, Instant::now());
     tell(say, broker, reason, RDKafkaLogLevel::Warning);
     true
+}
+
+/// Whether a client error is connection trouble, which [`error`] already tells per broker.
+pub fn is_connection_error(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
 }
 
 /// From the periodic statistics: brokers up now end their fault once quiet long enough.
@@ -106,12 +123,18 @@ fn pass_through(level: RDKafkaLogLevel, fac: &str, message: &str) {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}"),
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
         RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
             tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
         }
-        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
     }
 }
 
@@ -126,14 +149,25 @@ mod tests {
             Some("127.0.0.1:40001/2")
         );
         assert_eq!(
-            broker_of("sasl_ssl://kafka-1:9096/bootstrap: Connect to ipv4#10.0.0.1:9096 failed: refused"),
+            broker_of(
+                "sasl_ssl://kafka-1:9096/bootstrap: Connect to ipv4#10.0.0.1:9096 failed: refused"
+            ),
             Some("sasl_ssl://kafka-1:9096/bootstrap")
         );
         assert_eq!(
             broker_of("[thrd:127.0.0.1:40001/2]: 127.0.0.1:40001/2: Connect to ipv4#127.0.0.1:40001 failed: Connection reset by peer (after 1ms in state CONNECT)"),
             Some("127.0.0.1:40001/2")
         );
-        assert_eq!(broker_of("[thrd:main]: Failed to acquire idempotence PID from broker 127.0.0.1:4/1: x"), None);
+        assert_eq!(
+            broker_of(
+                "[thrd:main]: Failed to acquire idempotence PID from broker 127.0.0.1:4/1: x"
+            ),
+            None
+        );
+        assert_eq!(
+            broker_of("[thrd:GroupCoordinator]: GroupCoordinator: 127.0.0.1:4: Disconnected"),
+            Some("GroupCoordinator")
+        );
         assert_eq!(broker_of("1/1 brokers are down"), None);
         assert_eq!(broker_of("Local: All broker connections are down: x"), None);
     }

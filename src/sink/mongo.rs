@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::options::{ReadPreference, SelectionCriteria};
-use mongodb::{Client, Database};
+use mongodb::Database;
 use tokio::sync::Mutex;
 
 use futures::TryStreamExt;
@@ -66,7 +66,13 @@ type Statement = (usize, Document);
 
 impl MongoSink {
     pub async fn connect(config: &MongoSinkConfig) -> Result<Self, Error> {
-        let client = Client::with_uri_str(config.url.expose()).await?;
+        Self::connect_as(config, "sinks.NAME.url").await
+    }
+
+    /// [`Self::connect`] for the sink whose URL is the config key `key` (`sinks.NAME.url`):
+    /// its server faults are logged naming it.
+    pub async fn connect_as(config: &MongoSinkConfig, key: &str) -> Result<Self, Error> {
+        let client = crate::telemetry::mongo_client(config.url.expose(), key).await?;
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
         let write_concern = match db.write_concern() {

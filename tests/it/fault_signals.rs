@@ -42,9 +42,15 @@ impl ProxiedBroker {
     async fn pipeline_toml(&self, mongo_url: Option<&str>) -> (String, String) {
         let servers = servers();
         let sink_url = create_database(&servers).await;
-        let mut text = pipeline_toml(&servers, "postgres://unused/db", &sink_url, &unique("m"), "")
-            .replace(&servers.kafka, &self.link.listen)
-            .replace("partitions = 3", "partitions = 1");
+        let mut text = pipeline_toml(
+            &servers,
+            "postgres://unused/db",
+            &sink_url,
+            &unique("m"),
+            "",
+        )
+        .replace(&servers.kafka, &self.link.listen)
+        .replace("partitions = 3", "partitions = 1");
         if let Some(mongo) = mongo_url {
             text = text.replace(&servers.mongo, mongo);
         }
@@ -96,6 +102,50 @@ async fn a_healed_broker_partition_is_applied_again_within_seconds() {
     apply.await.unwrap().unwrap();
 }
 
+/// The relay's side of the same: its producer's connection is blackholed for 35 s, longer
+/// than librdkafka's request timeout (30 s), while a message waits for its acknowledgement;
+/// from the heal to the acknowledgement must take well under 30 s (figure printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_held_by_a_healed_broker_partition_is_acknowledged_within_seconds() {
+    let broker = ProxiedBroker::start().await;
+    let (text, _) = broker.pipeline_toml(None).await;
+    let config = parse(&text);
+    let topic = config.kafka.topic_for("customers");
+    let publisher = dualsync::publish::Publisher::new(&config.kafka).unwrap();
+    publisher.ensure_topic(&topic).await.unwrap();
+    let message = |v: &str| dualsync::publish::Outgoing {
+        topic: topic.clone(),
+        key: Some(b"c0".to_vec()),
+        value: v.as_bytes().to_vec(),
+        headers: rdkafka::message::OwnedHeaders::new(),
+    };
+    publisher.publish_all(vec![message("1")]).await.unwrap();
+
+    broker.proxy.blackhole(&broker.link).await;
+    let publisher = std::sync::Arc::new(publisher);
+    let waiting = {
+        let publisher = publisher.clone();
+        let m = message("2");
+        tokio::spawn(async move { publisher.publish_all(vec![m]).await })
+    };
+    // The fault's length, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert!(!waiting.is_finished(), "acknowledged through a blackhole");
+    broker.proxy.heal(&broker.link).await;
+    let healed = Instant::now();
+    tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("acknowledged in time")
+        .unwrap()
+        .unwrap();
+    let recovery = healed.elapsed();
+    println!("heal -> acknowledged: {:.1}s", recovery.as_secs_f64());
+    assert!(
+        recovery < Duration::from_secs(15),
+        "the message held by the partition was acknowledged {recovery:?} after the heal"
+    );
+}
+
 /// Lines of the log file `name` (in the temporary folder) containing `needle`.
 fn lines_with(name: &str, needle: &str) -> Vec<String> {
     std::fs::read_to_string(std::env::temp_dir().join(name))
@@ -123,7 +173,10 @@ impl Drop for Running {
 fn apply_process(text: &str, sink: &str) -> (Running, String) {
     let path = write_config(text);
     let log = format!("{}.log", unique("fault-signals"));
-    let child = spawn(&["apply", "-c", path.to_str().unwrap(), "--sink", sink], &log);
+    let child = spawn(
+        &["apply", "-c", path.to_str().unwrap(), "--sink", sink],
+        &log,
+    );
     (Running(Some(child)), log)
 }
 
@@ -155,7 +208,9 @@ async fn resets_of_a_broker_link_are_told_in_a_few_lines_naming_the_broker() {
     wait_version(&sink_url, "c0", 2).await;
     let name = format!(":{}/", broker.link.port());
     eventually("the broker's recovery is logged", || async {
-        lines_with(&log, "up again").iter().any(|l| l.contains(&name))
+        lines_with(&log, "up again")
+            .iter()
+            .any(|l| l.contains(&name))
     })
     .await;
     let text = stop(child, &log);
@@ -194,7 +249,10 @@ async fn mongo_version(db: &str, key: &str) -> Option<i64> {
         .find_one(mongodb::bson::doc! {"_id": key})
         .await
         .ok()??;
-    doc.get("version").and_then(|v| v.as_i64().or(v.as_i32().map(i64::from)))
+    doc.get_document(dualsync::sink::mongo::META_FIELD)
+        .ok()?
+        .get_i64("version")
+        .ok()
 }
 
 async fn wait_mongo_version(db: &str, key: &str, version: i64) {
@@ -212,8 +270,14 @@ async fn a_slow_mongodb_sink_logs_one_warning_naming_it_and_one_when_fast_again(
     let servers = servers();
     let (proxy, link, url) = proxied_mongo().await;
     let db = unique("m");
-    let text = pipeline_toml(&servers, "postgres://unused/db", "postgres://unused/db", &db, "")
-        .replace(&servers.mongo, &url);
+    let text = pipeline_toml(
+        &servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        &db,
+        "",
+    )
+    .replace(&servers.mongo, &url);
     let config = parse(&text);
     let (child, log) = apply_process(&text, "mongo");
     produce(&config, &[("c0", 1)]).await;
@@ -245,10 +309,17 @@ async fn a_slow_mongodb_sink_logs_one_warning_naming_it_and_one_when_fast_again(
         .filter(|l| l.contains("sinks.mongo.url"))
         .collect();
     assert!(
-        about.iter().any(|l| l.contains("WARN") && l.contains("slow")),
+        about
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("slow")),
         "no warning named the slow sink:\n{text}"
     );
-    assert!(about.len() <= 4, "{} lines:\n{}", about.len(), about.join("\n"));
+    assert!(
+        about.len() <= 4,
+        "{} lines:\n{}",
+        about.len(),
+        about.join("\n")
+    );
 }
 
 /// Issue #36: 11 s of connection resets on the MongoDB sink's link were silent. Now one line
@@ -258,8 +329,14 @@ async fn resets_of_the_mongodb_sink_link_are_told_naming_the_sink() {
     let servers = servers();
     let (proxy, link, url) = proxied_mongo().await;
     let db = unique("m");
-    let text = pipeline_toml(&servers, "postgres://unused/db", "postgres://unused/db", &db, "")
-        .replace(&servers.mongo, &url);
+    let text = pipeline_toml(
+        &servers,
+        "postgres://unused/db",
+        "postgres://unused/db",
+        &db,
+        "",
+    )
+    .replace(&servers.mongo, &url);
     let config = parse(&text);
     let (child, log) = apply_process(&text, "mongo");
     produce(&config, &[("c0", 1)]).await;
@@ -275,10 +352,27 @@ async fn resets_of_the_mongodb_sink_link_are_told_naming_the_sink() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     proxy.heal(&link).await;
     wait_mongo_version(&db, "c0", 2).await;
+    eventually("a line says the server is reachable again", || async {
+        lines_with(&log, "sinks.mongo.url")
+            .iter()
+            .any(|l| l.contains("reachable again"))
+    })
+    .await;
     let text = stop(child, &log);
     let about: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("sinks.mongo.url"))
         .collect();
-    assert!(about.len() <= 8, "{} lines:\n{}", about.len(), about.join("\n"));
+    assert!(
+        about
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("unreachable")),
+        "no warning named the server:\n{text}"
+    );
+    assert!(
+        about.len() <= 8,
+        "{} lines:\n{}",
+        about.len(),
+        about.join("\n")
+    );
 }

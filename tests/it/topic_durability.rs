@@ -73,8 +73,11 @@ async fn create(brokers: &str, topic: &str, replication: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn topics_are_not_created_weaker_while_a_broker_is_down_and_weak_ones_are_named() {
     let servers = servers();
-    let mut kafka =
-        KafkaCluster::start_with(3, "min.insync.replicas=1\ndefault.replication.factor=3", None);
+    let mut kafka = KafkaCluster::start_with(
+        3,
+        "min.insync.replicas=1\ndefault.replication.factor=3",
+        None,
+    );
     let brokers = kafka.bootstrap();
     let mut config = pipeline_without_postgres(&servers, "x");
     config.kafka.brokers = brokers.clone();
