@@ -30,7 +30,7 @@ use crate::config::MongoSinkConfig;
 use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 
 /// Field holding dualsync's bookkeeping in every document.
-pub const META_FIELD: &str = "_dualsync";
+const META_FIELD: &str = "_dualsync";
 
 /// Collection of the purge horizons: per collection (`_id`), the highest version of any
 /// tombstone ever purged (`version`). An event at or below it may be older than a purged

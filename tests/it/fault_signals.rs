@@ -249,10 +249,8 @@ async fn mongo_version(db: &str, key: &str) -> Option<i64> {
         .find_one(mongodb::bson::doc! {"_id": key})
         .await
         .ok()??;
-    doc.get_document(dualsync::sink::mongo::META_FIELD)
-        .ok()?
-        .get_i64("version")
-        .ok()
+    // The sink's metadata field (sink::mongo::META_FIELD).
+    doc.get_document("_dualsync").ok()?.get_i64("version").ok()
 }
 
 async fn wait_mongo_version(db: &str, key: &str, version: i64) {
