@@ -66,13 +66,14 @@ type Statement = (usize, Document);
 
 impl MongoSink {
     pub async fn connect(config: &MongoSinkConfig) -> Result<Self, Error> {
-        Self::connect_as(config, "sinks.NAME.url").await
+        Self::connect_as(config, "NAME").await
     }
 
-    /// [`Self::connect`] for the sink whose URL is the config key `key` (`sinks.NAME.url`):
-    /// its server faults are logged naming it.
-    pub async fn connect_as(config: &MongoSinkConfig, key: &str) -> Result<Self, Error> {
-        let client = crate::telemetry::mongo_client(config.url.expose(), key).await?;
+    /// [`Self::connect`] for the sink `[sinks.NAME]`: its server faults are logged naming
+    /// `sinks.NAME.url`.
+    pub async fn connect_as(config: &MongoSinkConfig, name: &str) -> Result<Self, Error> {
+        let key = format!("sinks.{name}.url");
+        let client = crate::telemetry::mongo_client(config.url.expose(), &key).await?;
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
         let write_concern = match db.write_concern() {
