@@ -240,6 +240,43 @@ async fn proxied_mongo() -> (Toxiproxy, Link, String) {
     (proxy, link, url)
 }
 
+/// An apply process writing to a fresh MongoDB sink database through a link of its own, with
+/// c0@1 applied: (proxy, link, database, config, process, log file).
+async fn mongo_apply_through_a_link() -> (
+    Toxiproxy,
+    Link,
+    String,
+    dualsync::config::Config,
+    Running,
+    String,
+) {
+    let servers = servers();
+    let (proxy, link, url) = proxied_mongo().await;
+    let db = unique("m");
+    let unused = "postgres://unused/db";
+    let text = pipeline_toml(&servers, unused, unused, &db, "").replace(&servers.mongo, &url);
+    let config = parse(&text);
+    let (child, log) = apply_process(&text, "mongo");
+    produce(&config, &[("c0", 1)]).await;
+    wait_mongo_version(&db, "c0", 1).await;
+    (proxy, link, db, config, child, log)
+}
+
+/// The lines of `text` naming the MongoDB sink's key; at most `most` of them.
+fn sink_lines(text: &str, most: usize) -> Vec<&str> {
+    let about: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sinks.mongo.url"))
+        .collect();
+    assert!(
+        about.len() <= most,
+        "{} lines:\n{}",
+        about.len(),
+        about.join("\n")
+    );
+    about
+}
+
 /// The version of `key` in the MongoDB sink database `db` (read directly, past any proxy).
 async fn mongo_version(db: &str, key: &str) -> Option<i64> {
     let client = mongodb::Client::with_uri_str(&servers().mongo).await.ok()?;
@@ -265,21 +302,7 @@ async fn wait_mongo_version(db: &str, key: &str, version: i64) {
 /// key, and one line when writes are fast again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_mongodb_sink_logs_one_warning_naming_it_and_one_when_fast_again() {
-    let servers = servers();
-    let (proxy, link, url) = proxied_mongo().await;
-    let db = unique("m");
-    let text = pipeline_toml(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &db,
-        "",
-    )
-    .replace(&servers.mongo, &url);
-    let config = parse(&text);
-    let (child, log) = apply_process(&text, "mongo");
-    produce(&config, &[("c0", 1)]).await;
-    wait_mongo_version(&db, "c0", 1).await;
+    let (proxy, link, db, config, child, log) = mongo_apply_through_a_link().await;
 
     proxy.latency(&link, 1500, 0).await;
     for v in 2..=4 {
@@ -302,21 +325,11 @@ async fn a_slow_mongodb_sink_logs_one_warning_naming_it_and_one_when_fast_again(
     })
     .await;
     let text = stop(child, &log);
-    let about: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("sinks.mongo.url"))
-        .collect();
     assert!(
-        about
+        sink_lines(&text, 4)
             .iter()
             .any(|l| l.contains("WARN") && l.contains("slow")),
         "no warning named the slow sink:\n{text}"
-    );
-    assert!(
-        about.len() <= 4,
-        "{} lines:\n{}",
-        about.len(),
-        about.join("\n")
     );
 }
 
@@ -324,21 +337,7 @@ async fn a_slow_mongodb_sink_logs_one_warning_naming_it_and_one_when_fast_again(
 /// names the sink and its key while it lasts, one says it recovered, and no flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn resets_of_the_mongodb_sink_link_are_told_naming_the_sink() {
-    let servers = servers();
-    let (proxy, link, url) = proxied_mongo().await;
-    let db = unique("m");
-    let text = pipeline_toml(
-        &servers,
-        "postgres://unused/db",
-        "postgres://unused/db",
-        &db,
-        "",
-    )
-    .replace(&servers.mongo, &url);
-    let config = parse(&text);
-    let (child, log) = apply_process(&text, "mongo");
-    produce(&config, &[("c0", 1)]).await;
-    wait_mongo_version(&db, "c0", 1).await;
+    let (proxy, link, db, config, child, log) = mongo_apply_through_a_link().await;
 
     proxy.reset_peer(&link, 0).await;
     produce(&config, &[("c0", 2)]).await;
@@ -357,20 +356,10 @@ async fn resets_of_the_mongodb_sink_link_are_told_naming_the_sink() {
     })
     .await;
     let text = stop(child, &log);
-    let about: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("sinks.mongo.url"))
-        .collect();
     assert!(
-        about
+        sink_lines(&text, 8)
             .iter()
             .any(|l| l.contains("WARN") && l.contains("unreachable")),
         "no warning named the server:\n{text}"
-    );
-    assert!(
-        about.len() <= 8,
-        "{} lines:\n{}",
-        about.len(),
-        about.join("\n")
     );
 }
