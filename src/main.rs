@@ -229,7 +229,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             match sink_config.clone() {
                 SinkConfig::Postgres(p) => run.run(|| PostgresSink::connect(&p)).await?,
-                SinkConfig::Mongodb(m) => run.run(|| MongoSink::connect(&m)).await?,
+                SinkConfig::Mongodb(m) => run.run(|| MongoSink::connect_as(&m, &sink_name)).await?,
             }
             tracing::info!("apply stopped");
             Ok(())

@@ -51,6 +51,8 @@ pub struct ApplyContext<S: Sink> {
     pub cancel: CancellationToken,
     /// `[telemetry]`'s tracer: a span per sink write (one topic of a batch).
     pub traces: Option<Traces>,
+    /// Runs of slow and of failing sink writes, each told in a few lines.
+    pub signals: share::WriteSignals,
 }
 
 /// The consumer's librdkafka context: logs every rebalance, keeps the assignment size in the
@@ -69,6 +71,7 @@ pub struct ConsumerEvents {
 
 impl ClientContext for ConsumerEvents {
     fn stats(&self, statistics: Statistics) {
+        crate::publish::chatter::statistics(&statistics);
         self.metrics
             .health
             .set_broker_up(crate::publish::brokers_up(&statistics));
@@ -76,6 +79,10 @@ impl ClientContext for ConsumerEvents {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         self.health.error(error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::publish::chatter::log(level, fac, message);
     }
 }
 
@@ -271,6 +278,7 @@ pub async fn run<S: Sink>(
         metrics,
         cancel: cancel.clone(),
         traces: tracer.clone(),
+        signals: share::WriteSignals::default(),
     });
     ctx.metrics.health.set_started();
     let lag_sampler = tokio::spawn(sample_consumer_lag(
@@ -502,6 +510,13 @@ fn partition_lags(consumer: &GroupConsumer) -> Vec<(String, i32, i64)> {
 fn consumer_error(e: Error) -> Result<(), Error> {
     match classify(&e) {
         Disposition::Fatal => Err(e),
+        // Connection trouble is told by the client's context, per broker and in a few lines
+        // (publish::chatter); here it would be one more line per reconnect.
+        _ if matches!(&e, Error::Kafka(k) if crate::publish::chatter::is_connection_error(k.rdkafka_error_code())) =>
+        {
+            tracing::debug!(error = %e, "consumer reported a connection problem; continuing");
+            Ok(())
+        }
         _ => {
             tracing::warn!(error = %e, "consumer reported a transient problem; continuing");
             Ok(())

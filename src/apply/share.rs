@@ -21,6 +21,7 @@ use crate::publish::{header_str, headers};
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
 use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
+use crate::telemetry::{Episodes, Say};
 use crate::wire::EventCodec;
 
 /// How a topic's share of a batch ended.
@@ -181,10 +182,13 @@ async fn write<S: Sink>(
     let at = Endpoint::Sink(&ctx.sink_name);
     // The watchdog: this write, until it is done, shows in /readyz and /status once it takes
     // longer than http.stuck_write_secs, whether waiting on a call or retrying one.
+    let target = format!("{at} ({})", at.config_key());
     let _watch = ctx.metrics.health.write_started(
-        format!("{at} ({})", at.config_key()),
+        target.clone(),
         Duration::from_secs(ctx.config.http.stuck_write_secs),
     );
+    let started = Instant::now();
+    let slow_after = Duration::from_millis(ctx.config.http.slow_write_ms);
     let deadline = ctx
         .config
         .sinks
@@ -206,6 +210,7 @@ async fn write<S: Sink>(
         match applied {
             Ok(outcome) => {
                 retrying.end();
+                ctx.signals.written(&target, started.elapsed(), slow_after);
                 let count = |outcome: &str, n: u64| {
                     ctx.metrics
                         .applied
@@ -239,8 +244,9 @@ async fn write<S: Sink>(
                     retrying.begin();
                     let at = endpoint(&e, Endpoint::Sink(&ctx.sink_name))
                         .unwrap_or(Endpoint::Sink(&ctx.sink_name));
-                    tracing::warn!(error = %e, attempts, connection = %at, config_key = %at.config_key(),
-                        "sink write failed ({at}, {}); retrying with backoff", at.config_key());
+                    let signal = ctx.signals.failing.fault(&target, Instant::now());
+                    let at = format!("{at}, {}", at.config_key());
+                    tell_failure(signal, &at, &e, attempts);
                     if !policy.pause(&ctx.cancel).await {
                         return Ok(false);
                     }
@@ -386,6 +392,73 @@ async fn dead_letter<S: Sink>(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Runs of slow sink writes (`http.slow_write_ms`) and of failing ones, per sink, each told as
+/// one line at the start, a summary every 30 s and one line at the end: a slow or flapping
+/// sink is never silent and never floods the log.
+pub struct WriteSignals {
+    /// Ends on a fast write 5 s after the last slow one (latency jitters).
+    pub slow: Episodes,
+    /// Ends on the first success.
+    pub failing: Episodes,
+}
+
+impl Default for WriteSignals {
+    fn default() -> Self {
+        Self {
+            slow: Episodes::new(Duration::from_secs(30), Duration::from_secs(5)),
+            failing: Episodes::new(Duration::from_secs(30), Duration::ZERO),
+        }
+    }
+}
+
+impl WriteSignals {
+    /// A write to `target` succeeded after `took` (its retries included).
+    fn written(&self, target: &str, took: Duration, slow_after: Duration) {
+        let now = Instant::now();
+        if let Some(Say::End { signals, lasted }) = self.failing.ok(target, now) {
+            tracing::info!(
+                target_sink = target,
+                failures = signals,
+                "sink writes succeed again ({target}) after {signals} failed attempts over {:.1}s",
+                lasted.as_secs_f64()
+            );
+        }
+        if took >= slow_after {
+            match self.slow.fault(target, now) {
+                Say::Start => tracing::warn!(target_sink = target, took_ms = took.as_millis() as u64,
+                    "sink writes slow ({target}): a write took {:.1}s (http.slow_write_ms = {}); further slow writes are summarised",
+                    took.as_secs_f64(), slow_after.as_millis()),
+                Say::Summary { held_back, lasting } => tracing::warn!(target_sink = target, held_back,
+                    "sink writes still slow ({target}) after {}s: {} more slow writes, the last took {:.1}s",
+                    lasting.as_secs(), held_back + 1, took.as_secs_f64()),
+                _ => {}
+            }
+        } else if let Some(Say::End { signals, lasted }) = self.slow.ok(target, now) {
+            tracing::info!(
+                target_sink = target,
+                slow_writes = signals,
+                "sink writes fast again ({target}): {signals} slow writes over {:.1}s",
+                lasted.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Logs a failed attempt of a write as its episode says; `target`: the connection that failed
+/// and its config key.
+fn tell_failure(signal: Say, target: &str, e: &Error, attempts: u32) {
+    match signal {
+        Say::Start => tracing::warn!(error = %e, attempts, target_sink = target,
+            "sink write failed ({target}); retrying with backoff, further failures summarised"),
+        Say::Summary { held_back, lasting } => {
+            tracing::warn!(error = %e, attempts, target_sink = target,
+            "sink write still failing ({target}) after {}s: {} more failed attempts; retrying with backoff",
+            lasting.as_secs(), held_back + 1)
+        }
+        _ => {}
     }
 }
 

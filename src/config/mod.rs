@@ -311,6 +311,10 @@ pub struct HttpConfig {
     /// makes `/readyz` fail, naming the sink: a watchdog that reacts before the call's own
     /// deadline (`sinks.NAME.timeout_ms`).
     pub stuck_write_secs: u64,
+    /// A sink write (its retries included) that takes longer than this is slow: the first of
+    /// a run of slow writes logs one warning naming the sink, and a line when writes are fast
+    /// again (a summary every 30 s between).
+    pub slow_write_ms: u64,
     pub warn_consumer_lag: i64,
     pub warn_outbox_backlog: i64,
     pub warn_oldest_unpublished_secs: u64,
@@ -328,6 +332,7 @@ impl Default for HttpConfig {
             token_env: "DUALSYNC_HTTP_TOKEN".into(),
             stuck_after_secs: 60,
             stuck_write_secs: 10,
+            slow_write_ms: 1000,
             warn_consumer_lag: 10_000,
             warn_outbox_backlog: 10_000,
             warn_oldest_unpublished_secs: 60,

@@ -196,6 +196,9 @@ impl Config {
         if self.http.stuck_write_secs == 0 {
             return err("http.stuck_write_secs", "must be above 0");
         }
+        if self.http.slow_write_ms == 0 {
+            return err("http.slow_write_ms", "must be above 0");
+        }
         if !(0.0..=1.0).contains(&self.http.warn_failure_rate) {
             return err("http.warn_failure_rate", "must be between 0 and 1");
         }

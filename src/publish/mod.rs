@@ -23,6 +23,7 @@ use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
+pub mod chatter;
 pub mod durability;
 
 /// Header names of every relay message: the contract with downstream consumers.
@@ -99,6 +100,7 @@ pub const STATISTICS_INTERVAL_MS: &str = "5000";
 
 impl ClientContext for KafkaHealth {
     fn stats(&self, statistics: Statistics) {
+        chatter::statistics(&statistics);
         if let Some(m) = &self.metrics {
             m.health.set_broker_up(brokers_up(&statistics));
         }
@@ -110,7 +112,14 @@ impl ClientContext for KafkaHealth {
                 m.health.set_broker_up(false);
             }
         }
-        tracing::warn!(error = %error, reason, "kafka client error");
+        // An error about one broker is part of that broker's fault, told in a few lines.
+        if !chatter::error(error.rdkafka_error_code(), reason) {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        chatter::log(level, fac, message);
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::options::{ReadPreference, SelectionCriteria};
-use mongodb::{Client, Database};
+use mongodb::Database;
 use tokio::sync::Mutex;
 
 use futures::TryStreamExt;
@@ -32,7 +32,7 @@ use crate::config::MongoSinkConfig;
 use crate::error::{classify, Disposition, Error, MONGO_DUPLICATE_KEY};
 
 /// Field holding dualsync's bookkeeping in every document.
-pub const META_FIELD: &str = "_dualsync";
+const META_FIELD: &str = "_dualsync";
 
 /// Collection of the purge horizons: per collection (`_id`), `version`, the highest version of
 /// any tombstone the purge may delete (in force for every write from the moment it is
@@ -86,7 +86,14 @@ struct Horizon {
 
 impl MongoSink {
     pub async fn connect(config: &MongoSinkConfig) -> Result<Self, Error> {
-        let client = Client::with_uri_str(config.url.expose()).await?;
+        Self::connect_as(config, "NAME").await
+    }
+
+    /// [`Self::connect`] for the sink `[sinks.NAME]`: its server faults are logged naming
+    /// `sinks.NAME.url`.
+    pub async fn connect_as(config: &MongoSinkConfig, name: &str) -> Result<Self, Error> {
+        let key = format!("sinks.{name}.url");
+        let client = crate::telemetry::mongo_client(config.url.expose(), &key).await?;
         let db = client.database(&config.database);
         db.run_command(doc! {"ping": 1}).await?;
         let write_concern = match db.write_concern() {

@@ -148,7 +148,7 @@ impl MongoSource {
         health: &Health,
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, Error> {
-        let client = Client::with_uri_str(config.url.expose()).await?;
+        let client = crate::telemetry::mongo_client(config.url.expose(), "source.url").await?;
         Self::acquire_leadership_on(&client, config, pipeline, health, cancel).await
     }
 

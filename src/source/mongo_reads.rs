@@ -10,7 +10,7 @@ use crate::error::Error;
 
 /// The source's database, on a client of its own.
 pub async fn connect(source_config: &MongoSourceConfig) -> Result<Database, Error> {
-    let client = mongodb::Client::with_uri_str(source_config.url.expose()).await?;
+    let client = crate::telemetry::mongo_client(source_config.url.expose(), "source.url").await?;
     Ok(client.database(&source_config.database))
 }
 

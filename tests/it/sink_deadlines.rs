@@ -25,7 +25,7 @@ fn customer(id: &str, version: i64) -> Vec<u8> {
 }
 
 /// Produces `customers` events (key, version) in order.
-async fn produce(config: &Config, events: &[(&str, i64)]) {
+pub async fn produce(config: &Config, events: &[(&str, i64)]) {
     let (topic, producer) = topic_with_producer(config, "customers").await;
     let values: Vec<(&str, Vec<u8>)> = events.iter().map(|(k, v)| (*k, customer(k, *v))).collect();
     let messages: Vec<(&str, &[u8])> = values.iter().map(|(k, v)| (*k, v.as_slice())).collect();
@@ -51,7 +51,7 @@ async fn pipeline_on_fresh_sink(url_tail: &str) -> (Config, String) {
 }
 
 /// The version of `key` in the sink database at `url`, read past any proxy.
-async fn version_at(url: &str, key: &str) -> Option<i64> {
+pub async fn version_at(url: &str, key: &str) -> Option<i64> {
     let client = dualsync::pg::connect(url).await.unwrap();
     let row = client
         .query_opt(
@@ -65,7 +65,7 @@ async fn version_at(url: &str, key: &str) -> Option<i64> {
 }
 
 /// Waits until the sink at `url` holds `key` at `version`.
-async fn wait_version(url: &str, key: &str, version: i64) {
+pub async fn wait_version(url: &str, key: &str, version: i64) {
     eventually(&format!("{key}@{version} is in the sink"), || async {
         version_at(url, key).await == Some(version)
     })
