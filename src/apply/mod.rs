@@ -8,6 +8,8 @@
 //! exponential backoff and jitter, holding the partitions' positions, for as long as it takes
 //! (or until shutdown, which abandons the batch uncommitted).
 
+mod lag;
+mod purge;
 mod share;
 
 use std::collections::BTreeMap;
@@ -281,17 +283,17 @@ pub async fn run<S: Sink>(
         signals: share::WriteSignals::default(),
     });
     ctx.metrics.health.set_started();
-    let lag_sampler = tokio::spawn(sample_consumer_lag(
+    let lag_sampler = tokio::spawn(lag::sample_consumer_lag(
         consumer.clone(),
         ctx.metrics.clone(),
         cancel.clone(),
     ));
     let interval = Duration::from_secs(config.apply.tombstone_purge_interval_secs);
-    let purger = tokio::spawn(purge_tombstones(
+    let purger = tokio::spawn(purge::purge_tombstones(
         ctx.sink.clone(),
-        tombstone_retention(config, sink_name),
+        purge::tombstone_retention(config, sink_name),
         interval,
-        purge_grace(config, sink_name, interval),
+        purge::purge_grace(config, sink_name, interval),
         cancel.clone(),
     ));
     let mut pending = Vec::new();
@@ -327,54 +329,6 @@ pub async fn run<S: Sink>(
     }
     traces::shutdown(tracer).await;
     result
-}
-
-/// The sink's tombstone purge, every `interval` (idle or not), as its own task: the poll loop
-/// never waits for it, and each of its statements is bounded (the sinks delete in chunks).
-/// `grace` is the time between raising a horizon and deleting under it ([`purge_grace`]).
-/// Failures are logged and tried again at the next interval.
-async fn purge_tombstones<S: Sink>(
-    sink: Arc<S>,
-    retention: Duration,
-    interval: Duration,
-    grace: Duration,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            purged = sink.purge_tombstones(retention, grace) => match purged {
-                Ok(n) if n > 0 => tracing::info!(purged = n, "purged old tombstones"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "tombstone purge failed; will try again"),
-            },
-        }
-    }
-}
-
-/// The purge's grace between raising a horizon and deleting the tombstones it covers: a write
-/// that read the horizon before the raise must be over by then. No sink statement outlives
-/// `sinks.NAME.timeout_ms` (the server cancels it), so the grace is the purge interval, or that
-/// deadline and a second when the interval is shorter.
-fn purge_grace(config: &Config, sink_name: &str, interval: Duration) -> Duration {
-    let deadline = config
-        .sinks
-        .get(sink_name)
-        .map_or(Duration::ZERO, |s| s.timeout());
-    interval.max(deadline + Duration::from_secs(1))
-}
-
-fn tombstone_retention(config: &Config, sink_name: &str) -> Duration {
-    let secs = match config.sinks.get(sink_name) {
-        Some(crate::config::SinkConfig::Postgres(p)) => p.tombstone_retention_secs,
-        Some(crate::config::SinkConfig::Mongodb(m)) => m.tombstone_retention_secs,
-        None => u64::MAX / 2,
-    };
-    Duration::from_secs(secs)
 }
 
 /// Pauses the assigned partitions until `control` is resumed (or shutdown), still polling so
@@ -451,58 +405,6 @@ async fn next_batch<S: Sink>(
         }
     }
     Ok(batch)
-}
-
-/// How often the consumer lag gauges are refreshed.
-const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Keeps `dualsync_consumer_lag_messages` per assigned partition: the partition's high
-/// watermark (asked of the broker) minus this consumer's position. Asked of the broker rather than taken from librdkafka's
-/// statistics, which stop updating while a partition is paused — exactly when lag matters.
-async fn sample_consumer_lag(
-    consumer: Arc<GroupConsumer>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
-        }
-        let consumer = consumer.clone();
-        let lags = tokio::task::spawn_blocking(move || partition_lags(&consumer))
-            .await
-            .unwrap_or_default();
-        metrics.consumer_lag.reset();
-        for (topic, partition, lag) in lags {
-            metrics
-                .consumer_lag
-                .with_label_values(&[&topic, &partition.to_string()])
-                .set(lag);
-        }
-    }
-}
-
-/// (topic, partition, lag) of every assigned partition whose position is known (a message
-/// was consumed since the assignment) and whose watermarks could be fetched. Only local state
-/// and the partition leaders are asked; never the group coordinator, so sampling cannot get in
-/// the way of a rebalance.
-fn partition_lags(consumer: &GroupConsumer) -> Vec<(String, i32, i64)> {
-    const TIMEOUT: Duration = Duration::from_secs(2);
-    let Ok(positions) = consumer.position() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in positions.elements() {
-        let Some(position) = e.offset().to_raw().filter(|o| *o >= 0) else {
-            continue;
-        };
-        let (topic, partition) = (e.topic(), e.partition());
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) {
-            out.push((topic.to_string(), partition, (high - position).max(0)));
-        }
-    }
-    out
 }
 
 /// A consumer-level error: fatal ones end the stage, the rest are logged (librdkafka keeps

@@ -20,8 +20,8 @@ use crate::metrics::stage;
 use crate::publish::{header_str, headers};
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
-use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::telemetry::{Episodes, Say};
+use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::wire::EventCodec;
 
 /// How a topic's share of a batch ended.

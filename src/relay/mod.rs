@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::SpanKind;
 use tokio_util::sync::CancellationToken;
 
+mod mapping;
 pub mod mongo;
 pub mod outbox;
 pub mod versions;

@@ -58,7 +58,6 @@ impl std::ops::Deref for Connection {
     }
 }
 
-#[path = "postgres_purge.rs"]
 mod purge;
 
 /// How one aggregate type is laid out in its table.
