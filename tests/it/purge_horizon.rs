@@ -317,8 +317,7 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
     let servers = servers();
     let sink_url = create_database(&servers).await;
     let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
-    config.apply.tombstone_purge_interval_secs = 1;
-    short_sink_deadlines(&mut config);
+    purge_every_second(&mut config);
     let other_member = postgres_sink(&config).await;
     seed_tombstones(&other_member).await;
     let replica = dualsync::pg::connect(&sink_url).await.unwrap();
@@ -369,8 +368,7 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
 async fn an_idle_member_purges_expired_tombstones_mongo() {
     let servers = servers();
     let mut config = pipeline_without_postgres(&servers, &unique("t"));
-    config.apply.tombstone_purge_interval_secs = 1;
-    short_sink_deadlines(&mut config);
+    purge_every_second(&mut config);
     let dualsync::config::SinkConfig::Mongodb(mongo) = &config.sinks["mongo"] else {
         unreachable!()
     };
@@ -404,8 +402,7 @@ async fn apply_keeps_writing_while_a_purge_is_held_up() {
     let servers = servers();
     let sink_url = create_database(&servers).await;
     let mut config = pipeline(&servers, &sink_url, &sink_url, &unique("t"), "");
-    config.apply.tombstone_purge_interval_secs = 1;
-    short_sink_deadlines(&mut config);
+    purge_every_second(&mut config);
     let other_member = postgres_sink(&config).await;
     other_member
         .apply(&[SinkRecord::from(named_customer("gone", 1, "g"))])
@@ -461,9 +458,10 @@ async fn apply_keeps_writing_while_a_purge_is_held_up() {
     apply.await.unwrap().unwrap();
 }
 
-/// Sink deadlines of a second, so the purge's grace (the deadline and a second when longer than
-/// the interval) stays short in these tests.
-fn short_sink_deadlines(config: &mut dualsync::config::Config) {
+/// The purge every second, with sink deadlines of a second so its grace (the deadline and a
+/// second when longer than the interval) stays short in these tests.
+fn purge_every_second(config: &mut dualsync::config::Config) {
+    config.apply.tombstone_purge_interval_secs = 1;
     for sink in config.sinks.values_mut() {
         match sink {
             dualsync::config::SinkConfig::Postgres(p) => p.timeout_ms = 1_000,
