@@ -411,6 +411,12 @@ mod defaults {
     pub fn retention_secs() -> u64 {
         3600
     }
+    pub fn wal_slot_name() -> String {
+        "dualsync_outbox".into()
+    }
+    pub fn wal_publication() -> String {
+        "dualsync_outbox".into()
+    }
     pub fn topic_template() -> String {
         "outbox.event.{aggregatetype}".into()
     }
@@ -586,7 +592,7 @@ mod validate;
 pub use columns::{ColumnConfig, ColumnTableConfig, ColumnType, RESERVED_COLUMNS};
 pub use secret::{is_secret_key, redact_url, Secret};
 pub use sinks::{MongoSinkConfig, PostgresSinkConfig, SinkConfig};
-pub use source::{MongoSourceConfig, OnHistoryLost, OutboxSourceConfig, SourceConfig};
+pub use source::{Capture, MongoSourceConfig, OnHistoryLost, OutboxSourceConfig, SourceConfig};
 
 #[cfg(test)]
 mod tests;

@@ -114,4 +114,27 @@ pub struct OutboxSourceConfig {
     /// (`source::leader_lease`).
     #[serde(default = "super::defaults::outbox_lease_secs")]
     pub lease_secs: u64,
+    /// How the relay learns of new outbox events: `poll` reads the table (works on any
+    /// PostgreSQL, marks rows) or `wal` streams them from a logical replication slot
+    /// (needs `wal_level = logical` and the REPLICATION attribute; no marking writes, no
+    /// writers' lock). See docs/outbox.md for how to choose and switch.
+    #[serde(default)]
+    pub capture: Capture,
+    /// `capture = "wal"`: the logical replication slot dualsync creates and streams.
+    #[serde(default = "super::defaults::wal_slot_name")]
+    pub slot_name: String,
+    /// `capture = "wal"`: the publication (INSERTs on `dualsync.outbox`) the slot decodes.
+    #[serde(default = "super::defaults::wal_publication")]
+    pub publication: String,
+}
+
+/// `[source] capture` of the PostgreSQL outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capture {
+    /// Read the outbox table (NOTIFY plus a read), mark published rows, purge them later.
+    #[default]
+    Poll,
+    /// Stream the outbox's inserts (and `dualsync.emit` messages) from the WAL with pgoutput.
+    Wal,
 }

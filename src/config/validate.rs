@@ -70,6 +70,24 @@ impl Config {
                 s.url.expose(),
                 &["postgres", "postgresql"],
             )?;
+            for (key, name) in [
+                ("source.slot_name", &s.slot_name),
+                ("source.publication", &s.publication),
+            ] {
+                // PostgreSQL's rule for slot names; publications follow it here so both can be
+                // used unquoted.
+                let valid = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !valid {
+                    return err(
+                        key,
+                        &format!("{name:?} must be 1-63 characters of a-z, 0-9 and _"),
+                    );
+                }
+            }
         }
         if let Some(SourceConfig::PostgresOutbox(s)) = &self.source {
             for (key, patterns) in [
