@@ -245,9 +245,10 @@ pub async fn generate_at_rate(
     }
     let mut written = customers as u64;
     for t in tasks {
-        written += t
-            .await
-            .map_err(|e| Error::Internal(format!("writer task failed: {e}")))??;
+        written += t.await.map_err(|source| Error::TaskFailed {
+            task: "load writer task",
+            source,
+        })??;
     }
     Ok(written)
 }
