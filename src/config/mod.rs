@@ -359,12 +359,24 @@ pub struct TelemetryConfig {
     pub export_timeout_ms: u64,
 }
 
+/// `url`'s parse error, which reqwest does not re-export by name.
+type UrlParseError = <reqwest::Url as std::str::FromStr>::Err;
+
+/// Why `telemetry.otlp_endpoint` is not an endpoint dualsync can export to.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointUrlError {
+    #[error(transparent)]
+    Unparsable(UrlParseError),
+    #[error("needs http:// or https:// and a host")]
+    NotHttp,
+}
+
 /// The traces URL of an OTLP/HTTP endpoint: a base URL (no path) gets `/v1/traces`, as the
 /// OpenTelemetry exporter specification does for `OTEL_EXPORTER_OTLP_ENDPOINT`.
-pub fn traces_url(endpoint: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(endpoint).map_err(|e| e.to_string())?;
+pub fn traces_url(endpoint: &str) -> Result<String, EndpointUrlError> {
+    let url = reqwest::Url::parse(endpoint).map_err(EndpointUrlError::Unparsable)?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err("needs http:// or https:// and a host".into());
+        return Err(EndpointUrlError::NotHttp);
     }
     Ok(match url.path() {
         "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
@@ -498,7 +510,7 @@ impl Config {
         let mut overridden = Vec::new();
         for (name, value) in env {
             let key = overrides::apply_env_override(&mut doc, &name, &value)
-                .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
+                .map_err(|e| ConfigError::new(path, format!("${name}"), e.to_string()))?;
             overridden.extend(key.map(|key| (key, name)));
         }
         default_mongo_topic_template(&mut doc);

@@ -101,6 +101,13 @@ pub enum Error {
     /// Something that should not happen: a task died, a server's reply has an unknown form.
     #[error("{0}")]
     Internal(String),
+    /// A change stream event without a field every change event has: the server's reply has
+    /// an unknown form.
+    #[error("{operation} event without {missing}")]
+    MalformedChange {
+        operation: &'static str,
+        missing: &'static str,
+    },
     /// A task the command waited for panicked or was cancelled.
     #[error("{task} failed: {source}")]
     TaskFailed {

@@ -68,7 +68,7 @@ impl Error {
                 Policy::fatal("setup.connect", Some(CONNECT))
             }
             Error::Schema(_) => Policy::fatal("setup.schema", Some(SCHEMA)),
-            Error::Internal(_) | Error::TaskFailed { .. } => {
+            Error::Internal(_) | Error::TaskFailed { .. } | Error::MalformedChange { .. } => {
                 Policy::fatal("internal", Some(INTERNAL))
             }
             Error::Interrupted(_) => Policy::fatal("interrupted", Some(INTERRUPTED)),

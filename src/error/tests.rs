@@ -201,9 +201,10 @@ fn every_variant_has_one_policy() {
             Error::SinkTimeout { .. } => 26,
             Error::SchemaPending { .. } => 27,
             Error::Halted(_) => 28,
+            Error::MalformedChange { .. } => 29,
         }
     }
-    const KINDS: usize = 29;
+    const KINDS: usize = 30;
     let text = || "x".to_string();
     let mongo_command = Error::Mongo(
         mongodb::error::ErrorKind::Command(
@@ -392,6 +393,15 @@ fn every_variant_has_one_policy() {
             false,
         ),
         (Error::Halted(text()), "halted", Fatal, false),
+        (
+            Error::MalformedChange {
+                operation: "change",
+                missing: "clusterTime",
+            },
+            "internal",
+            Fatal,
+            true,
+        ),
     ];
     let mut seen = [false; KINDS];
     for (e, class, disposition, hinted) in &table {
@@ -412,4 +422,64 @@ fn every_variant_has_one_policy() {
         RDKafkaErrorCode::TopicAuthorizationFailed,
     ));
     assert!(hint(&auth).unwrap().contains("kafka.brokers"));
+}
+
+/// The rule "no `Result<_, String>` in `src/`": an error as bare text names neither its kind
+/// nor the thing at fault, and cannot be classified. Reads every source file with syn, so
+/// nested types (`Result<Vec<u8>, String>`, `OnceLock<Result<_, String>>`) count too.
+#[test]
+fn no_result_with_a_string_error_in_src() {
+    use syn::visit::{self, Visit};
+    struct Finder<'a> {
+        file: &'a str,
+        found: Vec<String>,
+    }
+    impl<'ast> Visit<'ast> for Finder<'_> {
+        fn visit_type_path(&mut self, ty: &'ast syn::TypePath) {
+            let last = ty.path.segments.last();
+            if let Some(syn::PathSegment {
+                ident,
+                arguments: syn::PathArguments::AngleBracketed(args),
+            }) = last
+            {
+                let is_string = |a: &syn::GenericArgument| matches!(a, syn::GenericArgument::Type(syn::Type::Path(p)) if p.path.is_ident("String"));
+                if ident == "Result" && args.args.iter().nth(1).is_some_and(is_string) {
+                    let line = ident.span().start().line;
+                    self.found.push(format!("{}:{line}", self.file));
+                }
+            }
+            visit::visit_type_path(self, ty);
+        }
+    }
+    let mut found = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    let mut files = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files += 1;
+                let text = std::fs::read_to_string(&path).unwrap();
+                let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+                let name = path.display().to_string();
+                let mut finder = Finder {
+                    file: &name,
+                    found: Vec::new(),
+                };
+                finder.visit_file(&file);
+                found.extend(finder.found);
+            }
+        }
+    }
+    assert!(files > 50, "read only {files} files");
+    assert!(
+        found.is_empty(),
+        "Result<_, String> in src/ (give the error a type: a variant in src/error or a local \
+         thiserror enum naming the thing at fault): {found:#?}"
+    );
 }

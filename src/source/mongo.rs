@@ -518,7 +518,7 @@ impl MongoSource {
                 }
                 Some(Ok(StreamItem::Change(raw))) => raw,
             };
-            match parse_event(&raw).map_err(Error::Internal)? {
+            match parse_event(&raw)? {
                 Ok(mut change) => {
                     change.txn_index = resume_token::place(
                         change.token.as_ref(),
