@@ -359,31 +359,6 @@ pub struct TelemetryConfig {
     pub export_timeout_ms: u64,
 }
 
-/// `url`'s parse error, which reqwest does not re-export by name.
-type UrlParseError = <reqwest::Url as std::str::FromStr>::Err;
-
-/// Why `telemetry.otlp_endpoint` is not an endpoint dualsync can export to.
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointUrlError {
-    #[error(transparent)]
-    Unparsable(UrlParseError),
-    #[error("needs http:// or https:// and a host")]
-    NotHttp,
-}
-
-/// The traces URL of an OTLP/HTTP endpoint: a base URL (no path) gets `/v1/traces`, as the
-/// OpenTelemetry exporter specification does for `OTEL_EXPORTER_OTLP_ENDPOINT`.
-pub fn traces_url(endpoint: &str) -> Result<String, EndpointUrlError> {
-    let url = reqwest::Url::parse(endpoint).map_err(EndpointUrlError::Unparsable)?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(EndpointUrlError::NotHttp);
-    }
-    Ok(match url.path() {
-        "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
-        _ => endpoint.to_string(),
-    })
-}
-
 mod defaults {
     use super::OnInvalid;
     use std::path::PathBuf;
@@ -595,6 +570,7 @@ fn default_mongo_topic_template(doc: &mut toml::Table) {
 }
 
 mod columns;
+mod otlp;
 mod overrides;
 mod secret;
 mod sinks;
@@ -602,6 +578,7 @@ mod source;
 mod validate;
 
 pub use columns::{ColumnConfig, ColumnTableConfig, ColumnType, RESERVED_COLUMNS};
+pub use otlp::{traces_url, EndpointUrlError};
 pub use secret::{is_secret_key, redact_url, Secret};
 pub use sinks::{MongoSinkConfig, PostgresSinkConfig, SinkConfig};
 pub use source::{Capture, MongoSourceConfig, OnHistoryLost, OutboxSourceConfig, SourceConfig};

@@ -108,6 +108,20 @@ pub enum Error {
         operation: &'static str,
         missing: &'static str,
     },
+    /// A BSON value dualsync made or saved does not convert (a resume token).
+    #[error("{what}: {source}")]
+    Bson {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A `verify --checkpoint` file cannot be read or written.
+    #[error("verify checkpoint {}: {source}", .path.display())]
+    Checkpoint {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A task the command waited for panicked or was cancelled.
     #[error("{task} failed: {source}")]
     TaskFailed {

@@ -68,10 +68,13 @@ impl Error {
                 Policy::fatal("setup.connect", Some(CONNECT))
             }
             Error::Schema(_) => Policy::fatal("setup.schema", Some(SCHEMA)),
-            Error::Internal(_) | Error::TaskFailed { .. } | Error::MalformedChange { .. } => {
-                Policy::fatal("internal", Some(INTERNAL))
+            Error::Internal(_)
+            | Error::TaskFailed { .. }
+            | Error::MalformedChange { .. }
+            | Error::Bson { .. } => Policy::fatal("internal", Some(INTERNAL)),
+            Error::Interrupted(_) | Error::Checkpoint { .. } => {
+                Policy::fatal("interrupted", Some(INTERRUPTED))
             }
-            Error::Interrupted(_) => Policy::fatal("interrupted", Some(INTERRUPTED)),
             Error::DlqRequest(_) => Policy::fatal("dlq.request", Some(DLQ_REQUEST)),
             // Fatal, and their messages carry their own advice.
             Error::Halted(_) => Policy::fatal("halted", None),

@@ -202,9 +202,11 @@ fn every_variant_has_one_policy() {
             Error::SchemaPending { .. } => 27,
             Error::Halted(_) => 28,
             Error::MalformedChange { .. } => 29,
+            Error::Bson { .. } => 30,
+            Error::Checkpoint { .. } => 31,
         }
     }
-    const KINDS: usize = 30;
+    const KINDS: usize = 32;
     let text = || "x".to_string();
     let mongo_command = Error::Mongo(
         mongodb::error::ErrorKind::Command(
@@ -399,6 +401,24 @@ fn every_variant_has_one_policy() {
                 missing: "clusterTime",
             },
             "internal",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Bson {
+                what: "resume token",
+                source: "x".into(),
+            },
+            "internal",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Checkpoint {
+                path: "c.json".into(),
+                source: "x".into(),
+            },
+            "interrupted",
             Fatal,
             true,
         ),
