@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::error::{classify, Disposition, Error};
+use crate::retry::{Backoff, Retry, Stopped};
 
 pub const SAMPLE_DOMAIN_DDL: &str = include_str!("../connectors/sample_domain.sql");
 
@@ -170,17 +171,19 @@ const WRITER_GIVE_UP: Duration = Duration::from_secs(60);
 /// A new connection for a load writer; transient refusals (the primary starting or shutting
 /// down) are retried until `give_up`, as an application would.
 async fn connect_retrying(url: &str, give_up: tokio::time::Instant) -> Result<Client, Error> {
-    loop {
-        match crate::pg::connect(url).await {
-            Ok(client) => return Ok(client),
-            Err(e)
-                if classify(&e) == Disposition::Retry && tokio::time::Instant::now() < give_up =>
-            {
-                tracing::warn!(error = %e, "load writer retrying its connection");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
-        }
+    // Nothing cancels a load writer: it ends by its deadline.
+    let never = tokio_util::sync::CancellationToken::new();
+    let connected = Retry::new(Backoff::constant(Duration::from_millis(200)), &never)
+        .give_up_at(give_up)
+        .run(
+            || crate::pg::connect(url),
+            |e, _| tracing::warn!(error = %e, "load writer retrying its connection"),
+        )
+        .await;
+    match connected {
+        Ok(client) => Ok(client),
+        Err(Stopped::GaveUp(e) | Stopped::Permanent(e)) => Err(e),
+        Err(Stopped::Cancelled) => unreachable!("nothing cancels a load writer"),
     }
 }
 
@@ -245,9 +248,10 @@ pub async fn generate_at_rate(
     }
     let mut written = customers as u64;
     for t in tasks {
-        written += t
-            .await
-            .map_err(|e| Error::Internal(format!("writer task failed: {e}")))??;
+        written += t.await.map_err(|source| Error::TaskFailed {
+            task: "load writer task",
+            source,
+        })??;
     }
     Ok(written)
 }

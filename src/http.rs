@@ -102,10 +102,13 @@ pub async fn serve(
     let address = format!("{}:{port}", config.host);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
-        .map_err(|e| Error::Connect(format!("http: cannot listen on {address}: {e}")))?;
+        .map_err(|source| Error::Listen {
+            address: address.clone(),
+            source,
+        })?;
     let bound = listener
         .local_addr()
-        .map_err(|e| Error::Connect(format!("http: {e}")))?;
+        .map_err(|source| Error::Listen { address, source })?;
     tracing::info!(address = %bound, "http endpoint listening (/healthz /readyz /metrics /status)");
     tokio::spawn(async move {
         let shutdown = async move { cancel.cancelled().await };

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use dualsync::apply;
 use dualsync::codec::SchemaStore;
 use dualsync::config::{Config, SinkConfig};
-use dualsync::error::{Endpoint, Error};
+use dualsync::error::{with_causes, Endpoint, Error};
 use dualsync::http::Control;
 use dualsync::metrics::Metrics;
 use dualsync::relay;
@@ -58,8 +58,8 @@ fn main() -> ExitCode {
         // a supervisor's file keeps one parseable line for it.
         Err(e) => {
             match e.downcast_ref::<Error>().and_then(dualsync::error::hint) {
-                Some(hint) => tracing::error!(hint, "{e:#}"),
-                None => tracing::error!("{e:#}"),
+                Some(hint) => tracing::error!(hint, "{}", with_causes(e.as_ref())),
+                None => tracing::error!("{}", with_causes(e.as_ref())),
             }
             ExitCode::FAILURE
         }

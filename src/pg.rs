@@ -74,15 +74,15 @@ pub fn warm_tls_connector() {
 /// twice in the relay's start-up alone, and on each reconnect, blocking a runtime thread.
 /// So a changed trust store is read at the next start, as JVMs and Go programs do.
 pub fn tls_connector() -> Result<MakeTlsConnector, Error> {
-    static CONNECTOR: OnceLock<Result<MakeTlsConnector, String>> = OnceLock::new();
+    static CONNECTOR: OnceLock<Result<MakeTlsConnector, openssl::error::ErrorStack>> =
+        OnceLock::new();
     CONNECTOR
         .get_or_init(|| {
             SslConnector::builder(SslMethod::tls())
                 .map(|builder| MakeTlsConnector::new(builder.build()))
-                .map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(|e| Error::Connect(format!("cannot initialise TLS for PostgreSQL: {e}")))
+        .map_err(Error::Tls)
 }
 
 /// Connects and drives the connection in a background task.

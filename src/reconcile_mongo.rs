@@ -120,8 +120,11 @@ impl Checkpoint {
     }
 }
 
-fn checkpoint_error(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Interrupted(format!("verify checkpoint {}: {e}", path.display()))
+fn checkpoint_error(path: &Path, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
 }
 
 /// Progress of the run, shown by the command (a bar or lines on stderr).

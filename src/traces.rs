@@ -113,7 +113,7 @@ impl Traces {
                 problem,
             })
         };
-        let url = traces_url(&t.otlp_endpoint).map_err(config_error)?;
+        let url = traces_url(&t.otlp_endpoint).map_err(|e| config_error(e.to_string()))?;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)

@@ -4,7 +4,6 @@
 //! a batch holds a few events of each partition, and every write is a round trip and a
 //! commit in the sink.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::SpanKind;
@@ -15,11 +14,11 @@ use super::ApplyContext;
 use crate::codec::DecodeError;
 use crate::config::OnInvalid;
 use crate::dlq::{self, FailedStage, Failure};
-use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
+use crate::error::{endpoint, Disposition, Endpoint, Error};
 use crate::mapping::check_route;
 use crate::metrics::stage;
 use crate::publish::{header_str, headers};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, BreakerPolicy, Retry, Verdict};
 use crate::sink::{Sink, SinkRecord};
 use crate::telemetry::{Episodes, Say};
 use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
@@ -33,13 +32,22 @@ pub enum ShareResult {
     Abandoned,
 }
 
-/// Apply's backoff (`apply.retry_initial_ms` up to `apply.retry_max_ms`), never giving up on a
+/// Apply's retries (`apply.retry_initial_ms` up to `apply.retry_max_ms`), never giving up on a
 /// transient fault: never skip.
-fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Backoff {
-    Backoff::new(
+fn retry_policy<S: Sink>(ctx: &ApplyContext<S>) -> Retry<'_> {
+    let backoff = Backoff::new(
         Duration::from_millis(ctx.config.apply.retry_initial_ms),
         Duration::from_millis(ctx.config.apply.retry_max_ms),
-    )
+    );
+    Retry::new(backoff, &ctx.cancel)
+}
+
+/// [`retry_policy`] for a decode or a write: an episode of apply's own, counted in the
+/// metrics and the readiness, driving the sink's circuit breaker.
+fn stage_retry<S: Sink>(ctx: &ApplyContext<S>) -> Retry<'_> {
+    retry_policy(ctx)
+        .for_stage(&ctx.metrics, stage::APPLY, BreakerPolicy::default())
+        .episode()
 }
 
 /// Decodes one message into the record to write and the time its change was committed on the
@@ -88,34 +96,34 @@ pub async fn process<S: Sink>(
     // if the schemas folder, read after this, still lacks it.
     let received = Instant::now();
     for m in &messages {
-        let mut policy = retry_policy(ctx);
-        let retrying = RetryEpisode::new(ctx);
-        let mut attempts = 1u32;
+        let mut retry = stage_retry(ctx);
         loop {
-            match decode(ctx, m, received).await {
+            let e = match decode(ctx, m, received).await {
                 Ok((r, committed_at)) => {
                     records.push(r);
                     origins.push(m);
                     committed.push(committed_at);
                     break;
                 }
+                Err(e) => e,
+            };
+            match retry.failed(&e) {
                 // The schema registry could not answer: wait for it, never skip the message.
-                Err(e) if classify(&e) == Disposition::Retry => {
-                    retrying.begin();
+                Verdict::Again(delay) => {
+                    let attempts = retry.attempts();
                     tracing::warn!(error = %e, attempts, "cannot decode yet; retrying with backoff");
-                    if !policy.pause(&ctx.cancel).await {
+                    if !retry.wait(delay).await {
                         return Ok(ShareResult::Abandoned);
                     }
-                    ctx.metrics.health.probing();
-                    attempts += 1;
                 }
-                Err(e) if classify(&e) == Disposition::Fatal => return Err(e),
-                Err(e) => {
+                Verdict::Stop(Disposition::DeadLetter) => {
+                    let attempts = retry.attempts();
                     if !dead_letter(ctx, m, &e, FailedStage::Decode, attempts).await? {
                         return Ok(ShareResult::Abandoned);
                     }
                     break;
                 }
+                Verdict::Stop(_) | Verdict::GiveUp => return Err(e),
             }
         }
     }
@@ -148,10 +156,8 @@ async fn write<S: Sink>(
     origins: &[&OwnedMessage],
     committed: &[i64],
 ) -> Result<bool, Error> {
-    let mut policy = retry_policy(ctx);
-    let mut attempts = 1u32;
+    let mut retry = stage_retry(ctx);
     let topic = origins.first().map(|m| m.topic()).unwrap_or_default();
-    let retrying = RetryEpisode::new(ctx);
     let at = Endpoint::Sink(&ctx.sink_name);
     // The watchdog: this write, until it is done, shows in /readyz and /status once it takes
     // longer than http.stuck_write_secs, whether waiting on a call or retrying one.
@@ -182,7 +188,8 @@ async fn write<S: Sink>(
         };
         match applied {
             Ok(outcome) => {
-                retrying.end();
+                retry.succeeded();
+                let attempts = retry.attempts();
                 ctx.signals.written(&target, started.elapsed(), slow_after);
                 let count = |outcome: &str, n: u64| {
                     ctx.metrics
@@ -212,24 +219,22 @@ async fn write<S: Sink>(
                 let origins: Vec<&OwnedMessage> = older.iter().map(|&i| origins[i]).collect();
                 return Box::pin(write(ctx, &again, &origins, &pick(committed))).await;
             }
-            Err(e) => match classify(&e) {
-                Disposition::Retry => {
-                    retrying.begin();
+            Err(e) => match retry.failed(&e) {
+                Verdict::Again(delay) => {
                     let at = endpoint(&e, Endpoint::Sink(&ctx.sink_name))
                         .unwrap_or(Endpoint::Sink(&ctx.sink_name));
                     let signal = ctx.signals.failing.fault(&target, Instant::now());
                     let at = format!("{at}, {}", at.config_key());
-                    tell_failure(signal, &at, &e, attempts);
-                    if !policy.pause(&ctx.cancel).await {
+                    tell_failure(signal, &at, &e, retry.attempts());
+                    if !retry.wait(delay).await {
                         return Ok(false);
                     }
-                    ctx.metrics.health.probing();
-                    attempts += 1;
                 }
-                Disposition::DeadLetter if records.len() == 1 => {
+                Verdict::Stop(Disposition::DeadLetter) if records.len() == 1 => {
+                    let attempts = retry.attempts();
                     return dead_letter(ctx, origins[0], &e, FailedStage::Sink, attempts).await;
                 }
-                Disposition::DeadLetter => {
+                Verdict::Stop(Disposition::DeadLetter) => {
                     tracing::warn!(error = %e, "batch refused; writing one by one to isolate the bad record");
                     for ((record, origin), at) in records.iter().zip(origins).zip(committed) {
                         if !Box::pin(write(
@@ -245,7 +250,7 @@ async fn write<S: Sink>(
                     }
                     return Ok(true);
                 }
-                Disposition::Fatal => return Err(e),
+                Verdict::Stop(_) | Verdict::GiveUp => return Err(e),
             },
         }
     }
@@ -268,43 +273,6 @@ fn older_versions_of_refused(records: &[SinkRecord], rejected: &[(usize, Error)]
             })
         })
         .collect()
-}
-
-/// Keeps the retry metrics and readiness in step with one write's retry loop: counted once per
-/// retry, "in progress" while backing off, and the episode ends with the write (whatever way).
-struct RetryEpisode<'a, S: Sink> {
-    ctx: &'a ApplyContext<S>,
-    active: AtomicBool,
-}
-
-impl<'a, S: Sink> RetryEpisode<'a, S> {
-    fn new(ctx: &'a ApplyContext<S>) -> Self {
-        Self {
-            ctx,
-            active: AtomicBool::new(false),
-        }
-    }
-    fn begin(&self) {
-        let m = &self.ctx.metrics;
-        m.retries.with_label_values(&[stage::APPLY]).inc();
-        m.health.retrying();
-        if !self.active.swap(true, Ordering::Relaxed) {
-            m.retries_in_progress.inc();
-        }
-    }
-    fn end(&self) {
-        if self.active.swap(false, Ordering::Relaxed) {
-            let m = &self.ctx.metrics;
-            m.retries_in_progress.dec();
-            m.health.recovered();
-        }
-    }
-}
-
-impl<S: Sink> Drop for RetryEpisode<'_, S> {
-    fn drop(&mut self) {
-        self.end();
-    }
 }
 
 /// Sends `message` to the dead-letter topic (retrying until the broker acknowledges), or stops
@@ -337,7 +305,7 @@ async fn dead_letter<S: Sink>(
         partition = message.partition(), offset = message.offset(),
         "dead-lettering message"
     );
-    let mut policy = retry_policy(ctx);
+    let mut retry = retry_policy(ctx);
     let mut omit_value = false;
     loop {
         let mut letter = dlq::dead_letter_for(message, &topic, &failure);
@@ -350,20 +318,22 @@ async fn dead_letter<S: Sink>(
                     .count_dead_letter(stage::APPLY, message.topic(), error.class());
                 return Ok(true);
             }
-            Err(e) if classify(&e) == Disposition::Retry => {
-                tracing::warn!(error = %e, "dead-letter produce failed; retrying");
-                if !policy.pause(&ctx.cancel).await {
-                    return Ok(false);
+            Err(e) => match retry.failed(&e) {
+                Verdict::Again(delay) => {
+                    tracing::warn!(error = %e, "dead-letter produce failed; retrying");
+                    if !retry.wait(delay).await {
+                        return Ok(false);
+                    }
                 }
-            }
-            Err(e) if e.is_too_large() && !omit_value => {
-                tracing::error!(
-                    error = %e, bytes = message.payload().map_or(0, <[u8]>::len), offset = message.offset(),
-                    "dead letter too large for the broker: sending it without its value (the original stays in its topic)"
-                );
-                omit_value = true;
-            }
-            Err(e) => return Err(e),
+                _ if e.is_too_large() && !omit_value => {
+                    tracing::error!(
+                        error = %e, bytes = message.payload().map_or(0, <[u8]>::len), offset = message.offset(),
+                        "dead letter too large for the broker: sending it without its value (the original stays in its topic)"
+                    );
+                    omit_value = true;
+                }
+                _ => return Err(e),
+            },
         }
     }
 }

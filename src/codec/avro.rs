@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::envelope::{build_event_schema, decode_datum, EventSchema};
+use super::envelope::{build_event_schema, decode_datum, EventSchema, SchemaError};
 pub use super::SINGLE_OBJECT_MAGIC;
 use super::{
     DecodeError, EncodeError, Framing, OutboxEvent, SINGLE_OBJECT_HEADER_LEN as HEADER_LEN,
@@ -41,19 +41,32 @@ impl Default for SchemaStore {
 #[error("schema file {file}: {problem}")]
 pub struct SchemaFileError {
     pub file: String,
-    pub problem: String,
+    #[source]
+    pub problem: SchemaFileProblem,
+}
+
+/// What is wrong with a file (or the folder) of `encoding.schemas_dir`.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaFileProblem {
+    #[error("cannot read the schemas folder: {0}")]
+    Folder(#[source] std::io::Error),
+    #[error("file name is not UTF-8")]
+    NameNotUtf8,
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
 }
 
 impl SchemaStore {
     /// Loads every `<aggregatetype>.avsc` in `dir`. A file that does not parse, or whose top
     /// type is not a record, stops start-up with its name.
     pub fn load_dir(dir: &Path) -> Result<Self, SchemaFileError> {
-        let err = |file: &Path, problem: String| SchemaFileError {
+        let err = |file: &Path, problem| SchemaFileError {
             file: file.display().to_string(),
             problem,
         };
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| err(dir, format!("cannot read the schemas folder: {e}")))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| err(dir, SchemaFileProblem::Folder(e)))?;
         let mut store = SchemaStore::default();
         let mut paths: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -64,12 +77,13 @@ impl SchemaStore {
             let aggregate_type = path
                 .file_stem()
                 .and_then(|s| s.to_str())
-                .ok_or_else(|| err(&path, "file name is not UTF-8".into()))?
+                .ok_or_else(|| err(&path, SchemaFileProblem::NameNotUtf8))?
                 .to_string();
-            let text = std::fs::read_to_string(&path).map_err(|e| err(&path, e.to_string()))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| err(&path, SchemaFileProblem::Read(e)))?;
             store
                 .add(&aggregate_type, &text)
-                .map_err(|problem| err(&path, problem))?;
+                .map_err(|e| err(&path, e.into()))?;
         }
         Ok(store)
     }
@@ -85,7 +99,7 @@ impl SchemaStore {
     }
 
     /// Adds the payload schema of `aggregate_type`, given as Avro JSON text.
-    pub fn add(&mut self, aggregate_type: &str, payload_json: &str) -> Result<(), String> {
+    pub fn add(&mut self, aggregate_type: &str, payload_json: &str) -> Result<(), SchemaError> {
         let schema = Arc::new(build_event_schema(aggregate_type, payload_json)?);
         // Both fingerprints read; a standard one wins should it ever equal an old one.
         self.by_fingerprint

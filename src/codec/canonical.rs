@@ -21,8 +21,41 @@ const PRIMITIVES: [&str; 8] = [
     "null", "boolean", "int", "long", "float", "double", "bytes", "string",
 ];
 
+/// What makes a schema's JSON not a schema the canonical form can be written of, naming the
+/// type or field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CanonicalError {
+    #[error("schema object without a valid type: {0}")]
+    NoType(String),
+    #[error("not a schema: {0}")]
+    NotASchema(String),
+    #[error("{kind} without a name")]
+    Unnamed { kind: &'static str },
+    #[error("type {0} is defined twice")]
+    DefinedTwice(String),
+    /// A named type without what its kind needs (`record x without fields`).
+    #[error("{kind} {name} without {what}")]
+    Incomplete {
+        kind: &'static str,
+        name: String,
+        what: &'static str,
+    },
+    #[error("a field of {0} has no name")]
+    UnnamedField(String),
+    #[error("field {record}.{field} has no type")]
+    UntypedField { record: String, field: String },
+    #[error("a symbol of {0} is not a string")]
+    BadSymbol(String),
+    /// An array without `items` or a map without `values`.
+    #[error("{kind} without {key}")]
+    NoItems {
+        kind: &'static str,
+        key: &'static str,
+    },
+}
+
 /// The Parsing Canonical Form of a (valid) schema given as JSON.
-pub fn parsing_canonical_form(schema: &Json) -> Result<String, String> {
+pub fn parsing_canonical_form(schema: &Json) -> Result<String, CanonicalError> {
     let mut pcf = Pcf::default();
     pcf.write(schema, "")?;
     Ok(pcf.out)
@@ -30,7 +63,7 @@ pub fn parsing_canonical_form(schema: &Json) -> Result<String, String> {
 
 /// CRC-64-AVRO of the Parsing Canonical Form, in the byte order single-object encoding writes
 /// it (little-endian).
-pub fn fingerprint(schema: &Json) -> Result<[u8; 8], String> {
+pub fn fingerprint(schema: &Json) -> Result<[u8; 8], CanonicalError> {
     Ok(fingerprint_of_form(&parsing_canonical_form(schema)?))
 }
 
@@ -48,7 +81,7 @@ struct Pcf {
 
 impl Pcf {
     /// Writes `schema`, met inside namespace `ns` ("" = none).
-    fn write(&mut self, schema: &Json, ns: &str) -> Result<(), String> {
+    fn write(&mut self, schema: &Json, ns: &str) -> Result<(), CanonicalError> {
         match schema {
             Json::String(name) => {
                 let name = self.reference(name, ns);
@@ -79,9 +112,9 @@ impl Pcf {
                 },
                 // `{"type": {...}}` wraps a schema.
                 Some(inner @ (Json::Object(_) | Json::Array(_))) => self.write(inner, ns),
-                _ => Err(format!("schema object without a valid type: {schema}")),
+                _ => Err(CanonicalError::NoType(schema.to_string())),
             },
-            other => Err(format!("not a schema: {other}")),
+            other => Err(CanonicalError::NotASchema(other.to_string())),
         }
     }
 
@@ -103,12 +136,12 @@ impl Pcf {
         &mut self,
         map: &serde_json::Map<String, Json>,
         ns: &str,
-        kind: &str,
-    ) -> Result<(), String> {
+        kind: &'static str,
+    ) -> Result<(), CanonicalError> {
         let name = map
             .get("name")
             .and_then(Json::as_str)
-            .ok_or_else(|| format!("{kind} without a name"))?;
+            .ok_or(CanonicalError::Unnamed { kind })?;
         let full = match (name.contains('.'), map.get("namespace")) {
             (true, _) => name.to_string(),
             (false, Some(Json::String(n))) if n.is_empty() => name.to_string(),
@@ -117,9 +150,14 @@ impl Pcf {
             (false, _) => format!("{ns}.{name}"),
         };
         if !self.defined.insert(full.clone()) {
-            return Err(format!("type {full} is defined twice"));
+            return Err(CanonicalError::DefinedTwice(full));
         }
         let own_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_string();
+        let incomplete = |what| CanonicalError::Incomplete {
+            kind,
+            name: full.clone(),
+            what,
+        };
         self.out.push_str("{\"name\":");
         self.string(&full);
         self.out.push_str(",\"type\":");
@@ -130,7 +168,7 @@ impl Pcf {
                 let fields = map
                     .get("fields")
                     .and_then(Json::as_array)
-                    .ok_or_else(|| format!("record {full} without fields"))?;
+                    .ok_or_else(|| incomplete("fields"))?;
                 for (i, field) in fields.iter().enumerate() {
                     if i > 0 {
                         self.out.push(',');
@@ -138,10 +176,14 @@ impl Pcf {
                     let field_name = field
                         .get("name")
                         .and_then(Json::as_str)
-                        .ok_or_else(|| format!("a field of {full} has no name"))?;
-                    let field_type = field
-                        .get("type")
-                        .ok_or_else(|| format!("field {full}.{field_name} has no type"))?;
+                        .ok_or_else(|| CanonicalError::UnnamedField(full.clone()))?;
+                    let field_type =
+                        field
+                            .get("type")
+                            .ok_or_else(|| CanonicalError::UntypedField {
+                                record: full.clone(),
+                                field: field_name.to_string(),
+                            })?;
                     self.out.push_str("{\"name\":");
                     self.string(field_name);
                     self.out.push_str(",\"type\":");
@@ -155,14 +197,14 @@ impl Pcf {
                 let symbols = map
                     .get("symbols")
                     .and_then(Json::as_array)
-                    .ok_or_else(|| format!("enum {full} without symbols"))?;
+                    .ok_or_else(|| incomplete("symbols"))?;
                 for (i, symbol) in symbols.iter().enumerate() {
                     if i > 0 {
                         self.out.push(',');
                     }
                     let symbol = symbol
                         .as_str()
-                        .ok_or_else(|| format!("a symbol of {full} is not a string"))?;
+                        .ok_or_else(|| CanonicalError::BadSymbol(full.clone()))?;
                     self.string(symbol);
                 }
                 self.out.push(']');
@@ -174,7 +216,7 @@ impl Pcf {
                     Some(Json::String(s)) => s.parse::<u64>().ok(),
                     _ => None,
                 }
-                .ok_or_else(|| format!("fixed {full} without a valid size"))?;
+                .ok_or_else(|| incomplete("a valid size"))?;
                 self.out.push_str(&format!(",\"size\":{size}"));
             }
         }
@@ -187,12 +229,10 @@ impl Pcf {
         &mut self,
         map: &serde_json::Map<String, Json>,
         ns: &str,
-        kind: &str,
-        key: &str,
-    ) -> Result<(), String> {
-        let inner = map
-            .get(key)
-            .ok_or_else(|| format!("{kind} without {key}"))?;
+        kind: &'static str,
+        key: &'static str,
+    ) -> Result<(), CanonicalError> {
+        let inner = map.get(key).ok_or(CanonicalError::NoItems { kind, key })?;
         self.out
             .push_str(&format!("{{\"type\":\"{kind}\",\"{key}\":"));
         self.write(inner, ns)?;

@@ -160,9 +160,9 @@ pub fn decode_datum(
     if !datum.is_empty() {
         return Err(DecodeError::TrailingBytes(datum.len()));
     }
-    envelope_from_value(value).map_err(|reason| DecodeError::Datum {
+    envelope_from_value(value).map_err(|e| DecodeError::Datum {
         schema: schema_label.to_string(),
-        reason,
+        reason: e.to_string(),
     })
 }
 
@@ -189,15 +189,35 @@ pub fn envelope_schema_json(payload: &Json, record_name: &Name) -> Json {
     envelope
 }
 
+/// Why a payload schema (or an envelope around one) cannot become an [`EventSchema`].
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("not an Avro schema: {0}")]
+    NotAvro(#[source] apache_avro::Error),
+    #[error("the top-level type must be a record")]
+    NotARecord,
+    #[error("cannot build the event envelope around it: {0}")]
+    Envelope(#[source] apache_avro::Error),
+    #[error(transparent)]
+    Canonical(#[from] super::canonical::CanonicalError),
+    #[error("the envelope is not a record")]
+    EnvelopeNotARecord,
+    #[error("cannot resolve the named types of the payload: {0}")]
+    PayloadNames(#[source] apache_avro::Error),
+    #[error("cannot resolve the event envelope: {0}")]
+    Writer(#[source] apache_avro::Error),
+}
+
 pub(super) fn build_event_schema(
     aggregate_type: &str,
     payload_json: &str,
-) -> Result<EventSchema, String> {
-    let payload_value: Json =
-        serde_json::from_str(payload_json).map_err(|e| format!("not JSON: {e}"))?;
-    let payload = Schema::parse(&payload_value).map_err(|e| format!("not an Avro schema: {e}"))?;
+) -> Result<EventSchema, SchemaError> {
+    let payload_value: Json = serde_json::from_str(payload_json).map_err(SchemaError::NotJson)?;
+    let payload = Schema::parse(&payload_value).map_err(SchemaError::NotAvro)?;
     let Schema::Record(RecordSchema { name, .. }) = &payload else {
-        return Err("the top-level type must be a record".into());
+        return Err(SchemaError::NotARecord);
     };
     let envelope_value = envelope_schema_json(&payload_value, name);
     event_schema_from_envelope(aggregate_type, envelope_value, payload)
@@ -208,26 +228,25 @@ pub(super) fn event_schema_from_envelope(
     aggregate_type: &str,
     envelope_value: Json,
     payload: Schema,
-) -> Result<EventSchema, String> {
-    let envelope = Schema::parse(&envelope_value)
-        .map_err(|e| format!("cannot build the event envelope around it: {e}"))?;
+) -> Result<EventSchema, SchemaError> {
+    let envelope = Schema::parse(&envelope_value).map_err(SchemaError::Envelope)?;
     let fingerprint = super::canonical::fingerprint(&envelope_value)?;
     let legacy = envelope.fingerprint::<Rabin>();
     let legacy_fingerprint: [u8; 8] = legacy.bytes[..8]
         .try_into()
-        .map_err(|_| "fingerprint size")?;
+        .expect("CRC-64-AVRO is 8 bytes");
     let envelope_name = match &envelope {
         Schema::Record(r) => r.name.fullname(None),
-        _ => return Err("the envelope is not a record".into()),
+        _ => return Err(SchemaError::EnvelopeNotARecord),
     };
     let payload_names = ResolvedSchema::try_from(&payload)
-        .map_err(|e| format!("cannot resolve the named types of the payload: {e}"))?
+        .map_err(SchemaError::PayloadNames)?
         .get_names()
         .iter()
         .map(|(name, schema)| (name.clone(), (*schema).clone()))
         .collect();
     let writer = GenericSingleObjectWriter::new_with_capacity(&envelope, 256)
-        .map_err(|e| format!("cannot resolve the event envelope: {e}"))?;
+        .map_err(SchemaError::Writer)?;
     Ok(EventSchema {
         writer: DatumWriter(std::sync::Mutex::new(writer)),
         payload_names,
@@ -242,31 +261,55 @@ pub(super) fn event_schema_from_envelope(
     })
 }
 
-fn envelope_from_value(value: Value) -> Result<OutboxEvent, String> {
+/// An envelope datum without the fields every envelope has, naming the one at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope is not a record")]
+    NotARecord,
+    #[error("envelope has no field {0}")]
+    MissingField(&'static str),
+    #[error("field {field} is {value}, not a string")]
+    NotAString { field: &'static str, value: String },
+    #[error("event_id: {0}")]
+    EventId(#[source] uuid::Error),
+    /// `version`, `created_at` or `payload` of another type than the envelope's.
+    #[error("{field} is {value}")]
+    WrongType { field: &'static str, value: String },
+    #[error(transparent)]
+    Payload(#[from] apache_avro::Error),
+    #[error(transparent)]
+    ExtendedJson(#[from] ExtJsonError),
+}
+
+fn envelope_from_value(value: Value) -> Result<OutboxEvent, EnvelopeError> {
     let Value::Record(fields) = value else {
-        return Err("envelope is not a record".into());
+        return Err(EnvelopeError::NotARecord);
     };
     let mut f: HashMap<String, Value> = fields.into_iter().collect();
-    let mut take = |name: &str| {
-        f.remove(name)
-            .ok_or_else(|| format!("envelope has no field {name}"))
-    };
-    let string = |v: Value, name: &str| match v {
+    let mut take = |name: &'static str| f.remove(name).ok_or(EnvelopeError::MissingField(name));
+    let string = |v: Value, field: &'static str| match v {
         Value::String(s) => Ok(s),
-        other => Err(format!("field {name} is {other:?}, not a string")),
+        other => Err(EnvelopeError::NotAString {
+            field,
+            value: format!("{other:?}"),
+        }),
+    };
+    let wrong = |field: &'static str, other: Value| EnvelopeError::WrongType {
+        field,
+        value: format!("{other:?}"),
     };
     let event_id = string(take("event_id")?, "event_id")?;
-    let event_id = uuid::Uuid::parse_str(&event_id).map_err(|e| format!("event_id: {e}"))?;
+    let event_id = uuid::Uuid::parse_str(&event_id).map_err(EnvelopeError::EventId)?;
     let event_type = string(take("event_type")?, "event_type")?;
     let aggregate_type = string(take("aggregate_type")?, "aggregate_type")?;
     let aggregate_id = string(take("aggregate_id")?, "aggregate_id")?;
     let version = match take("version")? {
         Value::Long(v) => v,
-        other => return Err(format!("version is {other:?}")),
+        other => return Err(wrong("version", other)),
     };
     let created_at_micros = match take("created_at")? {
         Value::TimestampMicros(v) | Value::Long(v) => v,
-        other => return Err(format!("created_at is {other:?}")),
+        other => return Err(wrong("created_at", other)),
     };
     let payload = match take("payload")? {
         Value::Union(_, inner) if *inner == Value::Null => None,
@@ -278,7 +321,7 @@ fn envelope_from_value(value: Value) -> Result<OutboxEvent, String> {
             Some(relaxed_from_canonical(&text)?)
         }
         Value::Union(_, inner) => Some(avro_to_json(*inner)?),
-        other => return Err(format!("payload is {other:?}")),
+        other => return Err(wrong("payload", other)),
     };
     Ok(OutboxEvent {
         event_id,
@@ -291,16 +334,23 @@ fn envelope_from_value(value: Value) -> Result<OutboxEvent, String> {
     })
 }
 
+/// A generic envelope's payload that is not the Extended JSON of a document.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtJsonError {
+    #[error("payload is not Extended JSON text: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("payload is not Extended JSON: {0}")]
+    NotExtendedJson(#[source] mongodb::bson::extjson::de::Error),
+    #[error("payload is Extended JSON of a {0:?}, not a document")]
+    NotADocument(mongodb::bson::spec::ElementType),
+}
+
 /// Canonical Extended JSON text → the same document as relaxed Extended JSON.
-pub fn relaxed_from_canonical(text: &str) -> Result<Json, String> {
-    let json: Json = serde_json::from_str(text)
-        .map_err(|e| format!("payload is not Extended JSON text: {e}"))?;
-    let bson = Bson::try_from(json).map_err(|e| format!("payload is not Extended JSON: {e}"))?;
+pub fn relaxed_from_canonical(text: &str) -> Result<Json, ExtJsonError> {
+    let json: Json = serde_json::from_str(text).map_err(ExtJsonError::NotJson)?;
+    let bson = Bson::try_from(json).map_err(ExtJsonError::NotExtendedJson)?;
     match bson {
         Bson::Document(_) => Ok(bson.into_relaxed_extjson()),
-        other => Err(format!(
-            "payload is Extended JSON of a {:?}, not a document",
-            other.element_type()
-        )),
+        other => Err(ExtJsonError::NotADocument(other.element_type())),
     }
 }

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 /// Avro value to JSON as the sinks store it: bytes and fixed become strings of their bytes
 /// read as ISO-8859-1 (Avro's own JSON encoding), the rest maps one to one.
-pub fn avro_to_json(value: Value) -> Result<Json, String> {
+pub fn avro_to_json(value: Value) -> Result<Json, apache_avro::Error> {
     Ok(match value {
         Value::Bytes(b) | Value::Fixed(_, b) => {
             Json::String(b.iter().map(|&c| c as char).collect())
@@ -37,7 +37,7 @@ pub fn avro_to_json(value: Value) -> Result<Json, String> {
                 .map(|(k, v)| avro_to_json(v).map(|v| (k, v)))
                 .collect::<Result<_, _>>()?,
         ),
-        other => Json::try_from(other).map_err(|e| e.to_string())?,
+        other => Json::try_from(other)?,
     })
 }
 
@@ -101,9 +101,12 @@ pub fn json_to_avro(
             Ok(u) => Ok(Value::Uuid(u)),
             Err(e) => fail(format!("{s:?} is not a UUID: {e}")),
         },
-        (Schema::Bytes, Json::String(s)) => latin1_bytes(s).map(Value::Bytes).or_else(fail),
+        (Schema::Bytes, Json::String(s)) => match latin1_bytes(s) {
+            Ok(bytes) => Ok(Value::Bytes(bytes)),
+            Err(e) => fail(e.to_string()),
+        },
         (Schema::Fixed(f), Json::String(s)) => {
-            let bytes = latin1_bytes(s).map_err(|r| (path.to_string(), r))?;
+            let bytes = latin1_bytes(s).map_err(|e| (path.to_string(), e.to_string()))?;
             if bytes.len() != f.size {
                 return fail(format!(
                     "fixed {} needs {} bytes, got {}",
@@ -194,13 +197,14 @@ pub fn json_to_avro(
     }
 }
 
-fn latin1_bytes(s: &str) -> Result<Vec<u8>, String> {
+/// A character of a `bytes` or `fixed` string above U+00FF.
+#[derive(Debug, thiserror::Error)]
+#[error("character {0:?} is not a byte (bytes are ISO-8859-1 strings)")]
+struct NotAByte(char);
+
+fn latin1_bytes(s: &str) -> Result<Vec<u8>, NotAByte> {
     s.chars()
-        .map(|c| {
-            u8::try_from(u32::from(c)).map_err(|_| {
-                format!("character {c:?} is not a byte (bytes are ISO-8859-1 strings)")
-            })
-        })
+        .map(|c| u8::try_from(u32::from(c)).map_err(|_| NotAByte(c)))
         .collect()
 }
 

@@ -359,19 +359,6 @@ pub struct TelemetryConfig {
     pub export_timeout_ms: u64,
 }
 
-/// The traces URL of an OTLP/HTTP endpoint: a base URL (no path) gets `/v1/traces`, as the
-/// OpenTelemetry exporter specification does for `OTEL_EXPORTER_OTLP_ENDPOINT`.
-pub fn traces_url(endpoint: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(endpoint).map_err(|e| e.to_string())?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err("needs http:// or https:// and a host".into());
-    }
-    Ok(match url.path() {
-        "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
-        _ => endpoint.to_string(),
-    })
-}
-
 mod defaults {
     use super::OnInvalid;
     use std::path::PathBuf;
@@ -498,7 +485,7 @@ impl Config {
         let mut overridden = Vec::new();
         for (name, value) in env {
             let key = overrides::apply_env_override(&mut doc, &name, &value)
-                .map_err(|problem| ConfigError::new(path, format!("${name}"), problem))?;
+                .map_err(|e| ConfigError::new(path, format!("${name}"), e.to_string()))?;
             overridden.extend(key.map(|key| (key, name)));
         }
         default_mongo_topic_template(&mut doc);
@@ -583,6 +570,7 @@ fn default_mongo_topic_template(doc: &mut toml::Table) {
 }
 
 mod columns;
+mod otlp;
 mod overrides;
 mod secret;
 mod sinks;
@@ -590,6 +578,7 @@ mod source;
 mod validate;
 
 pub use columns::{ColumnConfig, ColumnTableConfig, ColumnType, RESERVED_COLUMNS};
+pub use otlp::{traces_url, EndpointUrlError};
 pub use secret::{is_secret_key, redact_url, Secret};
 pub use sinks::{MongoSinkConfig, PostgresSinkConfig, SinkConfig};
 pub use source::{Capture, MongoSourceConfig, OnHistoryLost, OutboxSourceConfig, SourceConfig};

@@ -2,13 +2,22 @@
 
 use super::ENV_PREFIX;
 
+/// Why a `DUALSYNC_<PATH>` variable cannot set the key it names.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum OverrideError {
+    #[error("empty path segment")]
+    EmptySegment,
+    #[error("`{0}` is not a table in the file")]
+    NotATable(String),
+}
+
 /// Sets the key a `DUALSYNC_<PATH>` variable names; returns its dotted path (`kafka.brokers`),
 /// or `None` for a variable that is not an override (no `__`, or another prefix).
 pub(super) fn apply_env_override(
     doc: &mut toml::Table,
     name: &str,
     value: &str,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, OverrideError> {
     let Some(path) = name.strip_prefix(ENV_PREFIX) else {
         return Ok(None);
     };
@@ -17,7 +26,7 @@ pub(super) fn apply_env_override(
     }
     let mut parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err("empty path segment".into());
+        return Err(OverrideError::EmptySegment);
     }
     let is_property = parts.len() == 3 && parts[0] == "kafka" && parts[1] == "properties";
     if is_property {
@@ -31,7 +40,7 @@ pub(super) fn apply_env_override(
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = entry
             .as_table_mut()
-            .ok_or_else(|| format!("`{part}` is not a table in the file"))?;
+            .ok_or_else(|| OverrideError::NotATable(part.clone()))?;
     }
     let parsed = match table.get(last.as_str()) {
         _ if is_property => toml::Value::String(value.to_string()),

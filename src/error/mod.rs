@@ -29,10 +29,10 @@ pub enum Error {
     Decode(#[from] DecodeError),
     #[error("cannot encode outbox row: {0}")]
     Encode(#[from] EncodeError),
-    /// Not a `#[source]`: the message already carries the causes, and error reports that walk
-    /// sources (anyhow's `{:#}`) would print them twice.
+    /// The message carries the causes too (tokio-postgres alone says "error connecting to
+    /// server"); reports that walk the sources ([`with_causes`]) skip what it already says.
     #[error("postgres: {}", with_causes(.0))]
-    Postgres(tokio_postgres::Error),
+    Postgres(#[source] tokio_postgres::Error),
     #[error("mongodb: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error("kafka: {0}")]
@@ -84,6 +84,16 @@ pub enum Error {
     /// answer within a command's deadline.
     #[error("{0}")]
     Connect(String),
+    /// An HTTP endpoint cannot listen on its address (in use, not this host's).
+    #[error("http: cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// PostgreSQL's TLS connector cannot be built (OpenSSL, the system trust store).
+    #[error("cannot initialise TLS for PostgreSQL: {0}")]
+    Tls(#[source] openssl::error::ErrorStack),
     /// The servers are not prepared for dualsync (the outbox table is missing, a schema is not
     /// registered while auto-registration is off).
     #[error("{0}")]
@@ -91,6 +101,34 @@ pub enum Error {
     /// Something that should not happen: a task died, a server's reply has an unknown form.
     #[error("{0}")]
     Internal(String),
+    /// A change stream event without a field every change event has: the server's reply has
+    /// an unknown form.
+    #[error("{operation} event without {missing}")]
+    MalformedChange {
+        operation: &'static str,
+        missing: &'static str,
+    },
+    /// A BSON value dualsync made or saved does not convert (a resume token).
+    #[error("{what}: {source}")]
+    Bson {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A `verify --checkpoint` file cannot be read or written.
+    #[error("verify checkpoint {}: {source}", .path.display())]
+    Checkpoint {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A task the command waited for panicked or was cancelled.
+    #[error("{task} failed: {source}")]
+    TaskFailed {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// A command stopped by SIGINT/SIGTERM before it finished (what it did so far stands).
     #[error("{0}")]
     Interrupted(String),
@@ -169,9 +207,10 @@ fn topic_creation_hint(code: RDKafkaErrorCode, replication: i32, brokers: i32) -
     }
 }
 
-/// The error and its causes, `: `-joined: tokio-postgres alone says "error connecting to
-/// server" and keeps the why ("Connection refused") in its source.
-fn with_causes(e: &dyn std::error::Error) -> String {
+/// The error and its causes, `: `-joined, each cause only when the text so far does not
+/// already say it: tokio-postgres alone says "error connecting to server" and keeps the why
+/// ("Connection refused") in its source, while most messages here quote their cause.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -192,141 +231,23 @@ impl Error {
         matches!(self, Error::Kafka(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge))
     }
 
-    /// Short stable name of the error class, used in dead-letter headers and metrics labels.
+    /// Short stable name of the error class, used in dead-letter headers and metrics labels
+    /// ([`Error::policy`]).
     pub fn class(&self) -> &'static str {
-        match self {
-            Error::Config(_) => "config",
-            Error::Decode(e) => e.class(),
-            Error::Encode(e) => e.class(),
-            Error::Postgres(e) => postgres_class(e),
-            Error::Mongo(_) => "mongodb",
-            Error::Kafka(_) if self.is_too_large() => "publish.too_large",
-            Error::Kafka(_) => "kafka",
-            Error::Registry(_) => "registry",
-            Error::TopicCreation { .. } => "kafka.topic_creation",
-            Error::UnconfirmedDelivery { .. } => "kafka.unconfirmed_delivery",
-            Error::KafkaCredentials { .. } => "kafka.credentials",
-            Error::Rejected(_) => "sink.rejected",
-            Error::BelowPurgeHorizon { .. } => "sink.below_purge_horizon",
-            Error::Misconfigured(_) => "setup.config",
-            Error::Connect(_) => "setup.connect",
-            Error::Schema(_) => "setup.schema",
-            Error::Internal(_) => "internal",
-            Error::Interrupted(_) => "interrupted",
-            Error::ForeignTopic { .. } => "dlq.foreign_topic",
-            Error::DlqRequest(_) => "dlq.request",
-            Error::Halted(_) => "halted",
-            Error::SinkTimeout { .. } => "sink.timeout",
-            Error::SchemaPending { .. } => "decode.schema_pending",
-            Error::HistoryLost(_) => "source.history_lost",
-            Error::LeaseLost(_) => "source.lease_lost",
-            Error::SequenceBehind(_) => "source.sequence_behind",
-            Error::LeaderSilent(_) => "source.leader_silent",
-        }
+        self.policy().class
     }
 }
 
-/// The single classification of errors into retry / dead-letter / fatal.
+/// The single classification of errors into retry / dead-letter / fatal ([`Error::policy`]).
 pub fn classify(err: &Error) -> Disposition {
-    match err {
-        Error::Config(_)
-        | Error::Misconfigured(_)
-        | Error::Connect(_)
-        | Error::Schema(_)
-        | Error::Internal(_)
-        | Error::Interrupted(_)
-        | Error::Halted(_)
-        | Error::HistoryLost(_)
-        | Error::ForeignTopic { .. }
-        | Error::DlqRequest(_) => Disposition::Fatal,
-        Error::LeaseLost(_)
-        | Error::LeaderSilent(_)
-        | Error::UnconfirmedDelivery { .. }
-        | Error::SequenceBehind(_)
-        | Error::SinkTimeout { .. }
-        | Error::SchemaPending { .. } => Disposition::Retry,
-        Error::Decode(_)
-        | Error::Encode(_)
-        | Error::Rejected(_)
-        | Error::BelowPurgeHorizon { .. } => Disposition::DeadLetter,
-        Error::Postgres(e) => classify_postgres(e),
-        Error::Mongo(e) => classify_mongo(e),
-        Error::Kafka(e) => classify_kafka(e),
-        // Never dead-letter on a registry failure: an unknown id is a DecodeError; anything
-        // else (auth, a URL that is not a registry, a rejected schema) holds for every event.
-        Error::Registry(e) if e.is_transient() => Disposition::Retry,
-        Error::Registry(_) => Disposition::Fatal,
-        Error::KafkaCredentials { .. } => Disposition::Fatal,
-        Error::TopicCreation {
-            code,
-            replication,
-            brokers,
-            ..
-        } => match code {
-            // Brokers down: creating the topic with fewer replicas would make it less durable
-            // for good, so wait for them.
-            _ if too_few_brokers_up(*code, *replication, *brokers) => Disposition::Retry,
-            // A controller moving or a request timing out: the same request can succeed.
-            RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::NotController
-            | RDKafkaErrorCode::BrokerTransportFailure
-            | RDKafkaErrorCode::OperationTimedOut
-            | RDKafkaErrorCode::AllBrokersDown => Disposition::Retry,
-            _ => Disposition::Fatal,
-        },
-    }
+    err.policy().disposition
 }
 
-/// What an operator should check when `err` stops the process: decided beside [`classify`],
-/// by kind, as the error's own message says what failed. `None` when the message says it all
-/// (its variant carries its own advice) or the error is not fatal.
+/// What an operator should check when `err` stops the process ([`Error::policy`]). `None`
+/// when the message says it all (its variant carries its own advice) or the error is not
+/// fatal.
 pub fn hint(err: &Error) -> Option<&'static str> {
-    if classify(err) != Disposition::Fatal {
-        return None;
-    }
-    Some(match err {
-        Error::Config(_) | Error::Misconfigured(_) => {
-            "check the pipeline's configuration file, its DUALSYNC_* environment overrides and the command's arguments"
-        }
-        Error::Connect(_) => {
-            "check the address, that it is reachable (or free, to listen on), and its TLS settings"
-        }
-        Error::Schema(_) => {
-            "check that the databases and the schema registry are prepared for this pipeline (`dualsync outbox migrate`, `dualsync schema check`)"
-        }
-        Error::Internal(_) => {
-            "unexpected: report it with this log; restarting resumes from the last saved position"
-        }
-        Error::Interrupted(_) => {
-            "run the same command again to finish (with the same --checkpoint, if it had one, it continues where it stopped)"
-        }
-        Error::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-            "permission: grant the database user what the message names"
-        }
-        Error::Mongo(_) | Error::Postgres(_) => {
-            "check the database URL's credentials and the user's permissions, and that the objects named exist"
-        }
-        Error::Kafka(_) => {
-            "check kafka.brokers, kafka.properties (security, credentials) and the user's ACLs on the topics and group"
-        }
-        Error::Registry(_) => "check schema_registry.url and its credentials",
-        Error::DlqRequest(_) => "check the command's filters (`dualsync dlq --help`)",
-        Error::Encode(_)
-        | Error::Decode(_)
-        | Error::Rejected(_)
-        | Error::BelowPurgeHorizon { .. }
-        | Error::KafkaCredentials { .. }
-        | Error::TopicCreation { .. }
-        | Error::HistoryLost(_)
-        | Error::LeaseLost(_)
-        | Error::SequenceBehind(_)
-        | Error::LeaderSilent(_)
-        | Error::ForeignTopic { .. }
-        | Error::UnconfirmedDelivery { .. }
-        | Error::SinkTimeout { .. }
-        | Error::SchemaPending { .. }
-        | Error::Halted(_) => return None,
-    })
+    err.policy().hint
 }
 
 /// Which configured connection an error came from, and the key that configures it: the first
@@ -409,4 +330,5 @@ mod codes;
 mod tests;
 
 pub use codes::MONGO_DUPLICATE_KEY;
-use codes::{classify_kafka, classify_mongo, classify_postgres, postgres_class};
+mod policy;
+pub use policy::Policy;

@@ -1,5 +1,7 @@
 use super::codes::{classify_sqlstate, sqlstate_class};
 use super::*;
+use crate::codec::registry::RegistryError;
+use crate::codec::{DecodeError, EncodeError};
 
 #[test]
 fn too_few_brokers_up_for_a_topic_is_a_wait_and_too_many_replicas_asked_is_fatal() {
@@ -158,4 +160,346 @@ fn setup_problems_are_fatal() {
         assert_eq!(classify(&e), Disposition::Fatal, "{e}");
         assert!(hint(&e).is_some(), "{e}");
     }
+}
+
+/// The policy of every kind of error, once: class, disposition and whether an operator gets
+/// a hint. The exhaustive match in `kind` fails to compile when a variant is added, and the
+/// assertion below fails until the table has a row for it.
+#[test]
+fn every_variant_has_one_policy() {
+    use mongodb::bson::{doc, from_document};
+    use std::time::Duration;
+    use Disposition::{DeadLetter, Fatal, Retry};
+    fn kind(e: &Error) -> usize {
+        match e {
+            Error::Config(_) => 0,
+            Error::Decode(_) => 1,
+            Error::Encode(_) => 2,
+            Error::Postgres(_) => 3,
+            Error::Mongo(_) => 4,
+            Error::Kafka(_) => 5,
+            Error::Registry(_) => 6,
+            Error::KafkaCredentials { .. } => 7,
+            Error::TopicCreation { .. } => 8,
+            Error::UnconfirmedDelivery { .. } => 9,
+            Error::Rejected(_) => 10,
+            Error::BelowPurgeHorizon { .. } => 11,
+            Error::Misconfigured(_) => 12,
+            Error::Connect(_) => 13,
+            Error::Listen { .. } => 14,
+            Error::Tls(_) => 15,
+            Error::Schema(_) => 16,
+            Error::Internal(_) => 17,
+            Error::TaskFailed { .. } => 18,
+            Error::Interrupted(_) => 19,
+            Error::HistoryLost(_) => 20,
+            Error::LeaseLost(_) => 21,
+            Error::LeaderSilent(_) => 22,
+            Error::ForeignTopic { .. } => 23,
+            Error::DlqRequest(_) => 24,
+            Error::SequenceBehind(_) => 25,
+            Error::SinkTimeout { .. } => 26,
+            Error::SchemaPending { .. } => 27,
+            Error::Halted(_) => 28,
+            Error::MalformedChange { .. } => 29,
+            Error::Bson { .. } => 30,
+            Error::Checkpoint { .. } => 31,
+        }
+    }
+    const KINDS: usize = 32;
+    let text = || "x".to_string();
+    let mongo_command = Error::Mongo(
+        mongodb::error::ErrorKind::Command(
+            from_document(doc! {"code": 13, "codeName": "Unauthorized", "errmsg": "x"}).unwrap(),
+        )
+        .into(),
+    );
+    // A tokio-postgres error without a SQLSTATE (a connection string that does not parse):
+    // the "connection broke" branch.
+    let postgres = Error::Postgres(
+        "port=not-a-number"
+            .parse::<tokio_postgres::Config>()
+            .unwrap_err(),
+    );
+    let cancelled = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let task = tokio::spawn(std::future::pending::<()>());
+            task.abort();
+            task.await.unwrap_err()
+        });
+    let listen = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+    let table: Vec<(Error, &str, Disposition, bool)> = vec![
+        (
+            Error::Config(crate::config::ConfigError {
+                file: "f".into(),
+                key: "k".into(),
+                problem: "p".into(),
+            }),
+            "config",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Decode(DecodeError::NullKey),
+            "decode.null_key",
+            DeadLetter,
+            false,
+        ),
+        (
+            Error::Encode(EncodeError::NoSchema("t".into())),
+            "encode.no_schema",
+            DeadLetter,
+            false,
+        ),
+        (postgres, "postgres", Retry, false),
+        (mongo_command, "mongodb", Fatal, true),
+        (
+            Error::Kafka(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge,
+            )),
+            "publish.too_large",
+            DeadLetter,
+            false,
+        ),
+        (
+            Error::Registry(RegistryError::Unreachable {
+                url: "u".into(),
+                reason: "r".into(),
+            }),
+            "registry",
+            Retry,
+            false,
+        ),
+        (
+            Error::KafkaCredentials {
+                brokers: "b".into(),
+                reason: "r".into(),
+            },
+            "kafka.credentials",
+            Fatal,
+            false,
+        ),
+        (
+            Error::TopicCreation {
+                topic: "t".into(),
+                code: RDKafkaErrorCode::TopicAuthorizationFailed,
+                partitions: 1,
+                replication: 1,
+                brokers: 1,
+            },
+            "kafka.topic_creation",
+            Fatal,
+            false,
+        ),
+        (
+            Error::UnconfirmedDelivery {
+                topic: "t".into(),
+                partition: 0,
+            },
+            "kafka.unconfirmed_delivery",
+            Retry,
+            false,
+        ),
+        (Error::Rejected(text()), "sink.rejected", DeadLetter, false),
+        (
+            Error::BelowPurgeHorizon {
+                namespace: "n".into(),
+                key: "k".into(),
+                version: 1,
+                horizon: 2,
+            },
+            "sink.below_purge_horizon",
+            DeadLetter,
+            false,
+        ),
+        (Error::Misconfigured(text()), "setup.config", Fatal, true),
+        (Error::Connect(text()), "setup.connect", Fatal, true),
+        (
+            Error::Listen {
+                address: "a".into(),
+                source: listen,
+            },
+            "setup.connect",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Tls(openssl::error::ErrorStack::get()),
+            "setup.connect",
+            Fatal,
+            true,
+        ),
+        (Error::Schema(text()), "setup.schema", Fatal, true),
+        (Error::Internal(text()), "internal", Fatal, true),
+        (
+            Error::TaskFailed {
+                task: "t",
+                source: cancelled,
+            },
+            "internal",
+            Fatal,
+            true,
+        ),
+        (Error::Interrupted(text()), "interrupted", Fatal, true),
+        (
+            Error::HistoryLost(text()),
+            "source.history_lost",
+            Fatal,
+            false,
+        ),
+        (Error::LeaseLost(text()), "source.lease_lost", Retry, false),
+        (
+            Error::LeaderSilent(Duration::from_secs(1)),
+            "source.leader_silent",
+            Retry,
+            false,
+        ),
+        (
+            Error::ForeignTopic {
+                topic: "t".into(),
+                pipeline: "p".into(),
+            },
+            "dlq.foreign_topic",
+            Fatal,
+            false,
+        ),
+        (
+            Error::DlqRequest(RequestError::OffsetsWithoutPartition),
+            "dlq.request",
+            Fatal,
+            true,
+        ),
+        (
+            Error::SequenceBehind(text()),
+            "source.sequence_behind",
+            Retry,
+            false,
+        ),
+        (
+            Error::SinkTimeout {
+                sink: "s".into(),
+                after_ms: 1,
+            },
+            "sink.timeout",
+            Retry,
+            false,
+        ),
+        (
+            Error::SchemaPending {
+                fingerprint: "f".into(),
+            },
+            "decode.schema_pending",
+            Retry,
+            false,
+        ),
+        (Error::Halted(text()), "halted", Fatal, false),
+        (
+            Error::MalformedChange {
+                operation: "change",
+                missing: "clusterTime",
+            },
+            "internal",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Bson {
+                what: "resume token",
+                source: "x".into(),
+            },
+            "internal",
+            Fatal,
+            true,
+        ),
+        (
+            Error::Checkpoint {
+                path: "c.json".into(),
+                source: "x".into(),
+            },
+            "interrupted",
+            Fatal,
+            true,
+        ),
+    ];
+    let mut seen = [false; KINDS];
+    for (e, class, disposition, hinted) in &table {
+        seen[kind(e)] = true;
+        let policy = e.policy();
+        assert_eq!(policy.class, *class, "{e}");
+        assert_eq!(policy.disposition, *disposition, "{e}");
+        assert_eq!(policy.hint.is_some(), *hinted, "{e}");
+        // The three views agree with the one policy.
+        assert_eq!(
+            (e.class(), classify(e), hint(e)),
+            (policy.class, policy.disposition, policy.hint)
+        );
+    }
+    assert!(seen.iter().all(|s| *s), "a variant without a row: {seen:?}");
+    // A refused permission gets its own hint; a fatal Kafka error the broker's.
+    let auth = Error::Kafka(KafkaError::MessageProduction(
+        RDKafkaErrorCode::TopicAuthorizationFailed,
+    ));
+    assert!(hint(&auth).unwrap().contains("kafka.brokers"));
+}
+
+/// The rule "no `Result<_, String>` in `src/`": an error as bare text names neither its kind
+/// nor the thing at fault, and cannot be classified. Reads every source file with syn, so
+/// nested types (`Result<Vec<u8>, String>`, `OnceLock<Result<_, String>>`) count too.
+#[test]
+fn no_result_with_a_string_error_in_src() {
+    use syn::visit::{self, Visit};
+    struct Finder<'a> {
+        file: &'a str,
+        found: Vec<String>,
+    }
+    impl<'ast> Visit<'ast> for Finder<'_> {
+        fn visit_type_path(&mut self, ty: &'ast syn::TypePath) {
+            let last = ty.path.segments.last();
+            if let Some(syn::PathSegment {
+                ident,
+                arguments: syn::PathArguments::AngleBracketed(args),
+            }) = last
+            {
+                let is_string = |a: &syn::GenericArgument| matches!(a, syn::GenericArgument::Type(syn::Type::Path(p)) if p.path.is_ident("String"));
+                if ident == "Result" && args.args.iter().nth(1).is_some_and(is_string) {
+                    let line = ident.span().start().line;
+                    self.found.push(format!("{}:{line}", self.file));
+                }
+            }
+            visit::visit_type_path(self, ty);
+        }
+    }
+    let mut found = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    let mut files = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files += 1;
+                let text = std::fs::read_to_string(&path).unwrap();
+                let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+                let name = path.display().to_string();
+                let mut finder = Finder {
+                    file: &name,
+                    found: Vec::new(),
+                };
+                finder.visit_file(&file);
+                found.extend(finder.found);
+            }
+        }
+    }
+    assert!(files > 50, "read only {files} files");
+    assert!(
+        found.is_empty(),
+        "Result<_, String> in src/ (give the error a type: a variant in src/error or a local \
+         thiserror enum naming the thing at fault): {found:#?}"
+    );
 }

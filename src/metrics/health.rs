@@ -2,7 +2,7 @@
 //! reachable, the circuit breaker, retries in progress, writes that do not finish, refusals
 //! and lasting warnings). Stages set it as they connect, fail and recover.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,8 @@ pub struct Health {
     broker_down: AtomicBool,
     /// Since when (process-relative millis + 1; 0 = not retrying) the stage has been retrying.
     retrying_since_ms: AtomicI64,
-    /// Failures in a row of the stage's writes (or reads); reset by a success.
-    consecutive_failures: AtomicI64,
-    /// The stage's circuit breaker: a [`Circuit`] as its `u8`.
-    circuit: std::sync::atomic::AtomicU8,
+    /// The stage's circuit breaker, as the readiness and the gauge see it.
+    circuit: CircuitCell,
     origin: OnceInstant,
     /// Why the stage refuses to work until an operator acts (not ready while set).
     refusing: Mutex<Option<String>>,
@@ -70,15 +68,13 @@ impl OnceInstant {
 /// Why a process is not ready; empty when it is.
 pub type NotReady = Vec<String>;
 
-/// Failures in a row after which the stage's circuit opens.
-pub const CIRCUIT_OPEN_AFTER: i64 = 3;
-
 /// The circuit breaker around a stage's downstream (the sink for apply; the primary and the
-/// broker for the relay). Closed: writes flow. Open: repeated failures; the stage's input is
-/// paused (apply pauses its partitions, the relay stops reading) and nothing is sent but a
-/// probe at each backoff interval. Half-open: a probe is under way; its success closes the
-/// circuit, its failure opens it again. Exposed in `/status`, `/readyz` and
-/// `dualsync_circuit_state` (0 closed, 1 open, 2 half-open).
+/// broker for the relay). Closed: writes flow. Open: repeated transient failures; the stage
+/// retries the same step (so it reads nothing new) and sends nothing but a probe after each
+/// backoff interval. Half-open: a probe is under way; its success closes the circuit, its
+/// failure opens it again. Exposed in `/status`, `/readyz` and `dualsync_circuit_state` (0
+/// closed, 1 open, 2 half-open). When it opens and probes is `crate::retry`'s decision (its
+/// `Breaker`); this module keeps the state every retry of the stage shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
     Closed = 0,
@@ -96,6 +92,53 @@ impl Circuit {
     }
 }
 
+/// The breaker's shared state: every retry of a stage (apply's topics write concurrently)
+/// counts into it, and `/status`, `/readyz` and the gauge read it. Only storage: the rules
+/// that move it are `crate::retry`'s.
+#[derive(Default)]
+pub struct CircuitCell {
+    state: AtomicU8,
+    /// Transient failures in a row; reset by a success.
+    failures: AtomicI64,
+}
+
+impl CircuitCell {
+    pub fn state(&self) -> Circuit {
+        match self.state.load(Ordering::Relaxed) {
+            1 => Circuit::Open,
+            2 => Circuit::HalfOpen,
+            _ => Circuit::Closed,
+        }
+    }
+    /// Transient failures in a row so far.
+    pub fn failures(&self) -> i64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+    /// Counts one more failure in a row; returns the count.
+    pub fn add_failure(&self) -> i64 {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    /// Sets the state; returns the one before.
+    pub fn swap(&self, to: Circuit) -> Circuit {
+        match self.state.swap(to as u8, Ordering::Relaxed) {
+            1 => Circuit::Open,
+            2 => Circuit::HalfOpen,
+            _ => Circuit::Closed,
+        }
+    }
+    /// Moves `from` to `to`; `false` when the state was not `from`.
+    pub fn replace(&self, from: Circuit, to: Circuit) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+    /// A success: no failures in a row, closed; returns whether it was not closed.
+    pub fn close(&self) -> bool {
+        self.failures.store(0, Ordering::Relaxed);
+        self.swap(Circuit::Closed) != Circuit::Closed
+    }
+}
+
 impl Health {
     pub fn set_started(&self) {
         self.started.store(true, Ordering::Relaxed);
@@ -108,43 +151,23 @@ impl Health {
     }
     /// The circuit breaker's state.
     pub fn circuit(&self) -> Circuit {
-        match self.circuit.load(Ordering::Relaxed) {
-            1 => Circuit::Open,
-            2 => Circuit::HalfOpen,
-            _ => Circuit::Closed,
-        }
+        self.circuit.state()
     }
-    /// A retry is about to be tried: an open circuit half-opens for it.
-    pub fn probing(&self) {
-        let _ = self.circuit.compare_exchange(
-            Circuit::Open as u8,
-            Circuit::HalfOpen as u8,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    /// The breaker's shared state, for `crate::retry`'s `Breaker`.
+    pub fn circuit_cell(&self) -> &CircuitCell {
+        &self.circuit
     }
-    /// Marks a failure to be retried, and the start of a retry episode (only the first call
-    /// of an episode counts for its start). Opens the circuit after [`CIRCUIT_OPEN_AFTER`]
-    /// failures in a row, and again after a failed probe.
+    /// Marks the start of a retry episode (only the first call of an episode counts).
     pub fn retrying(&self) {
-        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= CIRCUIT_OPEN_AFTER
-            && self.circuit.swap(Circuit::Open as u8, Ordering::Relaxed) == Circuit::Closed as u8
-        {
-            tracing::warn!(
-                failures,
-                "circuit open: pausing input, probing at the backoff interval"
-            );
-        }
         let now = self.origin.elapsed_ms() + 1;
         let _ =
             self.retrying_since_ms
                 .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
     }
+    /// The stage works again: the retry episode ends and the circuit closes.
     pub fn recovered(&self) {
         self.retrying_since_ms.store(0, Ordering::Relaxed);
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-        if self.circuit.swap(Circuit::Closed as u8, Ordering::Relaxed) != Circuit::Closed as u8 {
+        if self.circuit.close() {
             tracing::info!("circuit closed: writes succeed again");
         }
     }
@@ -232,7 +255,7 @@ impl Health {
             c => reasons.push(format!(
                 "circuit {}: {} failures in a row; input paused, probing at the backoff interval",
                 c.as_str(),
-                self.consecutive_failures.load(Ordering::Relaxed)
+                self.circuit.failures()
             )),
         }
         if let Some(why) = self

@@ -329,7 +329,7 @@ pub fn total_where(vec: &IntCounterVec, name: &str, value: &str) -> u64 {
 }
 
 mod health;
-pub use health::{Circuit, Health, WriteWatch, CIRCUIT_OPEN_AFTER};
+pub use health::{Circuit, CircuitCell, Health, WriteWatch};
 
 #[cfg(test)]
 mod tests {

@@ -215,7 +215,10 @@ pub async fn replay_with_progress(
         let (config, topic) = (config.clone(), dlq_topic.to_string());
         tokio::task::spawn_blocking(move || previous_replays(&config, &topic))
             .await
-            .map_err(|e| Error::Internal(format!("replay log reader failed: {e}")))??
+            .map_err(|source| Error::TaskFailed {
+                task: "replay log reader",
+                source,
+            })??
     };
     let mut outcomes = Vec::new();
     let mut to_send = Vec::new();

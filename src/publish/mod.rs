@@ -157,7 +157,10 @@ pub async fn wait_for_cluster(
     // authentication is reported); it never sends anything.
     let client: Arc<rdkafka::producer::BaseProducer<LastError>> =
         Arc::new(client_config(kafka).create_with_context(context.clone())?);
-    let mut delay = Duration::from_millis(500);
+    let mut retry = crate::retry::Retry::new(
+        crate::retry::Backoff::doubling(Duration::from_millis(500), Duration::from_secs(10)),
+        cancel,
+    );
     loop {
         let probe = client.clone();
         let answer = tokio::task::spawn_blocking(move || {
@@ -186,15 +189,19 @@ pub async fn wait_for_cluster(
                 })
             }
             (Err(e), last) => {
+                // Anything but a refusal of the credentials is waited out.
+                let crate::retry::Verdict::Again(delay) =
+                    retry.failed_as(crate::error::Disposition::Retry)
+                else {
+                    unreachable!("transient, and no deadline")
+                };
                 let reason = last.map(|(_, r)| r).unwrap_or_else(|| e.to_string());
                 tracing::warn!(brokers = %kafka.brokers, %reason, retry_in = ?delay, "kafka cluster unreachable (kafka.brokers); retrying");
+                if !retry.wait(delay).await {
+                    return Ok(false);
+                }
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -19,11 +19,11 @@ pub mod versions;
 
 use crate::codec::SchemaStore;
 use crate::config::{Config, SourceConfig};
-use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
+use crate::error::{endpoint, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{KafkaHealth, Publisher};
-use crate::retry::{sleep_unless_cancelled, Backoff};
+use crate::retry::{Backoff, BreakerPolicy, Retry, Verdict};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::OutboxSource;
 use crate::traces::{self, Traces};
@@ -133,7 +133,11 @@ where
     LF: Future<Output = Result<(), Error>>,
 {
     let (metrics, cancel) = (relay.metrics, relay.cancel);
-    let mut policy = Backoff::reconnect();
+    let mut retry = Retry::new(Backoff::reconnect(), cancel).for_stage(
+        metrics,
+        stage::RELAY,
+        BreakerPolicy::default(),
+    );
     let result = loop {
         let outcome = match acquire().await {
             Ok(Some(held)) => {
@@ -144,15 +148,15 @@ where
             Err(e) => Err(e),
         };
         metrics.relay_leader.set(0);
-        match outcome {
+        let e = match outcome {
             Ok(()) => break Ok(()),
-            Err(e) if classify(&e) == Disposition::Retry => {
-                metrics.retries.with_label_values(&[stage::RELAY]).inc();
-                metrics.health.retrying();
+            Err(e) => e,
+        };
+        match retry.failed(&e) {
+            Verdict::Again(delay) => {
                 if matches!(e, Error::Postgres(_) | Error::Mongo(_)) {
                     metrics.health.set_database_up(false);
                 }
-                let delay = policy.next_delay();
                 match endpoint(&e, Endpoint::Source) {
                     _ if matches!(e, Error::SequenceBehind(_)) => {
                         tracing::error!(error = %e, "relay stopped publishing; it waits as the leader until the outbox is resequenced")
@@ -164,12 +168,11 @@ where
                         tracing::warn!(error = %e, retry_in = ?delay, "relay lost its lease; reconnecting")
                     }
                 }
-                if !sleep_unless_cancelled(delay, cancel).await {
+                if !retry.wait(delay).await {
                     break Ok(());
                 }
-                metrics.health.probing();
             }
-            Err(e) => break Err(e),
+            Verdict::GiveUp | Verdict::Stop(_) => break Err(e),
         }
     };
     if let Err(e) = relay.publisher.flush(Duration::from_secs(10)) {

@@ -101,7 +101,10 @@ async fn read_stream(
                 .map(|t| mongodb::bson::to_document(&t))
             {
                 Some(Ok(token)) => Ok(StreamItem::Idle(token)),
-                Some(Err(e)) => Err(Error::Internal(format!("resume token: {e}"))),
+                Some(Err(e)) => Err(Error::Bson {
+                    what: "resume token",
+                    source: e.into(),
+                }),
                 None => continue,
             },
             Err(e) => Err(history_lost_or(e)),
@@ -299,7 +302,10 @@ impl MongoSource {
         let token = match resume_after {
             Some(t) => Some(
                 mongodb::bson::from_bson::<ResumeToken>(Bson::Document(t)).map_err(|e| {
-                    Error::Internal(format!("saved resume token is unreadable: {e}"))
+                    Error::Bson {
+                        what: "saved resume token is unreadable",
+                        source: e.into(),
+                    }
                 })?,
             ),
             None => None,
@@ -518,7 +524,7 @@ impl MongoSource {
                 }
                 Some(Ok(StreamItem::Change(raw))) => raw,
             };
-            match parse_event(&raw).map_err(Error::Internal)? {
+            match parse_event(&raw)? {
                 Ok(mut change) => {
                     change.txn_index = resume_token::place(
                         change.token.as_ref(),

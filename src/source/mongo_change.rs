@@ -21,6 +21,7 @@ use serde_json::{Map, Number, Value as Json};
 use super::mongo_key::canonical_key;
 use crate::codec::mongo::ChangeContext;
 use crate::codec::OutboxEvent;
+use crate::error::Error;
 
 /// Namespace of the deterministic event ids (UUID v5 of the resume token): a change published
 /// twice (after a crash) keeps its id, so consumers can de-duplicate on it.
@@ -86,10 +87,11 @@ pub enum NotPublished {
 }
 
 /// Parses a raw change stream event.
-pub fn parse_event(raw: &Document) -> Result<Result<MongoChange, NotPublished>, String> {
+pub fn parse_event(raw: &Document) -> Result<Result<MongoChange, NotPublished>, Error> {
+    let missing = |operation, missing| Error::MalformedChange { operation, missing };
     let operation = raw
         .get_str("operationType")
-        .map_err(|_| "change event without operationType".to_string())?;
+        .map_err(|_| missing("change", "operationType"))?;
     let ns = raw.get_document("ns").ok();
     let collection = ns
         .and_then(|n| n.get_str("coll").ok())
@@ -110,17 +112,17 @@ pub fn parse_event(raw: &Document) -> Result<Result<MongoChange, NotPublished>, 
     };
     let token = raw
         .get_document("_id")
-        .map_err(|_| "change event without a resume token (_id)".to_string())?
+        .map_err(|_| missing("change", "a resume token (_id)"))?
         .clone();
     let id = raw
         .get_document("documentKey")
         .ok()
         .and_then(|k| k.get("_id"))
         .cloned()
-        .ok_or_else(|| format!("{} event without documentKey._id", operation.as_str()))?;
+        .ok_or_else(|| missing(operation.as_str(), "documentKey._id"))?;
     let cluster_time = raw
         .get_timestamp("clusterTime")
-        .map_err(|_| "change event without clusterTime".to_string())?;
+        .map_err(|_| missing("change", "clusterTime"))?;
     let wall_time_micros = raw
         .get_datetime("wallTime")
         .map(|d| d.timestamp_millis() * 1000)
