@@ -74,10 +74,12 @@ pub type NotReady = Vec<String>;
 pub const CIRCUIT_OPEN_AFTER: i64 = 3;
 
 /// The circuit breaker around a stage's downstream (the sink for apply; the primary and the
-/// broker for the relay). Closed: writes flow. Open: repeated failures; the stage's input is
-/// paused (apply pauses its partitions, the relay stops reading) and nothing is sent but a
-/// probe at each backoff interval. Half-open: a probe is under way; its success closes the
-/// circuit, its failure opens it again. Exposed in `/status`, `/readyz` and
+/// broker for the relay). Closed: writes flow. Open: repeated failures; the failing call is
+/// tried again at each backoff interval (a probe) and nothing new is read meanwhile, because
+/// the stage waits on that call. The state itself pauses nothing: apply pauses its
+/// partitions by time, once a batch has run for a second (to keep its group membership,
+/// `apply::process_batch`), whatever the circuit says. Half-open: a probe is under way; its
+/// success closes the circuit, its failure opens it again. Exposed in `/status`, `/readyz` and
 /// `dualsync_circuit_state` (0 closed, 1 open, 2 half-open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
