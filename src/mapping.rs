@@ -1,17 +1,21 @@
 //! What an outbox row becomes on its way through the pipeline, in one place below the stages:
 //! its event, its Kafka message and its dead letter (the relay), the way back from a dead
-//! letter to the row (`dlq replay`), and the route check every reader of a topic applies
-//! (apply before a write, `dlq replay` before a send). Whichever capture read the row (polling
+//! letter to the row (`dlq replay`), a consumed message's record for the sink (apply), and the
+//! route check every reader of a topic applies (apply before a write, `dlq replay` before a
+//! send). Whichever capture read the row (polling
 //! or the WAL) and whichever tool writes it, the mapping is this one.
 
-use rdkafka::message::{Header, OwnedHeaders};
+use std::time::Instant;
+
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 
 use crate::codec::{DecodeError, OutboxEvent};
 use crate::config::{Config, SourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
 use crate::publish::{headers, Outgoing};
-use crate::source::outbox::OutboxRow;
+use crate::sink::SinkRecord;
+use crate::source::OutboxRow;
 use crate::wire::EventCodec;
 
 /// The event an outbox row stands for; fails when its payload is not JSON.
@@ -197,4 +201,40 @@ pub fn check_route(
         });
     }
     Ok(())
+}
+
+/// A consumed event message → the record to write and the time its change was committed on
+/// the primary (micros): the relay's `committed_at` header, or the envelope's `created_at` for
+/// a message without it (written by an older relay, or by another producer). The key must be
+/// the event's aggregate id and the event must [route](check_route) to the message's topic.
+/// `received`: when the message was in hand (see [`EventCodec::decode_received`]).
+pub async fn decode_message(
+    config: &Config,
+    codec: &EventCodec,
+    m: &impl Message,
+    received: Instant,
+) -> Result<(SinkRecord, i64), Error> {
+    let key = m.key().ok_or(DecodeError::NullKey)?;
+    let value = m.payload().ok_or(DecodeError::Empty)?;
+    let event = codec.decode_received(value, received).await?;
+    if key != event.aggregate_id.as_bytes() {
+        return Err(DecodeError::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            aggregate_id: event.aggregate_id,
+        }
+        .into());
+    }
+    check_route(config, codec, &event.aggregate_type, m.topic())?;
+    let committed_at = committed_at(m).unwrap_or(event.created_at_micros);
+    Ok((event.into(), committed_at))
+}
+
+/// The `committed_at` header, if the message has a valid one.
+fn committed_at(m: &impl Message) -> Option<i64> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == headers::COMMITTED_AT)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
 }

@@ -8,12 +8,14 @@
 //! exponential backoff and jitter, holding the partitions' positions, for as long as it takes
 //! (or until shutdown, which abandons the batch uncommitted).
 
+mod hold;
 mod lag;
 mod purge;
 mod share;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ use crate::publish::{client_config, KafkaHealth, Publisher, STATISTICS_INTERVAL_
 use crate::sink::Sink;
 use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
+use hold::{Hold, OnAssign};
 
 pub use share::ShareResult;
 
@@ -66,9 +69,7 @@ pub struct ConsumerEvents {
     health: KafkaHealth,
     metrics: Arc<Metrics>,
     /// Whether the assignment is held (paused) right now: see [`hold_partitions`].
-    held: AtomicBool,
-    /// Partitions revoked while held: they keep librdkafka's pause if handed back later.
-    paused_when_revoked: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
+    hold: Hold,
 }
 
 impl ClientContext for ConsumerEvents {
@@ -101,29 +102,21 @@ impl ConsumerContext for ConsumerEvents {
             // not the whole assignment.
             Rebalance::Assign(tpl) => {
                 tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions assigned");
-                // librdkafka keeps an application pause on a partition across its revocation
-                // and re-assignment: a partition paused, taken away and handed back would stay
-                // paused for good. What is handed out follows the hold as it is now. Only the
-                // partitions that need it are touched: a pause or resume right after an
-                // assignment can make librdkafka drop the assignment's fetch start
-                // (confluentinc/librdkafka#2190), so a fresh partition is left alone.
-                let mut stale = self.paused_when_revoked.lock().expect("not poisoned");
-                let result = if self.held.load(Ordering::SeqCst) {
-                    for e in tpl.elements() {
-                        stale.remove(&(e.topic().to_string(), e.partition()));
-                    }
-                    consumer.pause(tpl)
-                } else {
-                    let mut resume = TopicPartitionList::new();
-                    for e in tpl.elements() {
-                        if stale.remove(&(e.topic().to_string(), e.partition())) {
-                            resume.add_partition(e.topic(), e.partition());
+                // What is handed out follows the hold as it is now (see [`Hold::assigned`]).
+                let parts: Vec<_> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let result = match self.hold.assigned(parts) {
+                    OnAssign::Pause => consumer.pause(tpl),
+                    OnAssign::Resume(stale) if stale.is_empty() => Ok(()),
+                    OnAssign::Resume(stale) => {
+                        let mut resume = TopicPartitionList::new();
+                        for (topic, partition) in &stale {
+                            resume.add_partition(topic, *partition);
                         }
-                    }
-                    if resume.count() > 0 {
                         consumer.resume(&resume)
-                    } else {
-                        Ok(())
                     }
                 };
                 if let Err(e) = result {
@@ -132,14 +125,11 @@ impl ConsumerContext for ConsumerEvents {
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), partitions = ?list(tpl), "partitions revoked");
-                if self.held.load(Ordering::SeqCst) {
-                    let mut stale = self.paused_when_revoked.lock().expect("not poisoned");
-                    stale.extend(
-                        tpl.elements()
-                            .iter()
-                            .map(|e| (e.topic().to_string(), e.partition())),
-                    );
-                }
+                self.hold.revoked(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition())),
+                );
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
@@ -252,8 +242,7 @@ pub async fn run<S: Sink>(
         Arc::new(consumer_config.create_with_context(ConsumerEvents {
             health: health.clone(),
             metrics: metrics.clone(),
-            held: AtomicBool::new(false),
-            paused_when_revoked: Default::default(),
+            hold: Hold::default(),
         })?);
     let dlq = Publisher::with_health(&config.kafka, health)?;
     tokio::select! {
@@ -430,7 +419,7 @@ fn consumer_error(e: Error) -> Result<(), Error> {
 /// rebalance hands out meanwhile get the same state (see [`ConsumerEvents`]). Rebalance
 /// callbacks run inside `recv`, on this task, so the record and the assignment cannot race.
 fn hold_partitions(consumer: &GroupConsumer, on: bool) {
-    consumer.context().held.store(on, Ordering::SeqCst);
+    consumer.context().hold.set(on);
     if let Ok(assignment) = consumer.assignment() {
         let result = if on {
             consumer.pause(&assignment)

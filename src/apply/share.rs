@@ -4,18 +4,17 @@
 //! a batch holds a few events of each partition, and every write is a round trip and a
 //! commit in the sink.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
-use crate::codec::DecodeError;
 use crate::config::OnInvalid;
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{endpoint, Disposition, Endpoint, Error};
-use crate::mapping::check_route;
+use crate::mapping::decode_message;
 use crate::metrics::stage;
 use crate::publish::{header_str, headers};
 use crate::retry::{Backoff, BreakerPolicy, Retry, Verdict};
@@ -50,38 +49,13 @@ fn stage_retry<S: Sink>(ctx: &ApplyContext<S>) -> Retry<'_> {
         .episode()
 }
 
-/// Decodes one message into the record to write and the time its change was committed on the
-/// primary (micros): the relay's `committed_at` header, or the envelope's `created_at` for a
-/// message without it (written by an older relay, or by another producer).
+/// Decodes one message into the record to write and its commit time ([`decode_message`]).
 async fn decode<S: Sink>(
     ctx: &ApplyContext<S>,
     m: &OwnedMessage,
     received: Instant,
 ) -> Result<(SinkRecord, i64), Error> {
-    let key = m.key().ok_or(DecodeError::NullKey)?;
-    let value = m.payload().ok_or(DecodeError::Empty)?;
-    let event = ctx.codec.decode_received(value, received).await?;
-    if key != event.aggregate_id.as_bytes() {
-        return Err(DecodeError::KeyMismatch {
-            key: String::from_utf8_lossy(key).into_owned(),
-            aggregate_id: event.aggregate_id,
-        }
-        .into());
-    }
-    check_route(&ctx.config, &ctx.codec, &event.aggregate_type, m.topic())?;
-    let committed_at = committed_at(m).unwrap_or(event.created_at_micros);
-    Ok((event.into(), committed_at))
-}
-
-/// The `committed_at` header, if the message has a valid one.
-fn committed_at(m: &OwnedMessage) -> Option<i64> {
-    use rdkafka::message::Headers;
-    m.headers()?
-        .iter()
-        .find(|h| h.key == crate::publish::headers::COMMITTED_AT)?
-        .value
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
+    decode_message(&ctx.config, &ctx.codec, m, received).await
 }
 
 /// Handles `messages`: one topic's share of a batch, each partition's messages in their order.
@@ -140,7 +114,9 @@ pub async fn process<S: Sink>(
 /// commit times (micros). Stale records (replays, duplicates) are not lag: they would report
 /// the age of an event applied long ago.
 fn observe_lag<S: Sink>(ctx: &ApplyContext<S>, committed: &[i64], written: &[usize]) {
-    let now = crate::dlq::now_millis() as f64 / 1000.0;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     for &i in written {
         let lag = now - committed[i] as f64 / 1_000_000.0;
         ctx.metrics.end_to_end_lag.observe(lag.max(0.0));

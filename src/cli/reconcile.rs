@@ -2,8 +2,8 @@
 //! stdout.
 
 use dualsync::config::{Config, ReconcileConfig, SinkConfig, SourceConfig};
+use dualsync::reconcile::mongo::{MongoVerify, Watch};
 use dualsync::reconcile::{self, MismatchKind, VerifyReport, REPAIR_EVENT_TYPE};
-use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::mongo::MongoSink;
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::sink::SinkReader;

@@ -69,12 +69,15 @@ impl OnceInstant {
 pub type NotReady = Vec<String>;
 
 /// The circuit breaker around a stage's downstream (the sink for apply; the primary and the
-/// broker for the relay). Closed: writes flow. Open: repeated transient failures; the stage
-/// retries the same step (so it reads nothing new) and sends nothing but a probe after each
-/// backoff interval. Half-open: a probe is under way; its success closes the circuit, its
-/// failure opens it again. Exposed in `/status`, `/readyz` and `dualsync_circuit_state` (0
-/// closed, 1 open, 2 half-open). When it opens and probes is `crate::retry`'s decision (its
-/// `Breaker`); this module keeps the state every retry of the stage shares.
+/// broker for the relay). Closed: writes flow. Open: repeated transient failures; the failing
+/// call is tried again after each backoff interval (a probe) and nothing new is read
+/// meanwhile, because the stage waits on that call. The state itself pauses nothing: apply
+/// pauses its partitions by time, once a batch has run for a second (to keep its group
+/// membership, `apply::process_batch`), whatever the circuit says. Half-open: a probe is under
+/// way; its success closes the circuit, its failure opens it again. Exposed in `/status`,
+/// `/readyz` and `dualsync_circuit_state` (0 closed, 1 open, 2 half-open). When it opens and
+/// probes is `crate::retry`'s decision (its `Breaker`); this module keeps the state every
+/// retry of the stage shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
     Closed = 0,

@@ -2,6 +2,7 @@
 //! it, and apply an event only when its version is newer: that single rule makes replays,
 //! duplicates and late out-of-order deliveries harmless.
 
+pub mod memory;
 pub mod mongo;
 pub mod postgres;
 

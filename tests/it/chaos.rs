@@ -153,12 +153,10 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         &format!("{RECONCILE}{registry_section}"),
     );
     let config = Config::from_toml(std::path::Path::new("chaos.toml"), &text, Vec::new()).unwrap();
-    let file = std::env::temp_dir().join(format!("{}.toml", unique("chaos")));
-    std::fs::write(&file, &text).unwrap();
+    let file = crate::processes::write_config(&text);
     let path = file.to_str().unwrap();
     // Other relays (standbys) reach PostgreSQL on links of their own.
-    let standby_file = std::env::temp_dir().join(format!("{}.toml", unique("chaos-standby")));
-    std::fs::write(&standby_file, text.replace(&relay_url, &standby_url)).unwrap();
+    let standby_file = crate::processes::write_config(&text.replace(&relay_url, &standby_url));
     let standby_path = standby_file.to_str().unwrap();
     let source = dualsync::pg::connect(&source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();

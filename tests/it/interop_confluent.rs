@@ -6,10 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::common::*;
-use crate::interop_java::{outbox_events, summary_events};
+use crate::interop_java::{outbox_run, summary_events};
 use crate::real_registry::RealRegistry;
 use crate::registry::registry_section;
 
@@ -40,32 +38,7 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
         &unique("t"),
         &registry_section(&registry.url, ""),
     );
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    // Order changes include cancellations: deletes, with no payload.
-    dualsync::demo::generate(&source_url, 4, 10, 120, 2, 25)
-        .await
-        .unwrap();
-    eventually("the relay has published the whole outbox", || async {
-        let (_, unpublished) = dualsync::demo::outbox_counts(&source).await.unwrap();
-        unpublished == 0
-    })
-    .await;
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-
-    let written = outbox_events(&config, &source).await;
-    let deletes: i64 = source
-        .query_one(
-            "SELECT count(*) FROM dualsync.outbox WHERE payload IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(deletes > 0, "the run has deletes");
+    let written = outbox_run(&config, &source_url).await;
 
     let topics = [
         config.kafka.topic_for("customers"),
@@ -89,7 +62,7 @@ async fn a_confluent_kafka_consumer_decodes_every_event_of_a_run() {
         "every outbox row, decoded by confluent-kafka"
     );
     println!(
-        "confluent-kafka decoded {} of {} messages ({} outbox rows, {deletes} deletes)",
+        "confluent-kafka decoded {} of {} messages ({} outbox rows)",
         summary["decoded"],
         summary["messages"],
         written.len()

@@ -24,8 +24,8 @@ fn repo() -> &'static Path {
 }
 
 /// Publishes a run of the sample shop with deletes of both types; every outbox row as
-/// (topic, key, version).
-async fn outbox_run(config: &Config, source_url: &str) -> BTreeSet<(String, String, i64)> {
+/// (topic, key, version). The run every interop test reads (also `interop_confluent`).
+pub async fn outbox_run(config: &Config, source_url: &str) -> BTreeSet<(String, String, i64)> {
     let source = dualsync::pg::connect(source_url).await.unwrap();
     dualsync::demo::setup(&source).await.unwrap();
     let cancel = CancellationToken::new();

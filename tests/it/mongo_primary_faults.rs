@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use dualsync::config::{Config, SinkConfig, SourceConfig};
 use dualsync::metrics::{Health, Metrics};
+use dualsync::reconcile::mongo::{MongoVerify, Watch};
 use dualsync::reconcile::{Mismatch, MismatchKind, VerifyReport};
-use dualsync::reconcile_mongo::{MongoVerify, Watch};
 use dualsync::sink::SinkReader;
 use dualsync::source::mongo::MongoSource;
 use dualsync::source::Source;
@@ -121,7 +121,7 @@ async fn snapshot_and_repair_read_the_primary_whatever_the_urls_read_preference(
         }],
         ..VerifyReport::default()
     };
-    let repaired = dualsync::repair_mongo::repair(
+    let repaired = dualsync::reconcile::mongo_repair::repair(
         &p.config,
         source,
         schemas(),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use dualsync::config::{SinkConfig, SourceConfig};
 use dualsync::publish::headers;
-use dualsync::reconcile_mongo::{MongoVerify, Watch};
+use dualsync::reconcile::mongo::{MongoVerify, Watch};
 use dualsync::sink::postgres::PostgresSink;
 use dualsync::source::mongo_key::canonical_key;
 

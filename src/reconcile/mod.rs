@@ -10,6 +10,9 @@
 //! snapshot can neither deadlock with nor abort an application transaction; contended keys
 //! are retried.
 
+pub mod mongo;
+pub mod mongo_repair;
+
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;

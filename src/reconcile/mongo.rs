@@ -30,11 +30,11 @@ use mongodb::Database;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::mongo_repair::repair;
+use super::{content_hash, Mismatch, MismatchKind, VerifyReport};
 use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
-use crate::reconcile::{content_hash, Mismatch, MismatchKind, VerifyReport};
-use crate::repair_mongo::repair;
 use crate::sink::{SinkReader, StoredRecord};
 use crate::source::mongo_change::{simplified_json, version_of, version_time};
 use crate::source::mongo_key::{canonical_key, id_of_key};

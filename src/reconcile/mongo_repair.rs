@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::VerifyReport;
 use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig};
 use crate::error::Error;
 use crate::publish::Publisher;
-use crate::reconcile::VerifyReport;
 use crate::relay::mongo::encode_or_dead_letter;
 use crate::source::mongo_change::MongoChange;
 use crate::wire::EventCodec;
