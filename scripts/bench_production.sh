@@ -222,7 +222,7 @@ scale() {
     wait_sql "SELECT NOT EXISTS (SELECT 1 FROM dualsync.outbox WHERE published_at IS NULL)"
     stop_pids
     for n in $SCALE_APPLIES; do
-        export DUALSYNC_SINKS__POSTGRES__SCHEMA="replica_$n" DUALSYNC_APPLY__GROUP_ID="$DB-n$n"
+        export DUALSYNC_SINKS__POSTGRES__SCHEMA="replica_$n" DUALSYNC_APPLY__GROUP_ID="$DB-n$n-{sink}"
         pids=""
         start_sampler scale "$WORK/$DB-scale-$n-procs.json" apply="file:$WORK/$DB-apply-$n.pids"
         t0=$(sql "SELECT clock_timestamp()")
@@ -232,7 +232,7 @@ scale() {
             pids+="${pids:+,}$!"
         done
         echo "$pids" >"$WORK/$DB-apply-$n.pids"
-        SINK="replica_$n.orders" VERSION=version caught_up
+        SINK="replica_$n.orders" VERSION=version caught_up "$CATCHUP_SECONDS"
         stop_sampler
         stop_pids
         sql "SELECT json_build_object('applies', $n, 'events', (SELECT count(*) FROM dualsync.outbox),

@@ -38,7 +38,7 @@ PIPELINES="${BENCH_PIPELINES:-dualsync debezium}"
 # Seconds of `perf record` (DWARF call graphs) on the relay and on apply during dualsync's
 # fixed-rate phase; 0 (the default) records nothing. Reports go to bench/profile/.
 PROFILE_SECONDS="${BENCH_PROFILE_SECONDS:-0}"
-BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync"
+BIN="${BENCH_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync}"
 CONFIG=connectors/demo.toml
 WORK="$LOG_DIR/bench-side"
 mkdir -p "$WORK"
