@@ -213,8 +213,6 @@ drain() { # drain PIPELINE
     start_pipeline "$p"
     caught_up
     stop_sampler
-    # What the production profile measures after a drain (the outbox purge), if defined.
-    if declare -F after_drain >/dev/null; then after_drain "$p"; fi
     stop_pipeline "$p"
     on_topic "$events"
     sql "SELECT json_build_object('events', count(*), 'started_at', '$t0',
@@ -233,6 +231,8 @@ for k in ("to_last_on_topic_s", "first_to_last_on_topic_s", "to_last_applied_s",
     d[k.replace("_s", "_events_per_s")] = round(n / d[k]) if d[k] else None
 json.dump(d, open(sys.argv[1], "w"))
 PY
-    log "side by side, $p drain: $(cat "$WORK/$p-drain.json")"
+    log "side by side, $p drain: $(cut -c1-600 "$WORK/$p-drain.json")"
+    # What the production profile measures after a drain (the outbox purge), if defined.
+    if declare -F after_drain >/dev/null; then after_drain "$p"; fi
 }
 

@@ -64,18 +64,15 @@ def measure(root, procs):
     return ticks, rss
 
 
-def resolve_all(specs):
-    return [p for p in (resolve(s) for s in specs.split(",")) if p]
-
-
-def resolve(spec):
+def resolve_all(spec):
+    """The PIDs of 'PID,PID...' or of 'file:PATH' (the file holding 'PID,PID...', read each time)."""
     if spec.startswith("file:"):
         try:
             with open(spec[5:]) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-    return int(spec)
+                spec = f.read().strip()
+        except OSError:
+            return []
+    return [int(p) for p in spec.split(",") if p.strip().isdigit()]
 
 
 def machine():

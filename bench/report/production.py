@@ -177,6 +177,13 @@ def main():
         for p, k in result["knee"].items():
             md.append(f"- knee, {p}: " + ("none held" if k["rate"] is None else
                       f"{k['rate']:,} events/s" + ("" if k["reached"] else " (the highest step measured: not reached)")))
+        kd, kz = (result["knee"].get(p, {}).get("rate") for p in PIPELINES)
+        if kd and kz:
+            md.append(f"- knees, dualsync against Debezium: {kd / kz:.1f}× (issue #39's target: at least 3×)")
+        at10k = next((s for s in sweeps.get("dualsync", []) if s["kind"] == "measured" and s["rate"] == 10000), None)
+        if at10k:
+            md.append(f"- dualsync at 10,000 events/s: commit → applied p99 {at10k['commit_to_applied_ms']['p99']} ms "
+                      "(issue #39's target: at most 50 ms)")
         for s in sweeps.get("dualsync", []):
             f = s.get("failover")
             if f:
@@ -211,8 +218,10 @@ def main():
                     series.append(f"{n} {round(s[0][1] / 1024)} / {round(s[-1][1] / 1024)}")
             md.append(f"| {p} | {d.get('events'):,} | {d.get('to_last_applied_events_per_s')} | {', '.join(peaks)} | {', '.join(series)} |")
         if purge:
-            md.append(f"\nOutbox purge after dualsync's drain (retention {purge['retention_s']} s): "
-                      f"outbox empty {purge['empty_after_drain_s']} s after the drain ended ({purge['rows_left']} rows left).")
+            rate = round(purge["rows"] / purge["empty_after_s"]) if purge.get("empty_after_s") else None
+            md.append(f"\nOutbox purge after dualsync's drain (the relay restarted with retention {purge['retention_s']} s): "
+                      f"{purge['rows']:,} rows deleted in {purge['empty_after_s']} s ({rate} rows/s; "
+                      f"{purge['rows_left']} left), against the drain's {drains['dualsync'].get('to_last_applied_events_per_s')} events/s.")
     open(out_md, "w").write("\n".join(md) + "\n")
 
 
