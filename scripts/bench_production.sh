@@ -42,7 +42,7 @@ SCALE_EVENTS="${BENCH_SCALE_EVENTS:-300000}"
 SCALE_APPLIES="${BENCH_SCALE_APPLIES:-1 2 3}"
 BIG_EVENTS="${BENCH_BIG_DRAIN_EVENTS:-1000000}"
 RSS_EVERY="${BENCH_RSS_EVERY_SECONDS:-5}"
-PURGE_RETENTION="${BENCH_PURGE_RETENTION_SECS:-60}"
+PURGE_RETENTION="${BENCH_PURGE_RETENTION_SECS:-1}"
 BIN="${BENCH_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync}"
 CONFIG=connectors/demo.toml
 WORK="$LOG_DIR/bench-production"
@@ -243,23 +243,29 @@ scale() {
     unset DUALSYNC_SINKS__POSTGRES__SCHEMA DUALSYNC_APPLY__GROUP_ID
 }
 
-# The large drain's aftermath (drain() calls it with the pipeline still running): dualsync's
-# purge deletes what the drain published once it is older than the retention; timed until
-# the outbox is empty (deadline: the retention plus 30 minutes). Debezium purges nothing
+# The large drain's aftermath (drain() calls it once its figures are taken): the relay is
+# started again with source.retention_secs = BENCH_PURGE_RETENTION_SECS (1), so its purge
+# deletes the whole drained outbox at once, and the bench times it until the outbox is empty
+# (deadline 30 minutes): the purge's rate against the drain's. Debezium purges nothing
 # (deleting outbox rows is the application's job there).
 after_drain() {
     [[ "$1" == dualsync ]] || return 0
-    local drained rows
-    drained=$(sql "SELECT clock_timestamp()")
+    local t0 rows total end=$((SECONDS + 1800))
+    total=$(sql "SELECT count(*) FROM dualsync.outbox")
+    t0=$(sql "SELECT clock_timestamp()")
+    DUALSYNC_SOURCE__RETENTION_SECS="$PURGE_RETENTION" "$BIN" relay --config "$CONFIG" --http-port 0 \
+        >"$WORK/$DB-purge-relay.log" 2>&1 &
+    PIDS+=($!)
     : >"$WORK/purge-series.txt"
-    local end=$((SECONDS + PURGE_RETENTION + 1800))
     while rows=$(sql "SELECT count(*) FROM dualsync.outbox") && ((rows > 0)); do
-        echo "$(sql "SELECT round(extract(epoch FROM clock_timestamp() - '$drained')::numeric, 1)") $rows" >>"$WORK/purge-series.txt"
+        echo "$(sql "SELECT round(extract(epoch FROM clock_timestamp() - '$t0')::numeric, 1)") $rows" >>"$WORK/purge-series.txt"
         ((SECONDS < end)) || { warn "bench: the outbox still holds $rows rows"; break; }
         sleep "$RSS_EVERY"
     done
+    stop_pids
     sql "SELECT json_build_object('retention_s', $PURGE_RETENTION, 'rows_left', $rows,
-            'empty_after_drain_s', round(extract(epoch FROM clock_timestamp() - '$drained')::numeric, 1))" \
+            'rows', $total,
+            'empty_after_s', round(extract(epoch FROM clock_timestamp() - '$t0')::numeric, 1))" \
         >"$WORK/purge.json"
 }
 
@@ -268,10 +274,10 @@ for phase in $PHASES; do
         sweep) for p in $PIPELINES; do sweep "$p"; done ;;
         scale) scale ;;
         drain)
-            export DUALSYNC_SOURCE__RETENTION_SECS="$PURGE_RETENTION" BENCH_PROCS_SERIES_S="$RSS_EVERY"
+            export BENCH_PROCS_SERIES_S="$RSS_EVERY"
             DRAIN_EVENTS="$BIG_EVENTS"
             for p in $PIPELINES; do drain "$p"; done
-            unset DUALSYNC_SOURCE__RETENTION_SECS BENCH_PROCS_SERIES_S
+            unset BENCH_PROCS_SERIES_S
             ;;
         *) die "bench: unknown phase '$phase' in BENCH_PROD_PHASES (sweep, scale, drain)" ;;
     esac
