@@ -37,7 +37,7 @@ SWEEP_CLIENTS="${BENCH_SWEEP_CLIENTS:-8}"
 # New orders per load transaction: at least 4 (the default profile's), more at high rates so
 # that pgbench commits at most BENCH_SWEEP_MAX_TPS transactions a second.
 MAX_TPS="${BENCH_SWEEP_MAX_TPS:-250}"
-FAILOVER_RATE="${BENCH_FAILOVER_RATE:-5000}"
+FAILOVER_RATE="${BENCH_FAILOVER_RATE-5000}" # set and empty: no failover step
 SCALE_EVENTS="${BENCH_SCALE_EVENTS:-300000}"
 SCALE_APPLIES="${BENCH_SCALE_APPLIES:-1 2 3}"
 BIG_EVENTS="${BENCH_BIG_DRAIN_EVENTS:-1000000}"
@@ -127,7 +127,10 @@ step_report() {
     local rate="$1" kind="$2" from="$3" to="$4" procs="$5" killed="$6" gap="NULL"
     if [[ "$kind" == failover ]]; then
         gap="json_build_object('killed_at', '$killed',
-            'resume_s', (SELECT round(extract(epoch FROM min(appended) - '$killed')::numeric, 3) FROM e WHERE committed > '$killed'),
+            'resume_s', (SELECT round(extract(epoch FROM min(appended) - '$killed')::numeric, 3) FROM e
+                WHERE appended > '$killed'::timestamptz + interval '20 ms'),
+            'first_later_commit_on_topic_s', (SELECT round(extract(epoch FROM min(appended) - '$killed')::numeric, 3)
+                FROM e WHERE committed > '$killed'),
             'gap_commit_to_applied_ms', (SELECT $(pct applied_ms) FROM e WHERE committed BETWEEN '$killed'::timestamptz - interval '1 s' AND '$killed'::timestamptz + interval '10 s'))"
     fi
     sql "WITH e AS (SELECT *, extract(epoch FROM appended - committed) * 1000 AS topic_ms,

@@ -187,8 +187,9 @@ def main():
         for s in sweeps.get("dualsync", []):
             f = s.get("failover")
             if f:
-                md.append(f"- relay failover at {s['rate']:,} events/s (leader killed at {f['killed_at']}): resumed "
-                          f"{f['resume_s']} s later (first event committed after the kill on its topic); commit → applied "
+                md.append(f"- relay failover at {s['rate']:,} events/s (leader killed at {f['killed_at']}): the standby "
+                          f"published {f['resume_s']} s later; the first event committed after the kill was on its topic "
+                          f"{f.get('first_later_commit_on_topic_s')} s after it; commit → applied "
                           f"p50 / p99 / max from 1 s before to 10 s after: {fmt_pct(f.get('gap_commit_to_applied_ms'))} ms; "
                           f"over the whole step: {fmt_pct(s.get('commit_to_applied_ms'))} ms")
         md.append("")
