@@ -52,8 +52,9 @@ backlog() {
     load orders_batch.sql -c 4 -j 2 -t "$((EVENTS / 1000))" -D k=250
 }
 
-# drain KIND: seconds from the start of the pipeline (the relay alone, or relay + apply) to
-# its last write, both from PostgreSQL's clock.
+# drain KIND: DRAIN_SECS, the seconds from the start of the pipeline (the relay alone, or
+# relay + apply) to its last write, both from PostgreSQL's clock. (Not printed for a command
+# substitution: its subshell would lose DBS and PIDS, and with them the clean-up.)
 drain() {
     backlog "$1"
     local t0 secs
@@ -76,7 +77,7 @@ drain() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
-    echo "$secs"
+    DRAIN_SECS="$secs"
 }
 
 log "bench guard: $PAIRS pairs of drains of $EVENTS events (relay alone, relay + apply), $BIN"
@@ -84,8 +85,10 @@ started=$SECONDS
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 ratios=()
 for ((i = 1; i <= PAIRS; i++)); do
-    relay_s=$(drain relay)
-    both_s=$(drain both)
+    drain relay
+    relay_s=$DRAIN_SECS
+    drain both
+    both_s=$DRAIN_SECS
     ratio=$(awk -v a="$relay_s" -v b="$both_s" 'BEGIN { printf "%.3f", a / b }')
     ratios+=("$ratio")
     log "bench guard: pair $i: relay alone $(awk -v s="$relay_s" -v n="$EVENTS" 'BEGIN { printf "%.0f events/s (%.2f s)", n / s, s }'), relay + apply $(awk -v s="$both_s" -v n="$EVENTS" 'BEGIN { printf "%.0f events/s (%.2f s)", n / s, s }'): ratio $ratio"
