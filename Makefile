@@ -50,7 +50,7 @@ lint: ## Check formatting and clippy warnings
 fmt: ## Format the Rust code
 	cargo fmt
 
-bench: ## Run the benchmarks (dualsync alone, then side by side with Debezium; docs/benchmarks-method.md)
+bench: ## Run the benchmarks (dualsync alone, then beside Debezium); BENCH_PROFILE=production: 3 brokers, RF 3, rate sweep (docs/benchmarks-method.md)
 	bash scripts/bench.sh
 
 chaos: ## Fault-injection schedules (CHAOS_RUNS=20 CHAOS_FAULTS=12); report in docs/chaos-report.md

@@ -19,7 +19,7 @@
 #      updated_at, for the last event of each key) percentiles,
 #      after a warm-up load so topic creation and the first rebalance are not counted.
 #      3b, run before 3: the same at a light load (BENCH_LIGHT_RATE changes/s, one writer):
-#      commit→publish, and where the relay's time goes (scripts/bench_breakdown.py).
+#      commit→publish, and where the relay's time goes (bench/report/breakdown.py).
 #   4. end to end: relay and apply → PostgreSQL running while BENCH_CHANGES order changes are
 #      committed at full speed: events/s from the first commit to the last row applied.
 #   5. side by side with Debezium (scripts/bench_side.sh, docs/benchmarks-method.md): backlog
@@ -42,7 +42,14 @@ mkdir -p "$OUT_DIR" "$LOG_DIR"
 bash scripts/up.sh all
 log "building dualsync (release)"
 cargo build --release --locked --quiet --bin dualsync --example broker_baseline --example encode_baseline
-BIN="$REPO_ROOT/target/release/dualsync"
+# BENCH_PROFILE=production: the three-broker profile (RF 3, min.insync.replicas 2, acks=all):
+# the rate sweep, apply scale-out and the large drain (scripts/bench_production.sh).
+case "${BENCH_PROFILE:-default}" in
+    default) ;;
+    production) exec bash scripts/bench_production.sh ;;
+    *) die "bench: BENCH_PROFILE is default or production, not '$BENCH_PROFILE'" ;;
+esac
+BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync"
 BASELINE_ROWS="${BENCH_BASELINE_ROWS:-100000}"
 BASELINE_MONGO_DOCS="${BENCH_BASELINE_MONGO_DOCS:-20000}"
 CONFIG=connectors/demo.toml
@@ -112,9 +119,9 @@ peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
 
 # ---- 0: stage baselines --------------------------------------------------------------------
 log "phase 0: stage baselines (broker alone, raw PostgreSQL upserts, raw MongoDB upserts)"
-BROKER_JSON=$("$REPO_ROOT/target/release/examples/broker_baseline" "$(kafka_brokers)" "$BASELINE_ROWS" 300)
+BROKER_JSON=$("${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/examples/broker_baseline" "$(kafka_brokers)" "$BASELINE_ROWS" 300)
 log "broker: $BROKER_JSON"
-ENCODE_JSON=$("$REPO_ROOT/target/release/examples/encode_baseline" 200000)
+ENCODE_JSON=$("${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/examples/encode_baseline" 200000)
 log "relay encoding alone: $ENCODE_JSON"
 new_pipeline baseline
 sql "CREATE TABLE bench_raw (id text PRIMARY KEY, doc jsonb, version bigint NOT NULL,
@@ -192,7 +199,7 @@ stop_all
 
 # ---- 3: latency at a fixed rate ----------------------------------------------------------
 new_pipeline latency
-# The relay's per-batch debug line says where its time goes (scripts/bench_breakdown.py).
+# The relay's per-batch debug line says where its time goes (bench/report/breakdown.py).
 RUST_LOG=info,dualsync::relay=debug "$BIN" relay --config "$CONFIG" >"$LOG_DIR/bench-relay-latency.log" 2>&1 & PIDS+=($!)
 "$BIN" apply --config "$CONFIG" --sink postgres >"$LOG_DIR/bench-apply-latency.log" 2>&1 & PIDS+=($!)
 # Warm-up: topics created, partitions assigned, sink tables created; only later events count.
@@ -224,7 +231,7 @@ APP=$(sql "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric
 LAT_EPS=$(committed_rate "$WARM")
 log "latency phase: $LAT_EPS events/s committed"
 stop_all
-BREAKDOWN=$(python3 scripts/bench_breakdown.py "$LOG_DIR/bench-relay-latency.log" "$LIGHT_SINCE" "$LIGHT_UNTIL")
+BREAKDOWN=$(python3 bench/report/breakdown.py "$LOG_DIR/bench-relay-latency.log" "$LIGHT_SINCE" "$LIGHT_UNTIL")
 log "light load, relay batches: $BREAKDOWN"
 read -r PUB_P50 PUB_P99 PUB_MAX <<<"$PUB"
 read -r APP_P50 APP_P99 APP_MAX APP_N <<<"$APP"
@@ -263,6 +270,7 @@ CPU="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/me
 cat >"$OUT_DIR/results.json" <<JSON
 {
   "date": "$DATE",
+  "profile": "default (one Kafka node, RF 1)",
   "machine": "$CPU, $(uname -m)",
   "versions": {"dualsync": "$("$BIN" --version | awk '{print $2}')", "postgres": "$("${PSQL[@]}" -d postgres -c 'SHOW server_version' | awk '{print $1}')", "kafka": "$KAFKA_VERSION", "secantusdb": "$SECANTUS_VERSION"},
   "end_to_end_postgres": {"events": $E2E_EVENTS, "seconds": $E2E_SECS, "events_per_s": $E2E_EPS},
@@ -282,7 +290,7 @@ JSON
 ACK_MD=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["ack_ms"]; print("%s/s (p50 / p99 / max) | %s / %s / %s" % (d["rate_per_s"], d["p50"], d["p99"], d["max"]))' "$BROKER_JSON")
 BREAKDOWN_MD=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("; ".join("%s / %s" % (d[k]["p50"], d[k]["p99"]) for k in ("waited_ms", "publish_ms", "mark_ms")))' "$BREAKDOWN")
 cat >"$OUT_DIR/summary.md" <<MD
-| measurement ($DATE, $CPU) | result |
+| measurement ($DATE, $CPU; default profile: one Kafka node, RF 1) | result |
 | --- | --- |
 | baseline: broker alone, produce / consume ($BASELINE_ROWS × 300 B, dualsync's client settings) | $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d['produce_per_s'], '/', d['consume_per_s'])" "$BROKER_JSON") messages/s |
 | baseline: broker acknowledgement of one message at a time, $ACK_MD ms |
@@ -312,6 +320,6 @@ results["side_by_side"] = json.load(open(sys.argv[2]))
 json.dump(results, open(sys.argv[1], "w"), indent=1)
 PY
 { echo; cat "$OUT_DIR/side.md"; } >>"$OUT_DIR/summary.md"
-python3 scripts/bench_chart.py "$OUT_DIR/results.json" "$OUT_DIR/chart.svg"
+python3 bench/report/chart.py "$OUT_DIR/results.json" "$OUT_DIR/chart.svg"
 cat "$OUT_DIR/summary.md"
 log "results in bench/results.json, bench/summary.md and bench/chart.svg"

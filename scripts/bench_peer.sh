@@ -73,6 +73,7 @@ offset.flush.interval.ms=1000
 plugin.path=$DEBEZIUM_HOME/plugins
 plugin.discovery=only_scan
 listeners=http://$BIND_HOST:0
+${BENCH_CONNECT_PRODUCER_ACKS:+producer.acks=$BENCH_CONNECT_PRODUCER_ACKS}
 PROPS
     cat >"$dir/source.properties" <<PROPS
 name=${db}-source

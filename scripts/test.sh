@@ -3,8 +3,8 @@
 # Apicurio schema registry, FerretDB; Prometheus and promtool from Debian) and the interop tests'
 # Python venv (scripts/interop.sh), Toxiproxy, Helm and Jaeger (scripts/go_tools.sh),
 # docker-compose (Debian), runs the alert rules' promtool unit tests, then every test (unit,
-# property and integration) against those real servers, and the MongoDB sink's tests a second
-# time against FerretDB.
+# property and integration) against those real servers, the throughput guard
+# (scripts/bench_guard.sh), and the MongoDB sink's tests a second time against FerretDB.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -54,6 +54,11 @@ fi
 # One test at a time: each integration test runs real processes against shared servers, and
 # on two cores two of them side by side made timing-sensitive ones flaky (seen 2026-12-03).
 cargo test --all-targets --locked -- --skip chaos:: --test-threads=1
+# The throughput guard (scripts/bench_guard.sh, about 40 s): the combined drain of relay and
+# apply against the relay alone, measured side by side with the debug build just tested, so
+# the machine's speed cancels out; fails on a bad regression (docs/benchmarks-method.md).
+log "running the throughput guard"
+bash scripts/bench_guard.sh
 log "running the short fault-injection schedules"
 DUALSYNC_CHAOS_SEED="${DUALSYNC_CHAOS_SEED:-5}" \
     DUALSYNC_CHAOS_FIRST="${DUALSYNC_CHAOS_FIRST:-partition,slow link,leader cut-off}" \

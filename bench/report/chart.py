@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws bench/results.json as an SVG (stdlib only): throughput per stage and latency
 percentiles, and, side by side, dualsync's and the Debezium peer's drain rates and latencies
-(blue: dualsync, orange: Debezium). Usage: bench_chart.py RESULTS.json OUT.svg"""
+(blue: dualsync, orange: Debezium). Usage: bench/report/chart.py RESULTS.json OUT.svg"""
 import json
 import sys
 from html import escape

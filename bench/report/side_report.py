@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/side.json and the side-by-side table bench/side.md from scripts/bench_side.sh's pieces.
 
-usage: bench_side_report.py WORK_DIR OUT.json OUT.md FIXED_SECONDS LOAD_CLIENTS LOAD_BATCH DBZ_POLL_MS
+usage: bench/report/side_report.py WORK_DIR OUT.json OUT.md FIXED_SECONDS LOAD_CLIENTS LOAD_BATCH DBZ_POLL_MS
                             FIXED_CLIENTS FIXED_BATCH FIXED_WARMUP
 """
 import json
@@ -60,6 +60,7 @@ def main():
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     side = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "profile": "default (one Kafka node, RF 1)",
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "settings": {
             "load_generator": f"pgbench; backlog: {clients} connections, {batch} events per transaction "
@@ -128,7 +129,7 @@ def main():
         m = lambda x: (x.get("processes") or {}).get("machine") or {}
         fm = lambda x: f"{m(x)['load_avg_1m_mean']} / {m(x)['busy_cpu_s']}" if m(x) else None
         row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)", fm(a), fm(b))
-    md = [f"Side by side ({side['date']}, {side['machine']}; the machine's load in each phase is in the last rows). dualsync: Avro values; "
+    md = [f"Side by side ({side['date']}, {side['machine']}, default profile: one Kafka node, RF 1; the machine's load in each phase is in the last rows). dualsync: Avro values; "
           f"Debezium: JSON converter with schemas, Kafka Connect 4.3.2, PostgreSQL connector 3.6.1.Final "
           f"(pgoutput, EventRouter), JDBC sink 3.6.0.Final (upsert), poll.interval.ms {poll_ms}. "
           f"Load: {side['settings']['load_generator']}. Ratio: how many times better dualsync is "

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """When each event reached its topic, for `make bench`'s side-by-side phases (confluent-kafka).
 
-  bench_topics.py create BROKERS TOPIC...
-      creates the topics (3 partitions, as dualsync's) with message.timestamp.type=LogAppendTime,
-      so every record carries the broker's own time of appending it; both pipelines' topics are
-      made this way and read back the same way.
-  bench_topics.py dump BROKERS HEADER EXPECTED OUT.csv TOPIC...
-      reads the topics from the beginning until EXPECTED records carrying HEADER were seen (or
-      60 s without a new record) and writes "seq,append_time_ms" lines, seq being the outbox row's
+  bench/report/topics.py create BROKERS PARTITIONS REPLICATION TOPIC...
+      creates the topics (3 partitions as dualsync's, unless told) with
+      message.timestamp.type=LogAppendTime, so every record carries the broker's own time of
+      appending it; both pipelines' topics are made this way and read back the same way. With a
+      replication factor of 3 or more they get min.insync.replicas=2 (the production profile).
+  bench/report/topics.py dump BROKERS HEADER EXPECTED OUT.csv TOPIC...
+      reads the topics from the beginning until EXPECTED distinct seqs carrying HEADER were seen
+      (or 60 s without a new record; a relay failover publishes some events twice) and writes "seq,append_time_ms" lines, seq being the outbox row's
       seq taken from HEADER (dualsync: dualsync.version; the peer: seq, set by the EventRouter).
 """
 import sys
@@ -18,10 +19,13 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
-def create(brokers, topics):
+def create(brokers, partitions, replication, topics):
     admin = AdminClient({"bootstrap.servers": brokers})
-    new = [NewTopic(t, num_partitions=3, replication_factor=1,
-                    config={"message.timestamp.type": "LogAppendTime"}) for t in topics]
+    config = {"message.timestamp.type": "LogAppendTime"}
+    if replication >= 3:
+        config["min.insync.replicas"] = "2"
+    new = [NewTopic(t, num_partitions=partitions, replication_factor=replication, config=config)
+           for t in topics]
     for topic, future in admin.create_topics(new).items():
         try:
             future.result()
@@ -35,7 +39,7 @@ def dump(brokers, header, expected, out, topics):
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.max.bytes": 52428800})
     consumer.subscribe(topics)
-    seen, last_new = 0, time.monotonic()
+    seen, last_new, distinct = 0, time.monotonic(), bytearray()
     key = header.encode() if isinstance(header, str) else header
     with open(out, "w") as f:
         while seen < expected and time.monotonic() - last_new < 60:
@@ -46,7 +50,12 @@ def dump(brokers, header, expected, out, topics):
                 if seq is None:
                     continue
                 f.write(f"{seq.decode()},{msg.timestamp()[1]}\n")
-                seen += 1
+                n = int(seq)
+                if n >= len(distinct):
+                    distinct.extend(bytes(n + 1 - len(distinct) + 1_000_000))
+                if not distinct[n]:
+                    distinct[n] = 1
+                    seen += 1
                 last_new = time.monotonic()
     consumer.close()
     print(seen)
@@ -55,7 +64,7 @@ def dump(brokers, header, expected, out, topics):
 def main():
     cmd, brokers = sys.argv[1], sys.argv[2]
     if cmd == "create":
-        create(brokers, sys.argv[3:])
+        create(brokers, int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     elif cmd == "dump":
         dump(brokers, sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6:])
     else:

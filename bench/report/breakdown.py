@@ -9,7 +9,7 @@ each part of a batch's way, in milliseconds:
   publish_ms  hand-over to the producer → Kafka's last acknowledgement of the batch
   mark_ms     acknowledgement → rows marked published (`published_at` is set here)
 
-usage: bench_breakdown.py RELAY_LOG SINCE [UNTIL]
+usage: bench/report/breakdown.py RELAY_LOG SINCE [UNTIL]
 """
 import json
 import re
