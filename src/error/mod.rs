@@ -131,6 +131,9 @@ pub enum Error {
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
+    /// The outbox's WAL capture: the replication connection, the stream, the slot.
+    #[error("wal capture: {0}")]
+    Wal(#[from] WalError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -222,6 +225,9 @@ impl Error {
             Error::LeaseLost(_) => "source.lease_lost",
             Error::SequenceBehind(_) => "source.sequence_behind",
             Error::LeaderSilent(_) => "source.leader_silent",
+            Error::Wal(WalError::SlotLost { .. }) => "source.slot_lost",
+            Error::Wal(WalError::VersionOverflow(_)) => "source.version_overflow",
+            Error::Wal(_) => "source.replication",
         }
     }
 }
@@ -250,6 +256,10 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::Rejected(_)
         | Error::BelowPurgeHorizon { .. } => Disposition::DeadLetter,
         Error::Postgres(e) => classify_postgres(e),
+        // A lost or garbled stream restarts from the slot's confirmed position: never skipped.
+        Error::Wal(WalError::Io(_) | WalError::Protocol(_)) => Disposition::Retry,
+        Error::Wal(WalError::Server { code, .. }) => codes::classify_sqlstate(code),
+        Error::Wal(WalError::SlotLost { .. } | WalError::VersionOverflow(_)) => Disposition::Fatal,
         Error::Mongo(e) => classify_mongo(e),
         Error::Kafka(e) => classify_kafka(e),
         // Never dead-letter on a registry failure: an unknown id is a DecodeError; anything
@@ -303,6 +313,9 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         Error::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             "permission: grant the database user what the message names"
         }
+        Error::Wal(WalError::Server { .. }) => {
+            "check that the source user has the REPLICATION attribute, that wal_level = logical, and that the slot and publication exist (`dualsync outbox migrate`)"
+        }
         Error::Mongo(_) | Error::Postgres(_) => {
             "check the database URL's credentials and the user's permissions, and that the objects named exist"
         }
@@ -325,7 +338,8 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::UnconfirmedDelivery { .. }
         | Error::SinkTimeout { .. }
         | Error::SchemaPending { .. }
-        | Error::Halted(_) => return None,
+        | Error::Halted(_)
+        | Error::Wal(_) => return None,
     })
 }
 
@@ -369,6 +383,7 @@ pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>>
     match err {
         Error::Postgres(_)
         | Error::Mongo(_)
+        | Error::Wal(_)
         | Error::SinkTimeout { .. }
         | Error::LeaderSilent(_) => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
@@ -407,6 +422,8 @@ pub enum BadTime {
 mod codes;
 #[cfg(test)]
 mod tests;
+mod wal;
 
 pub use codes::MONGO_DUPLICATE_KEY;
 use codes::{classify_kafka, classify_mongo, classify_postgres, postgres_class};
+pub use wal::WalError;

@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Health;
 use crate::publish::{client_config, headers};
+use crate::source::aggregate_filter::carries;
 use crate::source::outbox_sequence::{self, Renumbered};
 
 /// Records read back from the end of each partition. The relay publishes in `seq` order but
@@ -52,29 +53,6 @@ pub struct PublishedTail {
     pub max: Option<(i64, String)>,
     /// `(version, event id)` of every record read back.
     pub events: Vec<(i64, Uuid)>,
-}
-
-/// Whether `glob` (`*` any run, `?` one character) matches all of `text`.
-fn glob_matches(glob: &str, text: &str) -> bool {
-    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
-    let (mut gi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
-            gi += 1;
-            ti += 1;
-        } else if gi < g.len() && g[gi] == '*' {
-            star = Some(gi);
-            mark = ti;
-            gi += 1;
-        } else if let Some(s) = star {
-            gi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    g[gi..].iter().all(|c| *c == '*')
 }
 
 /// Whether `topic` is one of this pipeline's event topics: `kafka.topic_template` for an
@@ -99,15 +77,7 @@ pub fn is_event_topic(config: &Config, topic: &str) -> bool {
     let Ok(source) = config.outbox_source() else {
         return true;
     };
-    (source.include_aggregates.is_empty()
-        || source
-            .include_aggregates
-            .iter()
-            .any(|g| glob_matches(g, aggregate)))
-        && !source
-            .exclude_aggregates
-            .iter()
-            .any(|g| glob_matches(g, aggregate))
+    carries(source, aggregate)
 }
 
 fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
@@ -327,7 +297,7 @@ pub async fn resequence(config: &Config) -> Result<Resequenced, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_matches;
+    use crate::source::aggregate_filter::glob_matches;
 
     #[test]
     fn globs_match_whole_names() {
