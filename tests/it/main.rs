@@ -66,3 +66,4 @@ mod topic_durability;
 mod topic_refusals;
 pub mod toxiproxy;
 mod traces;
+pub mod wal_capture;

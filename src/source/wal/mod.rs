@@ -100,9 +100,8 @@ pub struct WalSource {
     items: mpsc::Receiver<Result<Item, Error>>,
     confirmed: watch::Sender<u64>,
     progress: Progress,
-    /// Events of received transactions not handed out yet, each with its transaction's end
-    /// when it is the last.
-    carry: VecDeque<(OutboxRow, Option<u64>)>,
+    /// Received and not handed out yet, in WAL order.
+    carry: VecDeque<Carried>,
     /// Poll-era rows still to read from the table (`None` once none is left), and those
     /// handed out (marked published on their acknowledgement).
     drain: Option<String>,
@@ -118,6 +117,14 @@ impl Drop for WalSource {
         self.stream_task.abort();
         self.connection_task.abort();
     }
+}
+
+/// What the stream delivered and the relay has not been handed yet.
+enum Carried {
+    /// An event, with its transaction's end when it is the transaction's last.
+    Event(OutboxRow, Option<u64>),
+    /// A position with nothing to publish before it but the events ahead of it.
+    Position(u64),
 }
 
 /// The slot as `pg_replication_slots` has it.
@@ -341,10 +348,12 @@ impl WalSource {
             .collect())
     }
 
-    /// Takes a received item into the carry (or the progress, when it has nothing to publish).
+    /// Takes a received item into the carry. A position goes behind the events still
+    /// carried (straight to the progress when none is): confirming it before they are handed
+    /// out and acknowledged would skip them after a crash.
     fn take(&mut self, item: Item) {
         match item {
-            Item::Position(lsn) => self.progress.reached(lsn),
+            Item::Position(lsn) => self.reached(lsn),
             Item::Transaction(t) => {
                 let rows: Vec<OutboxRow> = t
                     .rows
@@ -352,21 +361,52 @@ impl WalSource {
                     .filter(|r| carries(&self.config, &r.aggregate_type))
                     .collect();
                 if rows.is_empty() {
-                    self.progress.reached(t.end_lsn);
+                    self.reached(t.end_lsn);
                 }
                 let last = rows.len().saturating_sub(1);
                 for (i, row) in rows.into_iter().enumerate() {
-                    self.carry
-                        .push_back((row, (i == last).then_some(t.end_lsn)));
+                    let ends = (i == last).then_some(t.end_lsn);
+                    self.carry.push_back(Carried::Event(row, ends));
                 }
             }
         }
+        self.report();
+    }
+
+    fn reached(&mut self, lsn: u64) {
+        match self.carry.is_empty() {
+            true => self.progress.reached(lsn),
+            false => self.carry.push_back(Carried::Position(lsn)),
+        }
+    }
+
+    /// Hands the stream's position to the task that reports it, when it moved.
+    fn report(&mut self) {
+        let now = self.progress.confirmed();
         self.confirmed.send_if_modified(|c| {
-            let now = self.progress.confirmed();
             let moved = now > *c;
             *c = (*c).max(now);
             moved
         });
+    }
+
+    /// Up to `limit` carried events, in order, with the positions between them.
+    fn hand_out(&mut self, limit: usize) -> Vec<OutboxRow> {
+        let mut batch = Vec::new();
+        while let Some(front) = self.carry.front() {
+            if batch.len() == limit && matches!(front, Carried::Event(..)) {
+                break;
+            }
+            match self.carry.pop_front().expect("a front") {
+                Carried::Event(row, ends) => {
+                    self.progress.handed_out(row.id, ends);
+                    batch.push(row);
+                }
+                Carried::Position(lsn) => self.progress.reached(lsn),
+            }
+        }
+        self.report();
+        batch
     }
 }
 
@@ -416,19 +456,13 @@ impl Source for WalSource {
             }
         }
         // Whatever else already arrived, up to a batch.
-        while self.carry.len() < limit {
+        while self.carry.len() < limit * 2 {
             match self.items.try_recv() {
                 Ok(item) => self.take(item?),
                 Err(_) => break,
             }
         }
-        let n = self.carry.len().min(limit);
-        let mut batch = Vec::with_capacity(n);
-        for (row, ends) in self.carry.drain(..n) {
-            self.progress.handed_out(row.id, ends);
-            batch.push(row);
-        }
-        Ok(batch)
+        Ok(self.hand_out(limit))
     }
 
     /// Marks poll-era rows published; moves the slot past the transactions now complete.
@@ -451,12 +485,7 @@ impl Source for WalSource {
         for row in rows {
             self.drained.remove(&row.id);
         }
-        let now = self.progress.confirmed();
-        self.confirmed.send_if_modified(|c| {
-            let moved = now > *c;
-            *c = (*c).max(now);
-            moved
-        });
+        self.report();
         Ok(())
     }
 }

@@ -57,9 +57,11 @@ impl Progress {
                         self.confirmed = self.confirmed.max(lsn);
                     }
                 }
-                other => return Err(Error::Internal(format!(
+                other => {
+                    return Err(Error::Internal(format!(
                     "wal capture: event {id} acknowledged out of order (next pending: {other:?})"
-                ))),
+                )))
+                }
             }
             self.settle();
         }
