@@ -159,3 +159,35 @@ fn setup_problems_are_fatal() {
         assert!(hint(&e).is_some(), "{e}");
     }
 }
+
+#[test]
+fn a_lost_replication_stream_is_retried_and_a_lost_slot_stops_with_its_recovery() {
+    for e in [
+        WalError::Io("reset".into()),
+        WalError::Protocol("bad frame".into()),
+        // Another session streams the slot: a standby's wait.
+        WalError::Server {
+            code: "55006".into(),
+            message: "replication slot \"s\" is active for PID 7".into(),
+        },
+    ] {
+        let e = Error::from(e);
+        assert_eq!(classify(&e), Disposition::Retry, "{e}");
+        assert_eq!(endpoint(&e, Endpoint::Source), Some(Endpoint::Source));
+    }
+    let lost = Error::from(WalError::SlotLost {
+        slot: "s".into(),
+        reason: "invalidated".into(),
+    });
+    assert_eq!(classify(&lost), Disposition::Fatal);
+    assert_eq!(lost.class(), "source.slot_lost");
+    assert!(lost.to_string().contains("dualsync snapshot"));
+    let no_permission = Error::from(WalError::Server {
+        code: "42501".into(),
+        message: "permission denied to start WAL sender".into(),
+    });
+    assert_eq!(classify(&no_permission), Disposition::Fatal);
+    assert!(hint(&no_permission).unwrap().contains("REPLICATION"));
+    let overflow = Error::from(WalError::VersionOverflow("too many".into()));
+    assert_eq!(classify(&overflow), Disposition::Fatal);
+}

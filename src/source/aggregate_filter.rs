@@ -96,17 +96,6 @@ fn like_pattern(glob: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn globs_become_like_patterns_with_literals_escaped() {
-        assert_eq!(super::like_pattern("order*"), "order%");
-        assert_eq!(super::like_pattern("a?c"), "a_c");
-        assert_eq!(super::like_pattern("order_lines"), "order\\_lines");
-        assert_eq!(super::like_pattern("50%"), "50\\%");
-    }
-}
-
 /// Whether `glob` (`*` any run, `?` one character) matches all of `text`.
 pub fn glob_matches(glob: &str, text: &str) -> bool {
     let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
@@ -143,4 +132,15 @@ pub fn carries(config: &OutboxSourceConfig, aggregate_type: &str) -> bool {
             .exclude_aggregates
             .iter()
             .any(|g| glob_matches(g, aggregate_type))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn globs_become_like_patterns_with_literals_escaped() {
+        assert_eq!(super::like_pattern("order*"), "order%");
+        assert_eq!(super::like_pattern("a?c"), "a_c");
+        assert_eq!(super::like_pattern("order_lines"), "order\\_lines");
+        assert_eq!(super::like_pattern("50%"), "50\\%");
+    }
 }

@@ -8,6 +8,7 @@ pub mod mongo_key;
 pub mod mongo_offsets;
 pub mod mongo_reads;
 pub mod outbox;
+pub mod outbox_capture;
 pub mod outbox_sequence;
 pub mod resume_token;
 pub mod wal;

@@ -410,6 +410,18 @@ impl WalSource {
     }
 }
 
+/// The smallest version an event committed from now on can get, and the WAL position it
+/// comes from (the relay's guard against versions handed out again).
+pub async fn next_version(client: &Client) -> Result<(i64, String), Error> {
+    let at: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let lsn = parse_lsn(&at)
+        .ok_or_else(|| WalError::Protocol(format!("unreadable WAL position {at:?}")))?;
+    Ok((version::floor(lsn), at))
+}
+
 /// Refuses to stream while the outbox's sequence or the slot's position would let new events
 /// look older than events already published (a switch from polling on a table whose `seq`
 /// is past the WAL versions: never seen in practice, see [`version`]).

@@ -93,7 +93,7 @@ impl ReplicationConnection {
         };
         let user = config.get_user().unwrap_or("postgres").to_string();
         let database = config.get_dbname().unwrap_or(&user).to_string();
-        let mut params = vec![
+        let mut params = [
             ("user", user.as_str()),
             ("database", database.as_str()),
             ("replication", "database"),
