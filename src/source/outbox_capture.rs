@@ -16,7 +16,7 @@ use crate::config::Capture;
 use crate::error::Error;
 
 /// An outbox source as the relay's leader drives it.
-pub trait OutboxCapture: Source<Event = OutboxRow> {
+pub trait OutboxCapture: Source<Event = OutboxRow> + Sync {
     /// The leader's SQL session (the version guard's checks).
     fn client(&self) -> &Client;
     /// Whether this process may still publish as the leader.
