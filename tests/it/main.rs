@@ -4,6 +4,7 @@
 //! One binary for all of them, to link once.
 
 mod backlog;
+pub mod capture_modes;
 mod chaos;
 mod chaos_multi_host;
 mod column_tables;

@@ -38,6 +38,15 @@ pub struct SlotGuard {
     pub name: String,
 }
 
+impl SlotGuard {
+    pub fn new(url: &str, name: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let (url, name) = (self.url.clone(), self.name.clone());
