@@ -21,7 +21,7 @@ pub mod outbox;
 pub mod versions;
 
 use crate::codec::SchemaStore;
-use crate::config::{Capture, Config, SourceConfig};
+use crate::config::{Config, SourceConfig};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
@@ -29,7 +29,6 @@ use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::{OutboxRow, OutboxSource};
-use crate::source::wal::WalSource;
 use crate::traces::{self, parse_traceparent, BatchSpan, EventTrace, Traces};
 use crate::wire::EventCodec;
 
@@ -96,21 +95,6 @@ pub async fn run(
                     )
                 },
                 |held| mongo::lead(&relay, source, held),
-            )
-            .await
-        }
-        (None, Some(source)) if source.capture == Capture::Wal => {
-            lead_until_cancelled(
-                &relay,
-                || {
-                    WalSource::acquire_leadership(
-                        source,
-                        &config.pipeline.name,
-                        &metrics.health,
-                        &cancel,
-                    )
-                },
-                |held| outbox::lead(&relay, source, held),
             )
             .await
         }

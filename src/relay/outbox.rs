@@ -29,13 +29,13 @@ use super::mapping::dead_letter;
 pub use super::mapping::{row_from_dead_letter, to_message, NotARow};
 use super::versions::SequenceGuard;
 use super::{count_acked, count_read, DeadRow, Relay};
-use crate::config::{Capture, OnInvalid, OutboxSourceConfig};
+use crate::config::{OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, FailedStage};
 use crate::error::Error;
 use crate::publish::{Acks, Outgoing};
 use crate::source::leader_lease::LeaderLease;
-use crate::source::outbox::OutboxRow;
-use crate::source::outbox_capture::OutboxCapture;
+use crate::source::outbox::{OutboxRow, OutboxSource};
+use crate::source::Source;
 
 /// How often the leader samples the outbox backlog for the metrics (more often when its
 /// lease needs a heartbeat sooner: the sample is that heartbeat).
@@ -49,10 +49,10 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// Publishes as the leader until cancelled or a failure. First reads back what the pipeline
 /// published and waits while the outbox would re-use those versions ([`SequenceGuard`]);
 /// checks the durability of the pipeline's existing topics (a warning per weak one).
-pub(super) async fn lead<S: OutboxCapture>(
+pub(super) async fn lead(
     relay: &Relay<'_>,
     source_config: &OutboxSourceConfig,
-    source: S,
+    source: OutboxSource,
 ) -> Result<(), Error> {
     let guard = SequenceGuard::load(relay.config).await?;
     for topic in guard.topics() {
@@ -130,24 +130,23 @@ async fn oldest_acked(in_flight: &mut VecDeque<InFlight>) -> Result<(), Error> {
 }
 
 impl Leader<'_> {
-    async fn lead<S: OutboxCapture>(&self, source: &mut S) -> Result<(), Error> {
+    async fn lead(&self, source: &mut OutboxSource) -> Result<(), Error> {
         let (metrics, cancel) = (self.relay.metrics, self.relay.cancel);
         let depth = self.source_config.max_batches_in_flight;
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
         // The purge runs beside the leader for as long as it leads (retention 0 deletes rows
-        // as they are marked instead; in WAL mode rows are not marked, so it always runs).
-        let purger = (self.source_config.retention_secs > 0 || source.capture() == Capture::Wal)
-            .then(|| {
-                let stop = cancel.child_token();
-                tokio::spawn(crate::source::outbox::purge_published(
-                    self.source_config.url.expose().to_string(),
-                    crate::source::outbox::AggregateFilter::new(self.source_config),
-                    self.source_config.retention_secs,
-                    PURGE_INTERVAL,
-                    stop.clone(),
-                ));
-                stop.drop_guard()
-            });
+        // as they are marked instead).
+        let purger = (self.source_config.retention_secs > 0).then(|| {
+            let stop = cancel.child_token();
+            tokio::spawn(crate::source::outbox::purge_published(
+                self.source_config.url.expose().to_string(),
+                crate::source::outbox::AggregateFilter::new(self.source_config),
+                self.source_config.retention_secs,
+                PURGE_INTERVAL,
+                stop.clone(),
+            ));
+            stop.drop_guard()
+        });
         let _purger = purger;
         let mut last_sample: Option<Instant> = None;
         let mut was_paused = false;
@@ -278,9 +277,9 @@ impl Leader<'_> {
 
     /// The oldest batch's acknowledgements arrived: mark its rows published (after publishing
     /// them row by row when a message was too large). Returns `false` when cancelled.
-    async fn settle<S: OutboxCapture>(
+    async fn settle(
         &self,
-        source: &mut S,
+        source: &mut OutboxSource,
         mut batch: InFlight,
         acked: Result<(), Error>,
     ) -> Result<bool, Error> {
@@ -326,9 +325,9 @@ impl Leader<'_> {
 
     /// Marks an acknowledged batch's rows and counts its events (not its dead letters, which
     /// are counted by class) as published.
-    async fn mark_published<S: OutboxCapture>(
+    async fn mark_published(
         &self,
-        source: &mut S,
+        source: &mut OutboxSource,
         batch: &mut InFlight,
     ) -> Result<(), Error> {
         source.ack(&batch.rows).await?;
@@ -357,9 +356,9 @@ impl Leader<'_> {
 
     /// SIGTERM: read nothing more, mark what Kafka acknowledges within [`SHUTDOWN_DRAIN`],
     /// leave the rest unmarked for the next leader.
-    async fn drain_on_shutdown<S: OutboxCapture>(
+    async fn drain_on_shutdown(
         &self,
-        source: &mut S,
+        source: &mut OutboxSource,
         mut in_flight: VecDeque<InFlight>,
     ) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;

@@ -16,7 +16,7 @@ use crate::config::Capture;
 use crate::error::Error;
 
 /// An outbox source as the relay's leader drives it.
-pub trait OutboxCapture: Source<Event = OutboxRow> + Sync {
+pub trait OutboxCapture: Source<Event = OutboxRow> {
     /// The leader's SQL session (the version guard's checks).
     fn client(&self) -> &Client;
     /// Whether this process may still publish as the leader.
