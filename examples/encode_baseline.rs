@@ -1,7 +1,7 @@
 //! Benchmark stage for `make bench`: the relay's encoding alone, no server involved.
 //!
 //! Turns `COUNT` outbox rows shaped like the sample shop's orders (JSON text, as the relay
-//! reads them) into Kafka messages with the relay's own code (`relay::outbox::to_message`: JSON
+//! reads them) into Kafka messages with the relay's own code (`mapping::to_message`: JSON
 //! parse, strict validation against `schemas/orders.avsc`, Avro single-object encoding,
 //! headers), and prints one JSON line with the rate, so the relay's figures can be read
 //! against its CPU cost per event.
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut bytes = 0usize;
     for row in &rows {
-        bytes += dualsync::relay::outbox::to_message(&config, &codec, row)?
+        bytes += dualsync::mapping::to_message(&config, &codec, row)?
             .value
             .len();
     }

@@ -19,19 +19,19 @@ use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::envelope::{decode_datum, EventSchema};
-use crate::codec::mongo::{encode_generic_datum, ChangeContext};
+use crate::codec::mongo::ChangeContext;
 use crate::codec::registry::{RegistryClient, RegistryError};
-use crate::codec::{DecodeError, EncodeError, OutboxEvent, SchemaStore, SINGLE_OBJECT_MAGIC};
+pub use crate::codec::CONFLUENT_MAGIC;
+use crate::codec::{
+    DecodeError, EncodeError, Framing, OutboxEvent, SchemaStore, CONFLUENT_HEADER_LEN,
+    SINGLE_OBJECT_MAGIC,
+};
 use crate::config::Config;
 use crate::error::{Endpoint, Error};
 use crate::retry::retry_transient;
 
 /// How often an unknown fingerprint may make the codec read the schemas folder again.
 const SCHEMA_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// First byte of the Confluent wire format.
-pub const CONFLUENT_MAGIC: u8 = 0;
-const CONFLUENT_HEADER_LEN: usize = 5;
 
 /// A writer schema fetched from the registry, with the local reader it resolves against.
 struct WriterSchema {
@@ -170,12 +170,10 @@ impl EventCodec {
     }
 
     /// Encodes an event; the payload is validated strictly against the aggregate's schema.
+    /// One call into the codec, datum and frame together.
     pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
-        let Some(id) = self.publish_id(event)? else {
-            return self.store().encode(event);
-        };
-        let (_, datum) = self.store().encode_datum(event)?;
-        Ok(confluent_frame(id, &datum))
+        let framing = self.framing(event)?;
+        self.store().schema_for(event)?.encode(event, framing)
     }
 
     /// Encodes a MongoDB change: in its collection's schema when `schemas/` has one (`change`
@@ -188,23 +186,21 @@ impl EventCodec {
         if self.store().for_type(&event.aggregate_type).is_some() {
             return self.encode(event);
         }
-        let Some(id) = self.publish_id(event)? else {
-            return self.store().encode_generic(event, change);
-        };
-        let datum = encode_generic_datum(self.store().generic(), event, change)?;
-        Ok(confluent_frame(id, &datum))
+        self.store()
+            .encode_generic_framed(event, change, self.framing(event)?)
     }
 
-    /// The registry id to frame `event` with; `None` without a registry.
-    fn publish_id(&self, event: &OutboxEvent) -> Result<Option<u32>, EncodeError> {
+    /// How `event` is framed: with the registry id of its aggregate type when publishing
+    /// through a registry, else single-object.
+    fn framing(&self, event: &OutboxEvent) -> Result<Framing, EncodeError> {
         let Some(ids) = &self.publish_ids else {
-            return Ok(None);
+            return Ok(Framing::SingleObject);
         };
         let ids = ids.lock().expect("not poisoned");
         let id = ids
             .get(&event.aggregate_type)
             .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))?;
-        Ok(Some(*id))
+        Ok(Framing::Confluent(*id))
     }
 
     /// With a registry, registers (or looks up) the schema `aggregate_type`'s values are
@@ -384,15 +380,6 @@ pub async fn payload_breaks(
 ) -> Option<String> {
     let latest = registry.latest(subject).await.ok()??;
     crate::codec::compat::payload_breaks(&latest.schema, &schema.payload)
-}
-
-/// `00` + the 4-byte big-endian schema id + the datum.
-fn confluent_frame(id: u32, datum: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
-    out.push(CONFLUENT_MAGIC);
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(datum);
-    out
 }
 
 #[cfg(test)]

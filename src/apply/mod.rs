@@ -38,7 +38,7 @@ use crate::sink::Sink;
 use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
-pub use share::{check_route, ShareResult};
+pub use share::ShareResult;
 
 /// Everything a batch's workers need, shared by all of them.
 pub struct ApplyContext<S: Sink> {

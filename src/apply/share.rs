@@ -13,16 +13,16 @@ use rdkafka::message::{Message, OwnedMessage};
 
 use super::ApplyContext;
 use crate::codec::DecodeError;
-use crate::config::{Config, OnInvalid, SourceConfig};
+use crate::config::OnInvalid;
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
+use crate::mapping::check_route;
 use crate::metrics::stage;
 use crate::publish::{header_str, headers};
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkRecord};
 use crate::telemetry::{Episodes, Say};
 use crate::traces::{attr, parse_traceparent, BatchSpan, EventTrace, Traces};
-use crate::wire::EventCodec;
 
 /// How a topic's share of a batch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,33 +74,6 @@ fn committed_at(m: &OwnedMessage) -> Option<i64> {
         .value
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// An event is written only if its aggregate type is one this pipeline carries and it was
-/// read from that type's own topic: the envelope alone is never trusted to pick the table or
-/// collection it writes. `dlq replay` asks the same before sending a letter back.
-pub fn check_route(
-    config: &Config,
-    codec: &EventCodec,
-    aggregate_type: &str,
-    topic: &str,
-) -> Result<(), DecodeError> {
-    let carried = codec.store().for_type(aggregate_type).is_some()
-        || matches!(&config.source, Some(SourceConfig::Mongodb(s)) if s.watches(aggregate_type));
-    if !carried {
-        return Err(DecodeError::UnknownAggregateType(
-            aggregate_type.to_string(),
-        ));
-    }
-    let expected = config.kafka.topic_for(aggregate_type);
-    if expected != topic {
-        return Err(DecodeError::WrongTopic {
-            aggregate_type: aggregate_type.to_string(),
-            topic: topic.to_string(),
-            expected,
-        });
-    }
-    Ok(())
 }
 
 /// Handles `messages`: one topic's share of a batch, each partition's messages in their order.

@@ -1,19 +1,18 @@
 //! The schema store (every event schema from `schemas/`, by aggregate type and by fingerprint)
-//! and single-object framing (`C3 01` + CRC-64-AVRO fingerprint + datum).
+//! and reading single-object frames (`C3 01` + CRC-64-AVRO fingerprint + datum).
 //!
-//! The envelope itself is [`super::envelope`]; the strict payload conversion is
-//! [`super::json_avro`].
+//! The envelope itself, and writing an event (datum and frame in one call), is
+//! [`super::envelope`]; the strict payload conversion is [`super::json_avro`].
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use apache_avro::types::Value;
-
-use super::envelope::{build_event_schema, decode_datum, envelope_head, EventSchema};
-use super::json_avro::{json_to_avro, JsonPath};
+use super::envelope::{build_event_schema, decode_datum, EventSchema};
 pub use super::SINGLE_OBJECT_MAGIC;
-use super::{DecodeError, EncodeError, OutboxEvent, SINGLE_OBJECT_HEADER_LEN as HEADER_LEN};
+use super::{
+    DecodeError, EncodeError, Framing, OutboxEvent, SINGLE_OBJECT_HEADER_LEN as HEADER_LEN,
+};
 
 /// Every event schema known to this process, by aggregate type and by fingerprint, plus the
 /// generic envelope of MongoDB changes to collections that have no schema.
@@ -125,23 +124,33 @@ impl SchemaStore {
         event: &OutboxEvent,
         change: &super::mongo::ChangeContext,
     ) -> Result<Vec<u8>, EncodeError> {
+        self.encode_generic_framed(event, change, Framing::SingleObject)
+    }
+
+    /// A MongoDB change in the generic envelope, framed as `framing` says.
+    pub fn encode_generic_framed(
+        &self,
+        event: &OutboxEvent,
+        change: &super::mongo::ChangeContext,
+        framing: Framing,
+    ) -> Result<Vec<u8>, EncodeError> {
         let datum = super::mongo::encode_generic_datum(&self.generic, event, change)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
-        out.extend_from_slice(&self.generic.fingerprint);
-        out.extend_from_slice(&datum);
-        Ok(out)
+        Ok(self.generic.frame(framing, &datum))
     }
 
     /// Encodes an event in single-object encoding; `payload` is validated strictly against the
     /// aggregate's schema.
     pub fn encode(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
-        let (schema, datum) = self.encode_datum(event)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-        out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
-        out.extend_from_slice(&schema.fingerprint);
-        out.extend_from_slice(&datum);
-        Ok(out)
+        self.encode_framed(event, Framing::SingleObject)
+    }
+
+    /// [`EventSchema::encode`] with the schema of the event's aggregate type.
+    pub fn encode_framed(
+        &self,
+        event: &OutboxEvent,
+        framing: Framing,
+    ) -> Result<Vec<u8>, EncodeError> {
+        self.schema_for(event)?.encode(event, framing)
     }
 
     /// The bare Avro datum of an event (no framing) and the schema it was written with.
@@ -149,34 +158,14 @@ impl SchemaStore {
         &self,
         event: &OutboxEvent,
     ) -> Result<(Arc<EventSchema>, Vec<u8>), EncodeError> {
-        let schema = self
-            .for_type(&event.aggregate_type)
-            .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))?;
-        let violation = |path: String, reason: String| EncodeError::SchemaViolation {
-            aggregate_type: event.aggregate_type.clone(),
-            path,
-            reason,
-        };
-        let payload = match &event.payload {
-            None => Value::Union(0, Box::new(Value::Null)),
-            Some(json) => {
-                let value = json_to_avro(
-                    &schema.payload,
-                    &schema.payload_names,
-                    json,
-                    &JsonPath::Root,
-                )
-                .map_err(|(path, reason)| violation(path, reason))?;
-                Value::Union(1, Box::new(value))
-            }
-        };
-        let mut fields = envelope_head(event);
-        fields.push(("payload".into(), payload));
-        let record = Value::Record(fields);
-        let datum = schema
-            .write_datum(&record)
-            .map_err(|e| violation("$".into(), e.to_string()))?;
-        Ok((schema.clone(), datum))
+        let schema = self.schema_for(event)?;
+        Ok((schema.clone(), schema.encode_datum(event)?))
+    }
+
+    /// The schema an event is written with: its aggregate type's.
+    pub fn schema_for(&self, event: &OutboxEvent) -> Result<&Arc<EventSchema>, EncodeError> {
+        self.for_type(&event.aggregate_type)
+            .ok_or_else(|| EncodeError::NoSchema(event.aggregate_type.clone()))
     }
 
     /// Decodes a single-object-encoded event written with any schema in this store.

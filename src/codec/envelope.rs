@@ -1,5 +1,6 @@
 //! The event envelope around an aggregate's payload: its schema (made from the template shipped
-//! to consumers), the fields every envelope shares, and writing and reading one envelope datum.
+//! to consumers), the fields every envelope shares, writing an event ([`EventSchema::encode`]:
+//! datum and frame in one call) and reading one envelope datum.
 
 use std::collections::HashMap;
 
@@ -10,8 +11,11 @@ use apache_avro::{GenericSingleObjectWriter, Schema};
 use mongodb::bson::Bson;
 use serde_json::{json, Value as Json};
 
-use super::json_avro::avro_to_json;
-use super::{DecodeError, OutboxEvent, SINGLE_OBJECT_HEADER_LEN};
+use super::json_avro::{avro_to_json, json_to_avro, JsonPath};
+use super::{
+    DecodeError, EncodeError, Framing, OutboxEvent, CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC,
+    SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MAGIC,
+};
 
 /// The envelope and payload schemas of one aggregate type.
 #[derive(Debug)]
@@ -52,6 +56,54 @@ impl std::fmt::Debug for DatumWriter {
 }
 
 impl EventSchema {
+    /// The codec's one call for writing an event: its envelope datum (the payload validated
+    /// strictly against this schema's) and the frame naming the schema, together.
+    pub fn encode(&self, event: &OutboxEvent, framing: Framing) -> Result<Vec<u8>, EncodeError> {
+        Ok(self.frame(framing, &self.encode_datum(event)?))
+    }
+
+    /// The bare Avro datum of an event in this envelope (no framing).
+    pub fn encode_datum(&self, event: &OutboxEvent) -> Result<Vec<u8>, EncodeError> {
+        let violation = |path: String, reason: String| EncodeError::SchemaViolation {
+            aggregate_type: event.aggregate_type.clone(),
+            path,
+            reason,
+        };
+        let payload = match &event.payload {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(json) => {
+                let value = json_to_avro(&self.payload, &self.payload_names, json, &JsonPath::Root)
+                    .map_err(|(path, reason)| violation(path, reason))?;
+                Value::Union(1, Box::new(value))
+            }
+        };
+        let mut fields = envelope_head(event);
+        fields.push(("payload".into(), payload));
+        self.write_datum(&Value::Record(fields))
+            .map_err(|e| violation("$".into(), e.to_string()))
+    }
+
+    /// `datum` (written with this schema) framed: single-object (`C3 01` + fingerprint) or
+    /// Confluent (`00` + the 4-byte big-endian registry id).
+    pub fn frame(&self, framing: Framing, datum: &[u8]) -> Vec<u8> {
+        match framing {
+            Framing::SingleObject => {
+                let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + datum.len());
+                out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+                out.extend_from_slice(&self.fingerprint);
+                out.extend_from_slice(datum);
+                out
+            }
+            Framing::Confluent(id) => {
+                let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+                out.push(CONFLUENT_MAGIC);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(datum);
+                out
+            }
+        }
+    }
+
     /// The Avro datum of `value` (an envelope record), validated against the envelope.
     pub fn write_datum(&self, value: &Value) -> Result<Vec<u8>, apache_avro::Error> {
         let mut framed = Vec::with_capacity(128);

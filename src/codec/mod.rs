@@ -22,6 +22,19 @@ pub use avro::SchemaStore;
 pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
 /// Marker plus 8-byte fingerprint: what precedes the datum in single-object encoding.
 pub const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+/// First byte of the Confluent wire format.
+pub const CONFLUENT_MAGIC: u8 = 0;
+/// Marker plus 4-byte schema id: what precedes the datum in the Confluent wire format.
+pub const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// How a value names its writer schema in front of the datum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Avro single-object encoding: `C3 01` + the schema's 8-byte fingerprint.
+    SingleObject,
+    /// The Confluent wire format: `00` + this 4-byte big-endian registry id.
+    Confluent(u32),
+}
 
 /// One outbox row as an event: the unit the relay publishes and apply writes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

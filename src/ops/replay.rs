@@ -23,8 +23,8 @@ use crate::codec::DecodeError;
 use crate::config::Config;
 use crate::dlq::{headers, FailedStage};
 use crate::error::Error;
+use crate::mapping::{check_route, row_from_dead_letter, to_message, NotARow};
 use crate::publish::{Outgoing, Publisher};
-use crate::relay::outbox::{row_from_dead_letter, to_message, NotARow};
 use crate::wire::EventCodec;
 
 /// Where the replays of `dlq_topic` are recorded.
@@ -153,7 +153,7 @@ async fn rebuild(
         }
         // Apply would dead-letter it again: a type this pipeline does not carry, or another
         // type's event on this topic.
-        crate::apply::check_route(config, codec, &event.aggregate_type, target)
+        check_route(config, codec, &event.aggregate_type, target)
             .map_err(Unreplayable::Misrouted)?;
         let mut h = OwnedHeaders::new();
         for (key, value) in letter.raw_headers() {

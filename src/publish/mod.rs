@@ -13,12 +13,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use tokio::sync::Mutex;
 
-use crate::codec::OutboxEvent;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -49,31 +48,6 @@ pub fn header_str<'a, M: rdkafka::message::Message>(m: &'a M, key: &str) -> Opti
         .iter()
         .find(|h| h.key == key)
         .and_then(|h| std::str::from_utf8(h.value?).ok())
-}
-
-/// The seven event headers every relay message carries, whichever the source, so consumers
-/// can route and order without decoding the value (see docs/consumers.md).
-pub fn event_headers(event: &OutboxEvent, committed_at_micros: i64) -> OwnedHeaders {
-    let version = event.version.to_string();
-    let created = event.created_at_micros.to_string();
-    let committed = committed_at_micros.to_string();
-    let id = event.event_id.to_string();
-    let mut h = OwnedHeaders::new();
-    for (key, v) in [
-        (headers::EVENT_ID, id.as_str()),
-        (headers::EVENT_TYPE, event.event_type.as_str()),
-        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
-        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
-        (headers::VERSION, version.as_str()),
-        (headers::CREATED_AT, created.as_str()),
-        (headers::COMMITTED_AT, committed.as_str()),
-    ] {
-        h = h.insert(Header {
-            key,
-            value: Some(v),
-        });
-    }
-    h
 }
 
 /// Base librdkafka settings shared by producers and consumers, with the user's properties on

@@ -7,29 +7,27 @@
 //! acknowledged it; a crash in between publishes it again (at-least-once; apply's version
 //! guard absorbs the duplicates).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use opentelemetry::trace::SpanKind;
 use tokio_util::sync::CancellationToken;
 
-mod mapping;
 pub mod mongo;
 pub mod outbox;
 pub mod versions;
 
 use crate::codec::SchemaStore;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Capture, Config, SourceConfig};
 use crate::error::{classify, endpoint, Disposition, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
 use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{sleep_unless_cancelled, Backoff};
 use crate::source::mongo::MongoSource;
-use crate::source::outbox::{OutboxRow, OutboxSource};
-use crate::traces::{self, parse_traceparent, BatchSpan, EventTrace, Traces};
+use crate::source::outbox::OutboxSource;
+use crate::source::wal::WalSource;
+use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
 /// What every relay leader works with, set up once by [`run`] whichever the source.
@@ -98,6 +96,21 @@ pub async fn run(
             )
             .await
         }
+        (None, Some(source)) if source.capture == Capture::Wal => {
+            lead_until_cancelled(
+                &relay,
+                || {
+                    WalSource::acquire_leadership(
+                        source,
+                        &config.pipeline.name,
+                        &metrics.health,
+                        &cancel,
+                    )
+                },
+                |held| outbox::lead(&relay, source, held),
+            )
+            .await
+        }
         (None, Some(source)) => {
             lead_until_cancelled(
                 &relay,
@@ -117,27 +130,6 @@ pub async fn run(
     };
     traces::shutdown(tracer).await;
     result
-}
-
-/// A batch was read from the source.
-fn count_read(metrics: &Metrics, n: usize) {
-    metrics.outbox_rows_read.inc_by(n as u64);
-    metrics
-        .batch_size
-        .with_label_values(&[stage::RELAY])
-        .observe(n as f64);
-}
-
-/// A batch is published and its progress recorded: the source is healthy again.
-fn count_acked(metrics: &Metrics, per_topic: HashMap<String, u64>, dead: Vec<DeadRow>) {
-    metrics.health.recovered();
-    metrics.health.set_database_up(true);
-    for (topic, n) in per_topic {
-        metrics.published.with_label_values(&[&topic]).inc_by(n);
-    }
-    for (topic, class) in dead {
-        metrics.count_dead_letter(stage::RELAY, &topic, class);
-    }
 }
 
 /// Becomes the leader (`acquire`; `None` when cancelled while standby) and publishes (`lead`)
@@ -200,32 +192,4 @@ where
         tracing::warn!(error = %e, "producer flush on shutdown incomplete");
     }
     result
-}
-
-/// A dead-lettered row, for the metrics: `(its event topic, error class)`.
-type DeadRow = (String, &'static str);
-
-/// An outbox batch's `send` span: linked to (and, for the first, the child of) each row's
-/// `traceparent` (see [`crate::traces`]). Kafka's partitions and offsets are not known here
-/// (the acknowledgements carry none), so its events have neither.
-fn record_span(traces: &Traces, config: &Config, rows: &[OutboxRow], started: SystemTime) {
-    let events: Vec<EventTrace> = rows
-        .iter()
-        .map(|row| EventTrace {
-            traceparent: row.traceparent.as_deref().and_then(parse_traceparent),
-            topic: config.kafka.topic_for(&row.aggregate_type),
-            aggregate_type: row.aggregate_type.clone(),
-            version: Some(row.seq),
-            partition: None,
-            offset: None,
-        })
-        .collect();
-    traces.record(BatchSpan {
-        operation: "send",
-        kind: SpanKind::Producer,
-        started,
-        events: &events,
-        extra: Vec::new(),
-        error: None,
-    });
 }

@@ -17,7 +17,8 @@ use crate::codec::SchemaStore;
 use crate::config::{Config, MongoSourceConfig, OnHistoryLost, OnInvalid};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
-use crate::publish::{event_headers, Outgoing, Publisher};
+use crate::mapping::event_headers;
+use crate::publish::{Outgoing, Publisher};
 use crate::source::leader_lease::LeaderLease;
 use crate::source::mongo::MongoSource;
 use crate::source::mongo_change::MongoChange;
@@ -35,7 +36,7 @@ pub mod mongo_headers {
 }
 
 /// A dead-lettered change, for the metrics: `(its event topic, error class)`.
-type DeadChange = super::DeadRow;
+type DeadChange = super::outbox::DeadRow;
 
 struct Leader<'a> {
     relay: &'a Relay<'a>,
@@ -107,7 +108,7 @@ impl Leader<'_> {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            super::count_read(metrics, changes.len());
+            super::outbox::count_read(metrics, changes.len());
             let mut messages = Vec::with_capacity(changes.len());
             let mut dead = Vec::new();
             let mut per_topic: HashMap<String, u64> = HashMap::new();
@@ -143,7 +144,7 @@ impl Leader<'_> {
                 Err(e) => return Err(e),
             }
             source.ack(&changes).await?;
-            super::count_acked(metrics, per_topic, dead);
+            super::outbox::count_acked(metrics, per_topic, dead);
             tracing::debug!(changes = changes.len(), "batch published");
         }
     }

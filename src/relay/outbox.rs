@@ -1,5 +1,9 @@
-//! The outbox relay: an outbox row → its event, its Kafka message or its dead letter, and the
-//! leader loop, a pipeline of up to `source.max_batches_in_flight` batches.
+//! The outbox relay's leader loop, a pipeline of up to `source.max_batches_in_flight` batches,
+//! written once for every capture of the outbox ([`OutboxCapture`]: polling today, the WAL
+//! beside it). One batch reads top to bottom here: read (`Source::next_batch`) → counted →
+//! each row's message ([`crate::mapping`], which calls the codec once; the dead-letter policy
+//! here) → handed to the producer ([`crate::publish`]) → acknowledged → marked
+//! (`Source::ack`) → counted and traced.
 //!
 //! While batch N waits for Kafka's acknowledgements, the leader reads and encodes batch N+1
 //! and hands it to the producer. Batches are marked published strictly in the order they were
@@ -23,25 +27,24 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use opentelemetry::trace::SpanKind;
 use rdkafka::message::Header;
 
-use super::mapping::dead_letter;
-pub use super::mapping::{row_from_dead_letter, to_message, NotARow};
 use super::versions::SequenceGuard;
-use super::{count_acked, count_read, DeadRow, Relay};
-use crate::config::{OnInvalid, OutboxSourceConfig};
+use super::Relay;
+use crate::config::{Config, OnInvalid, OutboxSourceConfig};
 use crate::dlq::{self, FailedStage};
 use crate::error::Error;
+use crate::mapping::{dead_letter, to_message};
+use crate::metrics::{stage, Metrics};
 use crate::publish::{Acks, Outgoing};
 use crate::source::leader_lease::LeaderLease;
-use crate::source::outbox::{OutboxRow, OutboxSource};
-use crate::source::Source;
+use crate::source::{OutboxCapture, OutboxRow};
+use crate::traces::{parse_traceparent, BatchSpan, EventTrace, Traces};
 
 /// How often the leader samples the outbox backlog for the metrics (more often when its
 /// lease needs a heartbeat sooner: the sample is that heartbeat).
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-/// How long the purger waits once no published row is past its retention.
-const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 /// On shutdown, how long the leader waits for the acknowledgements of batches in flight
 /// before it exits leaving them unmarked (they are published again by the next leader).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
@@ -49,10 +52,10 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// Publishes as the leader until cancelled or a failure. First reads back what the pipeline
 /// published and waits while the outbox would re-use those versions ([`SequenceGuard`]);
 /// checks the durability of the pipeline's existing topics (a warning per weak one).
-pub(super) async fn lead(
+pub(super) async fn lead<S: OutboxCapture>(
     relay: &Relay<'_>,
     source_config: &OutboxSourceConfig,
-    source: OutboxSource,
+    source: S,
 ) -> Result<(), Error> {
     let guard = SequenceGuard::load(relay.config).await?;
     for topic in guard.topics() {
@@ -130,24 +133,12 @@ async fn oldest_acked(in_flight: &mut VecDeque<InFlight>) -> Result<(), Error> {
 }
 
 impl Leader<'_> {
-    async fn lead(&self, source: &mut OutboxSource) -> Result<(), Error> {
+    async fn lead<S: OutboxCapture>(&self, source: &mut S) -> Result<(), Error> {
         let (metrics, cancel) = (self.relay.metrics, self.relay.cancel);
         let depth = self.source_config.max_batches_in_flight;
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
-        // The purge runs beside the leader for as long as it leads (retention 0 deletes rows
-        // as they are marked instead).
-        let purger = (self.source_config.retention_secs > 0).then(|| {
-            let stop = cancel.child_token();
-            tokio::spawn(crate::source::outbox::purge_published(
-                self.source_config.url.expose().to_string(),
-                crate::source::outbox::AggregateFilter::new(self.source_config),
-                self.source_config.retention_secs,
-                PURGE_INTERVAL,
-                stop.clone(),
-            ));
-            stop.drop_guard()
-        });
-        let _purger = purger;
+        // The purge runs beside the leader for as long as it leads.
+        let _upkeep = source.start_upkeep(cancel);
         let mut last_sample: Option<Instant> = None;
         let mut was_paused = false;
         // The sample keeps the session from idling out on the server (`leader_lease`).
@@ -169,8 +160,7 @@ impl Leader<'_> {
             if paused && in_flight.is_empty() {
                 if !was_paused {
                     tracing::info!("paused: the outbox is not read until resumed");
-                    // A paused relay is not waiting for rows: writers need not notify it.
-                    source.stop_waiting().await?;
+                    source.pause().await?;
                 }
                 was_paused = true;
                 // Waking to sample: a paused relay's backlog is what operators watch grow.
@@ -277,9 +267,9 @@ impl Leader<'_> {
 
     /// The oldest batch's acknowledgements arrived: mark its rows published (after publishing
     /// them row by row when a message was too large). Returns `false` when cancelled.
-    async fn settle(
+    async fn settle<S: OutboxCapture>(
         &self,
-        source: &mut OutboxSource,
+        source: &mut S,
         mut batch: InFlight,
         acked: Result<(), Error>,
     ) -> Result<bool, Error> {
@@ -306,7 +296,7 @@ impl Leader<'_> {
         }
         self.mark_published(source, &mut batch).await?;
         if let (Some(traces), Some(started)) = (self.relay.traces, batch.span_start) {
-            super::record_span(traces, self.relay.config, &batch.rows, started);
+            record_span(traces, self.relay.config, &batch.rows, started);
         }
         // Where a batch's time goes (`read_ms` includes waiting for rows when idle;
         // `publish_ms` runs from the hand-over to the producer to the last acknowledgement).
@@ -325,9 +315,9 @@ impl Leader<'_> {
 
     /// Marks an acknowledged batch's rows and counts its events (not its dead letters, which
     /// are counted by class) as published.
-    async fn mark_published(
+    async fn mark_published<S: OutboxCapture>(
         &self,
-        source: &mut OutboxSource,
+        source: &mut S,
         batch: &mut InFlight,
     ) -> Result<(), Error> {
         source.ack(&batch.rows).await?;
@@ -356,9 +346,9 @@ impl Leader<'_> {
 
     /// SIGTERM: read nothing more, mark what Kafka acknowledges within [`SHUTDOWN_DRAIN`],
     /// leave the rest unmarked for the next leader.
-    async fn drain_on_shutdown(
+    async fn drain_on_shutdown<S: OutboxCapture>(
         &self,
-        source: &mut OutboxSource,
+        source: &mut S,
         mut in_flight: VecDeque<InFlight>,
     ) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
@@ -473,3 +463,52 @@ fn halted(row: &OutboxRow, error: &Error) -> Error {
 
 /// Published messages per topic, and the dead-lettered rows.
 type PublishedRows = (HashMap<String, u64>, Vec<DeadRow>);
+
+/// A dead-lettered row or change, for the metrics: `(its event topic, error class)`.
+pub(super) type DeadRow = (String, &'static str);
+
+/// A batch was read from the source.
+pub(super) fn count_read(metrics: &Metrics, n: usize) {
+    metrics.outbox_rows_read.inc_by(n as u64);
+    metrics
+        .batch_size
+        .with_label_values(&[stage::RELAY])
+        .observe(n as f64);
+}
+
+/// A batch is published and its progress recorded: the source is healthy again.
+pub(super) fn count_acked(metrics: &Metrics, per_topic: HashMap<String, u64>, dead: Vec<DeadRow>) {
+    metrics.health.recovered();
+    metrics.health.set_database_up(true);
+    for (topic, n) in per_topic {
+        metrics.published.with_label_values(&[&topic]).inc_by(n);
+    }
+    for (topic, class) in dead {
+        metrics.count_dead_letter(stage::RELAY, &topic, class);
+    }
+}
+
+/// An outbox batch's `send` span: linked to (and, for the first, the child of) each row's
+/// `traceparent` (see [`crate::traces`]). Kafka's partitions and offsets are not known here
+/// (the acknowledgements carry none), so its events have neither.
+fn record_span(traces: &Traces, config: &Config, rows: &[OutboxRow], started: SystemTime) {
+    let events: Vec<EventTrace> = rows
+        .iter()
+        .map(|row| EventTrace {
+            traceparent: row.traceparent.as_deref().and_then(parse_traceparent),
+            topic: config.kafka.topic_for(&row.aggregate_type),
+            aggregate_type: row.aggregate_type.clone(),
+            version: Some(row.seq),
+            partition: None,
+            offset: None,
+        })
+        .collect();
+    traces.record(BatchSpan {
+        operation: "send",
+        kind: SpanKind::Producer,
+        started,
+        events: &events,
+        extra: Vec::new(),
+        error: None,
+    });
+}

@@ -31,11 +31,14 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Statement};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use super::aggregate_filter::AggregateFilter;
 use super::leader_lease::{LeaderLease, STANDBY_RETRY};
-use super::Source;
+pub use super::outbox_purge::purge_published;
+use super::outbox_purge::PURGE_INTERVAL;
+pub use super::OutboxRow;
+use super::{OutboxCapture, Source};
 use crate::config::OutboxSourceConfig;
 use crate::error::Error;
 use crate::metrics::Health;
@@ -77,23 +80,6 @@ const TAKE_WAIT_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE lockty
 const RELEASE_WAIT_LOCK: &str = "SELECT pg_advisory_unlock($1, $2) FROM pg_locks
     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = $1::int4::oid
         AND objid = $2::int4::oid AND objsubid = 2 AND granted";
-
-/// One committed outbox row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRow {
-    pub seq: i64,
-    pub id: uuid::Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub event_type: String,
-    /// The payload as JSON text; `None` is a delete.
-    pub payload: Option<String>,
-    pub traceparent: Option<String>,
-    pub created_at_micros: i64,
-    /// When its transaction committed (see [`COMMIT_TIME`]); `created_at` where the server
-    /// does not track commit timestamps.
-    pub committed_at_micros: i64,
-}
 
 /// The leader's session: holds the lock, reads, marks.
 pub struct OutboxSource {
@@ -202,12 +188,6 @@ pub(super) fn leader_lock_key(pipeline: &str) -> i32 {
 }
 
 impl OutboxSource {
-    /// The leader's session, for the checks beside reading and marking (the sequence guard,
-    /// `crate::relay::versions`).
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// Connects and waits until this process holds the pipeline's leader lock (standby until
     /// then). Returns `Ok(None)` when cancelled while waiting.
     pub async fn acquire_leadership(
@@ -373,7 +353,7 @@ impl OutboxSource {
 
     /// Stops waiting (busy, or paused): writers skip the NOTIFY, so their commits do not queue
     /// behind one another.
-    pub async fn stop_waiting(&mut self) -> Result<(), Error> {
+    async fn stop_waiting(&mut self) -> Result<(), Error> {
         if !self.waiting && !self.wait_lock_uncertain {
             return Ok(());
         }
@@ -418,16 +398,23 @@ impl OutboxSource {
             })
             .collect())
     }
+}
 
+impl OutboxCapture for OutboxSource {
     /// The session's lease: whether this process may still publish as the leader, and how
     /// often the session must be queried (the backlog sample is that query).
-    pub fn lease(&self) -> Arc<LeaderLease> {
+    fn lease(&self) -> Arc<LeaderLease> {
         self.lease.clone()
+    }
+
+    /// The leader's session, the one it reads and marks with.
+    fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Rows of this pipeline's aggregate types still waiting to be published (a gauge for
     /// operators): unpublished rows and the age in seconds of the oldest one (0 when none).
-    pub async fn backlog(&self) -> Result<(i64, f64), Error> {
+    async fn backlog(&self) -> Result<(i64, f64), Error> {
         let row = self
             .lease
             .call(self.client.query_one(
@@ -441,6 +428,27 @@ impl OutboxSource {
             ))
             .await?;
         Ok((row.get(0), row.get(1)))
+    }
+
+    /// A paused relay is not waiting for rows: writers need not notify it.
+    async fn pause(&mut self) -> Result<(), Error> {
+        self.stop_waiting().await
+    }
+
+    /// The purge of published rows past `retention_secs`, on a connection of its own
+    /// (retention 0 deletes rows as they are marked instead).
+    fn start_upkeep(&self, cancel: &CancellationToken) -> Option<DropGuard> {
+        (self.config.retention_secs > 0).then(|| {
+            let stop = cancel.child_token();
+            tokio::spawn(purge_published(
+                self.config.url.expose().to_string(),
+                AggregateFilter::new(&self.config),
+                self.config.retention_secs,
+                PURGE_INTERVAL,
+                stop.clone(),
+            ));
+            stop.drop_guard()
+        })
     }
 }
 
@@ -524,69 +532,5 @@ impl Source for OutboxSource {
             self.pending.remove(seq);
         }
         Ok(())
-    }
-}
-
-/// Rows one purge statement deletes: a short transaction that holds few locks.
-const PURGE_CHUNK: i64 = 5_000;
-
-/// Deletes published rows (of this pipeline's aggregate types) older than `retention_secs`
-/// on a connection of its own, beside the
-/// leader: a full chunk is followed at once by the next, so purging keeps pace with any
-/// publish rate without delaying the leader's reads and marks; once caught up it waits
-/// `interval`. Failures are logged and tried again at the next interval (rows not purged yet
-/// only take space). Returns when `cancel` fires.
-pub async fn purge_published(
-    url: String,
-    filter: AggregateFilter,
-    retention_secs: u64,
-    interval: std::time::Duration,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    let mut client = None;
-    loop {
-        if client.as_ref().is_none_or(|c: &Client| c.is_closed()) {
-            client = crate::pg::connect(&url).await.ok();
-        }
-        let mut purged = 0u64;
-        if let Some(c) = &client {
-            loop {
-                let retention = retention_secs as f64;
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&retention, &PURGE_CHUNK];
-                params.extend(filter.params());
-                let sql = format!(
-                    "DELETE FROM dualsync.outbox WHERE seq IN (
-                        SELECT seq FROM dualsync.outbox
-                        WHERE published_at < now() - make_interval(secs => $1) {}
-                        LIMIT $2)",
-                    filter.condition(3)
-                );
-                // Stopped with the leader even mid-statement: behind a half-open link the
-                // statement would otherwise hold this task and its connection for good.
-                let deleted = tokio::select! {
-                    deleted = c.execute(&sql, &params) => deleted,
-                    _ = cancel.cancelled() => return,
-                };
-                match deleted {
-                    Ok(n) => {
-                        purged += n;
-                        if (n as i64) < PURGE_CHUNK || cancel.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %Error::from(e), "outbox purge failed; trying again later");
-                        break;
-                    }
-                }
-            }
-        }
-        if purged > 0 {
-            tracing::info!(purged, retention_secs, "purged published outbox rows");
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
     }
 }

@@ -33,13 +33,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use super::aggregate_filter::{carries, AggregateFilter};
 use super::leader_lease::{LeaderLease, STANDBY_RETRY};
 use super::outbox::{self as poll, OutboxRow};
-use super::Source;
+use super::outbox_purge::{purge_published, PURGE_INTERVAL};
+use super::{OutboxCapture, Source};
 use crate::config::OutboxSourceConfig;
 use crate::error::{Error, WalError};
 use crate::metrics::Health;
@@ -152,16 +153,6 @@ async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, Er
 }
 
 impl WalSource {
-    /// The leader's SQL session (the relay's checks beside streaming).
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// Whether this process may still publish as the leader, and how often to query.
-    pub fn lease(&self) -> Arc<LeaderLease> {
-        self.lease.clone()
-    }
-
     /// The smallest version this session's stream hands out.
     pub fn first_version(&self) -> i64 {
         self.first_version
@@ -315,16 +306,6 @@ impl WalSource {
         }
     }
 
-    /// Events waiting to be published: handed out and not acknowledged (the WAL behind the
-    /// slot is walops' gauge), for the relay's backlog sample, which is also the lease's
-    /// heartbeat on the SQL session.
-    pub async fn backlog(&self) -> Result<(i64, f64), Error> {
-        self.lease
-            .call(self.client.query_one("SELECT 1", &[]))
-            .await?;
-        Ok((self.progress.pending() as i64, 0.0))
-    }
-
     /// Poll-era rows: the first unpublished rows of the table not handed out yet; `None` once
     /// none is left.
     async fn read_drain(&mut self, sql: &str) -> Result<Vec<OutboxRow>, Error> {
@@ -436,6 +417,44 @@ async fn check_versions(client: &Client, lease: &LeaderLease, first: i64) -> Res
         )));
     }
     Ok(())
+}
+
+impl OutboxCapture for WalSource {
+    fn lease(&self) -> Arc<LeaderLease> {
+        self.lease.clone()
+    }
+
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Events handed out and not acknowledged (the WAL the slot holds back is its own
+    /// gauge); the query is the lease's heartbeat on the leader session.
+    async fn backlog(&self) -> Result<(i64, f64), Error> {
+        self.lease
+            .call(self.client.query_one("SELECT 1", &[]))
+            .await?;
+        Ok((self.progress.pending() as i64, 0.0))
+    }
+
+    /// Writers never wake a WAL capture: nothing to stop.
+    async fn pause(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// The outbox table's purge: rows are never marked in WAL mode (the writers' trigger
+    /// inserts them marked), so it runs whatever `retention_secs`, 0 deleting them at once.
+    fn start_upkeep(&self, cancel: &CancellationToken) -> Option<DropGuard> {
+        let stop = cancel.child_token();
+        tokio::spawn(purge_published(
+            self.config.url.expose().to_string(),
+            AggregateFilter::new(&self.config),
+            self.config.retention_secs,
+            PURGE_INTERVAL,
+            stop.clone(),
+        ));
+        Some(stop.drop_guard())
+    }
 }
 
 impl Source for WalSource {

@@ -1,17 +1,21 @@
-//! An outbox row's event, its Kafka message and its dead letter, and the way back from a dead
-//! letter to the row (`dlq replay`).
+//! What an outbox row becomes on its way through the pipeline, in one place below the stages:
+//! its event, its Kafka message and its dead letter (the relay), the way back from a dead
+//! letter to the row (`dlq replay`), and the route check every reader of a topic applies
+//! (apply before a write, `dlq replay` before a send). Whichever capture read the row (polling
+//! or the WAL) and whichever tool writes it, the mapping is this one.
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::codec::OutboxEvent;
-use crate::config::Config;
+use crate::codec::{DecodeError, OutboxEvent};
+use crate::config::{Config, SourceConfig};
 use crate::dlq::{self, FailedStage, Failure};
 use crate::error::Error;
-use crate::publish::{event_headers, headers, Outgoing};
+use crate::publish::{headers, Outgoing};
 use crate::source::outbox::OutboxRow;
 use crate::wire::EventCodec;
 
-pub(super) fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
+/// The event an outbox row stands for; fails when its payload is not JSON.
+pub fn to_event(row: &OutboxRow) -> Result<OutboxEvent, Error> {
     let payload = match &row.payload {
         None => None,
         Some(text) => Some(
@@ -49,8 +53,33 @@ pub fn to_message(config: &Config, codec: &EventCodec, row: &OutboxRow) -> Resul
     })
 }
 
+/// The seven event headers every relay message carries, whichever the source, so consumers
+/// can route and order without decoding the value (see docs/consumers.md).
+pub fn event_headers(event: &OutboxEvent, committed_at_micros: i64) -> OwnedHeaders {
+    let version = event.version.to_string();
+    let created = event.created_at_micros.to_string();
+    let committed = committed_at_micros.to_string();
+    let id = event.event_id.to_string();
+    let mut h = OwnedHeaders::new();
+    for (key, v) in [
+        (headers::EVENT_ID, id.as_str()),
+        (headers::EVENT_TYPE, event.event_type.as_str()),
+        (headers::AGGREGATE_TYPE, event.aggregate_type.as_str()),
+        (headers::AGGREGATE_ID, event.aggregate_id.as_str()),
+        (headers::VERSION, version.as_str()),
+        (headers::CREATED_AT, created.as_str()),
+        (headers::COMMITTED_AT, committed.as_str()),
+    ] {
+        h = h.insert(Header {
+            key,
+            value: Some(v),
+        });
+    }
+    h
+}
+
 /// The raw row as JSON, with the error in headers, for the relay's dead-letter topic.
-pub(super) fn dead_letter(
+pub fn dead_letter(
     config: &Config,
     row: &OutboxRow,
     error: &Error,
@@ -141,4 +170,31 @@ pub fn row_from_dead_letter(value: &[u8]) -> Result<OutboxRow, NotARow> {
         // Letters written before the commit time was kept: the insert time is the fallback.
         committed_at_micros: int("committed_at_micros").or_else(|_| int("created_at_micros"))?,
     })
+}
+
+/// An event is written only if its aggregate type is one this pipeline carries and it was
+/// read from that type's own topic: the envelope alone is never trusted to pick the table or
+/// collection it writes. `dlq replay` asks the same before sending a letter back.
+pub fn check_route(
+    config: &Config,
+    codec: &EventCodec,
+    aggregate_type: &str,
+    topic: &str,
+) -> Result<(), DecodeError> {
+    let carried = codec.store().for_type(aggregate_type).is_some()
+        || matches!(&config.source, Some(SourceConfig::Mongodb(s)) if s.watches(aggregate_type));
+    if !carried {
+        return Err(DecodeError::UnknownAggregateType(
+            aggregate_type.to_string(),
+        ));
+    }
+    let expected = config.kafka.topic_for(aggregate_type);
+    if expected != topic {
+        return Err(DecodeError::WrongTopic {
+            aggregate_type: aggregate_type.to_string(),
+            topic: topic.to_string(),
+            expected,
+        });
+    }
+    Ok(())
 }
