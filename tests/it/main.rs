@@ -68,3 +68,4 @@ mod topic_refusals;
 pub mod toxiproxy;
 mod traces;
 pub mod wal_capture;
+mod wal_switch;
