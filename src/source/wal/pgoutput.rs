@@ -296,5 +296,4 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
-#[path = "pgoutput_tests.rs"]
 mod tests;

@@ -85,6 +85,8 @@ async fn stream(
                             if !send(conn, items, item, confirmed, timing).await? {
                                 return Ok(());
                             }
+                            // Not read while the relay was behind: no silence to count.
+                            heard = Instant::now();
                         }
                     }
                     StreamMessage::Keepalive { wal_end, reply } => {
