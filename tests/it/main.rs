@@ -67,5 +67,6 @@ mod topic_durability;
 mod topic_refusals;
 pub mod toxiproxy;
 mod traces;
+mod wal_auth;
 pub mod wal_capture;
 mod wal_switch;
