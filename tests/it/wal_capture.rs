@@ -468,3 +468,41 @@ async fn after_a_switch_from_polling_unpublished_rows_come_first_and_new_version
         "the drained rows are marked as polling marks them"
     );
 }
+
+/// The replication connection is cut by the server (its walsender terminated) while the relay
+/// streams: the relay reconnects with backoff and streams on from the slot; every event
+/// reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_replication_connection_is_retried_and_nothing_is_skipped() {
+    let w = wal_outbox(true, "").await;
+    let run = run_pipeline(&w.config, &[]);
+    for i in 0..20 {
+        insert(&w.client, &format!("k{}", i % 4), &format!("before-{i}")).await;
+    }
+    crate::capture_modes::every_row_in_topics(&w.client, &w.config, &["customers"]).await;
+    let terminated: bool = w
+        .client
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+             WHERE slot_name = $1 AND active",
+            &[&w.slot.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated, "the relay's walsender was streaming the slot");
+    for i in 0..20 {
+        insert(&w.client, &format!("k{}", i % 4), &format!("after-{i}")).await;
+    }
+    let messages =
+        crate::capture_modes::every_row_in_topics(&w.client, &w.config, &["customers"]).await;
+    crate::partitions::check_order(&messages);
+    assert!(
+        run.relay
+            .retries
+            .with_label_values(&[dualsync::metrics::stage::RELAY])
+            .get()
+            >= 1
+    );
+    run.stop().await;
+}
