@@ -59,23 +59,31 @@ impl Drop for SlotGuard {
                 let Ok(client) = dualsync::pg::connect(&url).await else {
                     return;
                 };
-                // Still active for a moment after its relay let go.
+                // Still active for a moment after its relay let go, or for good when a failed
+                // test left its relay running: its walsender is ended, then the slot dropped
+                // before the relay is back.
                 dualsync::demo::wait_until(Duration::from_secs(30), || async {
-                    client
+                    let _ = client
+                        .execute(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                             WHERE slot_name = $1 AND active",
+                            &[&name],
+                        )
+                        .await;
+                    let _ = client
                         .execute(
                             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
                              WHERE slot_name = $1 AND NOT active",
                             &[&name],
                         )
+                        .await;
+                    client
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                            &[&name],
+                        )
                         .await
-                        .is_ok_and(|_| true)
-                        && client
-                            .query_one(
-                                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                                &[&name],
-                            )
-                            .await
-                            .is_ok_and(|r| r.get::<_, i64>(0) == 0)
+                        .is_ok_and(|r| r.get::<_, i64>(0) == 0)
                 })
                 .await;
             });
