@@ -169,6 +169,9 @@ pub enum Error {
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
+    /// The outbox's WAL capture: the replication connection, the stream, the slot.
+    #[error("wal capture: {0}")]
+    Wal(#[from] WalError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -290,6 +293,7 @@ pub fn endpoint<'a>(err: &Error, database: Endpoint<'a>) -> Option<Endpoint<'a>>
     match err {
         Error::Postgres(_)
         | Error::Mongo(_)
+        | Error::Wal(_)
         | Error::SinkTimeout { .. }
         | Error::LeaderSilent(_) => Some(database),
         Error::Kafka(_) | Error::UnconfirmedDelivery { .. } => Some(Endpoint::Broker),
@@ -328,7 +332,9 @@ pub enum BadTime {
 mod codes;
 #[cfg(test)]
 mod tests;
+mod wal;
 
 pub use codes::MONGO_DUPLICATE_KEY;
 mod policy;
 pub use policy::Policy;
+pub use wal::WalError;

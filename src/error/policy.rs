@@ -6,8 +6,10 @@
 use rdkafka::error::RDKafkaErrorCode;
 use tokio_postgres::error::SqlState;
 
-use super::codes::{classify_kafka, classify_mongo, classify_postgres, postgres_class};
-use super::{too_few_brokers_up, Disposition, Error};
+use super::codes::{
+    classify_kafka, classify_mongo, classify_postgres, classify_sqlstate, postgres_class,
+};
+use super::{too_few_brokers_up, Disposition, Error, WalError};
 
 /// What dualsync does about one error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,7 @@ const PERMISSION: &str = "permission: grant the database user what the message n
 const DATABASE: &str = "check the database URL's credentials and the user's permissions, and that the objects named exist";
 const KAFKA: &str = "check kafka.brokers, kafka.properties (security, credentials) and the user's ACLs on the topics and group";
 const REGISTRY: &str = "check schema_registry.url and its credentials";
+const REPLICATION: &str = "check that the source user has the REPLICATION attribute, that wal_level = logical, and that the slot and publication exist (`dualsync outbox migrate`)";
 const DLQ_REQUEST: &str = "check the command's filters (`dualsync dlq --help`)";
 
 impl Error {
@@ -93,6 +96,18 @@ impl Error {
             Error::Encode(e) => Policy::dead_letter(e.class()),
             Error::Rejected(_) => Policy::dead_letter("sink.rejected"),
             Error::BelowPurgeHorizon { .. } => Policy::dead_letter("sink.below_purge_horizon"),
+            // The replication stream: a lost or garbled stream restarts from the slot's
+            // confirmed position, never skipped; a server error by its SQLSTATE.
+            Error::Wal(WalError::Io(_) | WalError::Protocol(_)) => {
+                Policy::retry("source.replication")
+            }
+            Error::Wal(WalError::Server { code, .. }) => {
+                Policy::by("source.replication", classify_sqlstate(code), Some(REPLICATION))
+            }
+            Error::Wal(WalError::SlotLost { .. }) => Policy::fatal("source.slot_lost", None),
+            Error::Wal(WalError::VersionOverflow(_)) => {
+                Policy::fatal("source.version_overflow", None)
+            }
             // By the driver's code (codes.rs).
             Error::Postgres(e) => {
                 let hint = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {

@@ -204,9 +204,10 @@ fn every_variant_has_one_policy() {
             Error::MalformedChange { .. } => 29,
             Error::Bson { .. } => 30,
             Error::Checkpoint { .. } => 31,
+            Error::Wal(_) => 32,
         }
     }
-    const KINDS: usize = 32;
+    const KINDS: usize = 33;
     let text = || "x".to_string();
     let mongo_command = Error::Mongo(
         mongodb::error::ErrorKind::Command(
@@ -422,6 +423,12 @@ fn every_variant_has_one_policy() {
             Fatal,
             true,
         ),
+        (
+            Error::Wal(WalError::Protocol("x".into())),
+            "source.replication",
+            Retry,
+            false,
+        ),
     ];
     let mut seen = [false; KINDS];
     for (e, class, disposition, hinted) in &table {
@@ -502,4 +509,36 @@ fn no_result_with_a_string_error_in_src() {
         "Result<_, String> in src/ (give the error a type: a variant in src/error or a local \
          thiserror enum naming the thing at fault): {found:#?}"
     );
+}
+
+#[test]
+fn a_lost_replication_stream_is_retried_and_a_lost_slot_stops_with_its_recovery() {
+    for e in [
+        WalError::Io("reset".into()),
+        WalError::Protocol("bad frame".into()),
+        // Another session streams the slot: a standby's wait.
+        WalError::Server {
+            code: "55006".into(),
+            message: "replication slot \"s\" is active for PID 7".into(),
+        },
+    ] {
+        let e = Error::from(e);
+        assert_eq!(classify(&e), Disposition::Retry, "{e}");
+        assert_eq!(endpoint(&e, Endpoint::Source), Some(Endpoint::Source));
+    }
+    let lost = Error::from(WalError::SlotLost {
+        slot: "s".into(),
+        reason: "invalidated".into(),
+    });
+    assert_eq!(classify(&lost), Disposition::Fatal);
+    assert_eq!(lost.class(), "source.slot_lost");
+    assert!(lost.to_string().contains("dualsync snapshot"));
+    let no_permission = Error::from(WalError::Server {
+        code: "42501".into(),
+        message: "permission denied to start WAL sender".into(),
+    });
+    assert_eq!(classify(&no_permission), Disposition::Fatal);
+    assert!(hint(&no_permission).unwrap().contains("REPLICATION"));
+    let overflow = Error::from(WalError::VersionOverflow("too many".into()));
+    assert_eq!(classify(&overflow), Disposition::Fatal);
 }

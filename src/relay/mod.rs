@@ -18,7 +18,7 @@ pub mod outbox;
 pub mod versions;
 
 use crate::codec::SchemaStore;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Capture, Config, SourceConfig};
 use crate::error::{endpoint, Endpoint, Error};
 use crate::http::Control;
 use crate::metrics::{stage, Metrics};
@@ -26,6 +26,7 @@ use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{Backoff, BreakerPolicy, Retry, Verdict};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::OutboxSource;
+use crate::source::wal::WalSource;
 use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
@@ -92,6 +93,21 @@ pub async fn run(
                     )
                 },
                 |held| mongo::lead(&relay, source, held),
+            )
+            .await
+        }
+        (None, Some(source)) if source.capture == Capture::Wal => {
+            lead_until_cancelled(
+                &relay,
+                || {
+                    WalSource::acquire_leadership(
+                        source,
+                        &config.pipeline.name,
+                        &metrics.health,
+                        &cancel,
+                    )
+                },
+                |held| outbox::lead(&relay, source, held),
             )
             .await
         }

@@ -29,10 +29,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::error::Error;
 use crate::metrics::Health;
 use crate::publish::{client_config, headers};
+use crate::source::aggregate_filter::carries;
 use crate::source::outbox_sequence::{self, Renumbered};
 
 /// Records read back from the end of each partition. The relay publishes in `seq` order but
@@ -52,29 +53,6 @@ pub struct PublishedTail {
     pub max: Option<(i64, String)>,
     /// `(version, event id)` of every record read back.
     pub events: Vec<(i64, Uuid)>,
-}
-
-/// Whether `glob` (`*` any run, `?` one character) matches all of `text`.
-fn glob_matches(glob: &str, text: &str) -> bool {
-    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
-    let (mut gi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
-            gi += 1;
-            ti += 1;
-        } else if gi < g.len() && g[gi] == '*' {
-            star = Some(gi);
-            mark = ti;
-            gi += 1;
-        } else if let Some(s) = star {
-            gi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    g[gi..].iter().all(|c| *c == '*')
 }
 
 /// Whether `topic` is one of this pipeline's event topics: `kafka.topic_template` for an
@@ -99,15 +77,7 @@ pub fn is_event_topic(config: &Config, topic: &str) -> bool {
     let Ok(source) = config.outbox_source() else {
         return true;
     };
-    (source.include_aggregates.is_empty()
-        || source
-            .include_aggregates
-            .iter()
-            .any(|g| glob_matches(g, aggregate)))
-        && !source
-            .exclude_aggregates
-            .iter()
-            .any(|g| glob_matches(g, aggregate))
+    carries(source, aggregate)
 }
 
 fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
@@ -189,12 +159,21 @@ pub async fn published_tail(config: &Config) -> Result<PublishedTail, Error> {
 /// Why the outbox would re-use published versions, if it would.
 async fn unsound(
     client: &Client,
+    capture: Capture,
     published_max: Option<(i64, &str)>,
     events: &[(i64, Uuid)],
 ) -> Result<Option<String>, Error> {
     let Some((max, topic)) = published_max else {
         return Ok(None);
     };
+    if capture == Capture::Wal {
+        // Versions come from the WAL: only a server whose WAL is behind what was published
+        // (a failover to a standby that lost transactions) hands them out again.
+        let (next, at) = crate::source::wal::next_version(client).await?;
+        return Ok((next <= max).then(|| format!(
+            "the primary's WAL is behind the published versions: the next event would get version {next} (WAL position {at}), but this pipeline already published version {max} (topic {topic}); events committed now would look older than what the sinks hold (docs/wal-capture.md#versions)"
+        )));
+    }
     let next = outbox_sequence::next_seq(client).await?;
     if next <= max {
         return Ok(Some(format!(
@@ -212,6 +191,8 @@ async fn unsound(
 /// The relay leader's guard: the published maximum, kept up to date as batches are marked.
 pub(crate) struct SequenceGuard {
     tail: PublishedTail,
+    /// Where versions come from (the sequence or the WAL).
+    capture: Capture,
     /// Highest version read back or marked published since (0: none).
     max: AtomicI64,
 }
@@ -220,8 +201,10 @@ impl SequenceGuard {
     pub async fn load(config: &Config) -> Result<Self, Error> {
         let tail = published_tail(config).await?;
         let max = tail.max.as_ref().map_or(0, |(v, _)| *v);
+        let capture = config.outbox_source().map_or(Capture::Poll, |s| s.capture);
         Ok(Self {
             tail,
+            capture,
             max: AtomicI64::new(max),
         })
     }
@@ -245,7 +228,8 @@ impl SequenceGuard {
             Some((v, t)) if *v == max => t.as_str(),
             _ => "published by this relay",
         };
-        unsound(client, (max > 0).then_some((max, topic)), &self.tail.events).await
+        let max = (max > 0).then_some((max, topic));
+        unsound(client, self.capture, max, &self.tail.events).await
     }
 
     /// Waits while publishing would re-use versions: one error line, the reason in `/readyz`
@@ -308,7 +292,10 @@ pub async fn resequence(config: &Config) -> Result<Resequenced, Error> {
     let source = config.outbox_source()?;
     let mut client = crate::pg::connect(source.url.expose()).await?;
     let max = tail.max.as_ref().map(|(v, t)| (*v, t.as_str()));
-    match unsound(&client, max, &tail.events).await? {
+    if source.capture == Capture::Wal {
+        return Err(Error::Misconfigured("`outbox resequence` renumbers the outbox sequence, and with capture = \"wal\" versions come from the WAL, not the sequence (docs/wal-capture.md#versions)".into()));
+    }
+    match unsound(&client, Capture::Poll, max, &tail.events).await? {
         None => Ok(Resequenced::NothingToDo {
             published_max: max.map(|(v, _)| v),
             next: outbox_sequence::next_seq(&client).await?,
@@ -327,7 +314,7 @@ pub async fn resequence(config: &Config) -> Result<Resequenced, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_matches;
+    use crate::source::aggregate_filter::glob_matches;
 
     #[test]
     fn globs_match_whole_names() {

@@ -96,6 +96,44 @@ fn like_pattern(glob: &str) -> String {
     out
 }
 
+/// Whether `glob` (`*` any run, `?` one character) matches all of `text`.
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
+    let (mut gi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            star = Some(gi);
+            mark = ti;
+            gi += 1;
+        } else if let Some(s) = star {
+            gi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|c| *c == '*')
+}
+
+/// Whether the pipeline of `config` publishes events of `aggregate_type` (the globs of
+/// `include_aggregates` / `exclude_aggregates`, matched here rather than in SQL where the
+/// events do not come from a query: the WAL capture, the topics read back).
+pub fn carries(config: &OutboxSourceConfig, aggregate_type: &str) -> bool {
+    (config.include_aggregates.is_empty()
+        || config
+            .include_aggregates
+            .iter()
+            .any(|g| glob_matches(g, aggregate_type)))
+        && !config
+            .exclude_aggregates
+            .iter()
+            .any(|g| glob_matches(g, aggregate_type))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -11,6 +11,7 @@ pub mod outbox;
 pub mod outbox_purge;
 pub mod outbox_sequence;
 pub mod resume_token;
+pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -64,7 +64,7 @@ pub(super) const COMMIT_TIME: &str = "coalesce(pg_xact_commit_timestamp(xmin), c
 pub const SESSION_SETTINGS: &str = "SET enable_sort = off; SET synchronous_commit = off;
     SET plan_cache_mode = force_custom_plan";
 /// First key of the relay's leader lock (the second is derived from the pipeline name).
-const LEADER_LOCK_CLASS: i32 = 0x6473_796e; // "dsyn"
+pub(super) const LEADER_LOCK_CLASS: i32 = 0x6473_796e; // "dsyn"
 /// First key of the lock a relay holds while it waits for work, which tells writers to notify
 /// it (connectors/outbox.sql, `outbox_notify`); the second is the leader lock's.
 pub const WAIT_LOCK_CLASS: i32 = 0x6473_7977; // "dsyw"
@@ -138,7 +138,7 @@ impl Statements {
     }
 }
 
-async fn check_outbox(client: &Client) -> Result<(), Error> {
+pub(super) async fn check_outbox(client: &Client) -> Result<(), Error> {
     let exists: bool = client
         .query_one("SELECT to_regclass('dualsync.outbox') IS NOT NULL", &[])
         .await?
@@ -167,7 +167,7 @@ pub async fn migrate(client: &Client) -> Result<(), Error> {
 /// Whether the server records commit timestamps (`track_commit_timestamp`, set at server
 /// start). Without them apply's lag counts from the insert, which over-states it by the rest
 /// of the writing transaction.
-async fn tracks_commit_timestamps(client: &Client) -> Result<bool, Error> {
+pub(super) async fn tracks_commit_timestamps(client: &Client) -> Result<bool, Error> {
     let on = client
         .query_one("SHOW track_commit_timestamp", &[])
         .await?
@@ -180,7 +180,7 @@ async fn tracks_commit_timestamps(client: &Client) -> Result<bool, Error> {
 }
 
 /// FNV-1a of the pipeline name: stable across builds, so relays of different versions agree.
-fn leader_lock_key(pipeline: &str) -> i32 {
+pub(super) fn leader_lock_key(pipeline: &str) -> i32 {
     let hash = pipeline.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });

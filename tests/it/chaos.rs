@@ -39,7 +39,9 @@ use dualsync::sink::SinkReader;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::capture_modes::Mode;
 use crate::common::*;
+use crate::pipeline_scope::with_source;
 use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
 use crate::toxiproxy::host_port;
@@ -92,8 +94,24 @@ async fn mismatches<S: SinkReader>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
+    seeded_faults(Mode::Poll).await;
+}
+
+/// The same schedule with the outbox captured from the WAL. A primary failover is drawn but
+/// not injected: PostgreSQL 15's logical slot lives on the primary only, so a promoted
+/// standby has none (docs/wal-capture.md#when-the-slot-is-lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wal_seeded_faults_leave_both_sinks_equal_to_the_primary() {
+    seeded_faults(Mode::Wal).await;
+}
+
+async fn seeded_faults(mode: Mode) {
     dualsync::telemetry::init_for_tests();
-    let (seed, faults, mut rng) = schedule("chaos");
+    let name = match mode {
+        Mode::Poll => "chaos",
+        Mode::Wal => "chaos-wal",
+    };
+    let (seed, faults, mut rng) = schedule(name);
 
     // The servers this schedule disturbs: a PostgreSQL primary with a synchronous standby
     // (holding the outbox and the PostgreSQL sink), SecantusDB (MongoDB sink) and a three-node
@@ -145,12 +163,18 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         "[schema_registry]\nurl = \"{}\"\n",
         registry.replace(&host_port(&registry), &net.registry.listen)
     );
-    let text = pipeline_toml(
-        &proxied,
-        &relay_url,
-        &sink_url,
-        &mongo_db,
-        &format!("{RECONCILE}{registry_section}"),
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let prepared = mode.prepare(&source, &source_url).await;
+    let text = with_source(
+        &pipeline_toml(
+            &proxied,
+            &relay_url,
+            &sink_url,
+            &mongo_db,
+            &format!("{RECONCILE}{registry_section}"),
+        ),
+        &prepared.source_lines(),
     );
     let config = Config::from_toml(std::path::Path::new("chaos.toml"), &text, Vec::new()).unwrap();
     let file = crate::processes::write_config(&text);
@@ -158,8 +182,6 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
     // Other relays (standbys) reach PostgreSQL on links of their own.
     let standby_file = crate::processes::write_config(&text.replace(&relay_url, &standby_url));
     let standby_path = standby_file.to_str().unwrap();
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
 
     let mut procs = Pipeline::start("chaos", path);
     let writing = CancellationToken::new();
@@ -179,6 +201,9 @@ async fn seeded_faults_leave_both_sinks_equal_to_the_primary() {
         config.kafka.topic_for("orders"),
         &FAULT_KINDS,
     );
+    if mode == Mode::Wal {
+        f.skip_kind("primary failover");
+    }
     for step in 0..faults {
         let Some((fault, restart_after)) = f.next(step, &mut procs, &mut rng).await else {
             continue;

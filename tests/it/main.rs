@@ -4,6 +4,7 @@
 //! One binary for all of them, to link once.
 
 mod backlog;
+pub mod capture_modes;
 mod chaos;
 mod chaos_multi_host;
 mod column_tables;
@@ -66,3 +67,6 @@ mod topic_durability;
 mod topic_refusals;
 pub mod toxiproxy;
 mod traces;
+mod wal_auth;
+pub mod wal_capture;
+mod wal_switch;

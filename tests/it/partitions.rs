@@ -16,7 +16,9 @@ use dualsync::config::Config;
 use dualsync::publish::headers;
 use dualsync::source::leader_lease::LeaderLease;
 
+use crate::capture_modes::{Mode, Prepared};
 use crate::common::*;
+use crate::pipeline_scope::with_source;
 use crate::toxiproxy::{host_port, Toxiproxy};
 
 /// The bound docs/operations.md states for a take-over after the leader is cut off.
@@ -24,8 +26,9 @@ pub(crate) const TAKE_OVER_BOUND: Duration = Duration::from_secs(30);
 /// Keys the writer cycles through: several versions of each land on every partition.
 pub(crate) const KEYS: usize = 12;
 
-/// One outbox row the writer committed: `(seq, aggregate id, created_at in micros)`.
-type Written = (i64, String, i64);
+/// One outbox row the writer committed: `(event id, aggregate id, created_at in micros)`
+/// (by event id: in WAL mode the version is not the `seq`).
+type Written = (String, String, i64);
 
 /// Writes `customers` rows, one per statement, cycling over [`KEYS`] keys, until `stop`.
 async fn write_until(source_url: String, stop: CancellationToken) -> Vec<Written> {
@@ -34,7 +37,7 @@ async fn write_until(source_url: String, stop: CancellationToken) -> Vec<Written
         .prepare(
             "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
              VALUES ('customers', $1, 'CustomerUpserted', $2)
-             RETURNING seq, (extract(epoch FROM created_at) * 1000000)::int8",
+             RETURNING id::text, (extract(epoch FROM created_at) * 1000000)::int8",
         )
         .await
         .unwrap();
@@ -101,11 +104,18 @@ pub(crate) fn check_order(messages: &[OwnedMessage]) -> BTreeMap<i64, i64> {
 /// [`check_order`], and every written row is on the topic. Returns the worst commit →
 /// on-topic delay (the first copy's timestamp minus the row's `created_at`).
 fn check_topic(messages: &[OwnedMessage], written: &[Written]) -> Duration {
-    let first_on_topic = check_order(messages);
+    check_order(messages);
+    let mut first_on_topic: HashMap<String, i64> = HashMap::new();
+    for m in messages {
+        let millis = m.timestamp().to_millis().unwrap();
+        first_on_topic
+            .entry(header(m, headers::EVENT_ID).unwrap())
+            .or_insert(millis);
+    }
     let mut worst = 0i64;
-    for (seq, id, created_micros) in written {
-        let Some(on_topic) = first_on_topic.get(seq) else {
-            panic!("outbox row seq {seq} ({id}) is missing from the topic");
+    for (event, id, created_micros) in written {
+        let Some(on_topic) = first_on_topic.get(event) else {
+            panic!("outbox row {event} ({id}) is missing from the topic");
         };
         worst = worst.max(on_topic * 1000 - created_micros);
     }
@@ -122,19 +132,26 @@ struct CutOff {
     /// The source URL through the link.
     leader_url: String,
     text: String,
+    mode: Mode,
+    /// The WAL capture's slot (dropped last).
+    _prepared: Prepared,
 }
 
 impl CutOff {
-    async fn new(link_name: &str) -> Self {
+    async fn new(link_name: &str, mode: Mode) -> Self {
         let servers = servers();
         let source_url = create_database(&servers).await;
         let admin = dualsync::pg::connect(&source_url).await.unwrap();
         dualsync::source::outbox::migrate(&admin).await.unwrap();
+        let prepared = mode.prepare(&admin, &source_url).await;
         let proxy = Toxiproxy::start().await;
         let upstream = host_port(&source_url);
         let link = proxy.link(link_name, &upstream).await;
         let leader_url = source_url.replace(&upstream, &link.listen);
-        let text = pipeline_toml(&servers, "@SOURCE@", &source_url, &unique("t"), "");
+        let text = with_source(
+            &pipeline_toml(&servers, "@SOURCE@", &source_url, &unique("t"), ""),
+            &prepared.source_lines(),
+        );
         Self {
             source_url,
             admin,
@@ -142,6 +159,8 @@ impl CutOff {
             link,
             leader_url,
             text,
+            mode,
+            _prepared: prepared,
         }
     }
 
@@ -220,19 +239,21 @@ impl CutOff {
         .await;
         stop_writing.cancel();
         let written = writer.await.unwrap();
-        eventually("the outbox is drained", || async {
-            self.rows(false).await == 0
-        })
-        .await;
+        if self.mode == Mode::Poll {
+            eventually("the outbox is drained", || async {
+                self.rows(false).await == 0
+            })
+            .await;
+        }
         self.proxy.heal(&self.link).await;
         let topic = self.config(&self.source_url).kafka.topic_for("customers");
-        let versions: BTreeSet<String> = written.iter().map(|(seq, ..)| seq.to_string()).collect();
+        let events: BTreeSet<String> = written.iter().map(|(event, ..)| event.clone()).collect();
         let messages = read_topic_until(&servers().kafka, &topic, move |got| {
             let on_topic: BTreeSet<String> = got
                 .iter()
-                .filter_map(|m| header(m, headers::VERSION))
+                .filter_map(|m| header(m, headers::EVENT_ID))
                 .collect();
-            versions.is_subset(&on_topic)
+            events.is_subset(&on_topic)
         })
         .await;
         let worst = check_topic(&messages, &written);
@@ -259,7 +280,18 @@ struct TakeOver {
 /// the standby never led.
 #[tokio::test]
 async fn a_leader_cut_off_from_postgres_steps_down_before_the_standby_takes_over() {
-    let t = CutOff::new("leader_pg").await;
+    leader_cut_off(Mode::Poll).await;
+}
+
+/// The same with the WAL capture: the cut-off leader's replication session goes through the
+/// link too, so the standby also waits for the server to free the slot (55006 until then).
+#[tokio::test]
+async fn a_wal_leader_cut_off_steps_down_before_the_standby_takes_over() {
+    leader_cut_off(Mode::Wal).await;
+}
+
+async fn leader_cut_off(mode: Mode) {
+    let t = CutOff::new("leader_pg", mode).await;
     // One pipeline, two relays: the leader through the link, the standby directly.
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(write_until(t.source_url.clone(), stop_writing.clone()));
@@ -425,7 +457,7 @@ fn signal(child: &std::process::Child, signal: &str) {
 /// virtual machine or a long GC stop looks the same to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_s_lock_is_freed_by_the_server_and_the_thawed_leader_steps_down() {
-    let t = CutOff::new("frozen_pg").await;
+    let t = CutOff::new("frozen_pg", Mode::Poll).await;
     let leader_file = crate::processes::write_config(&t.text.replace("@SOURCE@", &t.leader_url));
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(write_until(t.source_url.clone(), stop_writing.clone()));

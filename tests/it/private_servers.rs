@@ -133,8 +133,9 @@ impl PrivateServer {
     pub fn start(&mut self) {
         match self {
             Self::Postgres { data, port, .. } => {
+                // wal_level = logical: the outbox's WAL capture runs on private servers too.
                 let options = format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1",
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical",
                     data.display()
                 );
                 let log = data.join("server.log").display().to_string();

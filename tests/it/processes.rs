@@ -10,7 +10,9 @@ use rdkafka::Message;
 use dualsync::config::Config;
 use dualsync::publish::headers;
 
+use crate::capture_modes::{every_row_in_topics, Mode};
 use crate::common::*;
+use crate::pipeline_scope::with_source;
 
 pub fn write_config(text: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("dualsync")));
@@ -59,24 +61,35 @@ async fn unpublished(client: &tokio_postgres::Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standby_relay_takes_over_after_kill_9_without_loss_or_reordering() {
+    standby_takes_over_after_kill_9(Mode::Poll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wal_standby_relay_takes_over_after_kill_9_without_loss_or_reordering() {
+    standby_takes_over_after_kill_9(Mode::Wal).await;
+}
+
+async fn standby_takes_over_after_kill_9(mode: Mode) {
     let servers = servers();
     let source_url = create_database(&servers).await;
-    let text = pipeline_toml(&servers, &source_url, &source_url, &unique("t"), "");
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let prepared = mode.prepare(&source, &source_url).await;
+    let text = with_source(
+        &pipeline_toml(&servers, &source_url, &source_url, &unique("t"), ""),
+        &prepared.source_lines(),
+    );
     let config = Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new()).unwrap();
     let path = write_config(&text);
     let path = path.to_str().unwrap();
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
+    let types = ["customers", "orders"];
 
     let mut active = spawn(&["relay", "--config", path], "relay-a.log");
     // A is active once it publishes something.
     dualsync::demo::generate(&source_url, 3, 30, 20, 1, 1)
         .await
         .unwrap();
-    eventually("relay A publishes", || async {
-        unpublished(&source).await == 0
-    })
-    .await;
+    every_row_in_topics(&source, &config, &types).await;
     let mut standby = spawn(&["relay", "--config", path], "relay-b.log");
 
     // Writers keep committing while A is killed mid-stream.
@@ -86,55 +99,22 @@ async fn standby_relay_takes_over_after_kill_9_without_loss_or_reordering() {
             .await
             .unwrap()
     });
-    eventually("some of the new load is published", || async {
+    eventually("some of the new load is written", || async {
         dualsync::demo::outbox_counts(&source).await.unwrap().0 > 400
     })
     .await;
     active.kill().unwrap(); // SIGKILL
     active.wait().unwrap();
     writers.await.unwrap();
-    eventually("the standby publishes everything", || async {
-        unpublished(&source).await == 0
-    })
-    .await;
-
-    // Every row arrived, and per key the first occurrences of versions are increasing.
-    let seqs: Vec<i64> = source
-        .query("SELECT seq FROM dualsync.outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut messages = Vec::new();
-    for t in ["customers", "orders"] {
-        let want: HashSet<i64> = source
-            .query(
-                "SELECT seq FROM dualsync.outbox WHERE aggregatetype = $1",
-                &[&t],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        messages.extend(
-            read_topic_until(&servers.kafka, &config.kafka.topic_for(t), move |read| {
-                let got: HashSet<i64> = read
-                    .iter()
-                    .filter_map(|m| header(m, headers::VERSION)?.parse().ok())
-                    .collect();
-                want.is_subset(&got)
-            })
-            .await,
-        );
+    if mode == Mode::Poll {
+        eventually("the standby marks everything", || async {
+            unpublished(&source).await == 0
+        })
+        .await;
     }
-    let seen: HashSet<i64> = messages
-        .iter()
-        .map(|m| header(m, headers::VERSION).unwrap().parse().unwrap())
-        .collect();
-    let missing: Vec<_> = seqs.iter().filter(|s| !seen.contains(s)).collect();
-    assert!(missing.is_empty(), "rows never published: {missing:?}");
+    // Every row arrived (by event id), and per key the first occurrences of versions are
+    // increasing.
+    let messages = every_row_in_topics(&source, &config, &types).await;
     let mut per_key: BTreeMap<Vec<u8>, (HashSet<i64>, i64)> = BTreeMap::new();
     for m in &messages {
         let version: i64 = header(m, headers::VERSION).unwrap().parse().unwrap();

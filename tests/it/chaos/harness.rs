@@ -245,6 +245,12 @@ impl Faults {
         }
     }
 
+    /// Draws `name` as usual but never injects it (a kind this pipeline cannot survive by
+    /// design, like a primary failover for a logical slot that lives on the primary only).
+    pub(super) fn skip_kind(&mut self, name: &str) {
+        self.skip.extend(self.kinds.iter().position(|k| *k == name));
+    }
+
     /// Draws fault number `step` and injects it when it is a shared kind; otherwise returns
     /// it (and how long its victim stays down) for the schedule to inject.
     pub(super) async fn next(
