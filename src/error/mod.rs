@@ -128,6 +128,15 @@ pub enum Error {
     /// retried until a read decides, so events written during a deploy wait for their schema.
     #[error("unknown schema fingerprint {fingerprint}: the schemas folder was not read since this message arrived; waiting for it to be read again")]
     SchemaPending { fingerprint: String },
+    /// The source database is not ready for `capture = "wal"` (a setting, a privilege, a slot
+    /// or publication of another shape).
+    #[error(transparent)]
+    WalSetup(#[from] WalSetupError),
+    /// The outbox's replication slot was invalidated (`max_slot_wal_keep_size`, or a conflict
+    /// on a standby): the WAL since its confirmed position is gone, so streaming on would skip
+    /// events. Never resumed silently.
+    #[error("replication slot {slot:?} (source.slot_name) was invalidated ({reason}): the WAL since its last confirmed position is gone, so the relay cannot stream on without a gap. Recover as docs/outbox.md#when-the-slot-is-lost says: drop and re-create the slot, re-publish the table's unpublished rows, then `dualsync verify --repair`")]
+    SlotLost { slot: String, reason: String },
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -222,6 +231,8 @@ impl Error {
             Error::LeaseLost(_) => "source.lease_lost",
             Error::SequenceBehind(_) => "source.sequence_behind",
             Error::LeaderSilent(_) => "source.leader_silent",
+            Error::WalSetup(_) => "source.wal_setup",
+            Error::SlotLost { .. } => "source.slot_lost",
         }
     }
 }
@@ -237,6 +248,8 @@ pub fn classify(err: &Error) -> Disposition {
         | Error::Interrupted(_)
         | Error::Halted(_)
         | Error::HistoryLost(_)
+        | Error::WalSetup(_)
+        | Error::SlotLost { .. }
         | Error::ForeignTopic { .. }
         | Error::DlqRequest(_) => Disposition::Fatal,
         Error::LeaseLost(_)
@@ -311,6 +324,9 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         }
         Error::Registry(_) => "check schema_registry.url and its credentials",
         Error::DlqRequest(_) => "check the command's filters (`dualsync dlq --help`)",
+        Error::SlotLost { .. } => {
+            "the slot cannot be resumed: drop it (SELECT pg_drop_replication_slot(...)), run `dualsync outbox migrate` to create it anew, re-publish what the gap held (docs/outbox.md#when-the-slot-is-lost, then `dualsync verify --repair`), and raise max_slot_wal_keep_size so it does not happen again"
+        }
         Error::Encode(_)
         | Error::Decode(_)
         | Error::Rejected(_)
@@ -318,6 +334,7 @@ pub fn hint(err: &Error) -> Option<&'static str> {
         | Error::KafkaCredentials { .. }
         | Error::TopicCreation { .. }
         | Error::HistoryLost(_)
+        | Error::WalSetup(_)
         | Error::LeaseLost(_)
         | Error::SequenceBehind(_)
         | Error::LeaderSilent(_)
@@ -407,6 +424,9 @@ pub enum BadTime {
 mod codes;
 #[cfg(test)]
 mod tests;
+mod wal;
+
+pub use wal::WalSetupError;
 
 pub use codes::MONGO_DUPLICATE_KEY;
 use codes::{classify_kafka, classify_mongo, classify_postgres, postgres_class};

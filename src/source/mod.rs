@@ -10,6 +10,7 @@ pub mod mongo_reads;
 pub mod outbox;
 pub mod outbox_sequence;
 pub mod resume_token;
+pub mod wal;
 
 use std::future::Future;
 

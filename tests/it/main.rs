@@ -66,3 +66,5 @@ mod topic_durability;
 mod topic_refusals;
 pub mod toxiproxy;
 mod traces;
+pub mod wal_setup;
+mod wal_slot;
