@@ -35,6 +35,12 @@ pub fn summary(done: &Migrated, source: &OutboxSourceConfig) -> String {
             }
         }
     }
+    if let Some(back) = &done.back_to_poll {
+        lines.push(format!(
+            "back to polling: writers take the per-aggregate lock again; {} rows inserted without it (seq <= {}) marked published, as the WAL relay publishes them. Keep the WAL relay running until its slot's confirmed_flush_lsn passes {}, then stop it, run `dualsync outbox resequence` and start the polling relay (docs/outbox.md#switching)",
+            back.marked, back.last_lock_free_seq, back.lsn
+        ));
+    }
     if let Some(slot) = &done.leftover_slot {
         lines.push(format!(
             "warning: replication slot {} still exists ({}, retaining {} bytes of WAL on the primary); once no relay streams it, drop it: SELECT pg_drop_replication_slot('{}')",

@@ -41,6 +41,9 @@ impl Drop for DropSlot {
     }
 }
 
+const INSERT: &str = "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
+    VALUES ('orders', 'o1', 'updated', '{}')";
+
 async fn connect(url: &str) -> Client {
     dualsync::pg::connect(url).await.unwrap()
 }
@@ -170,7 +173,17 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     assert_eq!(shared.polling_pipelines, ["poller"]);
     setup::check_writers_lock(&client).await.unwrap();
 
-    // Back to polling: the locking trigger and NOTIFY, and the slot reported as left over.
+    // Back to polling: the locking trigger and NOTIFY, the rows written without the lock
+    // marked published (their seq order is not commit order), the slot reported as left over.
+    client
+        .batch_execute("DELETE FROM dualsync.outbox_relays")
+        .await
+        .unwrap();
+    setup::migrate(&client, &wal, "p").await.unwrap();
+    client
+        .batch_execute(&format!("{INSERT}; {INSERT}"))
+        .await
+        .unwrap();
     let poll = OutboxSourceConfig {
         capture: dualsync::config::Capture::Poll,
         ..wal.clone()
@@ -180,7 +193,43 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
         setup::writers_trigger(&client).await.unwrap(),
         Some(WritersTrigger::Locking)
     );
+    let switch = back.back_to_poll.expect("the outbox was lock-free");
+    assert_eq!((switch.marked, switch.last_lock_free_seq), (2, 2));
     assert_eq!(back.leftover_slot.unwrap().slot, wal.slot_name);
+    client.batch_execute(INSERT).await.unwrap();
+    let unpublished: Vec<i64> = client
+        .query(
+            "SELECT seq FROM dualsync.outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        unpublished,
+        [3],
+        "only the row written under the lock is left to poll"
+    );
+    let again = setup::migrate(&client, &poll, "p").await.unwrap();
+    assert_eq!(again.back_to_poll, None, "already polling: nothing marked");
+
+    // A relay that streamed before never re-creates a missing slot (that would skip the gap).
+    let fresh = wal_source(&url, "wal");
+    let err = setup::check_wal_setup(
+        &client,
+        &OutboxSourceConfig {
+            publication: wal.publication.clone(),
+            ..fresh
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::WalSetup(WalSetupError::SlotMissing { .. })),
+        "{err:?}"
+    );
 
     // A publication of the configured name that publishes more is refused, not altered.
     let other = wal_source(&url, "wal");
@@ -307,8 +356,6 @@ async fn writers_of_one_aggregate_wait_for_each_other_only_when_polling() {
         capture: dualsync::config::Capture::Poll,
         ..wal.clone()
     };
-    const INSERT: &str = "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
-        VALUES ('orders', 'o1', 'updated', '{}')";
     for (config, waits) in [(&poll, true), (&wal, false), (&poll, true)] {
         setup::migrate(&admin, config, "p").await.unwrap();
         let mut first = connect(&url).await;

@@ -45,7 +45,30 @@ pub struct Migrated {
     /// `capture = "poll"`: a slot of the configured name still exists (left by WAL capture;
     /// it holds WAL until dropped).
     pub leftover_slot: Option<SlotHealth>,
+    /// `capture = "poll"` on an outbox that was lock-free until now.
+    pub back_to_poll: Option<BackToPoll>,
 }
+
+/// The switch from WAL capture back to polling, made in one transaction that waited for every
+/// writer under the lock-free trigger: the rows they inserted (`seq` up to `last_lock_free_seq`)
+/// are marked published, as the WAL relay publishes them; the polling relay must not publish
+/// them again, as their `seq` order is not commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackToPoll {
+    pub last_lock_free_seq: i64,
+    /// Rows marked published.
+    pub marked: u64,
+    /// Every lock-free insert committed before this position: the WAL relay must have
+    /// confirmed past it (the slot's `confirmed_flush_lsn`) before it stops.
+    pub lsn: String,
+}
+
+/// Marks the lock-free rows published and reports the boundary; run after [`OUTBOX_DDL`], in
+/// its transaction (which holds the table's exclusive lock from its DROP TRIGGER on).
+const MARK_LOCK_FREE_ROWS: &str = "
+    UPDATE dualsync.outbox SET published_at = now()
+        WHERE published_at IS NULL AND seq <= (SELECT last_value FROM dualsync.outbox_seq);
+    SELECT (SELECT last_value FROM dualsync.outbox_seq)::text, pg_current_wal_lsn()::text;";
 
 /// A slot created by [`migrate`]: the WAL relay streams what commits after it. Rows committed
 /// before it are the polling relay's to publish (docs/outbox.md, switching).
@@ -70,13 +93,19 @@ pub async fn migrate(
     pipeline: &str,
 ) -> Result<Migrated, Error> {
     if cfg.capture == Capture::Poll {
-        crate::source::outbox::migrate(client).await?;
+        let back_to_poll = if writers_trigger(client).await? == Some(WritersTrigger::Unlocked) {
+            Some(switch_back_to_poll(client).await?)
+        } else {
+            crate::source::outbox::migrate(client).await?;
+            None
+        };
         return Ok(Migrated {
             capture: Capture::Poll,
             writers: WritersTrigger::Locking,
             polling_pipelines: Vec::new(),
             slot_created: None,
             leftover_slot: slot_health::find(client, &cfg.slot_name).await?,
+            back_to_poll,
         });
     }
     preflight(client).await?;
@@ -127,18 +156,68 @@ pub async fn migrate(
         polling_pipelines: polling,
         slot_created,
         leftover_slot: None,
+        back_to_poll: None,
+    })
+}
+
+/// The polling triggers back, and the lock-free rows marked, in one transaction.
+async fn switch_back_to_poll(client: &Client) -> Result<BackToPoll, Error> {
+    use tokio_postgres::SimpleQueryMessage as M;
+    let messages = client
+        .simple_query(&format!("{OUTBOX_DDL}\n{MARK_LOCK_FREE_ROWS}"))
+        .await?;
+    // The last statement is the SELECT; the UPDATE's count is the command just before its row.
+    let at = messages
+        .iter()
+        .position(|m| matches!(m, M::Row(_)))
+        .ok_or_else(|| Error::Internal("no boundary row from the switch to polling".into()))?;
+    let M::Row(row) = &messages[at] else {
+        unreachable!("found as a row")
+    };
+    let marked = messages[..at]
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            M::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let field = |i: usize| row.get(i).unwrap_or_default().to_string();
+    Ok(BackToPoll {
+        last_lock_free_seq: field(0).parse().unwrap_or(0),
+        marked,
+        lsn: field(1),
     })
 }
 
 /// Checks the server and the role, then creates the publication and the slot if they are
-/// missing (and checks them if they exist). Idempotent; the relay calls it at start. Needs the
-/// outbox table (`dualsync outbox migrate`).
+/// missing (and checks them if they exist, lost slots included). Idempotent; for `migrate` and
+/// a pipeline's first start. Needs the outbox table (`dualsync outbox migrate`).
 pub async fn ensure_wal_setup(client: &Client, cfg: &OutboxSourceConfig) -> Result<(), Error> {
     preflight(client).await?;
     crate::source::outbox::check_outbox(client).await?;
     ensure_publication(client, &cfg.publication).await?;
     ensure_slot(client, &cfg.slot_name).await?;
     Ok(())
+}
+
+/// The same checks for a relay whose pipeline streamed before: a missing slot is refused
+/// ([`WalSetupError::SlotMissing`]), never created, as a new slot starts at the server's
+/// current position and the events committed since the old one's confirmed position would be
+/// skipped without a word. The operator re-creates it (`dualsync outbox migrate`) knowing
+/// the gap (docs/outbox.md#when-the-slot-is-lost).
+pub async fn check_wal_setup(client: &Client, cfg: &OutboxSourceConfig) -> Result<(), Error> {
+    preflight(client).await?;
+    crate::source::outbox::check_outbox(client).await?;
+    ensure_publication(client, &cfg.publication).await?;
+    if check_slot(client, &cfg.slot_name).await? {
+        Ok(())
+    } else {
+        Err(WalSetupError::SlotMissing {
+            slot: cfg.slot_name.clone(),
+        }
+        .into())
+    }
 }
 
 /// `wal_level = logical` and a role that may create and stream slots.
