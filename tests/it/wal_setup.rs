@@ -399,3 +399,63 @@ async fn writers_of_one_aggregate_wait_for_each_other_only_when_polling() {
         }
     }
 }
+
+/// The command prints what it set up; a polling relay then refuses the lock-free outbox (its
+/// `seq` order would no longer be commit order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migrate_command_sets_up_wal_capture_and_a_polling_relay_then_refuses() {
+    let servers = servers();
+    let url = create_database(&servers).await;
+    let wal = wal_source(&url, "wal");
+    let _slot = DropSlot {
+        url: url.clone(),
+        slot: wal.slot_name.clone(),
+    };
+    let text = crate::common::pipeline_toml(&servers, &url, &url, &unique("m"), "").replacen(
+        "kind = \"postgres_outbox\"\n",
+        &format!(
+            "kind = \"postgres_outbox\"\ncapture = \"wal\"\nslot_name = \"{}\"\npublication = \"{}\"\n",
+            wal.slot_name, wal.publication
+        ),
+        1,
+    );
+    let path = crate::processes::write_config(&text);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualsync"))
+        .args(["outbox", "migrate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "publication {} and replication slot {} are ready",
+            wal.publication, wal.slot_name
+        )) && stdout.contains("no per-aggregate lock"),
+        "{stdout}"
+    );
+
+    let poll = OutboxSourceConfig {
+        capture: dualsync::config::Capture::Poll,
+        ..wal.clone()
+    };
+    let refused = dualsync::source::outbox::OutboxSource::acquire_leadership(
+        &poll,
+        &unique("poller"),
+        &dualsync::metrics::Health::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::WalSetup(WalSetupError::WritersUnlocked))
+        ),
+        "{:?}",
+        refused.err()
+    );
+}
