@@ -3,11 +3,16 @@
 //! server removed WAL it needed (reported by `sample`, refused by `ensure_wal_setup` with the
 //! fatal `SlotLost`), and the refusal when every slot is taken.
 
+use std::sync::Arc;
+
 use dualsync::error::{Error, WalSetupError};
 use dualsync::metrics::Metrics;
 use dualsync::source::wal::{setup, slot_health};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::common::{eventually, servers};
+use crate::operations::http;
 use crate::private_servers::PrivateServer;
 use crate::wal_setup::wal_source;
 
@@ -35,7 +40,7 @@ async fn a_slot_past_max_slot_wal_keep_size_is_reported_lost_and_refused() {
     assert_eq!(healthy.wal_status.as_deref(), Some("reserved"));
     assert!(healthy.lost_reason().is_none());
     assert!(healthy.retained_bytes.unwrap() >= 0);
-    let metrics = Metrics::new("p", "relay");
+    let metrics = Arc::new(Metrics::new("p", "relay"));
     let lost_gauge = |m: &Metrics| {
         m.wal_slot
             .lost
@@ -69,8 +74,48 @@ async fn a_slot_past_max_slot_wal_keep_size_is_reported_lost_and_refused() {
         .await
         .unwrap();
     assert_eq!(lost.wal_status.as_deref(), Some("lost"));
-    slot_health::record(&metrics, &lost);
+    // The relay's periodic check records it and stops with the fatal error.
+    let err = slot_health::watch(
+        &client,
+        &source.slot_name,
+        &metrics,
+        std::time::Duration::from_millis(10),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::SlotLost { .. }), "{err:?}");
     assert_eq!(lost_gauge(&metrics), 1);
+    let cancel = CancellationToken::new();
+    let addr = dualsync::http::serve(
+        &Default::default(),
+        0,
+        "relay",
+        "p",
+        metrics.clone(),
+        Default::default(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let (code, body) = http(addr, "GET", "/status", None).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["wal_slot"]["lost"], true, "{status}");
+    assert_eq!(status["wal_slot"]["wal_status"], "lost", "{status}");
+    assert!(
+        status["warnings"][0].as_str().unwrap().contains("is lost"),
+        "{status}"
+    );
+    let (_, text) = http(addr, "GET", "/metrics", None).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dualsync_wal_slot_lost{")
+                && l.contains(&source.slot_name)
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+    cancel.cancel();
     let err = setup::ensure_wal_setup(&client, &source).await.unwrap_err();
     assert!(
         matches!(&err, Error::SlotLost { slot, .. } if *slot == source.slot_name),

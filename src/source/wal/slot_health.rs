@@ -80,6 +80,31 @@ pub async fn sample(client: &Client, slot: &str) -> Result<SlotHealth, Error> {
     })
 }
 
+/// Samples the slot every `every` and records each sample until `cancel`: the relay's
+/// periodic check (a task beside the stream). Returns the fatal [`Error::SlotLost`] as soon as
+/// the slot is lost, and a failed sample's error for the caller to retry or stop on.
+pub async fn watch(
+    client: &Client,
+    slot: &str,
+    metrics: &Metrics,
+    every: std::time::Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), Error> {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = ticks.tick() => {}
+        }
+        let health = sample(client, slot).await?;
+        record(metrics, &health);
+        if let Some(lost) = health.lost_error() {
+            return Err(lost);
+        }
+    }
+}
+
 impl SlotHealth {
     /// Why the slot can no longer be streamed, if it cannot: PostgreSQL 15 says `wal_status =
     /// 'lost'`, 16 adds `conflicting`, 17 `invalidation_reason`.
