@@ -126,7 +126,7 @@ async fn a_role_without_replication_is_refused_with_the_alter_role_to_run() {
 async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     let servers = servers();
     let url = create_database(&servers).await;
-    let client = connect(&url).await;
+    let mut client = connect(&url).await;
     let wal = wal_source(&url, "wal");
     let _slot = DropSlot {
         url: url.clone(),
@@ -158,6 +158,14 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     assert!(
         matches!(err, Error::WalSetup(WalSetupError::WritersUnlocked)),
         "{err:?}"
+    );
+    // `outbox resequence` brings the DDL up to date without switching the mode.
+    dualsync::source::outbox_sequence::renumber(&mut client, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        setup::writers_trigger(&client).await.unwrap(),
+        Some(WritersTrigger::Unlocked)
     );
 
     // Another pipeline polling the same outbox keeps the writers' lock.
@@ -194,7 +202,12 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
         Some(WritersTrigger::Locking)
     );
     let switch = back.back_to_poll.expect("the outbox was lock-free");
-    assert_eq!((switch.marked, switch.last_lock_free_seq), (2, 2));
+    let max: i64 = client
+        .query_one("SELECT max(seq) FROM dualsync.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((switch.marked, switch.last_lock_free_seq), (2, max));
     assert_eq!(back.leftover_slot.unwrap().slot, wal.slot_name);
     client.batch_execute(INSERT).await.unwrap();
     let unpublished: Vec<i64> = client
@@ -209,7 +222,7 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
         .collect();
     assert_eq!(
         unpublished,
-        [3],
+        [max + 1],
         "only the row written under the lock is left to poll"
     );
     let again = setup::migrate(&client, &poll, "p").await.unwrap();

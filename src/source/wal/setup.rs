@@ -123,11 +123,7 @@ pub async fn migrate(
         .map(|r| r.get(0))
         .collect();
     let writers = if polling.is_empty() {
-        // Again with the outbox DDL in one transaction: the lock-free trigger never
-        // appears without the functions it runs.
-        client
-            .batch_execute(&format!("{OUTBOX_DDL}\n{WAL_TRIGGER_DDL}"))
-            .await?;
+        install_lock_free(client).await?;
         WritersTrigger::Unlocked
     } else {
         WritersTrigger::Locking
@@ -363,6 +359,27 @@ async fn check_slot(client: &Client, slot: &str) -> Result<bool, Error> {
         Some(lost) => Err(lost),
         None => Ok(true),
     }
+}
+
+/// Applies the outbox DDL again keeping the writers' trigger of the outbox's current mode, for
+/// commands that need the latest DDL but must not switch the mode (`outbox resequence`): the
+/// outbox DDL alone would put the lock back on a lock-free outbox, and a later switch back to
+/// polling would then not know which rows were written without it.
+pub async fn reapply_ddl(client: &Client) -> Result<(), Error> {
+    if writers_trigger(client).await? == Some(WritersTrigger::Unlocked) {
+        install_lock_free(client).await
+    } else {
+        crate::source::outbox::migrate(client).await
+    }
+}
+
+/// The outbox DDL and the lock-free trigger in one transaction: the trigger never appears
+/// without the functions it runs.
+async fn install_lock_free(client: &Client) -> Result<(), Error> {
+    client
+        .batch_execute(&format!("{OUTBOX_DDL}\n{WAL_TRIGGER_DDL}"))
+        .await?;
+    Ok(())
 }
 
 /// Which function the outbox's insert trigger runs; `None` without the trigger.
