@@ -53,13 +53,15 @@ $$;
 -- `capture = "wal"`: the same numbering without the lock. The WAL hands the relay each
 -- transaction at its commit, in commit order, and the relay derives versions from the commit
 -- LSN, so `seq` need not follow commit order and writers of one aggregate need not wait for
--- each other. `dualsync outbox migrate` points the trigger here (connectors/outbox_wal.sql)
--- only when no pipeline polls this outbox; this file points it back at the locking function.
+-- each other. The row is born marked (published_at = created_at): the WAL relay publishes it
+-- from the stream, a polling read never sees it, and the purge deletes it after the retention.
+-- `dualsync outbox migrate` points the trigger here (connectors/outbox_wal.sql) only when no
+-- pipeline polls this outbox; this file points it back at the locking function.
 CREATE OR REPLACE FUNCTION dualsync.outbox_assign_seq_unlocked() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     NEW.seq := nextval('dualsync.outbox_seq');
-    NEW.published_at := NULL;
+    NEW.published_at := NEW.created_at;
     RETURN NEW;
 END
 $$;

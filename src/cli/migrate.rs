@@ -27,9 +27,8 @@ pub fn summary(done: &Migrated, source: &OutboxSourceConfig) -> String {
             ));
             if slot.unpublished > 0 {
                 lines.push(format!(
-                    "{} unpublished rows (seq <= {}) committed before the slot: keep the polling relay running until SELECT count(*) FROM dualsync.outbox WHERE published_at IS NULL AND seq <= {} is 0, then switch the relay to capture = \"wal\" (docs/outbox.md#switching)",
+                    "{} unpublished rows (seq <= {}) were committed before the slot: the WAL relay publishes them from the table when it takes over, before it streams",
                     slot.unpublished,
-                    slot.max_seq.unwrap_or(0),
                     slot.max_seq.unwrap_or(0)
                 ));
             }
@@ -37,8 +36,8 @@ pub fn summary(done: &Migrated, source: &OutboxSourceConfig) -> String {
     }
     if let Some(back) = &done.back_to_poll {
         lines.push(format!(
-            "back to polling: writers take the per-aggregate lock again; {} rows inserted without it (seq <= {}) marked published, as the WAL relay publishes them. Keep the WAL relay running until its slot's confirmed_flush_lsn passes {}, then stop it, run `dualsync outbox resequence` and start the polling relay (docs/outbox.md#switching)",
-            back.marked, back.last_lock_free_seq, back.lsn
+            "back to polling: writers take the per-aggregate lock again. The rows written without it are published only from the WAL: keep the WAL relay running until its slot's confirmed_flush_lsn passes {}, then stop it, run `dualsync outbox resequence` and start the polling relays (docs/outbox.md#switching)",
+            back.lsn
         ));
     }
     if let Some(slot) = &done.leftover_slot {

@@ -424,9 +424,9 @@ pub enum BadTime {
 mod codes;
 #[cfg(test)]
 mod tests;
-mod wal;
+mod wal_setup;
 
-pub use wal::WalSetupError;
+pub use wal_setup::WalSetupError;
 
 pub use codes::MONGO_DUPLICATE_KEY;
 use codes::{classify_kafka, classify_mongo, classify_postgres, postgres_class};

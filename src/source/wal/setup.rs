@@ -50,28 +50,19 @@ pub struct Migrated {
 }
 
 /// The switch from WAL capture back to polling, made in one transaction that waited for every
-/// writer under the lock-free trigger: the rows they inserted (`seq` up to `last_lock_free_seq`)
-/// are marked published, as the WAL relay publishes them; the polling relay must not publish
-/// them again, as their `seq` order is not commit order.
+/// writer under the lock-free trigger. Their rows were born marked published (the WAL relay
+/// publishes them from the stream), so the polling relay will not publish them; the WAL relay
+/// must have streamed past `lsn` before it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackToPoll {
-    pub last_lock_free_seq: i64,
-    /// Rows marked published.
-    pub marked: u64,
     /// Every lock-free insert committed before this position: the WAL relay must have
     /// confirmed past it (the slot's `confirmed_flush_lsn`) before it stops.
     pub lsn: String,
 }
 
-/// Marks the lock-free rows published and reports the boundary; run after [`OUTBOX_DDL`], in
-/// its transaction (which holds the table's exclusive lock from its DROP TRIGGER on).
-const MARK_LOCK_FREE_ROWS: &str = "
-    UPDATE dualsync.outbox SET published_at = now()
-        WHERE published_at IS NULL AND seq <= (SELECT last_value FROM dualsync.outbox_seq);
-    SELECT (SELECT last_value FROM dualsync.outbox_seq)::text, pg_current_wal_lsn()::text;";
-
 /// A slot created by [`migrate`]: the WAL relay streams what commits after it. Rows committed
-/// before it are the polling relay's to publish (docs/outbox.md, switching).
+/// before it and still unpublished are published from the table by the WAL relay at its
+/// take-over (or by a polling relay still running).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotCreated {
     /// The slot's consistent point.
@@ -79,14 +70,15 @@ pub struct SlotCreated {
     /// The highest `seq` in the table once the slot existed (every row up to it committed
     /// before the slot, or is visible to the WAL relay as well).
     pub max_seq: Option<i64>,
-    /// Unpublished rows up to `max_seq`: the polling relay publishes them before it stops.
+    /// Unpublished rows up to `max_seq`, left for the table read.
     pub unpublished: i64,
 }
 
 /// Applies the outbox DDL for the pipeline's capture mode, idempotently. `capture = "wal"`:
-/// checks the server first (nothing is changed on a server that cannot stream), installs the
-/// lock-free writers' trigger unless another pipeline polls this outbox, then the publication
-/// and the slot ([`ensure_wal_setup`]).
+/// checks the server first (nothing is changed on a server that cannot stream), creates the
+/// publication and the slot ([`ensure_wal_setup`]), and only then installs the lock-free
+/// writers' trigger (unless another pipeline polls this outbox): its rows are born marked, so
+/// the slot must exist to carry them.
 pub async fn migrate(
     client: &Client,
     cfg: &OutboxSourceConfig,
@@ -109,7 +101,9 @@ pub async fn migrate(
         });
     }
     preflight(client).await?;
-    crate::source::outbox::migrate(client).await?;
+    // The DDL in the mode the outbox is in: a lock-free outbox never gets the locking trigger
+    // back for a moment (its rows would then also wait in the table).
+    reapply_ddl(client).await?;
     // This pipeline no longer polls; any other registered one still may.
     let polling: Vec<String> = client
         .query(
@@ -122,12 +116,6 @@ pub async fn migrate(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let writers = if polling.is_empty() {
-        install_lock_free(client).await?;
-        WritersTrigger::Unlocked
-    } else {
-        WritersTrigger::Locking
-    };
     ensure_publication(client, &cfg.publication).await?;
     let slot_created = match ensure_slot(client, &cfg.slot_name).await? {
         None => None,
@@ -146,6 +134,14 @@ pub async fn migrate(
             })
         }
     };
+    let writers = if polling.is_empty() {
+        install_lock_free(client).await?;
+        WritersTrigger::Unlocked
+    } else {
+        // Another pipeline polls: the lock (and the unmarked rows it reads) stay.
+        crate::source::outbox::migrate(client).await?;
+        WritersTrigger::Locking
+    };
     Ok(Migrated {
         capture: Capture::Wal,
         writers,
@@ -156,34 +152,19 @@ pub async fn migrate(
     })
 }
 
-/// The polling triggers back, and the lock-free rows marked, in one transaction.
+/// The polling triggers back, and the WAL position they took effect at, in one transaction.
 async fn switch_back_to_poll(client: &Client) -> Result<BackToPoll, Error> {
-    use tokio_postgres::SimpleQueryMessage as M;
     let messages = client
-        .simple_query(&format!("{OUTBOX_DDL}\n{MARK_LOCK_FREE_ROWS}"))
+        .simple_query(&format!("{OUTBOX_DDL}\nSELECT pg_current_wal_lsn()::text;"))
         .await?;
-    // The last statement is the SELECT; the UPDATE's count is the command just before its row.
-    let at = messages
+    let lsn = messages
         .iter()
-        .position(|m| matches!(m, M::Row(_)))
-        .ok_or_else(|| Error::Internal("no boundary row from the switch to polling".into()))?;
-    let M::Row(row) = &messages[at] else {
-        unreachable!("found as a row")
-    };
-    let marked = messages[..at]
-        .iter()
-        .rev()
         .find_map(|m| match m {
-            M::CommandComplete(n) => Some(*n),
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
         })
-        .unwrap_or(0);
-    let field = |i: usize| row.get(i).unwrap_or_default().to_string();
-    Ok(BackToPoll {
-        last_lock_free_seq: field(0).parse().unwrap_or(0),
-        marked,
-        lsn: field(1),
-    })
+        .ok_or_else(|| Error::Internal("no WAL position from the switch to polling".into()))?;
+    Ok(BackToPoll { lsn })
 }
 
 /// Checks the server and the role, then creates the publication and the slot if they are
