@@ -50,6 +50,22 @@ BEGIN
 END
 $$;
 
+-- `capture = "wal"`: the same numbering without the lock. The WAL hands the relay each
+-- transaction at its commit, in commit order, and the relay derives versions from the commit
+-- LSN, so `seq` need not follow commit order and writers of one aggregate need not wait for
+-- each other. The row is born marked (published_at = created_at): the WAL relay publishes it
+-- from the stream, a polling read never sees it, and the purge deletes it after the retention.
+-- `dualsync outbox migrate` points the trigger here (connectors/outbox_wal.sql) only when no
+-- pipeline polls this outbox; this file points it back at the locking function.
+CREATE OR REPLACE FUNCTION dualsync.outbox_assign_seq_unlocked() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.seq := nextval('dualsync.outbox_seq');
+    NEW.published_at := NEW.created_at;
+    RETURN NEW;
+END
+$$;
+
 -- Relays of this outbox, by the key of the advisory lock each holds while it waits for work.
 CREATE TABLE IF NOT EXISTS dualsync.outbox_relays (
     lock_key       integer     PRIMARY KEY,
@@ -116,3 +132,36 @@ $$;
 DROP TRIGGER IF EXISTS outbox_immutable ON dualsync.outbox;
 CREATE TRIGGER outbox_immutable BEFORE UPDATE ON dualsync.outbox
     FOR EACH ROW EXECUTE FUNCTION dualsync.outbox_immutable();
+
+-- An outbox event without a table row (`capture = "wal"` only; docs/outbox.md#emit): a
+-- transactional logical-decoding message with prefix 'dualsync', decoded by the WAL relay in
+-- commit order with the transaction's other writes, and nothing stored or purged. Its content
+-- is the JSON object {"id", "aggregatetype", "aggregateid", "type", "payload", "traceparent"};
+-- `id` is generated here and returned. Arguments are checked like the table's CHECKs, so a
+-- writer gets the error when it calls, not the relay later. A polling relay never sees these
+-- events: call it only on a database whose pipelines stream the WAL.
+CREATE OR REPLACE FUNCTION dualsync.emit(aggregatetype text, aggregateid text, type text,
+                                         payload jsonb, traceparent text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    event_id uuid := gen_random_uuid();
+BEGIN
+    IF coalesce(emit.aggregatetype, '') = '' OR coalesce(emit.aggregateid, '') = '' THEN
+        RAISE EXCEPTION 'dualsync.emit: aggregatetype and aggregateid must be non-empty (got % and %)',
+            quote_nullable(emit.aggregatetype), quote_nullable(emit.aggregateid)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF emit.type IS NULL THEN
+        RAISE EXCEPTION 'dualsync.emit: type must not be null' USING ERRCODE = 'not_null_violation';
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'dualsync', jsonb_build_object(
+        'id', event_id,
+        'aggregatetype', emit.aggregatetype,
+        'aggregateid', emit.aggregateid,
+        'type', emit.type,
+        'payload', emit.payload,
+        'traceparent', emit.traceparent)::text);
+    RETURN event_id;
+END
+$$;

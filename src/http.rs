@@ -227,7 +227,13 @@ fn status_report(s: &AppState) -> serde_json::Value {
     } else {
         "ok"
     };
-    json!({
+    let wal_slot = m
+        .wal_slot
+        .last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut report = json!({
         "pipeline": s.pipeline,
         "role": s.role,
         "state": state,
@@ -252,7 +258,12 @@ fn status_report(s: &AppState) -> serde_json::Value {
         "assigned_partitions": m.assigned_partitions.get(),
         "consumer_lag": lags,
         "max_consumer_lag": max_lag,
-    })
+    });
+    // A relay streaming the WAL (`capture = "wal"`): its slot as last sampled.
+    if let Some(slot) = wal_slot {
+        report["wal_slot"] = slot;
+    }
+    report
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time.

@@ -244,9 +244,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Outbox(OutboxCommand::Migrate(arg)) => {
             let config = load_config(&arg)?;
-            let client = dualsync::pg::connect(config.outbox_source()?.url.expose()).await?;
-            dualsync::source::outbox::migrate(&client).await?;
-            println!("dualsync.outbox is up to date");
+            let source = config.outbox_source()?;
+            let client = dualsync::pg::connect(source.url.expose()).await?;
+            let done =
+                dualsync::source::wal::setup::migrate(&client, source, &config.pipeline.name)
+                    .await?;
+            println!("{}", cli::migrate::summary(&done, source));
             Ok(())
         }
         Command::Outbox(OutboxCommand::Resequence(arg)) => {

@@ -195,7 +195,9 @@ pub(crate) enum ConfigCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum OutboxCommand {
-    /// Create or upgrade dualsync.outbox in the source database (idempotent).
+    /// Create or upgrade dualsync.outbox in the source database (idempotent); with
+    /// `source.capture = "wal"` also the publication, the replication slot and the writers'
+    /// lock-free trigger (docs/outbox.md).
     Migrate(ConfigArg),
     /// After the outbox sequence went backwards (a failover, a re-created outbox): renumber the
     /// unpublished rows, in order, past the highest version the pipeline published, and move

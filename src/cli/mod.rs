@@ -4,6 +4,7 @@
 pub mod args;
 pub mod config;
 pub mod dlq;
+pub mod migrate;
 pub mod progress;
 pub mod reconcile;
 pub mod report;

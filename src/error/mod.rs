@@ -166,6 +166,10 @@ pub enum Error {
     /// retried until a read decides, so events written during a deploy wait for their schema.
     #[error("unknown schema fingerprint {fingerprint}: the schemas folder was not read since this message arrived; waiting for it to be read again")]
     SchemaPending { fingerprint: String },
+    /// The source database is not ready for `capture = "wal"` (a setting, a privilege, a slot
+    /// or publication of another shape).
+    #[error(transparent)]
+    WalSetup(#[from] WalSetupError),
     /// Stopped on purpose by an `on_invalid` / `on_error = "halt"` policy.
     #[error("halted by policy: {0}")]
     Halted(String),
@@ -333,8 +337,10 @@ mod codes;
 #[cfg(test)]
 mod tests;
 mod wal;
+mod wal_setup;
 
 pub use codes::MONGO_DUPLICATE_KEY;
 mod policy;
 pub use policy::Policy;
 pub use wal::WalError;
+pub use wal_setup::WalSetupError;

@@ -58,6 +58,7 @@ const DATABASE: &str = "check the database URL's credentials and the user's perm
 const KAFKA: &str = "check kafka.brokers, kafka.properties (security, credentials) and the user's ACLs on the topics and group";
 const REGISTRY: &str = "check schema_registry.url and its credentials";
 const REPLICATION: &str = "check that the source user has the REPLICATION attribute, that wal_level = logical, and that the slot and publication exist (`dualsync outbox migrate`)";
+const SLOT_LOST: &str = "the slot cannot be resumed: drop it (SELECT pg_drop_replication_slot(...)), run `dualsync outbox migrate` to create it anew, re-publish what the gap held (docs/outbox.md#when-the-slot-is-lost, then `dualsync verify --repair`), and raise max_slot_wal_keep_size so it does not happen again";
 const DLQ_REQUEST: &str = "check the command's filters (`dualsync dlq --help`)";
 
 impl Error {
@@ -104,7 +105,8 @@ impl Error {
             Error::Wal(WalError::Server { code, .. }) => {
                 Policy::by("source.replication", classify_sqlstate(code), Some(REPLICATION))
             }
-            Error::Wal(WalError::SlotLost { .. }) => Policy::fatal("source.slot_lost", None),
+            Error::Wal(WalError::SlotLost { .. }) => Policy::fatal("source.slot_lost", Some(SLOT_LOST)),
+            Error::WalSetup(_) => Policy::fatal("source.wal_setup", None),
             Error::Wal(WalError::VersionOverflow(_)) => {
                 Policy::fatal("source.version_overflow", None)
             }

@@ -205,9 +205,10 @@ fn every_variant_has_one_policy() {
             Error::Bson { .. } => 30,
             Error::Checkpoint { .. } => 31,
             Error::Wal(_) => 32,
+            Error::WalSetup(_) => 33,
         }
     }
-    const KINDS: usize = 33;
+    const KINDS: usize = 34;
     let text = || "x".to_string();
     let mongo_command = Error::Mongo(
         mongodb::error::ErrorKind::Command(
@@ -427,6 +428,12 @@ fn every_variant_has_one_policy() {
             Error::Wal(WalError::Protocol("x".into())),
             "source.replication",
             Retry,
+            false,
+        ),
+        (
+            Error::WalSetup(crate::error::WalSetupError::SlotMissing { slot: "s".into() }),
+            "source.wal_setup",
+            Fatal,
             false,
         ),
     ];

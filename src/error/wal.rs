@@ -17,7 +17,7 @@ pub enum WalError {
     Server { code: String, message: String },
     /// The slot is gone or invalidated (`max_slot_wal_keep_size`): the WAL since its position
     /// is no longer there, so streaming on would silently skip events.
-    #[error("replication slot {slot:?} is lost: {reason}. The events since its last confirmed position cannot be read from the WAL any more. To recover: create the slot again (`dualsync outbox migrate`), then publish the current state with `dualsync snapshot` (docs/outbox.md#the-slot-was-lost)")]
+    #[error("replication slot {slot:?} (source.slot_name) is lost ({reason}): the WAL since its last confirmed position is gone, so the relay cannot stream on without a gap. Recover as docs/outbox.md#when-the-slot-is-lost says: drop the slot, `dualsync outbox migrate` to create it anew, then `dualsync verify --repair` (or `dualsync snapshot`) to re-publish what the gap held")]
     SlotLost { slot: String, reason: String },
     /// A version does not fit the i64 encoding (docs/wal-capture.md#versions).
     #[error("{0}")]

@@ -33,6 +33,15 @@ pub mod names {
     /// 1 while `/readyz` would answer 200 (set at each scrape).
     pub const READY: &str = "dualsync_ready";
     pub const CIRCUIT_STATE: &str = "dualsync_circuit_state";
+    /// `capture = "wal"` (label `slot`): WAL between the server's insert position and the
+    /// slot's confirmed flush position, what a restarted relay would stream again.
+    pub const WAL_SLOT_LAG: &str = "dualsync_wal_slot_lag_bytes";
+    /// WAL the server keeps for the slot (insert position minus its `restart_lsn`).
+    pub const WAL_SLOT_RETAINED: &str = "dualsync_wal_slot_retained_bytes";
+    /// 1 once the slot is invalidated (`wal_status` lost): events since its position are gone.
+    pub const WAL_SLOT_LOST: &str = "dualsync_wal_slot_lost";
+    /// 1 while a walsender streams the slot.
+    pub const WAL_SLOT_ACTIVE: &str = "dualsync_wal_slot_active";
     /// Standard process metrics (the names every Prometheus client library uses), Linux only.
     pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
     pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
@@ -65,6 +74,18 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub circuit_state: IntGauge,
     pub health: Health,
+    /// The outbox's replication slot, by `slot` label (`capture = "wal"`; no series otherwise).
+    pub wal_slot: WalSlotGauges,
+}
+
+/// The slot gauges and the last sample for `/status`.
+pub struct WalSlotGauges {
+    pub lag_bytes: IntGaugeVec,
+    pub retained_bytes: IntGaugeVec,
+    pub lost: IntGaugeVec,
+    pub active: IntGaugeVec,
+    /// The last sample as `/status` shows it (`None` until one is recorded).
+    pub last: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -72,6 +93,13 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
         .register(Box::new(c.clone()))
         .expect("metric names are unique constants");
     c
+}
+
+fn slot_gauge(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), &["slot"]).expect("valid metric"),
+    )
 }
 
 impl Metrics {
@@ -209,6 +237,13 @@ impl Metrics {
                 "Circuit breaker of the stage's downstream: 0 closed, 1 open (input paused), 2 half-open (probing)",
             ),
             health: Health::default(),
+            wal_slot: WalSlotGauges {
+                lag_bytes: slot_gauge(r, names::WAL_SLOT_LAG, "WAL between the server's insert position and the outbox slot's confirmed flush position"),
+                retained_bytes: slot_gauge(r, names::WAL_SLOT_RETAINED, "WAL the server retains for the outbox slot (insert position minus restart_lsn)"),
+                lost: slot_gauge(r, names::WAL_SLOT_LOST, "1 once the outbox slot is invalidated (wal_status lost)"),
+                active: slot_gauge(r, names::WAL_SLOT_ACTIVE, "1 while a walsender streams the outbox slot"),
+                last: std::sync::Mutex::new(None),
+            },
             registry,
         }
     }

@@ -138,7 +138,7 @@ impl Statements {
     }
 }
 
-pub(super) async fn check_outbox(client: &Client) -> Result<(), Error> {
+pub(crate) async fn check_outbox(client: &Client) -> Result<(), Error> {
     let exists: bool = client
         .query_one("SELECT to_regclass('dualsync.outbox') IS NOT NULL", &[])
         .await?
@@ -218,6 +218,9 @@ impl OutboxSource {
         let lease = Arc::new(LeaderLease::new(Duration::from_secs(config.lease_secs)));
         let commit_times = lease.call(tracks_commit_timestamps(&client)).await?;
         lease.call(check_outbox(&client)).await?;
+        lease
+            .call(super::wal::setup::check_writers_lock(&client))
+            .await?;
         // The read must walk the `outbox_unpublished` index in `seq` order and stop after a
         // batch. When the table grew since its last ANALYZE (a backlog: just what the relay
         // has to catch up on), the planner expects a few rows and instead fetches every

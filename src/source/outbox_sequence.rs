@@ -68,8 +68,9 @@ pub struct Renumbered {
 /// first (idempotent, as `outbox migrate`), for the trigger that allows this renumbering.
 pub async fn renumber(client: &mut Client, published_max: i64) -> Result<Renumbered, Error> {
     // The outbox's immutability trigger lets `seq` change only with this transaction's
-    // setting: bring an outbox migrated by an older version up to date first.
-    super::outbox::migrate(client).await?;
+    // setting: bring an outbox migrated by an older version up to date first (keeping the
+    // writers' trigger of its capture mode).
+    super::wal::setup::reapply_ddl(client).await?;
     let tx = client.transaction().await?;
     // Blocks inserts and the relays' marks until the commit; reads go on.
     tx.batch_execute(

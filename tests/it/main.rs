@@ -70,3 +70,5 @@ mod traces;
 mod wal_auth;
 pub mod wal_capture;
 mod wal_switch;
+pub mod wal_setup;
+mod wal_slot;

@@ -47,6 +47,12 @@ pub enum PrivateServer {
 
 impl PrivateServer {
     pub fn postgres() -> Self {
+        Self::postgres_configured("", &[])
+    }
+
+    /// A PostgreSQL cluster initialised with extra `initdb` options (e.g. `--wal-segsize=1`)
+    /// and `settings` appended to its postgresql.conf (e.g. `wal_level = logical`).
+    pub fn postgres_configured(initdb: &str, settings: &[&str]) -> Self {
         let bin = env_path("DUALSYNC_TEST_PG_BIN");
         let data = std::env::temp_dir().join(unique("dualsync-private-pg"));
         std::fs::create_dir_all(&data).unwrap();
@@ -61,7 +67,18 @@ impl PrivateServer {
             port: free_port(),
             as_root,
         };
-        server.pg_ctl(&["initdb", "-o", "-U postgres --auth=trust -E UTF8"]);
+        server.pg_ctl(&[
+            "initdb",
+            "-o",
+            &format!("-U postgres --auth=trust -E UTF8 {initdb}"),
+        ]);
+        let conf = server.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        for line in settings {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&conf, text).unwrap();
         server.start();
         server
     }

@@ -23,6 +23,8 @@
 pub mod pgoutput;
 pub mod progress;
 pub mod protocol;
+pub mod setup;
+pub mod slot_health;
 pub mod stream;
 pub mod version;
 
