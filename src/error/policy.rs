@@ -102,10 +102,14 @@ impl Error {
             Error::Wal(WalError::Io(_) | WalError::Protocol(_)) => {
                 Policy::retry("source.replication")
             }
-            Error::Wal(WalError::Server { code, .. }) => {
-                Policy::by("source.replication", classify_sqlstate(code), Some(REPLICATION))
+            Error::Wal(WalError::Server { code, .. }) => Policy::by(
+                "source.replication",
+                classify_sqlstate(code),
+                Some(REPLICATION),
+            ),
+            Error::Wal(WalError::SlotLost { .. }) => {
+                Policy::fatal("source.slot_lost", Some(SLOT_LOST))
             }
-            Error::Wal(WalError::SlotLost { .. }) => Policy::fatal("source.slot_lost", Some(SLOT_LOST)),
             Error::WalSetup(_) => Policy::fatal("source.wal_setup", None),
             Error::Wal(WalError::VersionOverflow(_)) => {
                 Policy::fatal("source.version_overflow", None)

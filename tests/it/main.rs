@@ -69,6 +69,6 @@ pub mod toxiproxy;
 mod traces;
 mod wal_auth;
 pub mod wal_capture;
-mod wal_switch;
 pub mod wal_setup;
 mod wal_slot;
+mod wal_switch;

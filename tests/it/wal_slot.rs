@@ -84,7 +84,10 @@ async fn a_slot_past_max_slot_wal_keep_size_is_reported_lost_and_refused() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Wal(WalError::SlotLost { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Wal(WalError::SlotLost { .. })),
+        "{err:?}"
+    );
     assert_eq!(lost_gauge(&metrics), 1);
     let cancel = CancellationToken::new();
     let addr = dualsync::http::serve(
