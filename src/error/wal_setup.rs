@@ -14,7 +14,7 @@ pub enum WalSetupError {
     SlotsExhausted { slot: String, max: i32, used: i64 },
     #[error("replication slot {slot:?} (source.slot_name) exists but is {found}, where dualsync needs a logical slot with plugin pgoutput in this database: set another source.slot_name, or drop that slot if nothing uses it")]
     SlotMismatch { slot: String, found: String },
-    #[error("replication slot {slot:?} (source.slot_name) does not exist: run `dualsync outbox migrate --config <file>` (it creates it)")]
+    #[error("replication slot {slot:?} (source.slot_name) does not exist: run `dualsync outbox migrate --config <file>` (it creates it). If this pipeline streamed from a slot of that name before, the relay will not silently start a new one: the events committed since it was dropped are not in any stream, so after migrate re-publish them with `dualsync verify --repair` (docs/outbox.md#when-the-slot-is-lost)")]
     SlotMissing { slot: String },
     #[error("publication {publication:?} (source.publication) exists but {found}, where dualsync needs one that publishes only INSERTs of dualsync.outbox: set another source.publication, or DROP PUBLICATION {publication} and run `dualsync outbox migrate` again")]
     PublicationMismatch { publication: String, found: String },

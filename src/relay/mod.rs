@@ -26,7 +26,7 @@ use crate::publish::{KafkaHealth, Publisher};
 use crate::retry::{Backoff, BreakerPolicy, Retry, Verdict};
 use crate::source::mongo::MongoSource;
 use crate::source::outbox::OutboxSource;
-use crate::source::wal::WalSource;
+use crate::source::wal::{slot_health, WalSource};
 use crate::traces::{self, Traces};
 use crate::wire::EventCodec;
 
@@ -71,13 +71,16 @@ pub async fn run(
         },
     )?;
     let tracer = Traces::start(config, "relay")?;
+    // The relay's own stop: main's cancellation, or a lost replication slot (below).
+    let stop = cancel.child_token();
+    let cancel = &stop;
     let relay = Relay {
         config,
         publisher: &publisher,
         codec: &codec,
         metrics: &metrics,
         control: &control,
-        cancel: &cancel,
+        cancel,
         traces: tracer.as_ref(),
     };
     let result = match (mongo_source, &outbox_source) {
@@ -89,7 +92,7 @@ pub async fn run(
                         source,
                         &config.pipeline.name,
                         &metrics.health,
-                        &cancel,
+                        cancel,
                     )
                 },
                 |held| mongo::lead(&relay, source, held),
@@ -97,19 +100,32 @@ pub async fn run(
             .await
         }
         (None, Some(source)) if source.capture == Capture::Wal => {
-            lead_until_cancelled(
-                &relay,
-                || {
-                    WalSource::acquire_leadership(
-                        source,
-                        &config.pipeline.name,
-                        &metrics.health,
-                        &cancel,
-                    )
-                },
-                |held| outbox::lead(&relay, source, held),
-            )
-            .await
+            let lead = async {
+                let led = lead_until_cancelled(
+                    &relay,
+                    || {
+                        WalSource::acquire_leadership(
+                            source,
+                            &config.pipeline.name,
+                            &metrics.health,
+                            cancel,
+                        )
+                    },
+                    |held| outbox::lead(&relay, source, held),
+                )
+                .await;
+                cancel.cancel();
+                led
+            };
+            // Beside the leader and the standby alike: the slot's gauges, and the stop on a
+            // lost slot (fatal, so the relay exits rather than stream past the gap).
+            let watch = async {
+                let watched = slot_health::watch_for_relay(source, &metrics, cancel).await;
+                cancel.cancel();
+                watched
+            };
+            let (led, watched) = tokio::join!(lead, watch);
+            watched.and(led)
         }
         (None, Some(source)) => {
             lead_until_cancelled(
@@ -119,7 +135,7 @@ pub async fn run(
                         source,
                         &config.pipeline.name,
                         &metrics.health,
-                        &cancel,
+                        cancel,
                     )
                 },
                 |held| outbox::lead(&relay, source, held),

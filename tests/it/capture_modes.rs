@@ -9,9 +9,10 @@ use rdkafka::message::OwnedMessage;
 
 use dualsync::config::{Capture, Config, OutboxSourceConfig};
 use dualsync::publish::headers;
+use dualsync::source::wal::setup;
 
 use crate::common::*;
-use crate::wal_capture::{SlotGuard, LOCK_FREE_TRIGGER};
+use crate::wal_capture::SlotGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -48,9 +49,21 @@ impl Prepared {
 }
 
 impl Mode {
-    /// Prepares the source database (the outbox already migrated): in WAL mode the
-    /// publication and slot, and the writers' trigger without the per-aggregate lock.
+    /// Prepares the source database (the outbox already migrated): in WAL mode what
+    /// `dualsync outbox migrate` sets up (publication, slot, the writers' trigger without the
+    /// per-aggregate lock), for a pipeline no other pipeline polls the outbox beside.
     pub async fn prepare(self, client: &tokio_postgres::Client, url: &str) -> Prepared {
+        self.prepare_for(client, url, "").await
+    }
+
+    /// [`Self::prepare`] as `dualsync outbox migrate` run for `pipeline`: a polling relay of
+    /// that pipeline, stopped before the switch, no longer counts as polling the outbox.
+    pub async fn prepare_for(
+        self,
+        client: &tokio_postgres::Client,
+        url: &str,
+        pipeline: &str,
+    ) -> Prepared {
         let slot_name = unique("dswal");
         if self == Mode::Poll {
             return Prepared {
@@ -58,14 +71,13 @@ impl Mode {
                 slot_name,
             };
         }
-        dualsync::source::wal::ensure_slot(client, &slot_name, &slot_name)
-            .await
-            .unwrap();
-        client.batch_execute(LOCK_FREE_TRIGGER).await.unwrap();
-        Prepared {
-            slot: Some(SlotGuard::new(url, &slot_name)),
-            slot_name,
-        }
+        let slot = Some(SlotGuard::new(url, &slot_name));
+        let prepared = Prepared { slot, slot_name };
+        let mut source: OutboxSourceConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+        prepared.apply(&mut source);
+        let done = setup::migrate(client, &source, pipeline).await.unwrap();
+        assert_eq!(done.writers, setup::WritersTrigger::Unlocked);
+        prepared
     }
 }
 

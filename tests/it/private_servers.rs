@@ -74,6 +74,9 @@ impl PrivateServer {
         ]);
         let conf = server.data().join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
+        // wal_level = logical: the outbox's WAL capture runs on private servers too. In the
+        // file, not on the command line, so a test's own `settings` (later lines) override it.
+        text.push_str("wal_level = logical\n");
         for line in settings {
             text.push_str(line);
             text.push('\n');
@@ -150,9 +153,8 @@ impl PrivateServer {
     pub fn start(&mut self) {
         match self {
             Self::Postgres { data, port, .. } => {
-                // wal_level = logical: the outbox's WAL capture runs on private servers too.
                 let options = format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical",
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1",
                     data.display()
                 );
                 let log = data.join("server.log").display().to_string();

@@ -137,6 +137,64 @@ async fn standby_takes_over_after_kill_9(mode: Mode) {
     assert!(status.success(), "relay exit status on SIGTERM: {status}");
 }
 
+/// In WAL mode both relay processes, the leader and the standby, sample the slot over their
+/// own SQL session and expose its gauges on `/metrics` and `/status` (the alert rules read
+/// them from whichever process runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wal_relays_expose_the_slot_lag_on_metrics_leader_and_standby() {
+    let servers = servers();
+    let source_url = create_database(&servers).await;
+    let source = dualsync::pg::connect(&source_url).await.unwrap();
+    dualsync::demo::setup(&source).await.unwrap();
+    let prepared = Mode::Wal.prepare(&source, &source_url).await;
+    let text = with_source(
+        &pipeline_toml(&servers, &source_url, &source_url, &unique("t"), ""),
+        &prepared.source_lines(),
+    );
+    let slot = &prepared.slot.as_ref().unwrap().name;
+    let series = "dualsync_wal_slot_lag_bytes{";
+    let mut relays = Vec::new();
+    for name in ["a", "b"] {
+        let port = free_port();
+        let text = text.replace("relay_port = 0", &format!("relay_port = {port}"));
+        let path = write_config(&text);
+        let child = spawn(
+            &["relay", "--config", path.to_str().unwrap()],
+            &format!("relay-wal-slot-{name}.log"),
+        );
+        relays.push(KillOnDrop(child));
+        let base = format!("http://127.0.0.1:{port}");
+        eventually(&format!("relay {name} exports the slot's lag"), || async {
+            let got = |path: &str| {
+                let url = format!("{base}{path}");
+                async move { reqwest::get(url).await.ok()?.text().await.ok() }
+            };
+            let metrics = got("/metrics").await.unwrap_or_default();
+            let status = got("/status").await.unwrap_or_default();
+            metrics
+                .lines()
+                .any(|l| l.starts_with(series) && l.contains(&format!("slot=\"{slot}\"")))
+                && status.contains("\"wal_slot\"")
+        })
+        .await;
+    }
+    for mut relay in relays {
+        sigterm(&relay.0);
+        let status = wait_exit(&mut relay.0, Duration::from_secs(30));
+        assert!(status.success(), "relay exit status on SIGTERM: {status}");
+    }
+}
+
+/// Kills a test's process if the test fails before stopping it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_exits_cleanly_on_sigterm_and_a_killed_apply_converges_after_restart() {
     let servers = servers();

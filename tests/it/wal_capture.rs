@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use dualsync::config::{Config, OutboxSourceConfig};
 use dualsync::metrics::Health;
 use dualsync::source::outbox::OutboxRow;
-use dualsync::source::wal::{ensure_slot, version, WalSource};
+use dualsync::source::wal::{setup, version, WalSource};
 use dualsync::source::Source;
 
 use crate::common::*;
@@ -92,25 +92,14 @@ impl Drop for SlotGuard {
     }
 }
 
-/// The writers' trigger in WAL mode as this test sees it: no advisory lock, and the row is
-/// born marked (nothing for polling's read; purged after the retention).
-pub const LOCK_FREE_TRIGGER: &str = "CREATE OR REPLACE FUNCTION dualsync.outbox_assign_seq()
-    RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-        NEW.seq := nextval('dualsync.outbox_seq');
-        NEW.published_at := NEW.created_at;
-        RETURN NEW;
-    END $$";
-
-/// `lock_free`: replace the writers' trigger with one that takes no advisory lock (what WAL
-/// mode lets writers do), so commit order differs from `seq` order.
-pub async fn wal_outbox(lock_free: bool, extra_source: &str) -> WalOutbox {
+/// The product's set-up for WAL mode (`dualsync outbox migrate` with `capture = "wal"`): the
+/// publication, the slot, and the writers' trigger without the per-aggregate lock (so commit
+/// order differs from `seq` order) whose rows are born marked.
+pub async fn wal_outbox(extra_source: &str) -> WalOutbox {
     let servers = servers();
     let url = create_database(&servers).await;
     let client = dualsync::pg::connect(&url).await.unwrap();
     dualsync::demo::setup(&client).await.unwrap();
-    if lock_free {
-        client.batch_execute(LOCK_FREE_TRIGGER).await.unwrap();
-    }
     let slot = unique("dswal");
     let mut base = pipeline_toml(&servers, &url, &url, &unique("m"), "");
     if extra_source.contains("batch_size") {
@@ -123,14 +112,24 @@ pub async fn wal_outbox(lock_free: bool, extra_source: &str) -> WalOutbox {
         ),
     );
     let config = Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap();
-    ensure_slot(&client, &slot, &slot).await.unwrap();
+    let guard = SlotGuard::new(&url, &slot);
+    migrate_wal(&client, &config).await;
     WalOutbox {
         servers,
         url: url.clone(),
         client,
         config,
-        slot: SlotGuard { url, name: slot },
+        slot: guard,
     }
+}
+
+/// `dualsync outbox migrate` for a pipeline with `capture = "wal"`.
+pub async fn migrate_wal(client: &tokio_postgres::Client, config: &Config) {
+    let source = config.outbox_source().unwrap();
+    let done = setup::migrate(client, source, &config.pipeline.name)
+        .await
+        .unwrap();
+    assert_eq!(done.writers, setup::WritersTrigger::Unlocked);
 }
 
 pub async fn insert(client: &impl tokio_postgres::GenericClient, id: &str, name: &str) {
@@ -204,7 +203,7 @@ async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
 /// events are acknowledged, and what was not acknowledged comes again after a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commit_order_without_the_lock_and_the_slot_moves_only_after_the_ack() {
-    let w = wal_outbox(true, "batch_size = 2").await;
+    let w = wal_outbox("batch_size = 2").await;
     let mut source = lead(&w).await;
     let (start, _) = slot_position(&w.client, &w.slot.name).await;
 
@@ -290,7 +289,7 @@ async fn commit_order_without_the_lock_and_the_slot_moves_only_after_the_ack() {
 /// slot follows and the WAL it retains stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_outbox_in_a_busy_database_holds_no_wal() {
-    let w = wal_outbox(true, "").await;
+    let w = wal_outbox("").await;
     let mut source = lead(&w).await;
     let before = current_lsn(&w.client).await;
     w.client
@@ -343,7 +342,7 @@ async fn an_idle_outbox_in_a_busy_database_holds_no_wal() {
 /// one derived from its WAL position, the same when streamed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dualsync_messages_are_events_ordered_with_the_transaction() {
-    let w = wal_outbox(true, "").await;
+    let w = wal_outbox("").await;
     let mut source = lead(&w).await;
     let mut c = dualsync::pg::connect(&w.url).await.unwrap();
     let t = c.transaction().await.unwrap();
@@ -379,7 +378,7 @@ async fn dualsync_messages_are_events_ordered_with_the_transaction() {
 /// the first is gone, from the first one's confirmed position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_waits_and_takes_over_where_the_leader_confirmed() {
-    let w = wal_outbox(true, "").await;
+    let w = wal_outbox("").await;
     let mut leader = lead(&w).await;
     insert(&w.client, "a", "1").await;
     let first = take(&mut leader, 1).await;
@@ -432,21 +431,22 @@ async fn after_a_switch_from_polling_unpublished_rows_come_first_and_new_version
         .unwrap();
     insert(&client, "p", "left-by-poll").await;
     insert(&client, "q", "left-by-poll").await;
-    // Now the switch: slot, then the relay in WAL mode.
+    // Now the switch: `outbox migrate` in WAL mode (slot, then the lock-free trigger), then
+    // the relay in WAL mode.
     let slot = unique("dswal");
-    ensure_slot(&client, &slot, &slot).await.unwrap();
-    client.batch_execute(LOCK_FREE_TRIGGER).await.unwrap();
     let text = with_source(
         &pipeline_toml(&servers, &url, &url, &unique("m"), ""),
         &format!("capture = \"wal\"\nslot_name = \"{slot}\"\npublication = \"{slot}\""),
     );
     let config = Config::from_toml(std::path::Path::new("test.toml"), &text, Vec::new()).unwrap();
+    let guard = SlotGuard::new(&url, &slot);
+    migrate_wal(&client, &config).await;
     let w = WalOutbox {
         servers,
-        url: url.clone(),
+        url,
         client,
         config,
-        slot: SlotGuard { url, name: slot },
+        slot: guard,
     };
     let mut source = lead(&w).await;
     insert(&w.client, "p", "after-switch").await;
@@ -482,7 +482,7 @@ async fn after_a_switch_from_polling_unpublished_rows_come_first_and_new_version
 /// reaches the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_replication_connection_is_retried_and_nothing_is_skipped() {
-    let w = wal_outbox(true, "").await;
+    let w = wal_outbox("").await;
     let run = run_pipeline(&w.config, &[]);
     for i in 0..20 {
         insert(&w.client, &format!("k{}", i % 4), &format!("before-{i}")).await;

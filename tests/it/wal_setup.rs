@@ -6,11 +6,15 @@
 
 use dualsync::config::OutboxSourceConfig;
 use dualsync::error::{Error, WalSetupError};
+use dualsync::metrics::Health;
 use dualsync::source::wal::setup::{self, WritersTrigger};
+use dualsync::source::wal::WalSource;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{create_database, eventually, servers, unique, DEADLINE};
 use crate::private_servers::PrivateServer;
+use crate::wal_capture::SlotGuard;
 
 /// The `[source]` of a WAL pipeline on `url`, with a slot and publication of its own.
 pub fn wal_source(url: &str, capture: &str) -> OutboxSourceConfig {
@@ -21,24 +25,12 @@ pub fn wal_source(url: &str, capture: &str) -> OutboxSourceConfig {
     .unwrap()
 }
 
-/// Drops a test's replication slot when the test ends, passed or not: a slot left on the
-/// shared server would hold its WAL and one of its `max_replication_slots` for good.
-pub struct DropSlot {
-    pub url: String,
-    pub slot: String,
-}
-
-impl Drop for DropSlot {
-    fn drop(&mut self) {
-        let bin = std::env::var("DUALSYNC_TEST_PG_BIN").unwrap_or_default();
-        let sql = format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
-            self.slot
-        );
-        let _ = std::process::Command::new(std::path::Path::new(&bin).join("psql"))
-            .args([self.url.as_str(), "-qAtc", &sql])
-            .output();
-    }
+/// What a WAL relay stops with at start on this source.
+async fn relay_start_error(source: &OutboxSourceConfig) -> Error {
+    let led =
+        WalSource::acquire_leadership(source, "p", &Health::default(), &CancellationToken::new())
+            .await;
+    led.err().expect("the relay refuses to start")
 }
 
 const INSERT: &str = "INSERT INTO dualsync.outbox (aggregatetype, aggregateid, type, payload)
@@ -51,8 +43,9 @@ async fn connect(url: &str) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_replica_is_refused_naming_the_setting_before_anything_changes() {
     servers();
-    // PostgreSQL 15's default wal_level is replica.
-    let server = tokio::task::block_in_place(PrivateServer::postgres);
+    let server = tokio::task::block_in_place(|| {
+        PrivateServer::postgres_configured("", &["wal_level = replica"])
+    });
     let client = connect(&server.url()).await;
     let source = wal_source(&server.url(), "wal");
     let err = setup::migrate(&client, &source, "p").await.unwrap_err();
@@ -76,6 +69,12 @@ async fn wal_level_replica_is_refused_naming_the_setting_before_anything_changes
         .get(0);
     assert!(!schema, "nothing is created on a server that cannot stream");
     let err = setup::ensure_wal_setup(&client, &source).await.unwrap_err();
+    assert!(
+        matches!(err, Error::WalSetup(WalSetupError::WalLevel { .. })),
+        "{err:?}"
+    );
+    // The relay's start-up refuses the same way, with the same message for the operator.
+    let err = relay_start_error(&source).await;
     assert!(
         matches!(err, Error::WalSetup(WalSetupError::WalLevel { .. })),
         "{err:?}"
@@ -128,10 +127,7 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     let url = create_database(&servers).await;
     let mut client = connect(&url).await;
     let wal = wal_source(&url, "wal");
-    let _slot = DropSlot {
-        url: url.clone(),
-        slot: wal.slot_name.clone(),
-    };
+    let _slot = SlotGuard::new(&url, &wal.slot_name);
     let first = setup::migrate(&client, &wal, "p").await.unwrap();
     assert_eq!(first.writers, WritersTrigger::Unlocked);
     assert!(first.slot_created.is_some());
@@ -229,21 +225,31 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     let again = setup::migrate(&client, &poll, "p").await.unwrap();
     assert_eq!(again.back_to_poll, None, "already polling");
 
-    // A relay that streamed before never re-creates a missing slot (that would skip the gap).
-    let fresh = wal_source(&url, "wal");
-    let err = setup::check_wal_setup(
-        &client,
-        &OutboxSourceConfig {
-            publication: wal.publication.clone(),
-            ..fresh
-        },
-    )
-    .await
-    .unwrap_err();
+    // A relay never re-creates a missing slot (that would skip the gap): it stops, naming
+    // migrate.
+    let missing = OutboxSourceConfig {
+        publication: wal.publication.clone(),
+        ..wal_source(&url, "wal")
+    };
+    let err = setup::check_wal_setup(&client, &missing).await.unwrap_err();
     assert!(
         matches!(err, Error::WalSetup(WalSetupError::SlotMissing { .. })),
         "{err:?}"
     );
+    let err = relay_start_error(&missing).await;
+    assert!(
+        matches!(err, Error::WalSetup(WalSetupError::SlotMissing { .. })),
+        "{err:?}"
+    );
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&missing.slot_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the relay created no slot");
 
     // A publication of the configured name that publishes more is refused, not altered.
     let other = wal_source(&url, "wal");
@@ -299,10 +305,7 @@ async fn emit_is_transactional_and_checks_its_arguments_at_call_time() {
     let url = create_database(&servers).await;
     let mut client = connect(&url).await;
     let wal = wal_source(&url, "wal");
-    let _slot = DropSlot {
-        url: url.clone(),
-        slot: wal.slot_name.clone(),
-    };
+    let _slot = SlotGuard::new(&url, &wal.slot_name);
     setup::migrate(&client, &wal, "p").await.unwrap();
 
     let tx = client.transaction().await.unwrap();
@@ -362,10 +365,7 @@ async fn writers_of_one_aggregate_wait_for_each_other_only_when_polling() {
     let url = create_database(&servers).await;
     let admin = connect(&url).await;
     let wal = wal_source(&url, "wal");
-    let _slot = DropSlot {
-        url: url.clone(),
-        slot: wal.slot_name.clone(),
-    };
+    let _slot = SlotGuard::new(&url, &wal.slot_name);
     let poll = OutboxSourceConfig {
         capture: dualsync::config::Capture::Poll,
         ..wal.clone()
@@ -421,10 +421,7 @@ async fn the_migrate_command_sets_up_wal_capture_and_a_polling_relay_then_refuse
     let servers = servers();
     let url = create_database(&servers).await;
     let wal = wal_source(&url, "wal");
-    let _slot = DropSlot {
-        url: url.clone(),
-        slot: wal.slot_name.clone(),
-    };
+    let _slot = SlotGuard::new(&url, &wal.slot_name);
     let text = crate::common::pipeline_toml(&servers, &url, &url, &unique("m"), "").replacen(
         "kind = \"postgres_outbox\"\n",
         &format!(

@@ -38,7 +38,9 @@ async fn a_pipeline_switched_from_poll_to_wal_applies_its_new_events() {
         .unwrap();
 
     // The switch: slot, lock-free writers, relays with capture = "wal".
-    let prepared = Mode::Wal.prepare(&source, &source_url).await;
+    let prepared = Mode::Wal
+        .prepare_for(&source, &source_url, &poll.pipeline.name)
+        .await;
     let wal = Config::from_toml(
         Path::new("t.toml"),
         &with_source(&text, &prepared.source_lines()),

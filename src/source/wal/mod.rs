@@ -44,7 +44,7 @@ use super::outbox::{self as poll, OutboxRow};
 use super::outbox_purge::{purge_published, PURGE_INTERVAL};
 use super::{OutboxCapture, Source};
 use crate::config::OutboxSourceConfig;
-use crate::error::{Error, WalError};
+use crate::error::{Error, WalError, WalSetupError};
 use crate::metrics::Health;
 use pgoutput::Decoder;
 use progress::Progress;
@@ -54,35 +54,6 @@ use version::{lsn_text, parse_lsn};
 
 /// Decoded transactions buffered between the stream and the relay.
 const CHANNEL: usize = 64;
-
-/// Creates the publication and the slot when missing (idempotent). `dualsync outbox migrate`
-/// does this for operators; the relay and the tests use it so a pipeline switched to
-/// `capture = "wal"` starts.
-pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Result<(), Error> {
-    let has_publication: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await?
-        .get(0);
-    if !has_publication {
-        client
-            .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE dualsync.outbox WITH (publish = 'insert')",
-                quote_ident(publication)
-            ))
-            .await?;
-    }
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
-             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&slot],
-        )
-        .await?;
-    Ok(())
-}
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -176,7 +147,11 @@ impl WalSource {
             }
         });
         let lease = Arc::new(LeaderLease::new(Duration::from_secs(config.lease_secs)));
-        lease.call(poll::check_outbox(&client)).await?;
+        // The outbox and the set-up errors (wal_level, REPLICATION, a lost or missing slot)
+        // stop the relay with their fix, standby or not. A missing slot is never created here:
+        // a new one would start at the server's current position and skip what was committed
+        // since the old one (`dualsync outbox migrate` creates it, with the writers' trigger).
+        lease.call(setup::check_wal_setup(&client, config)).await?;
         let server_version: i32 = lease
             .call(client.query_one("SELECT current_setting('server_version_num')::int4", &[]))
             .await?
@@ -259,11 +234,8 @@ impl WalSource {
             let state = lease
                 .call(slot_state(client, &config.slot_name))
                 .await?
-                .ok_or_else(|| {
-                    Error::Schema(format!(
-                        "the logical replication slot {:?} (source.slot_name) does not exist: run `dualsync outbox migrate --config <file>`",
-                        config.slot_name
-                    ))
+                .ok_or_else(|| WalSetupError::SlotMissing {
+                    slot: config.slot_name.clone(),
                 })?;
             if state.lost {
                 return Err(WalError::SlotLost {

@@ -105,6 +105,39 @@ pub async fn watch(
     }
 }
 
+/// How often the relay samples its slot: the lag gauges move at this pace, and a lost slot
+/// stops the relay within it (the stream itself fails at its next start too).
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The relay's slot check, leader and standby alike (each over its own SQL session, so the
+/// gauges exist wherever a relay runs): [`watch`] until `cancel`, reconnecting after a failed
+/// sample. Returns only the fatal [`Error::SlotLost`]: a gap must stop the pipeline, not be
+/// streamed past. A missing slot is the leader's start-up refusal to report, so it is only
+/// logged here.
+pub async fn watch_for_relay(
+    config: &crate::config::OutboxSourceConfig,
+    metrics: &Metrics,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        let watched = match crate::pg::connect(config.url.expose()).await {
+            Ok(client) => watch(&client, &config.slot_name, metrics, SAMPLE_EVERY, cancel).await,
+            Err(e) => Err(e),
+        };
+        match watched {
+            Ok(()) => return Ok(()),
+            Err(e @ Error::Wal(WalError::SlotLost { .. })) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, slot = %config.slot_name, "cannot sample the replication slot; trying again")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+        }
+    }
+}
+
 impl SlotHealth {
     /// Why the slot can no longer be streamed, if it cannot: PostgreSQL 15 says `wal_status =
     /// 'lost'`, 16 adds `conflicting`, 17 `invalidation_reason`.
