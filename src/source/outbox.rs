@@ -386,20 +386,23 @@ impl OutboxSource {
             .lease
             .call(self.client.query(&self.statements.read, &params))
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| OutboxRow {
-                seq: r.get(0),
-                id: r.get(1),
-                aggregate_type: r.get(2),
-                aggregate_id: r.get(3),
-                event_type: r.get(4),
-                payload: r.get(5),
-                traceparent: r.get(6),
-                created_at_micros: r.get(7),
-                committed_at_micros: r.get(8),
-            })
-            .collect())
+        Ok(rows.into_iter().map(|r| row_from_read(&r)).collect())
+    }
+}
+
+/// An outbox row from a query that selects the columns of [`READ_BATCH`], in its order (the
+/// polling read, and the WAL relay's publication of rows polling left).
+pub(super) fn row_from_read(r: &tokio_postgres::Row) -> OutboxRow {
+    OutboxRow {
+        seq: r.get(0),
+        id: r.get(1),
+        aggregate_type: r.get(2),
+        aggregate_id: r.get(3),
+        event_type: r.get(4),
+        payload: r.get(5),
+        traceparent: r.get(6),
+        created_at_micros: r.get(7),
+        committed_at_micros: r.get(8),
     }
 }
 

@@ -287,20 +287,7 @@ impl WalSource {
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&limit, &self.drained_pending];
         params.extend(self.filter.params());
         let rows = self.lease.call(self.client.query(sql, &params)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| OutboxRow {
-                seq: r.get(0),
-                id: r.get(1),
-                aggregate_type: r.get(2),
-                aggregate_id: r.get(3),
-                event_type: r.get(4),
-                payload: r.get(5),
-                traceparent: r.get(6),
-                created_at_micros: r.get(7),
-                committed_at_micros: r.get(8),
-            })
-            .collect())
+        Ok(rows.into_iter().map(|r| poll::row_from_read(&r)).collect())
     }
 
     /// Takes a received item into the carry. A position goes behind the events still
