@@ -23,7 +23,8 @@
 #   4. end to end: relay and apply → PostgreSQL running while BENCH_CHANGES order changes are
 #      committed at full speed: events/s from the first commit to the last row applied.
 #   5. side by side with Debezium (scripts/bench_side.sh, docs/benchmarks-method.md): backlog
-#      drain and fixed-rate latency of both pipelines, CPU and RSS per process.
+#      drain and fixed-rate latency of dualsync polling, dualsync capturing from the WAL and
+#      Debezium; CPU and RSS per process, WAL bytes and the writers' commit latency.
 # Timing is taken from the databases' own clocks; nothing here asserts a number.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh

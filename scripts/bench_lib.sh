@@ -66,23 +66,60 @@ broker_pids() {
 
 # new_db PIPELINE PHASE: a fresh database (bench_database) for one pipeline, its topic created
 # with LogAppendTime (so "on its topic" is the broker's append time for both pipelines) and
-# what the peer needs; sets TOPIC, SINK (the sink table), VERSION (its seq column) and HEADER
-# (the record header holding the outbox seq).
+# what the peer needs; sets TOPIC, SINK (the sink table), VERSION (its version column), HEADER
+# (the record header naming the event), TOPIC_KEY (the outbox column HEADER holds) and
+# EVENTS_SQL. Pipelines: dualsync (polling capture), dualsync_wal (capture from the WAL: slot
+# and publication made by `dualsync outbox migrate`, dropped by stop_pipeline), debezium.
 new_db() {
     bench_database "bench_$2_$1_$(date +%s)"
     export DUALSYNC_KAFKA__BROKERS="$(kafka_brokers)" DUALSYNC_KAFKA__PARTITIONS="$PARTITIONS" \
         DUALSYNC_KAFKA__REPLICATION_FACTOR="$REPLICATION"
-    if [[ "$1" == debezium ]]; then
-        peer_prepare "$DB"
-        TOPIC="$(peer_topic "$DB")" SINK="public.$(peer_topic "$DB")" VERSION=seq HEADER=seq
-    else
-        TOPIC="$DB.orders" SINK=replica.orders VERSION=version HEADER=dualsync.version
-    fi
+    unset DUALSYNC_SOURCE__CAPTURE DUALSYNC_SOURCE__SLOT_NAME DUALSYNC_SOURCE__PUBLICATION
+    TOPIC_KEY=seq
+    case "$1" in
+        debezium)
+            peer_prepare "$DB"
+            TOPIC="$(peer_topic "$DB")" SINK="public.$(peer_topic "$DB")" VERSION=seq HEADER=seq
+            ;;
+        dualsync_wal)
+            export DUALSYNC_SOURCE__CAPTURE=wal DUALSYNC_SOURCE__SLOT_NAME="${DB}_wal" \
+                DUALSYNC_SOURCE__PUBLICATION="${DB}_wal"
+            "$BIN" outbox migrate --config "$CONFIG" >"$WORK/$DB-migrate.log" 2>&1 ||
+                die "bench: dualsync outbox migrate failed: $(tail -5 "$WORK/$DB-migrate.log")"
+            # The version on the topic and in the sink is the WAL position, not the outbox seq:
+            # events are matched on the topic by their id, in the sink by key.
+            TOPIC="$DB.orders" SINK=replica.orders VERSION=version HEADER=dualsync.event_id TOPIC_KEY=id
+            ;;
+        *) TOPIC="$DB.orders" SINK=replica.orders VERSION=version HEADER=dualsync.version ;;
+    esac
+    events_sql "$1"
     "$PY" bench/report/topics.py create "$(kafka_brokers)" "$PARTITIONS" "$REPLICATION" "$TOPIC"
 }
-# caught_up [SECONDS]: every order at its latest event in the sink.
+# events_sql PIPELINE: EVENTS_SQL, one row per event: its commit (PostgreSQL's commit
+# timestamp), first append to its topic, and applied (the sink row's updated_at; in the drain
+# only each key's last event has a row).
+events_sql() {
+    local sink_join="r.$VERSION = o.seq" from="dualsync.outbox o"
+    if [[ "$1" == dualsync_wal ]]; then
+        sink_join="r.id = o.aggregateid AND o.last_of_key"
+        from="(SELECT *, seq = max(seq) OVER (PARTITION BY aggregateid) AS last_of_key FROM dualsync.outbox) o"
+    fi
+    EVENTS_SQL="SELECT o.seq, $COMMITTED AS committed, to_timestamp(t.append_ms / 1000.0) AS appended, r.updated_at AS applied
+        FROM $from LEFT JOIN bench_on_topic t ON t.$TOPIC_KEY = o.$TOPIC_KEY LEFT JOIN $SINK r ON $sink_join"
+}
+# caught_up [SECONDS]: every order at its latest event in the sink. Capture from the WAL
+# versions events by WAL position, so there the sink row is matched on its last event's
+# total_cents (random in 0..100,000 per event: a repeat on one key's last two events is rare).
 caught_up() {
     wait_sql "SELECT to_regclass('$SINK') IS NOT NULL" "${1:-1800}" # apply creates dualsync's sink tables
+    if [[ "$TOPIC_KEY" == id ]]; then
+        wait_sql "SELECT NOT EXISTS (
+            SELECT 1 FROM (SELECT DISTINCT ON (aggregateid) aggregateid, payload FROM dualsync.outbox
+                           ORDER BY aggregateid, seq DESC) o
+            LEFT JOIN $SINK r ON r.id = o.aggregateid
+            WHERE r.total_cents IS DISTINCT FROM (o.payload->>'total_cents')::bigint)" "${1:-1800}"
+        return
+    fi
     wait_sql "SELECT NOT EXISTS (
         SELECT 1 FROM (SELECT aggregateid, max(seq) AS seq FROM dualsync.outbox GROUP BY aggregateid) o
         LEFT JOIN $SINK r ON r.id = o.aggregateid WHERE r.$VERSION IS DISTINCT FROM o.seq)" "${1:-1800}"
@@ -116,7 +153,13 @@ stop_pipeline() {
         peer_drop_slot "$DB"
     else
         stop_pids
+        wal_drop_slot "$DB"
     fi
+}
+# wal_drop_slot DB: the WAL relay's slot, once it is stopped (a slot left behind holds WAL).
+wal_drop_slot() {
+    "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+        WHERE slot_name = '${1}_wal' AND NOT active" >/dev/null || true
 }
 # The broker's request counts by type (bench/jmx/BrokerRequests.java, compiled once into
 # $JMX_HOME), taken before and after each phase: the table shows requests per 1,000 events.
@@ -158,7 +201,7 @@ start_sampler() {
     local procs=(postgres="$PG_PID" broker="$(broker_pids)" "$@")
     if [[ "$pipeline" == debezium ]]; then
         procs+=(connect="file:$WORK/$DB-connect.pid")
-    elif [[ "$pipeline" == dualsync ]]; then
+    elif [[ "$pipeline" == dualsync* ]]; then
         procs+=(relay="file:$WORK/$DB-relay.pid" apply="file:$WORK/$DB-apply.pid")
     fi
     python3 bench/report/procs.py "$SAMPLER_OUT" "${procs[@]}" &
@@ -181,18 +224,15 @@ PY
 # on_topic EXPECTED: every event's first append time on its topic, into bench_on_topic (a
 # relay failover publishes some events twice: the first copy counts).
 on_topic() {
-    local n
+    local n type=bigint
+    [[ "$TOPIC_KEY" == seq ]] || type=uuid
     n=$("$PY" bench/report/topics.py dump "$(kafka_brokers)" "$HEADER" "$1" "$WORK/$DB-topic.csv" "$TOPIC")
     [[ "$n" -ge "$1" ]] || warn "bench: only $n of $1 events found on $TOPIC"
-    sql "CREATE TABLE bench_on_topic_all (seq bigint, append_ms bigint)"
+    sql "CREATE TABLE bench_on_topic_all ($TOPIC_KEY $type, append_ms bigint)"
     "${PSQL[@]}" -d "$DB" -c "\\copy bench_on_topic_all FROM '$WORK/$DB-topic.csv' WITH (FORMAT csv)"
-    sql "CREATE TABLE bench_on_topic AS SELECT seq, min(append_ms) AS append_ms FROM bench_on_topic_all GROUP BY seq;
-         CREATE INDEX ON bench_on_topic (seq)"
+    sql "CREATE TABLE bench_on_topic AS SELECT $TOPIC_KEY, min(append_ms) AS append_ms FROM bench_on_topic_all GROUP BY 1;
+         CREATE INDEX ON bench_on_topic ($TOPIC_KEY)"
 }
-# Per event: commit (PostgreSQL's commit timestamp), appended to its topic, applied (the sink
-# row's updated_at; in the drain only each key's last event has a row).
-EVENTS_SQL="SELECT o.seq, $COMMITTED AS committed, to_timestamp(t.append_ms / 1000.0) AS appended, r.updated_at AS applied
-    FROM dualsync.outbox o LEFT JOIN bench_on_topic t ON t.seq = o.seq"
 pct() { # pct COLUMN: {p50, p99, max} in ms
     echo "json_build_object('p50', round(percentile_cont(0.5) WITHIN GROUP (ORDER BY $1)::numeric, 1),
         'p99', round(percentile_cont(0.99) WITHIN GROUP (ORDER BY $1)::numeric, 1), 'max', round(max($1)::numeric, 1))"
@@ -222,7 +262,7 @@ drain() { # drain PIPELINE
             'to_last_applied_s', round(extract(epoch FROM max(applied) - '$t0')::numeric, 2),
             'first_to_last_applied_s', round(extract(epoch FROM max(applied) - min(appended))::numeric, 2),
             'missing_on_topic', count(*) - count(appended))
-         FROM ($EVENTS_SQL LEFT JOIN $SINK r ON r.$VERSION = o.seq) e" >"$WORK/$p-drain.json"
+         FROM ($EVENTS_SQL) e" >"$WORK/$p-drain.json"
     python3 - "$WORK/$p-drain.json" "$WORK/$DB-procs.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); d["processes"] = json.load(open(sys.argv[2]))

@@ -119,6 +119,14 @@ sweep() {
         log "sweep, $p, $rate events/s ($kind): $(cut -c1-400 "$WORK/$p-step-$rate-$kind.json")"
     done <"$WORK/$p-steps.txt"
     cp "$WORK/$p-steps.txt" "$WORK/$p-steps.done"
+    drop_phase
+}
+# drop_phase: the phase's database and topic, once its figures are taken. A full run commits
+# about 15 million events; kept, their rows and three replicas filled the disk (92 GB) on
+# 2026-12-07 before the last drain.
+drop_phase() {
+    "$PY" bench/report/topics.py delete "$(kafka_brokers)" "$TOPIC" || warn "bench: could not delete topic $TOPIC"
+    "${PSQL[@]}" -d postgres -c "DROP DATABASE $DB WITH (FORCE)" >/dev/null || warn "bench: could not drop $DB"
 }
 # step_report RATE KIND FROM TO PROCS KILLED_AT: one step's JSON. The backlog (events of the
 # step committed and not yet applied) is sampled each second from the events' own times, and
@@ -244,6 +252,7 @@ scale() {
         log "scale-out, $n apply: $(cat "$WORK/scale-$n.json")"
     done
     unset DUALSYNC_SINKS__POSTGRES__SCHEMA DUALSYNC_APPLY__GROUP_ID
+    drop_phase
 }
 
 # The large drain's aftermath (drain() calls it once its figures are taken): the relay is
@@ -252,7 +261,7 @@ scale() {
 # (deadline 30 minutes): the purge's rate against the drain's. Debezium purges nothing
 # (deleting outbox rows is the application's job there).
 after_drain() {
-    [[ "$1" == dualsync ]] || return 0
+    [[ "$1" == dualsync ]] || { drop_phase; return 0; }
     local t0 rows total end=$((SECONDS + 1800))
     total=$(sql "SELECT count(*) FROM dualsync.outbox")
     t0=$(sql "SELECT clock_timestamp()")
@@ -270,6 +279,7 @@ after_drain() {
             'rows', $total,
             'empty_after_s', round(extract(epoch FROM clock_timestamp() - '$t0')::numeric, 1))" \
         >"$WORK/purge.json"
+    drop_phase
 }
 
 for phase in $PHASES; do

@@ -34,7 +34,8 @@ FIXED_WARMUP="${BENCH_FIXED_WARMUP_SECONDS:-120}"
 # that runs stay comparable with the earlier ones.
 FIXED_BATCH="${BENCH_FIXED_BATCH:-4}"
 FIXED_CLIENTS="${BENCH_FIXED_CLIENTS:-8}"
-PIPELINES="${BENCH_PIPELINES:-dualsync debezium}"
+# dualsync_wal: dualsync with `[source] capture = "wal"` (issue #38), beside polling.
+PIPELINES="${BENCH_PIPELINES:-dualsync dualsync_wal debezium}"
 # Seconds of `perf record` (DWARF call graphs) on the relay and on apply during dualsync's
 # fixed-rate phase; 0 (the default) records nothing. Reports go to bench/profile/.
 PROFILE_SECONDS="${BENCH_PROFILE_SECONDS:-0}"
@@ -42,7 +43,7 @@ BIN="${BENCH_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dualsync}"
 CONFIG=connectors/demo.toml
 WORK="$LOG_DIR/bench-side"
 mkdir -p "$WORK"
-[[ " $PIPELINES " != *" dualsync "* || -x "$BIN" ]] ||
+[[ " $PIPELINES " != *" dualsync"* || -x "$BIN" ]] ||
     die "bench: no release build at $BIN (cargo build --release --bin dualsync)"
 [[ "$("${PSQL[@]}" -d postgres -c 'SHOW wal_level')" == logical ]] ||
     die "bench: the peer needs wal_level = logical (scripts/up.sh sets it)"
@@ -57,7 +58,7 @@ cleanup() {
     [[ -n "$SAMPLER" ]] && kill -TERM "$SAMPLER" 2>/dev/null
     stop_pids
     peer_stop
-    [[ -n "${DB:-}" ]] && peer_drop_slot "$DB"
+    [[ -n "${DB:-}" ]] && peer_drop_slot "$DB" && wal_drop_slot "$DB"
     return 0
 }
 trap cleanup EXIT
@@ -115,9 +116,17 @@ fixed() { # fixed PIPELINE
         profile "$PROFILE_SECONDS" &
         profiler=$!
     fi
-    load order_new.sql -c "$FIXED_CLIENTS" -j 2 -R "$((FIXED_RATE / FIXED_BATCH))" -T "$FIXED_SECONDS" -D k="$FIXED_BATCH"
+    # WAL written on the cluster while the window's events are committed and applied (the
+    # sink is on the same cluster, so its writes count, for every pipeline alike).
+    local wal_from wal_to
+    wal_from=$(sql "SELECT pg_current_wal_insert_lsn()")
+    # The writers' commit latency: pgbench's per-transaction log (elapsed minus schedule lag).
+    rm -f "$WORK/$DB-tx".*
+    load order_new.sql -c "$FIXED_CLIENTS" -j 2 -R "$((FIXED_RATE / FIXED_BATCH))" -T "$FIXED_SECONDS" -D k="$FIXED_BATCH" \
+        -l --log-prefix="$WORK/$DB-tx"
     [[ -z "$profiler" ]] || wait "$profiler" || warn "bench: perf record failed: $(cat "$WORK"/*.perf.log)"
     caught_up
+    wal_to=$(sql "SELECT pg_current_wal_insert_lsn()")
     stop_sampler
     stop_pipeline "$p"
     [[ -z "$profiler" ]] || profile_report "$PROFILE_SECONDS"
@@ -125,11 +134,12 @@ fixed() { # fixed PIPELINE
     sql "WITH e AS (SELECT *, extract(epoch FROM appended - committed) * 1000 AS topic_ms,
                            extract(epoch FROM applied - committed) * 1000 AS applied_ms,
                            floor(extract(epoch FROM committed - min(committed) OVER ()) / 60) AS minute
-                    FROM ($EVENTS_SQL LEFT JOIN $SINK r ON r.$VERSION = o.seq) x WHERE seq > $warm)
+                    FROM ($EVENTS_SQL) x WHERE seq > $warm)
          SELECT json_build_object('events', count(*), 'missing_on_topic', count(*) - count(appended),
                 'missing_applied', count(*) - count(applied),
                 'committed_events_per_s', round(count(*) / extract(epoch FROM max(committed) - min(committed))),
                 'commit_to_on_topic_ms', $(pct topic_ms), 'commit_to_applied_ms', $(pct applied_ms),
+                'wal_bytes_per_event', round(pg_wal_lsn_diff('$wal_to', '$wal_from') / count(*)),
                 'per_minute', (SELECT json_agg(json_build_object('minute', minute, 'events', n,
                     'on_topic_p99_ms', t99, 'applied_p99_ms', a99) ORDER BY minute) FROM (
                     SELECT minute, count(*) AS n,
@@ -137,9 +147,14 @@ fixed() { # fixed PIPELINE
                            round(percentile_cont(0.99) WITHIN GROUP (ORDER BY applied_ms)::numeric, 1) AS a99
                     FROM e GROUP BY minute) m))
          FROM e" >"$WORK/$p-fixed.json"
-    python3 - "$WORK/$p-fixed.json" "$WORK/$DB-procs.json" <<'PY'
+    python3 - "$WORK/$p-fixed.json" "$WORK/$DB-procs.json" "$WORK/$DB-tx".* <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); d["processes"] = json.load(open(sys.argv[2]))
+# pgbench -l lines: client, transaction, elapsed µs, script, epoch s, µs, schedule lag µs.
+lat = sorted((int(f[2]) - int(f[6])) / 1000 for log in sys.argv[3:] for f in map(str.split, open(log)) if len(f) >= 7)
+if lat:
+    q = lambda x: round(lat[min(len(lat) - 1, int(x * len(lat)))], 2)
+    d["writer_commit_ms"] = {"transactions": len(lat), "p50": q(0.5), "p99": q(0.99), "max": round(lat[-1], 2)}
 json.dump(d, open(sys.argv[1], "w"))
 PY
     log "side by side, $p fixed rate: $(cat "$WORK/$p-fixed.json")"

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 
-PIPELINES = ("dualsync", "debezium")
-PROCS = {"dualsync": ("relay", "apply"), "debezium": ("connect",)}
+# dualsync_wal: dualsync capturing from the WAL (`[source] capture = "wal"`), issue #38.
+PIPELINES = ("dualsync", "dualsync_wal", "debezium")
+NAMES = {"dualsync": "dualsync (polling)", "dualsync_wal": "dualsync (WAL)", "debezium": "Debezium"}
+PROCS = {"dualsync": ("relay", "apply"), "dualsync_wal": ("relay", "apply"), "debezium": ("connect",)}
 
 
 def load(work, name):
@@ -77,64 +79,79 @@ def main():
     }
     json.dump(side, open(out_json, "w"), indent=1)
 
-    d, z = res["dualsync"], res["debezium"]
-    dd, zd, df, zf = d["drain"] or {}, z["drain"] or {}, d["fixed_rate"] or {}, z["fixed_rate"] or {}
+    # Columns: each pipeline measured (dualsync's two capture modes when both ran), then the
+    # ratio of Debezium's figure to each dualsync column's.
+    cols = [p for p in PIPELINES if res[p]["drain"] or res[p]["fixed_rate"]]
+    ours = [p for p in cols if p != "debezium"]
+    drain = {p: res[p]["drain"] or {} for p in cols}
+    fixed = {p: res[p]["fixed_rate"] or {} for p in cols}
     rows = []
 
-    def row(label, a, b, unit="", higher_is_better=None):
-        r = ratio(a, b, higher_is_better) if higher_is_better is not None else ""
-        rows.append(f"| {label} | {fmt(a, unit)} | {fmt(b, unit)} | {r} |")
+    def row(label, get, unit="", higher_is_better=None):
+        vals = {p: get(p) for p in cols}
+        cells = [fmt(vals[p], unit) for p in cols]
+        if "debezium" in cols:
+            cells += [ratio(vals[p], vals["debezium"], higher_is_better) if higher_is_better is not None else ""
+                      for p in ours]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
     def pct(phase, key):
         v = phase.get(key)
         return f"{v['p50']} / {v['p99']} / {v['max']}" if v else None
 
-    row("load generator, events/s committed (backlog writes)", dd.get("load_events_per_s"),
-        zd.get("load_events_per_s"))
-    row(f"drain of {fmt(dd.get('events') or zd.get('events'))} events: start → last on its topic, events/s",
-        dd.get("to_last_on_topic_events_per_s"), zd.get("to_last_on_topic_events_per_s"), "", True)
-    row("drain: first → last on its topic, events/s", dd.get("first_to_last_on_topic_events_per_s"),
-        zd.get("first_to_last_on_topic_events_per_s"), "", True)
-    row("drain: start → last row applied in PostgreSQL, events/s", dd.get("to_last_applied_events_per_s"),
-        zd.get("to_last_applied_events_per_s"), "", True)
-    row("drain: first on topic → last row applied, events/s", dd.get("first_to_last_applied_events_per_s"),
-        zd.get("first_to_last_applied_events_per_s"), "", True)
-    row(f"fixed rate ({fmt(df.get('committed_events_per_s') or zf.get('committed_events_per_s'))} events/s "
+    def first(phases, key):
+        return next((f.get(key) for f in phases.values() if f.get(key)), None)
+
+    row("load generator, events/s committed (backlog writes)", lambda p: drain[p].get("load_events_per_s"))
+    row(f"drain of {fmt(first(drain, 'events'))} events: start → last on its topic, events/s",
+        lambda p: drain[p].get("to_last_on_topic_events_per_s"), "", True)
+    row("drain: first → last on its topic, events/s",
+        lambda p: drain[p].get("first_to_last_on_topic_events_per_s"), "", True)
+    row("drain: start → last row applied in PostgreSQL, events/s",
+        lambda p: drain[p].get("to_last_applied_events_per_s"), "", True)
+    row("drain: first on topic → last row applied, events/s",
+        lambda p: drain[p].get("first_to_last_applied_events_per_s"), "", True)
+    row(f"fixed rate ({fmt(first(fixed, 'committed_events_per_s'))} events/s "
         f"committed, {fixed_s} s after {warmup} s not counted): commit → on topic p50 / p99 / max, ms",
-        pct(df, "commit_to_on_topic_ms"), pct(zf, "commit_to_on_topic_ms"))
-    row("fixed rate: commit → applied p50 / p99 / max, ms", pct(df, "commit_to_applied_ms"),
-        pct(zf, "commit_to_applied_ms"))
-    a99 = lambda f: (f.get("commit_to_applied_ms") or {}).get("p99")
-    row("fixed rate: commit → applied p99 (ratio: Debezium's / dualsync's)", a99(df), a99(zf), " ms", False)
-    per_min = lambda f: ", ".join(str(m["applied_p99_ms"]) for m in f.get("per_minute") or []) or None
-    row("fixed rate: commit → applied p99 per minute, ms", per_min(df), per_min(zf))
-    for phase_name, a, b in (("drain", dd, zd), ("fixed rate", df, zf)):
-        ca = sum(filter(None, (cpu_per_k(a, p) for p in PROCS["dualsync"]))) or None
-        cb = cpu_per_k(b, "connect")
+        lambda p: pct(fixed[p], "commit_to_on_topic_ms"))
+    row("fixed rate: commit → applied p50 / p99 / max, ms", lambda p: pct(fixed[p], "commit_to_applied_ms"))
+    row("fixed rate: commit → applied p99 (ratio: Debezium's / dualsync's)",
+        lambda p: (fixed[p].get("commit_to_applied_ms") or {}).get("p99"), " ms", False)
+    row("fixed rate: commit → applied p99 per minute, ms",
+        lambda p: ", ".join(str(m["applied_p99_ms"]) for m in fixed[p].get("per_minute") or []) or None)
+    row("fixed rate: the writers' commit latency p50 / p99 / max, ms (pgbench, schedule lag taken off)",
+        lambda p: pct(fixed[p], "writer_commit_ms"))
+    row("fixed rate: WAL bytes per event, whole cluster (outbox, business rows, sink rows)",
+        lambda p: fixed[p].get("wal_bytes_per_event"), "", False)
+    for phase_name, ph in (("drain", drain), ("fixed rate", fixed)):
+        pipeline = lambda p: round(sum(filter(None, (cpu_per_k(ph[p], x) for x in PROCS[p]))), 3) or None
         row(f"{phase_name}: CPU s per 1,000 events, pipeline (dualsync: relay + apply; peer: Connect)",
-            round(ca, 3) if ca else None, cb, "", False)
+            pipeline, "", False)
         row(f"{phase_name}: CPU s per 1,000 events, relay / apply",
-            " / ".join(fmt(cpu_per_k(a, p)) for p in PROCS["dualsync"]), "–")
+            lambda p: " / ".join(fmt(cpu_per_k(ph[p], x)) for x in PROCS[p]) if p != "debezium" else "–")
         for proc in ("postgres", "broker"):
-            row(f"{phase_name}: CPU s per 1,000 events, {proc}", cpu_per_k(a, proc), cpu_per_k(b, proc))
-        reqs = lambda x: (None if requests_per_k(x, None) is None else " / ".join(
-            fmt(requests_per_k(x, k)) for k in (("Produce",), ("Fetch",), None)))
-        row(f"{phase_name}: broker requests per 1,000 events, produce / fetch / all", reqs(a), reqs(b))
+            row(f"{phase_name}: CPU s per 1,000 events, {proc}", lambda p: cpu_per_k(ph[p], proc), "", False)
+        row(f"{phase_name}: CPU s per 1,000 events, pipeline + PostgreSQL + broker",
+            lambda p: round(sum(filter(None, [pipeline(p), cpu_per_k(ph[p], "postgres"),
+                                               cpu_per_k(ph[p], "broker")])), 3) or None, "", False)
+        reqs = lambda p: (None if requests_per_k(ph[p], None) is None else " / ".join(
+            fmt(requests_per_k(ph[p], k)) for k in (("Produce",), ("Fetch",), None)))
+        row(f"{phase_name}: broker requests per 1,000 events, produce / fetch / all", reqs)
         row(f"{phase_name}: peak RSS MiB, relay / apply vs Connect",
-            " / ".join(fmt(rss_mib(a, p)) for p in PROCS["dualsync"]), rss_mib(b, "connect"))
+            lambda p: " / ".join(fmt(rss_mib(ph[p], x)) for x in PROCS[p]))
         row(f"{phase_name}: peak RSS MiB, PostgreSQL (all processes, shared memory counted per process) / broker",
-            f"{fmt(rss_mib(a, 'postgres'))} / {fmt(rss_mib(a, 'broker'))}",
-            f"{fmt(rss_mib(b, 'postgres'))} / {fmt(rss_mib(b, 'broker'))}")
-    for phase_name, a, b in (("drain", dd, zd), ("fixed rate", df, zf)):
+            lambda p: f"{fmt(rss_mib(ph[p], 'postgres'))} / {fmt(rss_mib(ph[p], 'broker'))}")
+    for phase_name, ph in (("drain", drain), ("fixed rate", fixed)):
         m = lambda x: (x.get("processes") or {}).get("machine") or {}
-        fm = lambda x: f"{m(x)['load_avg_1m_mean']} / {m(x)['busy_cpu_s']}" if m(x) else None
-        row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)", fm(a), fm(b))
+        row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)",
+            lambda p: f"{m(ph[p])['load_avg_1m_mean']} / {m(ph[p])['busy_cpu_s']}" if m(ph[p]) else None)
+    header = [NAMES[p] for p in cols] + ([f"ratio, {NAMES[p][10:-1]}" for p in ours] if "debezium" in cols else [])
     md = [f"Side by side ({side['date']}, {side['machine']}, default profile: one Kafka node, RF 1; the machine's load in each phase is in the last rows). dualsync: Avro values; "
           f"Debezium: JSON converter with schemas, Kafka Connect 4.3.2, PostgreSQL connector 3.6.1.Final "
           f"(pgoutput, EventRouter), JDBC sink 3.6.0.Final (upsert), poll.interval.ms {poll_ms}. "
           f"Load: {side['settings']['load_generator']}. Ratio: how many times better dualsync is "
           "(below 1: worse).", "",
-          "| measurement | dualsync | Debezium | ratio |", "| --- | --- | --- | --- |", *rows]
+          "| measurement | " + " | ".join(header) + " |", "|" + " --- |" * (len(header) + 1), *rows]
     open(out_md, "w").write("\n".join(md) + "\n")
 
 

@@ -6,10 +6,14 @@
       message.timestamp.type=LogAppendTime, so every record carries the broker's own time of
       appending it; both pipelines' topics are made this way and read back the same way. With a
       replication factor of 3 or more they get min.insync.replicas=2 (the production profile).
+  bench/report/topics.py delete BROKERS TOPIC...
+      deletes the topics (the production profile, once a phase's figures are taken).
   bench/report/topics.py dump BROKERS HEADER EXPECTED OUT.csv TOPIC...
       reads the topics from the beginning until EXPECTED distinct seqs carrying HEADER were seen
       (or 60 s without a new record; a relay failover publishes some events twice) and writes "seq,append_time_ms" lines, seq being the outbox row's
-      seq taken from HEADER (dualsync: dualsync.version; the peer: seq, set by the EventRouter).
+      seq taken from HEADER (dualsync: dualsync.version; the peer: seq, set by the EventRouter;
+      dualsync capturing from the WAL: dualsync.event_id, the outbox row's id, as its version
+      there is the WAL position).
 """
 import sys
 import time
@@ -34,12 +38,23 @@ def create(brokers, partitions, replication, topics):
                 raise
 
 
+def delete(brokers, topics):
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for topic, future in admin.delete_topics(topics).items():
+        try:
+            future.result()
+        except KafkaException as e:
+            if e.args[0].code() != 3:  # UNKNOWN_TOPIC_OR_PART
+                raise
+
+
 def dump(brokers, header, expected, out, topics):
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"bench-dump-{uuid.uuid4()}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.max.bytes": 52428800})
     consumer.subscribe(topics)
-    seen, last_new, distinct = 0, time.monotonic(), bytearray()
+    # Integer seqs are counted in a bytearray (a 1,000,000-event drain), event ids in a set.
+    seen, last_new, distinct, ids = 0, time.monotonic(), bytearray(), set()
     key = header.encode() if isinstance(header, str) else header
     with open(out, "w") as f:
         while seen < expected and time.monotonic() - last_new < 60:
@@ -50,6 +65,12 @@ def dump(brokers, header, expected, out, topics):
                 if seq is None:
                     continue
                 f.write(f"{seq.decode()},{msg.timestamp()[1]}\n")
+                if not seq.isdigit():
+                    if seq not in ids:
+                        ids.add(seq)
+                        seen += 1
+                    last_new = time.monotonic()
+                    continue
                 n = int(seq)
                 if n >= len(distinct):
                     distinct.extend(bytes(n + 1 - len(distinct) + 1_000_000))
@@ -65,6 +86,8 @@ def main():
     cmd, brokers = sys.argv[1], sys.argv[2]
     if cmd == "create":
         create(brokers, int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    elif cmd == "delete":
+        delete(brokers, sys.argv[3:])
     elif cmd == "dump":
         dump(brokers, sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6:])
     else:

@@ -275,10 +275,11 @@ impl Publisher {
             .set("message.timeout.ms", "0");
         for (k, v) in [
             ("partitioner", "murmur2_random"),
-            // The relay hands the producer whole batches, so waiting for more messages only
-            // adds latency (measured: commit→published p50 13.4 → 8.9 ms at 200 events/s,
-            // drain throughput unchanged).
-            ("linger.ms", "0"),
+            // Kafka 4.0's Java producer default (KIP-1030). Batches read close together share
+            // produce requests: on three brokers with RF 3 at 1,000 events/s, 5 against 0 cut
+            // produce requests by 41 %, the relay's CPU by half and commit → applied p99 from
+            // 98 to 47 ms, for 3 ms more at p50 (BENCHMARKS.md, 2026-12-07).
+            ("linger.ms", "5"),
             ("queue.buffering.max.messages", "100000"),
             // Up to `source.max_batches_in_flight` produce requests share a connection: with
             // Nagle's algorithm a request waits for the TCP acknowledgement of the previous one.
