@@ -9,8 +9,9 @@ COMMITTED="pg_xact_commit_timestamp((o.txid::text::numeric % 4294967296)::text::
 
 sql() { "${PSQL[@]}" -d "$DB" -c "$1"; }
 wait_sql() { # wait_sql QUERY [SECONDS]: until it returns t (deadline: 30 min unless given)
-    local end=$((SECONDS + ${2:-1800}))
-    until [[ "$(sql "$1")" == t ]]; do
+    local end=$((SECONDS + ${2:-1800})) out
+    # A query PostgreSQL refuses stops the bench at once (not after the deadline).
+    until out=$(sql "$1") || die "bench: the query failed: $1" && [[ "$out" == t ]]; do
         ((SECONDS < end)) || die "bench: timed out waiting for: $1 (logs in $WORK)"
         sleep 0.2
     done
@@ -108,8 +109,9 @@ events_sql() {
         FROM $from LEFT JOIN bench_on_topic t ON t.$TOPIC_KEY = o.$TOPIC_KEY LEFT JOIN $SINK r ON $sink_join"
 }
 # caught_up [SECONDS]: every order at its latest event in the sink. Capture from the WAL
-# versions events by WAL position, so there the sink row is matched on its last event's
-# total_cents (random in 0..100,000 per event: a repeat on one key's last two events is rare).
+# versions events by WAL position, so there the sink row's document is compared with its last
+# event's payload (total_cents is random in 0..100,000 per event: a repeat of one key's last
+# two payloads is rare).
 caught_up() {
     wait_sql "SELECT to_regclass('$SINK') IS NOT NULL" "${1:-1800}" # apply creates dualsync's sink tables
     if [[ "$TOPIC_KEY" == id ]]; then
@@ -117,7 +119,7 @@ caught_up() {
             SELECT 1 FROM (SELECT DISTINCT ON (aggregateid) aggregateid, payload FROM dualsync.outbox
                            ORDER BY aggregateid, seq DESC) o
             LEFT JOIN $SINK r ON r.id = o.aggregateid
-            WHERE r.total_cents IS DISTINCT FROM (o.payload->>'total_cents')::bigint)" "${1:-1800}"
+            WHERE r.doc IS DISTINCT FROM o.payload)" "${1:-1800}"
         return
     fi
     wait_sql "SELECT NOT EXISTS (
