@@ -93,15 +93,16 @@ new_db() {
             ;;
         *) TOPIC="$DB.orders" SINK=replica.orders VERSION=version HEADER=dualsync.version ;;
     esac
-    events_sql "$1"
+    events_sql
     "$PY" bench/report/topics.py create "$(kafka_brokers)" "$PARTITIONS" "$REPLICATION" "$TOPIC"
 }
-# events_sql PIPELINE: EVENTS_SQL, one row per event: its commit (PostgreSQL's commit
-# timestamp), first append to its topic, and applied (the sink row's updated_at; in the drain
-# only each key's last event has a row).
+# events_sql: EVENTS_SQL, one row per event: its commit (PostgreSQL's commit timestamp), first
+# append to its topic, and applied (the sink row's updated_at; in the drain only each key's
+# last event has a row). TOPIC_KEY=id (capture from the WAL): no outbox seq on the topic or in
+# the sink, so matched by event id and by key.
 events_sql() {
     local sink_join="r.$VERSION = o.seq" from="dualsync.outbox o"
-    if [[ "$1" == dualsync_wal ]]; then
+    if [[ "$TOPIC_KEY" == id ]]; then
         sink_join="r.id = o.aggregateid AND o.last_of_key"
         from="(SELECT *, seq = max(seq) OVER (PARTITION BY aggregateid) AS last_of_key FROM dualsync.outbox) o"
     fi

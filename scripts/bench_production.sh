@@ -143,7 +143,7 @@ step_report() {
     fi
     sql "WITH e AS (SELECT *, extract(epoch FROM appended - committed) * 1000 AS topic_ms,
                            extract(epoch FROM applied - committed) * 1000 AS applied_ms
-                    FROM ($(sweep_sql)) x WHERE seq > $from AND seq <= $to),
+                    FROM ($EVENTS_SQL) x WHERE seq > $from AND seq <= $to),
          t AS (SELECT min(committed) AS t0, max(committed) AS t1 FROM e),
          c AS (SELECT floor(extract(epoch FROM committed - t0)) AS s, count(*) AS n FROM e, t GROUP BY 1),
          a AS (SELECT floor(extract(epoch FROM applied - t0)) AS s, count(*) AS n FROM e, t WHERE applied IS NOT NULL GROUP BY 1),
@@ -185,11 +185,6 @@ step() {
     fi
     wait "$gen" || die "bench: pgbench failed: $(tail -5 "$WORK/$DB-step-$rate-pgbench.txt")"
     stop_sampler
-}
-# The per-event SQL the sweep's report filters by step (seq range).
-sweep_sql() {
-    echo "SELECT o.seq, $COMMITTED AS committed, to_timestamp(t.append_ms / 1000.0) AS appended, r.updated_at AS applied
-          FROM dualsync.outbox o LEFT JOIN bench_on_topic t ON t.seq = o.seq LEFT JOIN $SINK r ON r.$VERSION = o.seq"
 }
 # failover_step: FAILOVER_RATE with a standby relay, the leader killed (SIGKILL) halfway.
 failover_step() {

@@ -14,6 +14,7 @@ import time
 # dualsync_wal: dualsync capturing from the WAL (`[source] capture = "wal"`), issue #38.
 PIPELINES = ("dualsync", "dualsync_wal", "debezium")
 NAMES = {"dualsync": "dualsync (polling)", "dualsync_wal": "dualsync (WAL)", "debezium": "Debezium"}
+CAPTURE = {"dualsync": "polling", "dualsync_wal": "WAL"}
 PROCS = {"dualsync": ("relay", "apply"), "dualsync_wal": ("relay", "apply"), "debezium": ("connect",)}
 
 
@@ -145,7 +146,7 @@ def main():
         m = lambda x: (x.get("processes") or {}).get("machine") or {}
         row(f"{phase_name}: the machine meanwhile, mean load average / CPU s busy (all its work)",
             lambda p: f"{m(ph[p])['load_avg_1m_mean']} / {m(ph[p])['busy_cpu_s']}" if m(ph[p]) else None)
-    header = [NAMES[p] for p in cols] + ([f"ratio, {NAMES[p][10:-1]}" for p in ours] if "debezium" in cols else [])
+    header = [NAMES[p] for p in cols] + ([f"ratio, {CAPTURE[p]}" for p in ours] if "debezium" in cols else [])
     md = [f"Side by side ({side['date']}, {side['machine']}, default profile: one Kafka node, RF 1; the machine's load in each phase is in the last rows). dualsync: Avro values; "
           f"Debezium: JSON converter with schemas, Kafka Connect 4.3.2, PostgreSQL connector 3.6.1.Final "
           f"(pgoutput, EventRouter), JDBC sink 3.6.0.Final (upsert), poll.interval.ms {poll_ms}. "

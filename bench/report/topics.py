@@ -23,6 +23,16 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
+def settle(futures, tolerated_code):
+    """Waits for an admin request's futures; the one error code given means already done."""
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as e:
+            if e.args[0].code() != tolerated_code:
+                raise
+
+
 def create(brokers, partitions, replication, topics):
     admin = AdminClient({"bootstrap.servers": brokers})
     config = {"message.timestamp.type": "LogAppendTime"}
@@ -30,22 +40,12 @@ def create(brokers, partitions, replication, topics):
         config["min.insync.replicas"] = "2"
     new = [NewTopic(t, num_partitions=partitions, replication_factor=replication, config=config)
            for t in topics]
-    for topic, future in admin.create_topics(new).items():
-        try:
-            future.result()
-        except KafkaException as e:
-            if e.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS
-                raise
+    settle(admin.create_topics(new), 36)  # TOPIC_ALREADY_EXISTS
 
 
 def delete(brokers, topics):
-    admin = AdminClient({"bootstrap.servers": brokers})
-    for topic, future in admin.delete_topics(topics).items():
-        try:
-            future.result()
-        except KafkaException as e:
-            if e.args[0].code() != 3:  # UNKNOWN_TOPIC_OR_PART
-                raise
+    admin = AdminClient({"bootstrap.servers": brokers})  # held: a dropped client fails its futures
+    settle(admin.delete_topics(topics), 3)  # UNKNOWN_TOPIC_OR_PART
 
 
 def dump(brokers, header, expected, out, topics):
