@@ -2,6 +2,7 @@
 //! reachable, the circuit breaker, retries in progress, writes that do not finish, refusals
 //! and lasting warnings). Stages set it as they connect, fail and recover.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -103,6 +104,9 @@ pub struct CircuitCell {
     state: AtomicU8,
     /// Transient failures in a row; reset by a success.
     failures: AtomicI64,
+    /// When the recent failures happened, successes or not in between (the breaker's failure
+    /// window; oldest first). Tokio's clock, so paused-time tests drive it.
+    recent: Mutex<VecDeque<tokio::time::Instant>>,
 }
 
 impl CircuitCell {
@@ -121,6 +125,28 @@ impl CircuitCell {
     pub fn add_failure(&self) -> i64 {
         self.failures.fetch_add(1, Ordering::Relaxed) + 1
     }
+    /// Notes a failure at `now` in the failure window; returns how many failures happened
+    /// within `window` up to now (this one included). Keeps at most `keep` of them.
+    pub fn add_recent_failure(
+        &self,
+        now: tokio::time::Instant,
+        window: Duration,
+        keep: usize,
+    ) -> usize {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.push_back(now);
+        while recent
+            .front()
+            .is_some_and(|&at| now.duration_since(at) > window || recent.len() > keep)
+        {
+            recent.pop_front();
+        }
+        recent.len()
+    }
+    /// Failures noted in the failure window (as of the last one).
+    pub fn recent_failures(&self) -> usize {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
     /// Sets the state; returns the one before.
     pub fn swap(&self, to: Circuit) -> Circuit {
         match self.state.swap(to as u8, Ordering::Relaxed) {
@@ -135,10 +161,19 @@ impl CircuitCell {
             .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     }
-    /// A success: no failures in a row, closed; returns whether it was not closed.
+    /// A success: no failures in a row, closed; returns whether it was not closed. A circuit
+    /// that was open or probing also forgets its failure window (the probe's success is a new
+    /// start); a closed one keeps it, so failures between successes still add up.
     pub fn close(&self) -> bool {
         self.failures.store(0, Ordering::Relaxed);
-        self.swap(Circuit::Closed) != Circuit::Closed
+        let was_open = self.swap(Circuit::Closed) != Circuit::Closed;
+        if was_open {
+            self.recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        was_open
     }
 }
 
@@ -256,9 +291,11 @@ impl Health {
         match self.circuit() {
             Circuit::Closed => {}
             c => reasons.push(format!(
-                "circuit {}: {} failures in a row; input paused, probing at the backoff interval",
+                "circuit {}: {} failures in a row, {} in its failure window; input paused, \
+                 probing at the backoff interval",
                 c.as_str(),
-                self.circuit.failures()
+                self.circuit.failures(),
+                self.circuit.recent_failures()
             )),
         }
         if let Some(why) = self

@@ -11,6 +11,12 @@ use crate::metrics::{Circuit, Health};
 pub struct BreakerPolicy {
     /// Transient failures in a row that open the circuit.
     pub open_after: i64,
+    /// Transient failures within [`BreakerPolicy::window`] that open it too, successes or not
+    /// in between: a downstream that fails every other call never fails `open_after` times in
+    /// a row, yet each of its failures costs a backoff.
+    pub window_failures: usize,
+    /// The failure window's length.
+    pub window: Duration,
     /// The least an open circuit waits before the next attempt (its probe). Zero: the
     /// backoff's delay alone, which is what the stages use (their backoff grows anyway).
     pub cool_down: Duration,
@@ -20,13 +26,15 @@ impl Default for BreakerPolicy {
     fn default() -> Self {
         Self {
             open_after: 3,
+            window_failures: 10,
+            window: Duration::from_secs(60),
             cool_down: Duration::ZERO,
         }
     }
 }
 
 /// A stage's circuit breaker. Closed: calls flow. Open: `open_after` transient failures in a
-/// row; the next attempt waits at least the cool-down. Half-open: that attempt (the probe) is
+/// row, or `window_failures` within the window; the next attempt waits at least the cool-down. Half-open: that attempt (the probe) is
 /// under way; its success closes the circuit, its failure opens it again.
 pub struct Breaker<'a> {
     health: &'a Health,
@@ -42,17 +50,25 @@ impl<'a> Breaker<'a> {
         self.health.circuit()
     }
 
-    /// A transient failure: opens the circuit after `open_after` in a row, and again when a
-    /// probe failed. Returns the state after it.
+    /// A transient failure: opens the circuit after `open_after` in a row or
+    /// `window_failures` within the window, and again when a probe failed. Returns the state
+    /// after it.
     pub fn failed(&self) -> Circuit {
         let cell = self.health.circuit_cell();
         let failures = cell.add_failure();
-        if failures < self.policy.open_after {
+        let recent = cell.add_recent_failure(
+            tokio::time::Instant::now(),
+            self.policy.window,
+            self.policy.window_failures,
+        );
+        if failures < self.policy.open_after && recent < self.policy.window_failures {
             return cell.state();
         }
         if cell.swap(Circuit::Open) == Circuit::Closed {
             tracing::warn!(
                 failures,
+                recent,
+                window = ?self.policy.window,
                 "circuit open: pausing input, probing at the backoff interval"
             );
         }

@@ -168,6 +168,7 @@ async fn the_breaker_opens_probes_and_closes() {
     let policy = BreakerPolicy {
         open_after: 3,
         cool_down: ms(5000),
+        ..BreakerPolicy::default()
     };
     let mut retry = Retry::new(Backoff::constant(ms(100)), &cancel)
         .for_stage(&metrics, "apply", policy)
@@ -239,4 +240,49 @@ async fn a_dropped_episode_ends() {
     let mut plain = Retry::new(Backoff::constant(ms(10)), &cancel);
     assert_eq!(plain.failed(&transient()), Verdict::Again(ms(10)));
     assert_eq!(metrics.retries.with_label_values(&["apply"]).get(), 3);
+}
+
+/// A downstream that fails every other call never fails `open_after` times in a row; its
+/// failures add up in the failure window and open the circuit. Failures further apart than
+/// the window do not, and a probe's success starts the window afresh.
+#[tokio::test(start_paused = true)]
+async fn failures_between_successes_open_the_breaker_within_its_window() {
+    let metrics = Metrics::new("p", "apply");
+    let policy = BreakerPolicy {
+        open_after: 3,
+        window_failures: 4,
+        window: Duration::from_secs(10),
+        cool_down: Duration::ZERO,
+    };
+    let breaker = Breaker::new(&metrics.health, policy);
+    // Spread out: one failure every 4 s, a success after each; at most 3 within any 10 s.
+    for _ in 0..6 {
+        assert_eq!(breaker.failed(), Circuit::Closed);
+        breaker.succeeded();
+        tokio::time::advance(Duration::from_secs(4)).await;
+    }
+    // Flapping: one failure a second, a success after each; the 4th within 10 s opens it.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    for n in 1..=3 {
+        assert_eq!(
+            breaker.failed(),
+            Circuit::Closed,
+            "failure {n} of the window"
+        );
+        breaker.succeeded();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(breaker.failed(), Circuit::Open);
+    let reasons = metrics.health.not_ready(Duration::from_secs(60));
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("circuit open: 1 failures in a row, 4 in its failure window")),
+        "{reasons:?}"
+    );
+    // The probe succeeds: closed, and the window starts again (one more failure stays closed).
+    breaker.probing();
+    breaker.succeeded();
+    assert_eq!(breaker.state(), Circuit::Closed);
+    assert_eq!(breaker.failed(), Circuit::Closed);
 }

@@ -46,6 +46,7 @@ use crate::private_kafka::KafkaCluster;
 use crate::private_servers::PrivateServer;
 use crate::toxiproxy::host_port;
 
+mod async_failover;
 pub(crate) mod failover;
 mod harness;
 mod mongo;

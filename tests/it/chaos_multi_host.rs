@@ -12,12 +12,7 @@ use crate::common::*;
 async fn a_multi_host_url_reaches_the_read_write_server_past_a_standby() {
     let servers = servers();
     let mut pair = Pair::start().await;
-    let db = unique("t");
-    let admin = dualsync::pg::connect(&pair.primary().url()).await.unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
+    let (db, _) = pair.new_database().await;
     // The standby first, the primary second.
     let [primary, standby] = pair.addresses();
     let url = Pair::url(&[standby, primary], &db);

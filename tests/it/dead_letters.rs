@@ -453,18 +453,11 @@ async fn events_that_do_not_route_to_their_topic_or_type_are_poison() {
     );
     let letters = read_topic(&servers.kafka, &format!("{widgets_topic}.dlq"), 1).await;
     assert_eq!(classes(&letters), ["decode.unknown_aggregate_type"]);
-    let tables: Vec<String> = dualsync::pg::connect(&sink_url)
-        .await
-        .unwrap()
-        .query(
-            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'replica'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tables: Vec<String> = first_column(
+        &dualsync::pg::connect(&sink_url).await.unwrap(),
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'replica'",
+    )
+    .await;
     assert!(
         !tables.iter().any(|t| t == "orders" || t == "widgets"),
         "no table for orders or widgets: {tables:?}"

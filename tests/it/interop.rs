@@ -69,17 +69,11 @@ async fn outbox_kinds(source: &tokio_postgres::Client) -> Vec<(String, String, i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_python_consumer_decodes_every_single_object_event() {
-    let servers = servers();
-    let source_url = create_database(&servers).await;
-    let sink_url = create_database(&servers).await;
-    let config = pipeline(&servers, &source_url, &sink_url, &unique("t"), "");
-    let source = dualsync::pg::connect(&source_url).await.unwrap();
-    dualsync::demo::setup(&source).await.unwrap();
-    let cancel = CancellationToken::new();
-    let (relay, _) = spawn_relay(&config, &cancel);
-    let (apply, apply_stats) = spawn_apply(&config, "postgres", &cancel);
+    let shop = shop_pipeline("").await;
+    let (config, source) = (&shop.config, &shop.source);
+    let apply_stats = Arc::clone(&shop.running.applies[0]);
 
-    dualsync::demo::generate(&source_url, 6, 40, 200, 2, 25)
+    dualsync::demo::generate(&shop.source_url, 6, 40, 200, 2, 25)
         .await
         .unwrap();
     // The demo never deletes a customer: two deletes, written as applications write them.
@@ -92,11 +86,11 @@ async fn a_python_consumer_decodes_every_single_object_event() {
         .await
         .unwrap();
     eventually("every outbox row is published", || async {
-        dualsync::demo::outbox_counts(&source).await.unwrap().1 == 0
+        dualsync::demo::outbox_counts(source).await.unwrap().1 == 0
     })
     .await;
-    let (events, _) = dualsync::demo::outbox_counts(&source).await.unwrap();
-    let kinds = outbox_kinds(&source).await;
+    let (events, _) = dualsync::demo::outbox_counts(source).await.unwrap();
+    let kinds = outbox_kinds(source).await;
     for t in ["customers", "orders"] {
         for k in ["create", "update", "delete"] {
             assert!(
@@ -114,7 +108,7 @@ async fn a_python_consumer_decodes_every_single_object_event() {
     assert_eq!(total(&apply_stats.dead_lettered), 0);
 
     let topics = ["customers", "orders"].map(|t| config.kafka.topic_for(t));
-    let summary = python_consumer(&servers.kafka, topics.to_vec()).await;
+    let summary = python_consumer(&config.kafka.brokers, topics.to_vec()).await;
     eprintln!("the Python consumer's summary: {summary}");
     let deletes: i64 = kinds
         .iter()
@@ -132,10 +126,7 @@ async fn a_python_consumer_decodes_every_single_object_event() {
         events,
         "{summary}"
     );
-
-    cancel.cancel();
-    relay.await.unwrap().unwrap();
-    apply.await.unwrap().unwrap();
+    shop.stop().await;
 }
 
 /// The single-object fingerprints dualsync wrote before it followed the specification: CRC-64-

@@ -47,16 +47,11 @@ pub async fn outbox_run(config: &Config, source_url: &str) -> BTreeSet<(String, 
     .await;
     cancel.cancel();
     relay.await.unwrap().unwrap();
-    let deletes: Vec<String> = source
-        .query(
-            "SELECT DISTINCT aggregatetype FROM dualsync.outbox WHERE payload IS NULL ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let deletes: Vec<String> = first_column(
+        &source,
+        "SELECT DISTINCT aggregatetype FROM dualsync.outbox WHERE payload IS NULL ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         deletes,
         ["customers", "orders"],

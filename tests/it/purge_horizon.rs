@@ -346,17 +346,12 @@ async fn an_idle_member_purges_expired_tombstones_postgres() {
         .batch_execute("SET enable_seqscan = off")
         .await
         .unwrap();
-    let plan: Vec<String> = replica
-        .query(
-            "EXPLAIN SELECT ctid FROM replica.things
-             WHERE deleted AND updated_at < now() - interval '1 hour' AND version <= 10 LIMIT 1000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let plan: Vec<String> = first_column(
+        &replica,
+        "EXPLAIN SELECT ctid FROM replica.things
+         WHERE deleted AND updated_at < now() - interval '1 hour' AND version <= 10 LIMIT 1000",
+    )
+    .await;
     assert!(
         plan.iter().any(|l| l.contains("things_tombstones")),
         "{plan:?}"

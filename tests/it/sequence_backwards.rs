@@ -25,10 +25,10 @@ async fn upsert_customer(client: &tokio_postgres::Client, id: &str, name: &str) 
         .unwrap();
 }
 
-const KEYS: [&str; 5] = ["c1", "c2", "c3", "c4", "c5"];
+pub(crate) const KEYS: [&str; 5] = ["c1", "c2", "c3", "c4", "c5"];
 
 /// Whether the sink holds `name` for every key of [`KEYS`].
-async fn sink_has(sink: &dualsync::sink::postgres::PostgresSink, name: &str) -> bool {
+pub(crate) async fn sink_has(sink: &dualsync::sink::postgres::PostgresSink, name: &str) -> bool {
     for key in KEYS {
         let doc = sink
             .get("customers", key)

@@ -12,7 +12,7 @@ use dualsync::source::wal::WalSource;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{create_database, eventually, servers, unique, DEADLINE};
+use crate::common::{create_database, eventually, first_column, servers, unique, DEADLINE};
 use crate::private_servers::PrivateServer;
 use crate::wal_capture::SlotGuard;
 
@@ -207,16 +207,11 @@ async fn migrate_sets_up_publication_slot_and_writers_trigger_idempotently() {
     assert!(switch.lsn.contains('/'), "an LSN: {}", switch.lsn);
     assert_eq!(back.leftover_slot.unwrap().slot, wal.slot_name);
     client.batch_execute(INSERT).await.unwrap();
-    let unpublished: Vec<i64> = client
-        .query(
-            "SELECT seq FROM dualsync.outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let unpublished: Vec<i64> = first_column(
+        &client,
+        "SELECT seq FROM dualsync.outbox WHERE published_at IS NULL",
+    )
+    .await;
     assert_eq!(
         unpublished,
         [max + 1],

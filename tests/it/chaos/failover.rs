@@ -8,10 +8,9 @@
 //! With synchronous replication a commit is acknowledged only once the standby has flushed it:
 //! nothing acknowledged may be lost by the failover.
 //!
-//! ASYNCHRONOUS FAILOVER (issue #36; another helper's item, with the relay refusing to publish
-//! when the outbox sequence went backwards): a `Pair::start(false)` (no
-//! `synchronous_standby_names`) and a fault that promotes a standby which missed the last
-//! commits belong here, beside [`Pair::failover`].
+//! With asynchronous replication ([`Pair::start_async`]) a promoted standby may lack commits
+//! the old primary acknowledged, and the relay published: `chaos::async_failover` shows what
+//! dualsync does then.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,39 +73,61 @@ fn standby_of(primary: &PrivateServer, data: PathBuf, port: u16) -> PrivateServe
 impl Pair {
     /// A primary and its synchronous standby, both running.
     pub(crate) async fn start() -> Self {
+        Self::start_replicating(true).await
+    }
+
+    /// A primary and its asynchronous standby (no `synchronous_standby_names`: a commit is
+    /// acknowledged before the standby has it), both running, the standby streaming.
+    pub(crate) async fn start_async() -> Self {
+        Self::start_replicating(false).await
+    }
+
+    /// A new database on the primary (streamed to the standby), its name and a session on
+    /// the primary's `postgres` database.
+    pub(crate) async fn new_database(&mut self) -> (String, tokio_postgres::Client) {
+        let db = unique("t");
+        let admin = dualsync::pg::connect(&self.primary().url()).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        (db, admin)
+    }
+
+    async fn start_replicating(synchronous: bool) -> Self {
         let primary = PrivateServer::postgres();
-        let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
-        // Kept in postgresql.auto.conf, which the base backup copies: a promoted standby asks
-        // for a synchronous standby of its own, which the rebuild gives it.
-        for statement in [
-            "ALTER SYSTEM SET synchronous_standby_names = '*'",
-            "ALTER SYSTEM SET synchronous_commit = 'on'",
-            "SELECT pg_reload_conf()",
-        ] {
-            admin.batch_execute(statement).await.unwrap();
+        if synchronous {
+            let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
+            // Kept in postgresql.auto.conf, which the base backup copies: a promoted standby
+            // asks for a synchronous standby of its own, which the rebuild gives it.
+            for statement in [
+                "ALTER SYSTEM SET synchronous_standby_names = '*'",
+                "ALTER SYSTEM SET synchronous_commit = 'on'",
+                "SELECT pg_reload_conf()",
+            ] {
+                admin.batch_execute(statement).await.unwrap();
+            }
         }
         let data = std::env::temp_dir().join(unique("dualsync-private-pg-standby"));
         let standby = standby_of(&primary, data, crate::common::free_port());
+        let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
         let pair = Self {
             servers: [primary, standby],
             primary: 0,
         };
-        pair.wait_synchronous(&admin).await;
+        pair.wait_streaming(&admin, synchronous).await;
         pair
     }
 
-    /// Waits until the primary streams to a synchronous standby.
-    async fn wait_synchronous(&self, admin: &tokio_postgres::Client) {
-        crate::common::eventually("the standby streams synchronously", || async {
-            admin
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'",
-                    &[],
-                )
-                .await
-                .ok()
-                .flatten()
-                .is_some()
+    /// Waits until the primary streams to a standby, a synchronous one if `synchronous`.
+    async fn wait_streaming(&self, admin: &tokio_postgres::Client, synchronous: bool) {
+        let sql = if synchronous {
+            "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'"
+        } else {
+            "SELECT 1 FROM pg_stat_replication WHERE state = 'streaming'"
+        };
+        crate::common::eventually("the standby streams", || async {
+            admin.query_opt(sql, &[]).await.ok().flatten().is_some()
         })
         .await;
     }
@@ -133,15 +154,8 @@ impl Pair {
     /// and the old primary's folder replaced by a standby of the new one, on the same port.
     pub(crate) async fn failover(&mut self) {
         let old = self.primary;
-        self.servers[old].kill();
-        let new = 1 - old;
-        let mut promote = pg_program(&self.servers[new], "pg_ctl");
-        promote
-            .arg("-D")
-            .arg(self.servers[new].data())
-            .args(["promote", "-w", "-t", "60"]);
-        run(&mut promote);
-        self.primary = new;
+        self.promote_standby();
+        let new = self.primary;
         let admin = dualsync::pg::connect(&self.servers[new].url())
             .await
             .unwrap();
@@ -151,7 +165,24 @@ impl Pair {
         // The replaced server's Drop must not kill the rebuilt one: it has already stopped.
         let gone = std::mem::replace(&mut self.servers[old], rebuilt);
         std::mem::forget(gone);
-        self.wait_synchronous(&admin).await;
+        self.wait_streaming(&admin, true).await;
+    }
+}
+
+impl Pair {
+    /// The primary is killed (`immediate`: no shutdown checkpoint, as a crash) and the standby
+    /// promoted, waited for until it accepts writes; nothing is rebuilt.
+    pub(crate) fn promote_standby(&mut self) {
+        let old = self.primary;
+        self.servers[old].kill();
+        let new = 1 - old;
+        let mut promote = pg_program(&self.servers[new], "pg_ctl");
+        promote
+            .arg("-D")
+            .arg(self.servers[new].data())
+            .args(["promote", "-w", "-t", "60"]);
+        run(&mut promote);
+        self.primary = new;
     }
 }
 

@@ -188,7 +188,16 @@ pub(super) async fn resets(
     (name.to_string(), Instant::now())
 }
 
+/// One of `targets` at random; `DUALSYNC_CHAOS_TARGET` (e.g. `Kafka broker 2`) keeps only the
+/// targets whose name contains it, to replay one kind of fault on one server.
 fn pick(mut targets: Vec<(String, Vec<Link>)>, rng: &mut StdRng) -> (String, Vec<Link>) {
+    if let Ok(only) = std::env::var("DUALSYNC_CHAOS_TARGET") {
+        targets.retain(|(name, _)| name.contains(&only));
+        assert!(
+            !targets.is_empty(),
+            "no chaos target matches DUALSYNC_CHAOS_TARGET={only}"
+        );
+    }
     let i = rng.gen_range(0..targets.len());
     targets.swap_remove(i)
 }

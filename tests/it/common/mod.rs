@@ -389,6 +389,20 @@ where
     );
 }
 
+/// The first column of every row `sql` returns.
+pub async fn first_column<T: tokio_postgres::types::FromSqlOwned>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The primary's current state of the sample shop, keyed by (aggregate type, id), in the same
 /// JSON form as the events.
 pub async fn primary_state(
