@@ -173,7 +173,13 @@ pub(super) fn classify_mongo(e: &mongodb::error::Error) -> Disposition {
 }
 
 pub(super) fn classify_kafka(e: &KafkaError) -> Disposition {
-    let Some(code) = e.rdkafka_error_code() else {
+    // rdkafka leaves an admin request's code out of `rdkafka_error_code()`; without it a
+    // broken connection while creating a topic would be taken for fatal.
+    let code = match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        _ => e.rdkafka_error_code(),
+    };
+    let Some(code) = code else {
         return match e {
             KafkaError::Canceled => Disposition::Retry,
             _ => Disposition::Fatal,

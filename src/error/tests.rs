@@ -51,6 +51,24 @@ fn kafka_transport_failures_retry_and_auth_failures_stop() {
     assert_eq!(classify(&big), Disposition::DeadLetter);
 }
 
+/// An admin request (creating a topic) whose broker connection broke is retried like any
+/// other request, not fatal: rdkafka keeps an admin error's code out of
+/// `rdkafka_error_code()`, and a partition of one broker during the relay's start-up stopped
+/// the relay (`chaos` seed 2 with `DUALSYNC_CHAOS_TARGET="Kafka broker 2"`).
+#[test]
+fn admin_operations_are_classified_by_their_code() {
+    let transport = Error::Kafka(KafkaError::AdminOp(
+        RDKafkaErrorCode::BrokerTransportFailure,
+    ));
+    assert_eq!(classify(&transport), Disposition::Retry);
+    let timed_out = Error::Kafka(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut));
+    assert_eq!(classify(&timed_out), Disposition::Retry);
+    let denied = Error::Kafka(KafkaError::AdminOp(
+        RDKafkaErrorCode::ClusterAuthorizationFailed,
+    ));
+    assert_eq!(classify(&denied), Disposition::Fatal);
+}
+
 fn mongo_write(failure: mongodb::error::WriteFailure) -> Error {
     Error::Mongo(mongodb::error::ErrorKind::Write(failure).into())
 }

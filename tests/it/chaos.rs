@@ -267,10 +267,10 @@ async fn seeded_faults(mode: Mode) {
                 )
             }
         };
-        let healthy = healthy_after(&procs, &probes, healed).await;
+        let (healthy, readiness) = healthy_after(&procs, &probes, healed).await;
         let longest = probes.longest(started, Instant::now());
         println!(
-            "chaos fault seed {seed}: {} | {what} | healthy {} after the heal | longest commit → applied {:.1}s | {}",
+            "chaos fault seed {seed}: {} | {what} | healthy {} after the heal | longest commit → applied {:.1}s | {} | {readiness}",
             FAULT_KINDS[fault],
             healthy.map_or("NOT within 180 s".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),
             longest.as_secs_f64(),

@@ -311,41 +311,68 @@ impl Probes {
 }
 
 /// How long after `healed` the pipeline was healthy again: every process's `/readyz` 200 and
-/// then a probe committed after that applied to both sinks within 1 s. `None` after 180 s.
+/// then a probe committed after that applied to both sinks within 1 s (`None` after 180 s);
+/// and where the time went: when each process was last not ready, and why.
 pub(super) async fn healthy_after(
     procs: &Pipeline,
     probes: &Probes,
     healed: Instant,
-) -> Option<Duration> {
+) -> (Option<Duration>, String) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
+    let all_procs = [&procs.relay, &procs.apply_pg, &procs.apply_mongo];
+    // Per process: the last moment (since the heal) it was not ready, and the reason it gave.
+    let mut not_ready: Vec<Option<(Duration, String)>> = vec![None; all_procs.len()];
     let mut ready_since: Option<Instant> = None;
+    let mut healthy = None;
     while healed.elapsed() < Duration::from_secs(180) {
         let mut all = true;
-        for p in [&procs.relay, &procs.apply_pg, &procs.apply_mongo] {
-            let ok = match p.http_address() {
-                Some(a) => http
-                    .get(format!("http://{a}/readyz"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success()),
-                None => false,
+        for (i, p) in all_procs.iter().enumerate() {
+            let answer = match p.http_address() {
+                Some(a) => match http.get(format!("http://{a}/readyz")).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(r.text().await.unwrap_or_default()),
+                    Err(e) => Err(format!("no answer: {e}")),
+                },
+                None => Err("not running".to_string()),
             };
-            all &= ok;
+            if let Err(why) = answer {
+                all = false;
+                not_ready[i] = Some((healed.elapsed(), why.trim().to_string()));
+            }
         }
         if !all {
             ready_since = None;
         } else {
             let since = *ready_since.get_or_insert_with(Instant::now);
             if probes.caught_up_since(since) {
-                return Some(healed.elapsed());
+                healthy = Some(healed.elapsed());
+                break;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    None
+    let detail: Vec<String> = all_procs
+        .iter()
+        .zip(&not_ready)
+        .filter_map(|(p, n)| {
+            let (at, why) = n.as_ref()?;
+            let why: String = why.chars().take(120).collect();
+            Some(format!(
+                "{} not ready until {:.1}s ({why})",
+                p.name,
+                at.as_secs_f64()
+            ))
+        })
+        .collect();
+    let detail = if detail.is_empty() {
+        "all ready at the heal".to_string()
+    } else {
+        detail.join("; ")
+    };
+    (healthy, detail)
 }
 
 /// What each process logged from the byte offsets in `from` on: how many lines at INFO or
