@@ -25,7 +25,8 @@
 //! `DUALSYNC_CHAOS_SEED` replays a schedule (the seed is printed), `DUALSYNC_CHAOS_FAULTS`
 //! sets its length (default 6, the CI configuration; `make chaos` runs longer ones),
 //! `DUALSYNC_CHAOS_FIRST` the kinds it starts with (CI: a partition, a slow link, the leader
-//! cut-off).
+//! cut-off), `DUALSYNC_CHAOS_TARGET` the server a partition, slow link or resets hit (e.g.
+//! `Kafka broker 2`; any whose name contains it).
 
 use std::time::{Duration, Instant};
 
