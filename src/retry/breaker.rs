@@ -34,8 +34,9 @@ impl Default for BreakerPolicy {
 }
 
 /// A stage's circuit breaker. Closed: calls flow. Open: `open_after` transient failures in a
-/// row, or `window_failures` within the window; the next attempt waits at least the cool-down. Half-open: that attempt (the probe) is
-/// under way; its success closes the circuit, its failure opens it again.
+/// row, or `window_failures` within the window; the next attempt waits at least the
+/// cool-down. Half-open: that attempt (the probe) is under way; its success closes the
+/// circuit, its failure opens it again.
 pub struct Breaker<'a> {
     health: &'a Health,
     policy: BreakerPolicy,

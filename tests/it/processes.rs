@@ -21,10 +21,16 @@ pub fn write_config(text: &str) -> std::path::PathBuf {
 }
 
 pub fn spawn(args: &[&str], log: &str) -> Child {
+    spawn_with_env(args, log, &[])
+}
+
+/// [`spawn`] with `env` added to the process's environment.
+pub fn spawn_with_env(args: &[&str], log: &str, env: &[(&str, &std::ffi::OsStr)]) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
     Command::new(env!("CARGO_BIN_EXE_dualsync"))
         .args(args)
         .env("RUST_LOG", "info,dualsync=debug")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

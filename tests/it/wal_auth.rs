@@ -4,7 +4,7 @@
 //! `sslmode=require`, and TLS verified against the trust store on a server that accepts
 //! nothing else.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use dualsync::config::Config;
@@ -15,7 +15,7 @@ use crate::capture_modes::{every_row_in_topics, Mode};
 use crate::common::*;
 use crate::pipeline_scope::with_source;
 use crate::private_servers::{run, PrivateServer};
-use crate::processes::{sigterm, wait_exit, write_config};
+use crate::processes::{sigterm, spawn_with_env, wait_exit, write_config};
 
 #[tokio::test]
 async fn the_replication_connection_authenticates_with_scram() {
@@ -169,15 +169,12 @@ async fn the_replication_connection_runs_over_verified_tls() {
     );
     let config = Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new()).unwrap();
     let path = write_config(&text);
-    let log = std::fs::File::create(std::env::temp_dir().join("relay-wal-tls.log")).unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_dualsync"))
-        .args(["relay", "--config", path.to_str().unwrap()])
-        .env("SSL_CERT_FILE", data.join("server.crt"))
-        .env("RUST_LOG", "info,dualsync=debug")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start dualsync");
+    let certificate = data.join("server.crt");
+    let mut relay = spawn_with_env(
+        &["relay", "--config", path.to_str().unwrap()],
+        "relay-wal-tls.log",
+        &[("SSL_CERT_FILE", certificate.as_os_str())],
+    );
     let messages = every_row_in_topics(&admin, &config, &["customers", "orders"]).await;
     assert!(!messages.is_empty());
     let walsenders_on_tls: Vec<bool> = first_column(

@@ -8,7 +8,6 @@
 //! `dualsync outbox resequence` lets it go on; `dualsync verify --repair` brings the sinks back
 //! to what the new primary holds.
 
-use std::process::Command;
 use std::time::Duration;
 
 use dualsync::config::Config;
@@ -29,21 +28,6 @@ async fn upsert_all(url: &str, ids: &[&str], name: &str) {
     }
 }
 
-fn dualsync_cli(args: &[&str], config_file: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dualsync"))
-        .args(args)
-        .arg("--config")
-        .arg(config_file)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_asynchronous_failover_is_refused_until_resequenced_and_repaired() {
     dualsync::telemetry::init_for_tests();
@@ -59,6 +43,11 @@ async fn an_asynchronous_failover_is_refused_until_resequenced_and_repaired() {
     let config = Config::from_toml(std::path::Path::new("t.toml"), &text, Vec::new()).unwrap();
     let config_file = std::env::temp_dir().join(format!("{}.toml", unique("pipeline")));
     std::fs::write(&config_file, &text).unwrap();
+    let config_file = config_file.to_str().unwrap();
+    let dualsync = |args: &[&str]| {
+        let args = [args, &["--config", config_file]].concat();
+        run_tool(env!("CARGO_BIN_EXE_dualsync"), &args)
+    };
     let running = run_pipeline(&config, &["postgres"]);
     let sink = postgres_sink(&config).await;
 
@@ -129,8 +118,9 @@ async fn an_asynchronous_failover_is_refused_until_resequenced_and_repaired() {
     assert!(sink_has(&sink, "lost").await, "nothing newer was applied");
 
     // The operator's recovery: renumber, then realign the sinks with the new primary.
-    let (ok, out) = dualsync_cli(&["outbox", "resequence"], &config_file);
-    assert!(ok, "resequence: {out}");
+    if let Err(out) = dualsync(&["outbox", "resequence"]) {
+        panic!("resequence failed: {out}");
+    }
     eventually("the newer events are applied after the resequence", || {
         sink_has(&sink, "after")
     })
@@ -146,8 +136,9 @@ async fn an_asynchronous_failover_is_refused_until_resequenced_and_repaired() {
         "only the customers the new primary never had differ: {diverged:?}"
     );
     assert!(diverged.values().all(|k| matches!(k, MismatchKind::Extra)));
-    let (ok, out) = dualsync_cli(&["verify", "--repair", "--sink", "postgres"], &config_file);
-    assert!(ok, "verify --repair: {out}");
+    if let Err(out) = dualsync(&["verify", "--repair", "--sink", "postgres"]) {
+        panic!("verify --repair failed: {out}");
+    }
     eventually("the repair reaches the sink", || async {
         verify_all(&source, &sink, &config).await.is_empty()
     })

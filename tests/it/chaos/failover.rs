@@ -96,8 +96,8 @@ impl Pair {
 
     async fn start_replicating(synchronous: bool) -> Self {
         let primary = PrivateServer::postgres();
+        let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
         if synchronous {
-            let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
             // Kept in postgresql.auto.conf, which the base backup copies: a promoted standby
             // asks for a synchronous standby of its own, which the rebuild gives it.
             for statement in [
@@ -110,7 +110,6 @@ impl Pair {
         }
         let data = std::env::temp_dir().join(unique("dualsync-private-pg-standby"));
         let standby = standby_of(&primary, data, crate::common::free_port());
-        let admin = dualsync::pg::connect(&primary.url()).await.unwrap();
         let pair = Self {
             servers: [primary, standby],
             primary: 0,
@@ -167,9 +166,7 @@ impl Pair {
         std::mem::forget(gone);
         self.wait_streaming(&admin, true).await;
     }
-}
 
-impl Pair {
     /// The primary is killed (`immediate`: no shutdown checkpoint, as a crash) and the standby
     /// promoted, waited for until it accepts writes; nothing is rebuilt.
     pub(crate) fn promote_standby(&mut self) {
