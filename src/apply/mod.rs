@@ -235,9 +235,7 @@ pub async fn run<S: Sink>(
             consumer_config.set(k, v);
         }
     }
-    let health = KafkaHealth {
-        metrics: Some(metrics.clone()),
-    };
+    let health = KafkaHealth::new(metrics.clone(), &config.http);
     let consumer: Arc<GroupConsumer> =
         Arc::new(consumer_config.create_with_context(ConsumerEvents {
             health: health.clone(),

@@ -58,7 +58,7 @@ fn context(sink: MemorySink, on_error: &str) -> ApplyContext<MemorySink> {
         sink: Arc::new(sink),
         sink_name: "mem".into(),
         codec: EventCodec::new(store(), None),
-        dlq: Publisher::with_health(&config.kafka, KafkaHealth { metrics: None }).unwrap(),
+        dlq: Publisher::with_health(&config.kafka, KafkaHealth::default()).unwrap(),
         group: config.group_id("mem"),
         metrics: Arc::new(Metrics::new("p", "apply")),
         cancel: CancellationToken::new(),

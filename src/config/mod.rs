@@ -309,7 +309,8 @@ pub struct HttpConfig {
     pub stuck_after_secs: u64,
     /// A sink write unfinished for longer than this (waiting on its call, or retrying it)
     /// makes `/readyz` fail, naming the sink: a watchdog that reacts before the call's own
-    /// deadline (`sinks.NAME.timeout_ms`).
+    /// deadline (`sinks.NAME.timeout_ms`). Likewise a batch waited on that Kafka has not
+    /// acknowledged (a partitioned broker leading its partitions), naming the topic.
     pub stuck_write_secs: u64,
     /// A sink write (its retries included) that takes longer than this is slow: the first of
     /// a run of slow writes logs one warning naming the sink, and a line when writes are fast

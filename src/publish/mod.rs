@@ -63,10 +63,24 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
 }
 
 /// librdkafka client context that feeds broker reachability into the process's readiness
-/// (from the periodic statistics and the all-brokers-down error).
+/// (from the periodic statistics and the all-brokers-down error), and the publisher's
+/// watchdog: a batch Kafka has not acknowledged after `stuck_write` of waiting makes the
+/// process not ready, naming its topic. "All brokers down" misses a partition of one broker
+/// of three, whose partitions' produce requests just wait.
 #[derive(Clone, Default)]
 pub struct KafkaHealth {
     pub metrics: Option<Arc<Metrics>>,
+    /// `http.stuck_write_secs`, as for sink writes.
+    pub stuck_write: Duration,
+}
+
+impl KafkaHealth {
+    pub fn new(metrics: Arc<Metrics>, http: &crate::config::HttpConfig) -> Self {
+        Self {
+            metrics: Some(metrics),
+            stuck_write: Duration::from_secs(http.stuck_write_secs),
+        }
+    }
 }
 
 /// How often librdkafka reports statistics (broker state, consumer lag) to the contexts.
@@ -208,9 +222,25 @@ pub async fn wait_for_cluster(
 /// Resolves when Kafka acknowledged every message of a batch (the first failure otherwise).
 pub type Acks = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
-/// The delivery futures of a batch, each with the index of its topic in `topics`.
-fn acks(deliveries: Vec<(DeliveryFuture, usize)>, topics: Vec<String>) -> Acks {
+/// The delivery futures of a batch, each with the index of its topic in `topics`. From its
+/// first poll (when the caller starts waiting on it) until it resolves, the wait is watched
+/// (`health`): a caller busy elsewhere, e.g. marking an earlier batch in its database, is not
+/// waiting on Kafka.
+fn acks(
+    deliveries: Vec<(DeliveryFuture, usize)>,
+    topics: Vec<String>,
+    health: KafkaHealth,
+) -> Acks {
     Box::pin(async move {
+        let _watch = match (&health.metrics, topics.first()) {
+            (Some(metrics), Some(topic)) if !deliveries.is_empty() => {
+                Some(metrics.health.write_started(
+                    format!("Kafka topic {topic} (kafka.brokers)"),
+                    health.stuck_write,
+                ))
+            }
+            _ => None,
+        };
         for (delivery, topic) in deliveries {
             let delivered = delivery
                 .await
@@ -450,7 +480,7 @@ impl Publisher {
             // Batches are mostly one topic: ask the topic cache only when it changes.
             if topics.last() != Some(&m.topic) {
                 if let Err(e) = self.ensure_topic(&m.topic).await {
-                    return Err((e, acks(deliveries, topics)));
+                    return Err((e, acks(deliveries, topics, self.health.clone())));
                 }
                 topics.push(m.topic.clone());
             }
@@ -460,6 +490,8 @@ impl Publisher {
             if let Some(key) = &m.key {
                 record = record.key(key);
             }
+            // A full queue waits on earlier deliveries: watched like them.
+            let mut queue_full = None;
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
@@ -468,13 +500,21 @@ impl Publisher {
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
+                        if let (None, Some(metrics)) = (&queue_full, &self.health.metrics) {
+                            queue_full = Some(metrics.health.write_started(
+                                format!("Kafka producer queue for {} (kafka.brokers)", m.topic),
+                                self.health.stuck_write,
+                            ));
+                        }
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err((e, _)) => return Err((e.into(), acks(deliveries, topics))),
+                    Err((e, _)) => {
+                        return Err((e.into(), acks(deliveries, topics, self.health.clone())))
+                    }
                 }
             }
         }
-        Ok(acks(deliveries, topics))
+        Ok(acks(deliveries, topics, self.health.clone()))
     }
 
     /// Waits for everything in flight (used on shutdown).

@@ -66,9 +66,7 @@ pub async fn run(
     };
     let publisher = Publisher::with_health(
         &config.kafka,
-        KafkaHealth {
-            metrics: Some(metrics.clone()),
-        },
+        KafkaHealth::new(metrics.clone(), &config.http),
     )?;
     let tracer = Traces::start(config, "relay")?;
     // The relay's own stop: main's cancellation, or a lost replication slot (below).

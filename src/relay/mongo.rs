@@ -91,7 +91,7 @@ impl Leader<'_> {
                     if self.source_config.on_history_lost == OnHistoryLost::Resnapshot =>
                 {
                     tracing::error!(reason = %why, "change stream history lost: taking a new snapshot (on_history_lost = \"resnapshot\")");
-                    source.begin_snapshot().await?;
+                    source.begin_snapshot(None).await?;
                     continue;
                 }
                 other => other?,

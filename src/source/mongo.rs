@@ -18,7 +18,12 @@
 //! Snapshot: the start time `T` is taken first, then every watched collection is read and
 //! published as `snapshot` events with version `version_of(T) - 1`, and the stream then starts
 //! at `T`: a change made during the snapshot is both in what was read (perhaps) and in the
-//! stream (surely), and the stream's version is higher, so the sink converges.
+//! stream (surely), and the stream's version is higher, so the sink converges. `T` is saved
+//! when the snapshot begins (`snapshot_from`), and a snapshot interrupted by a crash or a
+//! lost lease is taken again from that same `T`: a document the first attempt published and
+//! that was deleted before the second began is in neither the second's reads nor a stream
+//! started later, so only a stream from the first `T` delivers its delete (it did not, and
+//! the sinks kept the document).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -248,10 +253,18 @@ impl MongoSource {
                         if config.on_history_lost == OnHistoryLost::Resnapshot =>
                     {
                         tracing::error!(reason = %why, "change stream history lost: taking a new snapshot (on_history_lost = \"resnapshot\")");
-                        source.begin_snapshot().await?;
+                        source.begin_snapshot(None).await?;
                     }
                     Err(e) => return Err(e),
                 }
+            }
+            Some(Position::Snapshot(from)) => {
+                tracing::info!(
+                    pipeline,
+                    ?from,
+                    "an earlier snapshot did not finish: taking it again from its start"
+                );
+                source.begin_snapshot(Some(from)).await?;
             }
             Some(Position::At(at)) => {
                 tracing::info!(
@@ -261,7 +274,7 @@ impl MongoSource {
                 );
                 source.phase = Phase::Streaming(source.open(None, Some(at)).await?);
             }
-            None if config.snapshot_on_start => source.begin_snapshot().await?,
+            None if config.snapshot_on_start => source.begin_snapshot(None).await?,
             None => {
                 let now = cluster_time(&source.db).await?;
                 tracing::info!(
@@ -276,9 +289,15 @@ impl MongoSource {
         Ok(Some(source))
     }
 
-    /// Starts (or restarts, after lost history) with a snapshot of the watched collections.
-    pub async fn begin_snapshot(&mut self) -> Result<(), Error> {
-        let start_at = cluster_time(&self.db).await?;
+    /// Starts (or restarts, after lost history) with a snapshot of the watched collections,
+    /// from `interrupted`'s start when an earlier attempt did not finish, else from now; saves
+    /// that start before reading anything.
+    pub async fn begin_snapshot(&mut self, interrupted: Option<Timestamp>) -> Result<(), Error> {
+        let start_at = match interrupted {
+            Some(at) => at,
+            None => cluster_time(&self.db).await?,
+        };
+        self.save(Position::Snapshot(start_at)).await?;
         self.placed = None;
         self.unacked = 0;
         let pending: VecDeque<String> = watched_collections(&self.db, &self.config, &[])
@@ -420,9 +439,13 @@ impl MongoSource {
                 "token": token.clone(),
                 "start_at": Bson::Null,
                 "txn_place": place.map_or(Bson::Null, |(t, i)| Bson::Document(doc! {"t": t, "i": i as i64})),
+                "snapshot_from": Bson::Null,
             },
             Position::At(at) => {
-                doc! {"token": Bson::Null, "start_at": *at, "txn_place": Bson::Null}
+                doc! {"token": Bson::Null, "start_at": *at, "txn_place": Bson::Null, "snapshot_from": Bson::Null}
+            }
+            Position::Snapshot(from) => {
+                doc! {"token": Bson::Null, "start_at": Bson::Null, "txn_place": Bson::Null, "snapshot_from": *from}
             }
         };
         // An update pipeline, so the renewal is in the server's time (as in `try_lease`); the

@@ -1,6 +1,6 @@
 //! Where a MongoDB relay keeps its position and its lease: one document per pipeline in
-//! `source.offsets_collection` (`{_id: <pipeline>, owner, expires_at, token | start_at,
-//! txn_place}`).
+//! `source.offsets_collection` (`{_id: <pipeline>, owner, expires_at, token | start_at |
+//! snapshot_from, txn_place}`).
 //! Every write of the position is filtered on `owner`, so a relay that lost its lease cannot
 //! move it; see [`super::mongo`] for why the position lives in the source database.
 
@@ -26,6 +26,9 @@ pub enum Position {
     After(Document, Option<TxnPlace>),
     /// Start at this cluster time (a snapshot finished, no change published yet).
     At(Timestamp),
+    /// A snapshot that started at this cluster time has not finished: the next leader takes
+    /// it again with the same start (see [`super::mongo`]).
+    Snapshot(Timestamp),
 }
 
 /// This relay's wall clock: the system's, shifted by `test_clock_skew_ms` (test-only). The
@@ -126,7 +129,13 @@ pub async fn read_position(
         });
         return Ok(Some(Position::After(token.clone(), place)));
     }
-    Ok(saved.get_timestamp("start_at").ok().map(Position::At))
+    if let Ok(at) = saved.get_timestamp("start_at") {
+        return Ok(Some(Position::At(at)));
+    }
+    Ok(saved
+        .get_timestamp("snapshot_from")
+        .ok()
+        .map(Position::Snapshot))
 }
 
 /// Renews the lease every third of `lease_secs` until `stop`, confirming `lease` with each

@@ -104,14 +104,21 @@ async fn a_healed_broker_partition_is_applied_again_within_seconds() {
 
 /// The relay's side of the same: its producer's connection is blackholed for 35 s, longer
 /// than librdkafka's request timeout (30 s), while a message waits for its acknowledgement;
-/// from the heal to the acknowledgement must take well under 30 s (figure printed).
+/// from the heal to the acknowledgement must take well under 30 s (figure printed). Meanwhile
+/// the publisher's watchdog makes the process not ready, naming the topic (before: ready all
+/// along, since the broker's connection counted as up), and ready again once acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_held_by_a_healed_broker_partition_is_acknowledged_within_seconds() {
     let broker = ProxiedBroker::start().await;
     let (text, _) = broker.pipeline_toml(None).await;
-    let config = parse(&text);
+    let mut config = parse(&text);
+    config.http.stuck_write_secs = 2;
     let topic = config.kafka.topic_for("customers");
-    let publisher = dualsync::publish::Publisher::new(&config.kafka).unwrap();
+    let metrics = std::sync::Arc::new(dualsync::metrics::Metrics::new("t", "relay"));
+    metrics.health.set_started();
+    let health = dualsync::publish::KafkaHealth::new(metrics.clone(), &config.http);
+    let publisher = dualsync::publish::Publisher::with_health(&config.kafka, health).unwrap();
+    let not_ready = || metrics.health.not_ready(Duration::from_secs(60));
     publisher.ensure_topic(&topic).await.unwrap();
     let message = |v: &str| dualsync::publish::Outgoing {
         topic: topic.clone(),
@@ -128,6 +135,11 @@ async fn a_message_held_by_a_healed_broker_partition_is_acknowledged_within_seco
         let m = message("2");
         tokio::spawn(async move { publisher.publish_all(vec![m]).await })
     };
+    let stuck = format!("Kafka topic {topic} (kafka.brokers): a write unfinished for");
+    eventually("the watchdog names the topic", || async {
+        not_ready().iter().any(|r| r.starts_with(&stuck))
+    })
+    .await;
     // The fault's length, not a synchronisation.
     tokio::time::sleep(Duration::from_secs(35)).await;
     assert!(!waiting.is_finished(), "acknowledged through a blackhole");
@@ -140,6 +152,11 @@ async fn a_message_held_by_a_healed_broker_partition_is_acknowledged_within_seco
         .unwrap();
     let recovery = healed.elapsed();
     println!("heal -> acknowledged: {:.1}s", recovery.as_secs_f64());
+    // Ready again: the batch acknowledged, and the brokers' statistics (every 5 s) up.
+    eventually("ready again after the heal", || async {
+        not_ready().is_empty()
+    })
+    .await;
     assert!(
         recovery < Duration::from_secs(15),
         "the message held by the partition was acknowledged {recovery:?} after the heal"

@@ -1,6 +1,7 @@
 //! The MongoDB relay's saved position (`source.offsets_collection`) against the `Source`
 //! contract: it never passes a change Kafka has not acknowledged, even when the relay reads
-//! ahead (idle round trips in between), and a relay whose lease was taken over cannot move it.
+//! ahead (idle round trips in between), a relay whose lease was taken over cannot move it, and
+//! a snapshot taken over midway keeps its start.
 
 use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::Collection;
@@ -10,7 +11,7 @@ use dualsync::config::{MongoSourceConfig, SourceConfig};
 use dualsync::error::Error;
 use dualsync::metrics::Health;
 use dualsync::source::mongo::MongoSource;
-use dualsync::source::mongo_change::MongoChange;
+use dualsync::source::mongo_change::{MongoChange, Operation};
 use dualsync::source::mongo_offsets::{read_position, Position};
 use dualsync::source::Source;
 
@@ -146,4 +147,81 @@ async fn a_relay_that_lost_its_lease_cannot_move_the_position() {
         Some(Position::At(at)),
         "the old leader overwrote the new leader's position"
     );
+}
+
+/// A snapshot interrupted after publishing part of the documents (its leader lost the lease,
+/// or crashed) is taken again by the next leader. A document the first attempt published and
+/// that was deleted before the second began must still reach the sinks as a delete, with a
+/// version above the one it was published with: the second attempt keeps the first's start,
+/// and its stream starts there. Before, the second attempt started afresh after the delete,
+/// so neither its reads nor its stream had it, and the sinks kept the document for good
+/// (`chaos::mongo` seed 1: a primary restart during the relay's first snapshot, 14 documents
+/// deleted on the primary and still in both sinks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_over_midway_still_delivers_the_deletes_made_meanwhile() {
+    let servers = servers();
+    let mut p = mongo_pipeline(
+        &servers,
+        &servers.mongo,
+        "snapshot_on_start = true",
+        None,
+        None,
+    )
+    .await;
+    if let Some(SourceConfig::Mongodb(m)) = &mut p.config.source {
+        m.batch_size = 1;
+    }
+    let carts = p.source_db.collection::<Document>(GENERIC);
+    carts
+        .insert_many([doc! {"_id": "a"}, doc! {"_id": "b"}])
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let mut first = lead(&p, &cancel).await;
+    let published = first.next_batch(&cancel).await.unwrap();
+    assert_eq!(published.len(), 1, "one document per batch: {published:?}");
+    let published = &published[0];
+    assert_eq!(published.operation, Operation::Snapshot);
+    carts
+        .delete_one(doc! {"_id": published.id.clone()})
+        .await
+        .unwrap();
+    // The hand-over, midway through the snapshot.
+    first.release().await;
+
+    let mut second = lead(&p, &cancel).await;
+    // A marker written after the delete: once the second leader streams it, the delete (if
+    // it is coming at all) came before.
+    carts.insert_one(doc! {"_id": "marker"}).await.unwrap();
+    let marker = Bson::String("marker".into());
+    let mut seen: Vec<MongoChange> = Vec::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !seen
+        .iter()
+        .any(|c| c.id == marker && c.operation != Operation::Snapshot)
+    {
+        assert!(std::time::Instant::now() < deadline, "no marker: {seen:?}");
+        let batch = second.next_batch(&cancel).await.unwrap();
+        second.ack(&batch).await.unwrap();
+        seen.extend(batch);
+    }
+    let delete = seen
+        .iter()
+        .find(|c| c.id == published.id && c.is_removal())
+        .unwrap_or_else(|| {
+            panic!(
+                "the delete of {} (published by the interrupted snapshot) never came: {:?}",
+                published.key(),
+                seen.iter()
+                    .map(|c| format!("{} {}", c.operation.as_str(), c.key()))
+                    .collect::<Vec<_>>()
+            )
+        });
+    assert!(
+        delete.version() > published.version(),
+        "the delete ({}) must win over the snapshot's document ({})",
+        delete.version(),
+        published.version()
+    );
+    second.release().await;
 }

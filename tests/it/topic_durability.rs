@@ -95,9 +95,7 @@ async fn topics_are_not_created_weaker_while_a_broker_is_down_and_weak_ones_are_
     let metrics = Arc::new(Metrics::new(&config.pipeline.name, "relay"));
     let publisher = Publisher::with_health(
         &config.kafka,
-        KafkaHealth {
-            metrics: Some(metrics.clone()),
-        },
+        KafkaHealth::new(metrics.clone(), &config.http),
     )
     .unwrap();
     let topic = config.kafka.topic_for("customers");
