@@ -239,13 +239,12 @@ async fn seeded_faults(mode: Mode) {
             12 => net.resets(&mut rng).await,
             13 => {
                 // The standby stops afterwards, so the first relay leads again.
-                let mut standby = Proc::new("chaos-relay-standby", &["relay", "-c", standby_path]);
                 let tails = || procs.tails();
-                let (took, healed) = leader_cut_off(
+                let (mut standby, took, healed) = leader_cut_off(
                     &net.proxy,
                     &procs.relay,
                     &net.relay_pg,
-                    &mut standby,
+                    || Proc::new("chaos-relay-standby", &["relay", "-c", standby_path]),
                     seed,
                     &tails,
                 )

@@ -415,16 +415,17 @@ async fn seeded_faults_leave_both_sinks_equal_to_a_mongo_primary_writing_transac
                 // reaches it: the standby must take the lease over; the old leader (lease
                 // lost) then stops cleanly.
                 let marks = log_marks(&procs);
-                let mut standby = Proc::new(
-                    "chaos-mongo-relay-standby",
-                    &["relay", "-c", paths[1 - leading]],
-                );
                 let tails = || procs.tails();
-                leader_cut_off(
+                let (standby, _, _) = leader_cut_off(
                     &proxy,
                     &procs.relay,
                     &[links[leading].clone()],
-                    &mut standby,
+                    || {
+                        Proc::new(
+                            "chaos-mongo-relay-standby",
+                            &["relay", "-c", paths[1 - leading]],
+                        )
+                    },
                     seed,
                     &tails,
                 )

@@ -428,9 +428,10 @@ fn is_leader_sample(line: &str) -> bool {
 const TAKEOVER_DEADLINE: Duration = Duration::from_secs(45);
 
 /// The relay `leader` cut off from its source (`leader_links` blackholed; open connections
-/// stay open) while `standby`, a relay on links of its own, still reaches it: the standby must lead
-/// within [`TAKEOVER_DEADLINE`]. The links heal before this returns (how long the takeover
-/// took, when it healed); the caller decides what becomes of the two relays.
+/// stay open) while a standby (`start_standby`, started once the leader leads), a relay on
+/// links of its own, still reaches it: the standby must lead within [`TAKEOVER_DEADLINE`]. The
+/// links heal before this returns (the standby, how long the takeover took, when it healed);
+/// the caller decides what becomes of the two relays.
 ///
 /// For PostgreSQL this needs the relay leader to notice a half-open connection (keepalives,
 /// server-side timeouts: task E of issue #36); without that the old leader keeps the outbox
@@ -439,10 +440,10 @@ pub(super) async fn leader_cut_off(
     proxy: &Toxiproxy,
     leader: &super::harness::Proc,
     leader_links: &[Link],
-    standby: &mut super::harness::Proc,
+    start_standby: impl FnOnce() -> super::harness::Proc,
     seed: u64,
     tails: &dyn Fn() -> String,
-) -> (Duration, Instant) {
+) -> (super::harness::Proc, Duration, Instant) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -460,12 +461,14 @@ pub(super) async fn leader_cut_off(
             }
         }
     };
-    // The leader leads (a schedule may cut it off right after a start) and the standby
-    // listens before the cut.
+    // The leader leads (a schedule may cut it off right after a start) before the standby
+    // starts, which would otherwise race it for the lead (seed 14, a cut-off first: the
+    // standby won, and the leader never led); the standby listens before the cut.
     crate::common::eventually("the relay leads before its cut-off", || {
         leads(leader.http_address())
     })
     .await;
+    let standby = start_standby();
     crate::common::eventually("the standby relay listens", || {
         let listening = standby.http_address().is_some();
         async move { listening }
@@ -499,7 +502,7 @@ pub(super) async fn leader_cut_off(
         "        the standby relay led {:.1}s after the cut-off",
         took.as_secs_f64()
     );
-    (took, healed)
+    (standby, took, healed)
 }
 
 /// The leader gauge is found with its labels, and only at 1.
